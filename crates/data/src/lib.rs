@@ -1,0 +1,3 @@
+//! Data: JSONL loading with TRL's field conventions (and, later, the built-in testbed tasks).
+
+pub mod jsonl;

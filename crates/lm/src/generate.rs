@@ -1,0 +1,227 @@
+//! Batched sampling with a KV cache.
+//!
+//! Prompts are left-padded so every row's next token sits in the last column. Each sampled token
+//! comes with its log-prob under `softmax(logits / temperature)` (temperature 1 for greedy), taken
+//! before top-k / top-p truncation: exactly what [`crate::score`] computes for the same tokens at
+//! the same temperature, so rollouts and training see the same numbers.
+
+use candle_core::Tensor;
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::batch::TokenBatch;
+use crate::error::{LmError, Result};
+use crate::llama::{Cache, Llama, MASKED};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+    /// Generation stops after the token that completes any of these strings.
+    pub stop_strings: Vec<String>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            stop_strings: Vec::new(),
+            eos_token_ids: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        SamplingParams { max_new_tokens, temperature: 0.0, ..Default::default() }
+    }
+
+    /// The temperature the reported log-probs are taken at.
+    pub fn logprob_temperature(&self) -> f64 {
+        if self.temperature > 0.0 {
+            self.temperature
+        } else {
+            1.0
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(LmError::Invalid(format!("temperature must be >= 0, got {}", self.temperature)));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(LmError::Invalid(format!("top_p must be in (0, 1], got {p}")));
+            }
+        }
+        if self.top_k == Some(0) {
+            return Err(LmError::Invalid("top_k must be >= 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    Eos,
+    StopString,
+    Length,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Sampled tokens, including the EOS token or the token that completed a stop string.
+    pub tokens: Vec<u32>,
+    /// Log-prob of each sampled token (see the module docs for which distribution).
+    pub logprobs: Vec<f32>,
+    pub finish: FinishReason,
+}
+
+/// Draw one token from a row of logits. Returns (token, its log-prob at `temperature`).
+fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32) {
+    let t = p.logprob_temperature() as f32;
+    let scaled: Vec<f32> = logits.iter().map(|&x| x / t).collect();
+    let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum_exp: f64 = scaled.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let log_z = max + sum_exp.ln() as f32;
+    let token = if p.temperature == 0.0 {
+        // First index of the maximum, as torch.argmax does.
+        let mut best = 0;
+        for (i, &x) in logits.iter().enumerate() {
+            if x > logits[best] {
+                best = i;
+            }
+        }
+        best
+    } else {
+        // Candidates sorted by probability; truncate by top-k, then by top-p (HF's order).
+        let mut order: Vec<usize> = (0..scaled.len()).collect();
+        let k = p.top_k.unwrap_or(scaled.len()).min(scaled.len());
+        if k < scaled.len() {
+            order.select_nth_unstable_by(k - 1, |&a, &b| scaled[b].total_cmp(&scaled[a]));
+            order.truncate(k);
+        }
+        order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+        let mut probs: Vec<f64> = order.iter().map(|&i| ((scaled[i] - max) as f64).exp()).collect();
+        if let Some(top_p) = p.top_p {
+            let total: f64 = probs.iter().sum();
+            let mut cum = 0.0;
+            let mut keep = probs.len();
+            for (n, q) in probs.iter().enumerate() {
+                cum += q / total;
+                if cum >= top_p {
+                    keep = n + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            order.truncate(keep);
+        }
+        let total: f64 = probs.iter().sum();
+        let mut u = rng.random::<f64>() * total;
+        let mut chosen = order[order.len() - 1];
+        for (n, q) in probs.iter().enumerate() {
+            if u < *q {
+                chosen = order[n];
+                break;
+            }
+            u -= q;
+        }
+        chosen
+    };
+    (token as u32, scaled[token] - log_z)
+}
+
+/// Generate continuations for each prompt (token ids). `tokenizer` is needed only for stop strings.
+pub fn generate(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    params: &SamplingParams,
+    tokenizer: Option<&Tokenizer>,
+) -> Result<Vec<Sample>> {
+    params.validate()?;
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(LmError::Invalid(format!("prompt {i} is empty")));
+    }
+    if !params.stop_strings.is_empty() && tokenizer.is_none() {
+        return Err(LmError::Invalid("stop strings need a tokenizer".into()));
+    }
+    let mut samples: Vec<Sample> = prompts
+        .iter()
+        .map(|_| Sample { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length })
+        .collect();
+    if params.max_new_tokens == 0 {
+        return Ok(samples);
+    }
+    let model = model.detached();
+    let device = model.device().clone();
+    let batch = TokenBatch::left_padded(prompts, pad_id, &device)?;
+    let (b, t0) = batch.dims();
+    let mut cache = Cache::new(model.config.num_hidden_layers, t0 + params.max_new_tokens);
+    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    // Which key columns are real; generated columns are always real.
+    let mut key_real: Vec<Vec<bool>> = batch.real.clone();
+    let mut rng = StdRng::seed_from_u64(params.seed);
+    let mut done = vec![false; b];
+
+    let hidden = model.hidden_states(&batch.ids, &batch.positions, &batch.mask, Some(&mut cache))?;
+    let mut logits = model.logits(&hidden.narrow(1, t0 - 1, 1)?)?.squeeze(1)?.to_vec2::<f32>()?;
+
+    for step in 0..params.max_new_tokens {
+        let mut step_ids = vec![pad_id; b];
+        for r in 0..b {
+            if done[r] {
+                continue;
+            }
+            let (tok, lp) = sample_row(&logits[r], params, &mut rng);
+            step_ids[r] = tok;
+            let s = &mut samples[r];
+            s.tokens.push(tok);
+            s.logprobs.push(lp);
+            if params.eos_token_ids.contains(&tok) {
+                s.finish = FinishReason::Eos;
+                done[r] = true;
+            } else if let Some(tk) = tokenizer.filter(|_| !params.stop_strings.is_empty()) {
+                let text = tk.decode(&s.tokens, false)?;
+                if params.stop_strings.iter().any(|st| text.contains(st.as_str())) {
+                    s.finish = FinishReason::StopString;
+                    done[r] = true;
+                }
+            }
+        }
+        if done.iter().all(|&d| d) || step + 1 == params.max_new_tokens {
+            break;
+        }
+        let s_len = key_real[0].len() + 1;
+        let mut mask = vec![MASKED; b * s_len];
+        for r in 0..b {
+            key_real[r].push(true);
+            for (j, &real) in key_real[r].iter().enumerate() {
+                if real {
+                    mask[r * s_len + j] = 0.0;
+                }
+            }
+        }
+        let ids = Tensor::from_vec(step_ids, (b, 1), &device)?;
+        let positions = Tensor::from_vec(next_pos.clone(), (b, 1), &device)?;
+        let mask = Tensor::from_vec(mask, (b, 1, 1, s_len), &device)?;
+        for p in next_pos.iter_mut() {
+            *p += 1;
+        }
+        let hidden = model.hidden_states(&ids, &positions, &mask, Some(&mut cache))?;
+        logits = model.logits(&hidden)?.squeeze(1)?.to_vec2::<f32>()?;
+    }
+    Ok(samples)
+}

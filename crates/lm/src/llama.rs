@@ -1,0 +1,372 @@
+//! The Llama-family decoder (Llama, Mistral, SmolLM, Qwen2) with an LM head and an optional
+//! scalar head, written so that the same code trains (every op differentiable when a gradient is
+//! needed) and generates (fused kernels and a KV cache when none is).
+//!
+//! Shapes: b = batch, t = query length, s = key length (cache + t), h = hidden size,
+//! nh / nkv = query / key-value heads, d = head dim, v = vocab.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use candle_nn::{kv_cache::KvCache, Linear};
+
+use crate::config::LlamaConfig;
+use crate::error::{LmError, Result};
+use crate::ops;
+
+/// Additive value for masked attention scores. Finite (not -inf) so that a row with every key
+/// masked (a padding query) gives a uniform softmax instead of NaN; exp(-1e9) is exactly 0 in f32.
+pub const MASKED: f32 = -1e9;
+
+fn param(weights: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
+    weights
+        .get(name)
+        .cloned()
+        .ok_or_else(|| LmError::Invalid(format!("missing parameter `{name}`")))
+}
+
+fn linear(weights: &HashMap<String, Tensor>, prefix: &str, bias: bool) -> Result<Linear> {
+    let w = param(weights, &format!("{prefix}.weight"))?;
+    let b = if bias { Some(param(weights, &format!("{prefix}.bias"))?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+/// Inverse RoPE frequencies, with HF's `linear` and `llama3` scaling.
+fn rope_inv_freq(c: &LlamaConfig) -> Vec<f32> {
+    let d = c.head_dim;
+    let base: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / c.rope_theta.powf((2 * i) as f64 / d as f64))
+        .collect();
+    let Some(s) = &c.rope_scaling else {
+        return base.iter().map(|&x| x as f32).collect();
+    };
+    let factor = s.factor.unwrap_or(1.0);
+    match s.rope_type.as_str() {
+        "linear" => base.iter().map(|&x| (x / factor) as f32).collect(),
+        "llama3" => {
+            let low = s.low_freq_factor.unwrap_or(1.0);
+            let high = s.high_freq_factor.unwrap_or(4.0);
+            let old_ctx = s.original_max_position_embeddings.unwrap_or(8192) as f64;
+            let (low_wavelen, high_wavelen) = (old_ctx / low, old_ctx / high);
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    if wavelen < high_wavelen || wavelen > low_wavelen {
+                        scaled as f32
+                    } else {
+                        let smooth = (old_ctx / wavelen - low) / (high - low);
+                        ((1.0 - smooth) * scaled / factor + smooth * scaled) as f32
+                    }
+                })
+                .collect()
+        }
+        _ => base.iter().map(|&x| x as f32).collect(),
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let d = self.head_dim;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?)
+        };
+        let q = heads(self.q_proj.forward(x)?, self.n_heads)?; // (b, nh, t, d)
+        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads)?; // (b, nkv, t, d)
+        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?.contiguous()?;
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.append(&k.contiguous()?, &v)?, // (b, nkv, s, d)
+            None => (k, v),
+        };
+        let n_rep = self.n_heads / self.n_kv_heads;
+        let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
+        let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (b, nh, t, s)
+        let probs = ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // (b, nh, t, d)
+        let out = out.transpose(1, 2)?.reshape((b, t, self.n_heads * d))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// One KV cache per layer, sized for the whole generation.
+pub struct Cache {
+    layers: Vec<KvCache>,
+}
+
+impl Cache {
+    pub fn new(num_layers: usize, max_len: usize) -> Self {
+        Cache { layers: (0..num_layers).map(|_| KvCache::new(2, max_len)).collect() }
+    }
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |c| c.current_seq_len())
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The decoder: embeddings, layers, final norm and LM head. A scalar head for reward/value
+/// models is a separate [`ScalarHead`] on the same hidden states.
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Tensor,
+    eps: f64,
+}
+
+impl Llama {
+    /// Build from HF-named weights. The tensors are shared, not copied: pass `Var`-backed tensors
+    /// (see [`TrainableLlama`]) and the model is trainable; pass plain tensors and it is frozen.
+    pub fn from_weights(config: &LlamaConfig, w: &HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        let c = config;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            layers.push(DecoderLayer {
+                input_layernorm: param(w, &format!("{p}.input_layernorm.weight"))?,
+                post_attention_layernorm: param(w, &format!("{p}.post_attention_layernorm.weight"))?,
+                self_attn: Attention {
+                    q_proj: linear(w, &format!("{p}.self_attn.q_proj"), c.qkv_bias)?,
+                    k_proj: linear(w, &format!("{p}.self_attn.k_proj"), c.qkv_bias)?,
+                    v_proj: linear(w, &format!("{p}.self_attn.v_proj"), c.qkv_bias)?,
+                    o_proj: linear(w, &format!("{p}.self_attn.o_proj"), c.o_bias)?,
+                    n_heads: c.num_attention_heads,
+                    n_kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), c.mlp_bias)?,
+                    up_proj: linear(w, &format!("{p}.mlp.up_proj"), c.mlp_bias)?,
+                    down_proj: linear(w, &format!("{p}.mlp.down_proj"), c.mlp_bias)?,
+                },
+            });
+        }
+        let embed_tokens = param(w, "model.embed_tokens.weight")?;
+        let lm_head = if c.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            param(w, "lm_head.weight")?
+        };
+        let inv_freq = Tensor::new(rope_inv_freq(c), device)?.reshape((1, 1, c.head_dim / 2))?;
+        Ok(Llama {
+            config: c.clone(),
+            embed_tokens,
+            layers,
+            norm: param(w, "model.norm.weight")?,
+            lm_head,
+            inv_freq,
+            eps: c.rms_norm_eps,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// cos/sin tables for the given positions, (b, t) u32 -> two (b, t, d/2) f32 tensors.
+    fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let freqs = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.broadcast_mul(&self.inv_freq)?;
+        let dtype = self.embed_tokens.dtype();
+        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
+    }
+
+    /// Final-norm hidden states, (b, t, h).
+    /// `ids`, `positions`: (b, t) u32. `mask`: additive, broadcastable to (b, 1, t, s).
+    pub fn hidden_states(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        mut cache: Option<&mut Cache>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let (cos, sin) = self.rope_tables(positions)?;
+        let mask = mask.to_dtype(self.embed_tokens.dtype())?;
+        let mask = &mask;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.config.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = ops::rms_norm(&x, &layer.input_layernorm, self.eps)?;
+            x = (x + layer.self_attn.forward(&h, &cos, &sin, mask, kv)?)?;
+            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.eps)?;
+            x = (x + layer.mlp.forward(&h)?)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.eps)
+    }
+
+    /// LM logits for hidden states: (..., h) -> (..., v).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(Linear::new(self.lm_head.clone(), None).forward(hidden)?)
+    }
+
+    /// A view of the same weights with no gradient graph: fused kernels everywhere. For generation
+    /// and reference scoring with a model that is also being trained.
+    pub fn detached(&self) -> Llama {
+        let dl = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(|b| b.detach()));
+        Llama {
+            config: self.config.clone(),
+            embed_tokens: self.embed_tokens.detach(),
+            layers: self
+                .layers
+                .iter()
+                .map(|l| DecoderLayer {
+                    input_layernorm: l.input_layernorm.detach(),
+                    post_attention_layernorm: l.post_attention_layernorm.detach(),
+                    self_attn: Attention {
+                        q_proj: dl(&l.self_attn.q_proj),
+                        k_proj: dl(&l.self_attn.k_proj),
+                        v_proj: dl(&l.self_attn.v_proj),
+                        o_proj: dl(&l.self_attn.o_proj),
+                        ..l.self_attn
+                    },
+                    mlp: Mlp {
+                        gate_proj: dl(&l.mlp.gate_proj),
+                        up_proj: dl(&l.mlp.up_proj),
+                        down_proj: dl(&l.mlp.down_proj),
+                    },
+                })
+                .collect(),
+            norm: self.norm.detach(),
+            lm_head: self.lm_head.detach(),
+            inv_freq: self.inv_freq.clone(),
+            eps: self.eps,
+        }
+    }
+}
+
+/// Scalar head (reward or value): a linear map h -> 1, HF's `score.weight` of
+/// `LlamaForSequenceClassification` with `num_labels = 1`.
+pub struct ScalarHead {
+    pub weight: Tensor,
+}
+
+impl ScalarHead {
+    pub fn from_weights(w: &HashMap<String, Tensor>) -> Result<Self> {
+        Ok(ScalarHead { weight: param(w, "score.weight")? })
+    }
+
+    /// Per-position scores, (b, t, h) -> (b, t).
+    pub fn per_token(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(Linear::new(self.weight.clone(), None).forward(hidden)?.squeeze(D::Minus1)?)
+    }
+
+    /// The score read at each row's last non-pad token. `last_index`: (b,) u32.
+    pub fn at_last_token(&self, hidden: &Tensor, last_index: &Tensor) -> Result<Tensor> {
+        let scores = self.per_token(hidden)?; // (b, t)
+        Ok(scores.gather(&last_index.unsqueeze(1)?, 1)?.squeeze(1)?)
+    }
+}
+
+/// Owns the `Var`s behind a trainable model (and optional scalar head), so an optimiser can step
+/// them and a checkpoint can save them under their HF names.
+pub struct Trainable {
+    pub vars: Vec<(String, Var)>,
+}
+
+impl Trainable {
+    /// Turn every tensor into a `Var` (a copy, so the source weights stay untouched).
+    pub fn new(weights: &HashMap<String, Tensor>) -> Result<Self> {
+        let mut names: Vec<&String> = weights.keys().collect();
+        names.sort();
+        let vars = names
+            .into_iter()
+            .map(|n| Ok((n.clone(), Var::from_tensor(&weights[n].copy()?)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Trainable { vars })
+    }
+
+    /// The current values as a name -> tensor map (the tensors are the `Var`s themselves, so a
+    /// model built from this map is trainable).
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// A frozen snapshot (deep copy), e.g. for a reference model or a checkpoint.
+    pub fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
+        self.vars
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().copy()?)))
+            .collect()
+    }
+}
+
+/// Random weights for a fresh model (the built-in testbed's tiny model, tests): normal(0, std)
+/// for matrices, ones for norms, zeros for biases. Deterministic in `seed`, independent of candle's
+/// (unseeded) device RNG.
+pub fn random_weights(
+    config: &LlamaConfig,
+    seed: u64,
+    std: f64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = HashMap::new();
+    for (name, shape) in crate::pretrained::expected_shapes(config) {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            (0..n)
+                .map(|_| {
+                    // Box-Muller
+                    let u1: f64 = rng.random::<f64>().max(1e-12);
+                    let u2: f64 = rng.random::<f64>();
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+                })
+                .collect()
+        };
+        out.insert(name, Tensor::from_vec(values, shape, device)?);
+    }
+    Ok(out)
+}

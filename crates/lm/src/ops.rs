@@ -1,0 +1,62 @@
+//! The few tensor operations the decoder needs, each with two paths.
+//!
+//! candle's fused CPU kernels (`rms_norm`, `softmax_last_dim`, `rope`) are fast but have no backward:
+//! they silently detach their output. So every op here checks whether its inputs are part of a
+//! gradient graph (`track_op`) and only takes the fused kernel when nothing upstream needs a gradient
+//! (generation, reference-model scoring). The training graph always goes through differentiable ops.
+
+use candle_core::{Tensor, D};
+
+use crate::error::Result;
+
+/// True when no gradient can flow through any of `xs` (so a fused kernel is safe) and they are
+/// f32 (the fused kernels' dtype; f64 is used by gradient checks).
+pub fn no_grad(xs: &[&Tensor]) -> bool {
+    xs.iter().all(|x| !x.track_op() && x.dtype() == candle_core::DType::F32)
+}
+
+/// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * weight.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if no_grad(&[x, weight]) {
+        return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?);
+    }
+    let hidden = x.dim(D::Minus1)? as f64;
+    let mean_sq = (x.sqr()?.sum_keepdim(D::Minus1)? / hidden)?;
+    let normed = x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if no_grad(&[x]) {
+        return Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?);
+    }
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// Rotary position embedding in Hugging Face's rotate-half layout.
+/// `x`: (batch, heads, seq, head_dim); `cos`, `sin`: (batch, seq, head_dim / 2).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if no_grad(&[x]) {
+        return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
+    }
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+/// Grouped-query attention: repeat each key/value head `n_rep` times along the head axis.
+/// (batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim)
+pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, s, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, n_rep, s, d))?
+        .reshape((b, kv * n_rep, s, d))?)
+}
