@@ -19,3 +19,16 @@ pub use config::{Family, LlamaConfig};
 pub use error::{LmError, Result};
 pub use pretrained::Pretrained;
 pub use tokenizer::Tokenizer;
+
+/// Set the number of CPU threads for matrix multiplies and rayon work. Call before any tensor work.
+/// On 2 cores, one thread decodes small batches faster than two (synchronisation dominates).
+pub fn set_threads(n: usize) {
+    let n = n.max(1).to_string();
+    std::env::set_var("RAYON_NUM_THREADS", &n);
+    std::env::set_var("CANDLE_NUM_THREADS", &n);
+}
+
+/// The machine's available cores.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

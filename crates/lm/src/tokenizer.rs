@@ -152,7 +152,7 @@ impl Tokenizer {
         if !tok_path.is_file() {
             return Err(LmError::Missing {
                 path: tok_path,
-                what: "tokenizer (tokenizer.json)".into(),
+                what: "the tokenizer".into(),
             });
         }
         let text = std::fs::read_to_string(&tok_path).map_err(|e| LmError::io(&tok_path, e))?;
