@@ -5,9 +5,9 @@
 //! testbed). One way out: [`Tokenizer::save_hf`] writes a directory that
 //! `transformers.AutoTokenizer.from_pretrained` loads and that encodes identically.
 //!
-//! `add_special_tokens` behaves as in transformers 5: the post-processor decides whether BOS/EOS are
-//! added, and an explicit `add_bos_token`/`add_eos_token` in `tokenizer_config.json` (or a missing
-//! post-processor) replaces it with a `TemplateProcessing` built from those flags.
+//! `add_special_tokens` behaves as in transformers 5 loading a `PreTrainedTokenizerFast`: the
+//! post-processor in `tokenizer.json` alone decides whether BOS/EOS are added (`add_bos_token` in
+//! `tokenizer_config.json` is ignored; `save_hf` writes it to match what the post-processor does).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -156,7 +156,7 @@ impl Tokenizer {
             });
         }
         let text = std::fs::read_to_string(&tok_path).map_err(|e| LmError::io(&tok_path, e))?;
-        let mut inner: tokenizers::Tokenizer = text
+        let inner: tokenizers::Tokenizer = text
             .parse()
             .map_err(|e| LmError::bad_file(&tok_path, format!("not a valid tokenizer.json: {e}")))?;
 
@@ -183,47 +183,6 @@ impl Tokenizer {
             };
         }
 
-        let flag = |field: &str| -> Result<Option<bool>> {
-            match cfg.as_ref().and_then(|c| c.get(field)) {
-                None | Some(Json::Null) => Ok(None),
-                Some(Json::Bool(b)) => Ok(Some(*b)),
-                Some(other) => Err(LmError::bad_field(
-                    &cfg_path,
-                    field,
-                    format!("expected true or false, got {other}"),
-                )),
-            }
-        };
-        let add_bos = flag("add_bos_token")?;
-        let add_eos = flag("add_eos_token")?;
-        if add_bos.is_some() || add_eos.is_some() || inner.get_post_processor().is_none() {
-            // transformers 5 rebuilds the post-processor from these flags in exactly this case.
-            let bos = if add_bos == Some(true) {
-                let t = names.bos.clone().ok_or_else(|| {
-                    LmError::bad_field(&cfg_path, "add_bos_token", "is true but there is no bos_token")
-                })?;
-                let id = inner.token_to_id(&t).ok_or_else(|| {
-                    LmError::bad_field(&cfg_path, "bos_token", format!("token `{t}` is not in the vocabulary"))
-                })?;
-                Some((t, id))
-            } else {
-                None
-            };
-            let eos = if add_eos == Some(true) {
-                let t = names.eos.clone().ok_or_else(|| {
-                    LmError::bad_field(&cfg_path, "add_eos_token", "is true but there is no eos_token")
-                })?;
-                let id = inner.token_to_id(&t).ok_or_else(|| {
-                    LmError::bad_field(&cfg_path, "eos_token", format!("token `{t}` is not in the vocabulary"))
-                })?;
-                Some((t, id))
-            } else {
-                None
-            };
-            let pp = template_processor(bos.as_ref(), eos.as_ref())
-                .map_err(|e| LmError::bad_file(&cfg_path, format!("cannot build the post-processor: {e}")))?;
-            inner.with_post_processor(Some(pp));
-        }
 
         let model_max_length = cfg
             .as_ref()
@@ -608,13 +567,6 @@ fn template_json(bos: Option<&(String, u32)>, eos: Option<&(String, u32)>) -> Js
         "pair": pair,
         "special_tokens": special_tokens,
     })
-}
-
-fn template_processor(
-    bos: Option<&(String, u32)>,
-    eos: Option<&(String, u32)>,
-) -> std::result::Result<tokenizers::PostProcessorWrapper, serde_json::Error> {
-    serde_json::from_value(template_json(bos, eos))
 }
 
 /// Pre-tokenizer names (`tokenizer.ggml.pre`) this module knows.

@@ -197,7 +197,6 @@ fn template_from_hf_dir_variants() {
     assert_eq!(tok.bos_token.as_deref(), Some("<s>"));
     assert_eq!(tok.eos_token_ids, vec![1]);
     assert!(ChatTemplate::from_hf_dir(&dir.0, &tok).unwrap().is_none());
-    // A post-processor is rebuilt only from explicit flags (as transformers 5 does): none here.
     assert_eq!(tok.encode("hello world", true).unwrap(), vec![2, 3]);
 
     // A list of named templates: "default" is taken.
@@ -208,12 +207,22 @@ fn template_from_hf_dir_variants() {
     let t = ChatTemplate::from_hf_dir(&dir.0, &tok).unwrap().unwrap();
     assert_eq!(t.render(&[Message::new("user", "x")], false).unwrap(), "<s>x");
 
-    // add_bos_token: true makes encode add BOS.
+    // As in transformers 5, tokenizer.json's post-processor decides about BOS, not add_bos_token.
     cfg(serde_json::json!({"add_bos_token": true, "chat_template": "{{ eos_token }}"}));
+    assert!(!Tokenizer::from_hf_dir(&dir.0).unwrap().add_bos);
+    let mut with_bos = spec.clone();
+    with_bos["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}
+    });
+    std::fs::write(dir.0.join("tokenizer.json"), with_bos.to_string()).unwrap();
     let tok2 = Tokenizer::from_hf_dir(&dir.0).unwrap();
-    assert!(tok2.add_bos);
+    assert!(tok2.add_bos && !tok2.add_eos);
     assert_eq!(tok2.encode("hello world", true).unwrap(), vec![0, 2, 3]);
     assert_eq!(tok2.encode("hello world", false).unwrap(), vec![2, 3]);
+    assert_eq!(tok2.decode(&[0, 2, 3], true).unwrap(), "hello world");
 
     // chat_template.jinja wins over tokenizer_config.json.
     std::fs::write(dir.0.join("chat_template.jinja"), "J{{ messages|length }}\n").unwrap();
