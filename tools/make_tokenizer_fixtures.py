@@ -13,7 +13,8 @@ Writes crates/lm/tests/fixtures/smollm2_tokenizer.json with:
     conversations, with the template stored in the GGUF;
   * `tiny_template`: a small hand-written template (independent of SmolLM2) rendered through
     transformers' own Jinja environment, exercising trim_blocks/lstrip_blocks, the trailing newline,
-    `tojson`, pycompat string methods, loop controls, `raise_exception`, and Python value printing.
+    `tojson`, pycompat string methods, loop controls, `raise_exception`, `{% generation %}` and
+    Python value printing.
 
 Needs: transformers, tokenizers, gguf (and torch, which transformers imports for GGUF files).
 """
@@ -92,7 +93,7 @@ TINY_TEMPLATE = """{{- bos_token }}
         {% set ns.users = ns.users + 1 %}
 <user i={{ loop.index0 }} last={{ loop.last }} name={{ m.get('name', 'anon') }}>{{ m.content.strip() }}</user>
     {% else %}
-<bot>{{ m['content'] }}{{ eos_token }}</bot>
+<bot>{% generation %}{{ m['content'] }}{{ eos_token }}{% endgeneration %}</bot>
     {% endif %}
     {% if m.content.startswith('STOP') %}{% break %}{% endif %}
 {% endfor %}

@@ -5,7 +5,11 @@ mod model_cmds;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rlhf", version, about = "Train language models from preferences")]
+#[command(
+    name = "rlhf",
+    version,
+    about = "Train language models from preferences"
+)]
 struct Cli {
     /// CPU threads (default: all cores; `generate` with small batches defaults to 1 on <= 2 cores).
     #[arg(long, global = true)]

@@ -78,15 +78,27 @@ fn load(path: &std::path::Path) -> Result<Pretrained> {
 }
 
 /// The prompt text a line or argument stands for, rendered with the chat template where asked.
-fn prompt_text(model: &Pretrained, text: Option<String>, messages: Option<Vec<Message>>, chat: bool, system: Option<&str>) -> Result<String> {
+fn prompt_text(
+    model: &Pretrained,
+    text: Option<String>,
+    messages: Option<Vec<Message>>,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<String> {
     match (text, messages) {
         (_, Some(messages)) => Ok(model.render_chat(&messages, true)?),
         (Some(text), None) if chat => {
             let mut messages = Vec::new();
             if let Some(s) = system {
-                messages.push(Message { role: "system".into(), content: s.into() });
+                messages.push(Message {
+                    role: "system".into(),
+                    content: s.into(),
+                });
             }
-            messages.push(Message { role: "user".into(), content: text });
+            messages.push(Message {
+                role: "user".into(),
+                content: text,
+            });
             Ok(model.render_chat(&messages, true)?)
         }
         (Some(text), None) => Ok(text),
@@ -101,7 +113,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         if p.is_empty() {
             bail!("--prompt: empty prompt");
         }
-        prompts.push(prompt_text(&model, Some(p), None, a.chat, a.system.as_deref())?);
+        prompts.push(prompt_text(
+            &model,
+            Some(p),
+            None,
+            a.chat,
+            a.system.as_deref(),
+        )?);
     } else if let Some(file) = &a.prompts {
         for line in jsonl::read(file)? {
             let (text, messages) = if line.has("messages") {
@@ -109,11 +127,21 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             } else {
                 let t = line.string("prompt")?;
                 if t.is_empty() {
-                    bail!("{}:{}: field `prompt`: empty prompt", file.display(), line.line);
+                    bail!(
+                        "{}:{}: field `prompt`: empty prompt",
+                        file.display(),
+                        line.line
+                    );
                 }
                 (Some(t), None)
             };
-            prompts.push(prompt_text(&model, text, messages, a.chat, a.system.as_deref())?);
+            prompts.push(prompt_text(
+                &model,
+                text,
+                messages,
+                a.chat,
+                a.system.as_deref(),
+            )?);
         }
     } else {
         bail!("give --prompt TEXT or --prompts FILE.jsonl");
@@ -135,7 +163,13 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     for (chunk_no, chunk) in ids.chunks(a.batch_size.max(1)).enumerate() {
-        let samples = sample(&llama, chunk, model.pad_id(), &params, Some(&model.tokenizer))?;
+        let samples = sample(
+            &llama,
+            chunk,
+            model.pad_id(),
+            &params,
+            Some(&model.tokenizer),
+        )?;
         for (i, s) in samples.iter().enumerate() {
             let text = model.tokenizer.decode(&s.tokens, true)?;
             if a.json {
@@ -163,7 +197,11 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         } else {
             let t = line.string("prompt")?;
             if t.is_empty() {
-                bail!("{}:{}: field `prompt`: empty prompt", a.data.display(), line.line);
+                bail!(
+                    "{}:{}: field `prompt`: empty prompt",
+                    a.data.display(),
+                    line.line
+                );
             }
             prompt_text(&model, Some(t), None, a.chat, None)?
         };
@@ -193,25 +231,56 @@ pub fn info(a: InfoArgs) -> Result<()> {
     let model = load(&a.model)?;
     let c = &model.config;
     println!("source:        {}", model.source.display());
-    println!("architecture:  {} ({:?})", c.family.architecture(), c.family);
-    println!("parameters:    {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
+    println!(
+        "architecture:  {} ({:?})",
+        c.family.architecture(),
+        c.family
+    );
+    println!(
+        "parameters:    {} ({:.1} M)",
+        c.num_parameters(),
+        c.num_parameters() as f64 / 1e6
+    );
     println!(
         "layers:        {}  hidden {}  intermediate {}  heads {} (kv {})  head_dim {}",
-        c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
     );
-    println!("rope:          theta {}  scaling {:?}", c.rope_theta, c.rope_scaling.as_ref().map(|s| &s.rope_type));
+    println!(
+        "rope:          theta {}  scaling {:?}",
+        c.rope_theta,
+        c.rope_scaling.as_ref().map(|s| &s.rope_type)
+    );
     println!("context:       {}", c.max_position_embeddings);
     println!("tied embeddings: {}", c.tie_word_embeddings);
     let t = &model.tokenizer;
     println!(
         "tokenizer:     vocab {}  bos {:?}  eos {:?}  pad {:?} (id {})",
-        t.vocab_size(), t.bos_token, t.eos_token, t.pad_token, model.pad_id()
+        t.vocab_size(),
+        t.bos_token,
+        t.eos_token,
+        t.pad_token,
+        model.pad_id()
     );
     println!("eos ids:       {:?}", model.eos_token_ids());
     match &model.chat_template {
         Some(tpl) => {
-            let sample = tpl.render(&[Message { role: "user".into(), content: "Hi".into() }], true)?;
-            println!("chat template: {} chars; renders a user turn as {:?}", tpl.source.len(), sample);
+            let sample = tpl.render(
+                &[Message {
+                    role: "user".into(),
+                    content: "Hi".into(),
+                }],
+                true,
+            )?;
+            println!(
+                "chat template: {} chars; renders a user turn as {:?}",
+                tpl.source.len(),
+                sample
+            );
         }
         None => println!("chat template: none"),
     }

@@ -16,7 +16,12 @@ pub struct Line {
 
 impl Line {
     fn error(&self, field: &str, message: impl Into<String>) -> LmError {
-        LmError::BadLine { path: self.path.clone(), line: self.line, field: field.into(), message: message.into() }
+        LmError::BadLine {
+            path: self.path.clone(),
+            line: self.line,
+            field: field.into(),
+            message: message.into(),
+        }
     }
 
     pub fn has(&self, field: &str) -> bool {
@@ -27,7 +32,9 @@ impl Line {
     pub fn string(&self, field: &str) -> Result<String> {
         match self.value.get(field) {
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(other) => Err(self.error(field, format!("expected a string, found {}", kind(other)))),
+            Some(other) => {
+                Err(self.error(field, format!("expected a string, found {}", kind(other))))
+            }
             None => Err(self.error(field, "missing")),
         }
     }
@@ -38,7 +45,10 @@ impl Line {
             return Err(self.error(field, "missing"));
         };
         let Value::Array(items) = v else {
-            return Err(self.error(field, format!("expected a list of messages, found {}", kind(v))));
+            return Err(self.error(
+                field,
+                format!("expected a list of messages, found {}", kind(v)),
+            ));
         };
         items
             .iter()
@@ -48,7 +58,10 @@ impl Line {
                     Some(Value::String(s)) => Ok(s.clone()),
                     _ => Err(self.error(&format!("{field}[{i}].{k}"), "missing or not a string")),
                 };
-                Ok(Message { role: get("role")?, content: get("content")? })
+                Ok(Message {
+                    role: get("role")?,
+                    content: get("content")?,
+                })
             })
             .collect()
     }
@@ -87,7 +100,11 @@ pub fn read(path: &Path) -> Result<Vec<Line>> {
                 message: format!("expected a JSON object, found {}", kind(&value)),
             });
         }
-        out.push(Line { path: path.to_path_buf(), line: i + 1, value });
+        out.push(Line {
+            path: path.to_path_buf(),
+            line: i + 1,
+            value,
+        });
     }
     Ok(out)
 }

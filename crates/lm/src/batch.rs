@@ -29,8 +29,11 @@ impl TokenBatch {
         if b == 0 || t == 0 {
             return Err(LmError::Invalid("empty batch".into()));
         }
-        if ids.iter().any(|r| r.len() != t) || real.len() != b || real.iter().any(|r| r.len() != t) {
-            return Err(LmError::Invalid("ragged batch: rows must have equal length".into()));
+        if ids.iter().any(|r| r.len() != t) || real.len() != b || real.iter().any(|r| r.len() != t)
+        {
+            return Err(LmError::Invalid(
+                "ragged batch: rows must have equal length".into(),
+            ));
         }
         let mut positions = Vec::with_capacity(b * t);
         let mut mask = vec![MASKED; b * t * t];
@@ -69,7 +72,10 @@ impl TokenBatch {
             v.resize(t, pad);
             v
         });
-        let real = rows.iter().map(|r| (0..t).map(|j| j < r.len()).collect()).collect();
+        let real = rows
+            .iter()
+            .map(|r| (0..t).map(|j| j < r.len()).collect())
+            .collect();
         Self::new(ids.collect(), real, device)
     }
 
@@ -81,7 +87,10 @@ impl TokenBatch {
             v.extend_from_slice(r);
             v
         });
-        let real = rows.iter().map(|r| (0..t).map(|j| j >= t - r.len()).collect()).collect();
+        let real = rows
+            .iter()
+            .map(|r| (0..t).map(|j| j >= t - r.len()).collect())
+            .collect();
         Self::new(ids.collect(), real, device)
     }
 

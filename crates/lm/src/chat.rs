@@ -57,13 +57,19 @@ impl std::fmt::Debug for ChatTemplate {
 
 impl PartialEq for ChatTemplate {
     fn eq(&self, other: &Self) -> bool {
-        self.source == other.source && self.bos_token == other.bos_token && self.eos_token == other.eos_token
+        self.source == other.source
+            && self.bos_token == other.bos_token
+            && self.eos_token == other.eos_token
     }
 }
 
 impl ChatTemplate {
     /// Compile `source`. A syntax error is reported with its line.
-    pub fn new(source: impl Into<String>, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
+    pub fn new(
+        source: impl Into<String>,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+    ) -> Result<Self> {
         let source = source.into();
         let mut env = Environment::new();
         env.set_trim_blocks(true);
@@ -74,7 +80,7 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson_filter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, source.clone())
+        env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(&source))
             .map_err(|e| LmError::Invalid(format!("chat template: {}", describe(&e))))?;
         Ok(ChatTemplate {
             source,
@@ -93,7 +99,9 @@ impl ChatTemplate {
         let jinja = dir.join("chat_template.jinja");
         if jinja.is_file() {
             let src = std::fs::read_to_string(&jinja).map_err(|e| LmError::io(&jinja, e))?;
-            return Self::new(src, bos, eos).map(Some).map_err(|e| LmError::bad_file(&jinja, e.to_string()));
+            return Self::new(src, bos, eos)
+                .map(Some)
+                .map_err(|e| LmError::bad_file(&jinja, e.to_string()));
         }
         for file in ["chat_template.json", "tokenizer_config.json"] {
             let path = dir.join(file);
@@ -101,13 +109,15 @@ impl ChatTemplate {
                 continue;
             }
             let text = std::fs::read_to_string(&path).map_err(|e| LmError::io(&path, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| LmError::bad_file(&path, format!("invalid JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| LmError::bad_file(&path, format!("invalid JSON: {e}")))?;
             let src = match v.get("chat_template") {
                 None | Some(serde_json::Value::Null) => continue,
                 Some(serde_json::Value::String(s)) => s.clone(),
                 Some(serde_json::Value::Array(list)) => {
-                    let named = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+                    let named = list
+                        .iter()
+                        .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
                     match named.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
                         Some(s) => s.to_string(),
                         None => {
@@ -154,8 +164,9 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| LmError::Invalid(format!("chat template: {}", describe(&e))))?;
-        tmpl.render(ctx)
-            .map_err(|e| LmError::Invalid(format!("chat template: cannot render: {}", describe(&e))))
+        tmpl.render(ctx).map_err(|e| {
+            LmError::Invalid(format!("chat template: cannot render: {}", describe(&e)))
+        })
     }
 
     pub fn bos_token(&self) -> Option<&str> {
@@ -165,6 +176,46 @@ impl ChatTemplate {
     pub fn eos_token(&self) -> Option<&str> {
         self.eos_token.as_deref()
     }
+}
+
+/// transformers' `{% generation %}...{% endgeneration %}` block (which only marks assistant text
+/// for `return_assistant_tokens_mask`) renders its body unchanged. minijinja has no such tag, so it
+/// becomes `{% if true %}...{% endif %}` with the same whitespace-control markers, which trims and
+/// renders exactly alike.
+fn strip_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (open_mark, body) = match inner.chars().next() {
+            Some(c @ ('-' | '+')) => (c.to_string(), &inner[1..]),
+            _ => (String::new(), inner),
+        };
+        let (body, close_mark) = match body.chars().last() {
+            Some(c @ ('-' | '+')) => (&body[..body.len() - 1], c.to_string()),
+            _ => (body, String::new()),
+        };
+        let replacement = match body.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        match replacement {
+            Some(r) => {
+                let _ = write!(out, "{{%{open_mark} {r} {close_mark}%}}");
+            }
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The error's own message plus its line, without minijinja's multi-line debug dump.
@@ -196,10 +247,28 @@ fn strftime_now(format: String) -> std::result::Result<String, Error> {
 
 fn strftime(format: &str, unix_secs: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let days = unix_secs.div_euclid(86_400);
     let rem = unix_secs.rem_euclid(86_400);
     let (h, mi, s) = (rem / 3600, rem % 3600 / 60, rem % 60);
@@ -257,7 +326,11 @@ fn doy_of(y: i64, m: i64, d: i64) -> i64 {
 }
 
 /// Print values as Jinja2 (Python) does: `True`, `None`, `['a', 1]`, `{'k': 'v'}`, `1e-05`.
-fn python_formatter(out: &mut minijinja::Output, state: &State, value: &Value) -> std::result::Result<(), Error> {
+fn python_formatter(
+    out: &mut minijinja::Output,
+    state: &State,
+    value: &Value,
+) -> std::result::Result<(), Error> {
     match value.kind() {
         ValueKind::Bool | ValueKind::None | ValueKind::Seq | ValueKind::Map => {
             let mut s = String::new();
@@ -315,7 +388,11 @@ fn py_repr(value: &Value, out: &mut String) -> std::result::Result<(), Error> {
 }
 
 fn py_str_repr(s: &str, out: &mut String) {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -345,7 +422,11 @@ fn py_float(x: f64) -> String {
         return if x > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if x.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // `{:e}` gives the shortest round-trip digits: "1.2345e-5".
     let sci = format!("{x:e}");
@@ -373,7 +454,11 @@ fn py_float(x: f64) -> String {
         } else {
             digits
         };
-        format!("{sign}{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+        format!(
+            "{sign}{m}e{}{:02}",
+            if exp < 0 { '-' } else { '+' },
+            exp.abs()
+        )
     }
 }
 
@@ -389,7 +474,9 @@ fn tojson_filter(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, Er
         None => None,
         Some(v) if v.is_none() => None,
         Some(v) if v.is_integer() => Some(" ".repeat(v.as_i64().unwrap_or(0).max(0) as usize)),
-        Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
+        Some(v) if v.kind() == ValueKind::String => {
+            Some(v.as_str().unwrap_or_default().to_string())
+        }
         Some(v) => {
             return Err(Error::new(
                 ErrorKind::InvalidOperation,
@@ -401,9 +488,10 @@ fn tojson_filter(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, Er
         Some(v) if !v.is_none() => {
             let parts: Vec<Value> = v.try_iter()?.collect();
             match parts.as_slice() {
-                [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
-                    (a.as_str().unwrap().to_string(), b.as_str().unwrap().to_string())
-                }
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (
+                    a.as_str().unwrap().to_string(),
+                    b.as_str().unwrap().to_string(),
+                ),
                 _ => {
                     return Err(Error::new(
                         ErrorKind::InvalidOperation,
@@ -412,7 +500,10 @@ fn tojson_filter(value: &Value, kwargs: Kwargs) -> std::result::Result<Value, Er
                 }
             }
         }
-        _ => (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string()),
+        _ => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
     };
     let opts = JsonOpts {
         ensure_ascii: ensure_ascii.unwrap_or(false),
@@ -434,7 +525,12 @@ struct JsonOpts {
     key_sep: String,
 }
 
-fn py_json(value: &Value, o: &JsonOpts, depth: usize, out: &mut String) -> std::result::Result<(), Error> {
+fn py_json(
+    value: &Value,
+    o: &JsonOpts,
+    depth: usize,
+    out: &mut String,
+) -> std::result::Result<(), Error> {
     let newline = |out: &mut String, depth: usize| {
         if let Some(ind) = &o.indent {
             out.push('\n');
@@ -453,7 +549,9 @@ fn py_json(value: &Value, o: &JsonOpts, depth: usize, out: &mut String) -> std::
                 let x = f64::try_from(value.clone())?;
                 out.push_str(&match x {
                     x if x.is_nan() => "NaN".to_string(),
-                    x if x.is_infinite() => if x > 0.0 { "Infinity" } else { "-Infinity" }.to_string(),
+                    x if x.is_infinite() => {
+                        if x > 0.0 { "Infinity" } else { "-Infinity" }.to_string()
+                    }
                     x => py_float(x),
                 });
             }
@@ -476,7 +574,9 @@ fn py_json(value: &Value, o: &JsonOpts, depth: usize, out: &mut String) -> std::
                 newline(out, depth + 1);
                 // JSON keys are strings; Python converts numbers, booleans and None.
                 match key.kind() {
-                    ValueKind::String => json_str(key.as_str().unwrap_or_default(), o.ensure_ascii, out),
+                    ValueKind::String => {
+                        json_str(key.as_str().unwrap_or_default(), o.ensure_ascii, out)
+                    }
                     _ => {
                         let mut k = String::new();
                         py_json(key, o, depth + 1, &mut k)?;
@@ -566,9 +666,23 @@ mod tests {
     }
 
     #[test]
+    fn generation_tags_become_plain_blocks() {
+        assert_eq!(
+            strip_generation_tags(
+                "a{% generation %}b{%- endgeneration -%}c{{ x }}{% if y %}{% endif %}"
+            ),
+            "a{% if true %}b{%- endif -%}c{{ x }}{% if y %}{% endif %}"
+        );
+        assert_eq!(strip_generation_tags("{% unterminated"), "{% unterminated");
+    }
+
+    #[test]
     fn strftime_known_date() {
         // 2024-02-29 13:05:09 UTC, a Thursday.
         let t = 1_709_211_909;
-        assert_eq!(strftime("%d %b %Y %H:%M:%S %A %B %j %y %-d %%", t), "29 Feb 2024 13:05:09 Thursday February 060 24 29 %");
+        assert_eq!(
+            strftime("%d %b %Y %H:%M:%S %A %B %j %y %-d %%", t),
+            "29 Feb 2024 13:05:09 Thursday February 060 24 29 %"
+        );
     }
 }

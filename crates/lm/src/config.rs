@@ -70,6 +70,10 @@ pub struct LlamaConfig {
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// Mistral's sliding attention window. Attention is full up to this length, which is all we
+    /// support: longer sequences are refused rather than silently computed differently.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
 }
 
 /// The raw shape of `config.json`: every field optional so that a missing one gets a clear error.
@@ -87,6 +91,8 @@ struct RawConfig {
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     rope_scaling: Option<RopeScaling>,
+    /// transformers >= 5 writes `rope_theta` and the scaling fields nested here.
+    rope_parameters: Option<serde_json::Value>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -101,8 +107,14 @@ struct RawConfig {
 
 fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     }
 }
@@ -114,8 +126,19 @@ impl LlamaConfig {
     }
 
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text)
+        let mut raw: RawConfig = serde_json::from_str(text)
             .map_err(|e| LmError::bad_file(path, format!("invalid JSON: {e}")))?;
+        if let Some(params) = raw.rope_parameters.take() {
+            if raw.rope_theta.is_none() {
+                raw.rope_theta = params.get("rope_theta").and_then(|v| v.as_f64());
+            }
+            if raw.rope_scaling.is_none() && params.get("rope_type").is_some() {
+                raw.rope_scaling = Some(
+                    serde_json::from_value(params)
+                        .map_err(|e| LmError::bad_field(path, "rope_parameters", e.to_string()))?,
+                );
+            }
+        }
         let need = |v: Option<usize>, field: &str| -> Result<usize> {
             match v {
                 Some(0) => Err(LmError::bad_field(path, field, "must be positive")),
@@ -134,7 +157,11 @@ impl LlamaConfig {
             ("mistral", _) | (_, "MistralForCausalLM") => Family::Mistral,
             ("qwen2", _) | (_, "Qwen2ForCausalLM") => Family::Qwen2,
             _ => {
-                let what = if arch.is_empty() { model_type.clone() } else { arch.clone() };
+                let what = if arch.is_empty() {
+                    model_type.clone()
+                } else {
+                    arch.clone()
+                };
                 return Err(LmError::bad_field(
                     path,
                     if arch.is_empty() { "model_type" } else { "architectures" },
@@ -147,7 +174,11 @@ impl LlamaConfig {
         };
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
-                return Err(LmError::bad_field(path, "hidden_act", format!("`{act}` is not supported (only silu)")));
+                return Err(LmError::bad_field(
+                    path,
+                    "hidden_act",
+                    format!("`{act}` is not supported (only silu)"),
+                ));
             }
         }
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
@@ -164,13 +195,21 @@ impl LlamaConfig {
             Some(d) => d,
             None => {
                 if hidden_size % num_attention_heads != 0 {
-                    return Err(LmError::bad_field(path, "hidden_size", "not divisible by num_attention_heads"));
+                    return Err(LmError::bad_field(
+                        path,
+                        "hidden_size",
+                        "not divisible by num_attention_heads",
+                    ));
                 }
                 hidden_size / num_attention_heads
             }
         };
         if head_dim % 2 != 0 {
-            return Err(LmError::bad_field(path, "head_dim", "must be even for RoPE"));
+            return Err(LmError::bad_field(
+                path,
+                "head_dim",
+                "must be even for RoPE",
+            ));
         }
         if let Some(s) = &raw.rope_scaling {
             match s.rope_type.as_str() {
@@ -187,11 +226,13 @@ impl LlamaConfig {
                 return Err(LmError::bad_field(path, "rope_scaling.factor", "missing"));
             }
         }
-        let uses_sliding = raw.use_sliding_window.unwrap_or(family == Family::Mistral)
-            && matches!(raw.sliding_window, Some(serde_json::Value::Number(_)));
-        if uses_sliding {
-            // A window only matters past its length; we reject nothing but note it in `info`.
-        }
+        let sliding_window = match (
+            raw.use_sliding_window.unwrap_or(family == Family::Mistral),
+            &raw.sliding_window,
+        ) {
+            (true, Some(serde_json::Value::Number(n))) => n.as_u64().map(|w| w as usize),
+            _ => None,
+        };
         let attention_bias = raw.attention_bias.unwrap_or(false);
         Ok(LlamaConfig {
             family,
@@ -213,6 +254,7 @@ impl LlamaConfig {
             bos_token_id: token_ids(&raw.bos_token_id).first().copied(),
             eos_token_ids: token_ids(&raw.eos_token_id),
             pad_token_id: token_ids(&raw.pad_token_id).first().copied(),
+            sliding_window,
         })
     }
 
@@ -242,7 +284,7 @@ impl LlamaConfig {
             obj.insert("mlp_bias".into(), self.mlp_bias.into());
         }
         if self.family == Family::Mistral {
-            obj.insert("sliding_window".into(), serde_json::Value::Null);
+            obj.insert("sliding_window".into(), self.sliding_window.into());
         }
         if let Some(b) = self.bos_token_id {
             obj.insert("bos_token_id".into(), b.into());

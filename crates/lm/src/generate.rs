@@ -43,7 +43,11 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy(max_new_tokens: usize) -> Self {
-        SamplingParams { max_new_tokens, temperature: 0.0, ..Default::default() }
+        SamplingParams {
+            max_new_tokens,
+            temperature: 0.0,
+            ..Default::default()
+        }
     }
 
     /// The temperature the reported log-probs are taken at.
@@ -57,11 +61,16 @@ impl SamplingParams {
 
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(LmError::Invalid(format!("temperature must be >= 0, got {}", self.temperature)));
+            return Err(LmError::Invalid(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            )));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(LmError::Invalid(format!("top_p must be in (0, 1], got {p}")));
+                return Err(LmError::Invalid(format!(
+                    "top_p must be in (0, 1], got {p}"
+                )));
             }
         }
         if self.top_k == Some(0) {
@@ -113,7 +122,10 @@ fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32
             order.truncate(k);
         }
         order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((scaled[i] - max) as f64).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((scaled[i] - max) as f64).exp())
+            .collect();
         if let Some(top_p) = p.top_p {
             let total: f64 = probs.iter().sum();
             let mut cum = 0.0;
@@ -160,7 +172,11 @@ pub fn generate(
     }
     let mut samples: Vec<Sample> = prompts
         .iter()
-        .map(|_| Sample { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length })
+        .map(|_| Sample {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            finish: FinishReason::Length,
+        })
         .collect();
     if params.max_new_tokens == 0 {
         return Ok(samples);
@@ -176,8 +192,12 @@ pub fn generate(
     let mut rng = StdRng::seed_from_u64(params.seed);
     let mut done = vec![false; b];
 
-    let hidden = model.hidden_states(&batch.ids, &batch.positions, &batch.mask, Some(&mut cache))?;
-    let mut logits = model.logits(&hidden.narrow(1, t0 - 1, 1)?)?.squeeze(1)?.to_vec2::<f32>()?;
+    let hidden =
+        model.hidden_states(&batch.ids, &batch.positions, &batch.mask, Some(&mut cache))?;
+    let mut logits = model
+        .logits(&hidden.narrow(1, t0 - 1, 1)?)?
+        .squeeze(1)?
+        .to_vec2::<f32>()?;
 
     for step in 0..params.max_new_tokens {
         let mut step_ids = vec![pad_id; b];
@@ -195,7 +215,11 @@ pub fn generate(
                 done[r] = true;
             } else if let Some(tk) = tokenizer.filter(|_| !params.stop_strings.is_empty()) {
                 let text = tk.decode(&s.tokens, false)?;
-                if params.stop_strings.iter().any(|st| text.contains(st.as_str())) {
+                if params
+                    .stop_strings
+                    .iter()
+                    .any(|st| text.contains(st.as_str()))
+                {
                     s.finish = FinishReason::StopString;
                     done[r] = true;
                 }

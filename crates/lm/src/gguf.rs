@@ -28,8 +28,12 @@ use crate::tokenizer::{Meta, Tokenizer};
 pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
     let file = std::fs::File::open(path).map_err(|e| LmError::io(path, e))?;
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader)
-        .map_err(|e| LmError::bad_file(path, format!("not a valid GGUF file (truncated or corrupt?): {e}")))?;
+    let content = Content::read(&mut reader).map_err(|e| {
+        LmError::bad_file(
+            path,
+            format!("not a valid GGUF file (truncated or corrupt?): {e}"),
+        )
+    })?;
     let md = Meta {
         md: &content.metadata,
         path,
@@ -69,7 +73,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
         return Err(LmError::bad_field(
             path,
             key("attention.head_count_kv"),
-            format!("{num_key_value_heads} does not divide {} = {num_attention_heads}", key("attention.head_count")),
+            format!(
+                "{num_key_value_heads} does not divide {} = {num_attention_heads}",
+                key("attention.head_count")
+            ),
         ));
     }
     let head_dim = match md.uint(&key("attention.key_length"))? {
@@ -86,22 +93,32 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
         }
     };
     if head_dim == 0 || head_dim % 2 != 0 {
-        return Err(LmError::bad_field(path, key("attention.key_length"), "head size must be even for RoPE"));
+        return Err(LmError::bad_field(
+            path,
+            key("attention.key_length"),
+            "head size must be even for RoPE",
+        ));
     }
     if let Some(rot) = md.uint(&key("rope.dimension_count"))? {
         if rot as usize != head_dim {
             return Err(LmError::bad_field(
                 path,
                 key("rope.dimension_count"),
-                format!("partial rotary embeddings ({rot} of {head_dim} dimensions) are not supported"),
+                format!(
+                    "partial rotary embeddings ({rot} of {head_dim} dimensions) are not supported"
+                ),
             ));
         }
     }
     let rms_norm_eps = md
         .float(&key("attention.layer_norm_rms_epsilon"))?
-        .ok_or_else(|| LmError::bad_field(path, key("attention.layer_norm_rms_epsilon"), "missing"))?;
+        .ok_or_else(|| {
+            LmError::bad_field(path, key("attention.layer_norm_rms_epsilon"), "missing")
+        })?;
     let rope_theta = md.float(&key("rope.freq_base"))?.unwrap_or(10_000.0);
-    let max_position_embeddings = md.uint(&key("context_length"))?.map_or(2048, |n| n as usize);
+    let max_position_embeddings = md
+        .uint(&key("context_length"))?
+        .map_or(2048, |n| n as usize);
     let rope_scaling = match md.string(&key("rope.scaling.type"))? {
         None | Some("none") => None,
         Some("linear") => {
@@ -140,7 +157,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
     let mut weights = HashMap::with_capacity(names.len());
     for name in names {
         let hf = hf_tensor_name(name).ok_or_else(|| {
-            LmError::bad_file(path, format!("tensor `{name}` has no Hugging Face counterpart (unsupported layout)"))
+            LmError::bad_file(
+                path,
+                format!("tensor `{name}` has no Hugging Face counterpart (unsupported layout)"),
+            )
         })?;
         let info = &content.tensor_infos[name];
         let tensor = info
@@ -185,7 +205,10 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
         return Err(LmError::bad_field(
             path,
             "tokenizer.ggml.tokens",
-            format!("{} tokens but the embedding has only {vocab_size} rows", tokenizer.vocab_size()),
+            format!(
+                "{} tokens but the embedding has only {vocab_size} rows",
+                tokenizer.vocab_size()
+            ),
         ));
     }
     let has = |n: &str| weights.contains_key(n);
@@ -209,13 +232,18 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
         bos_token_id: tokenizer.bos_token_id(),
         eos_token_ids: tokenizer.eos_token_ids.clone(),
         pad_token_id: tokenizer.pad_token_id,
+        sliding_window: None,
     };
     check_weights(&config, &weights, path)?;
 
     let chat_template = match md.string("tokenizer.chat_template")? {
         Some(src) => Some(
-            ChatTemplate::new(src, tokenizer.bos_token.clone(), tokenizer.eos_token.clone())
-                .map_err(|e| LmError::bad_field(path, "tokenizer.chat_template", e.to_string()))?,
+            ChatTemplate::new(
+                src,
+                tokenizer.bos_token.clone(),
+                tokenizer.eos_token.clone(),
+            )
+            .map_err(|e| LmError::bad_field(path, "tokenizer.chat_template", e.to_string()))?,
         ),
         None => None,
     };
@@ -288,7 +316,10 @@ fn regroup_rows(w: &Tensor, n_head: usize, to_interleaved: bool) -> Result<Tenso
         vec![n_head, half, 2]
     };
     shape.extend_from_slice(&dims[1..]);
-    Ok(w.reshape(shape)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+    Ok(w.reshape(shape)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
 }
 
 #[cfg(test)]
@@ -309,7 +340,10 @@ mod tests {
         assert_eq!(rows_of(&u), vec![0., 2., 4., 6., 1., 3., 5., 7.]);
         // Two heads of size 4: each head separately.
         let y = Tensor::arange(0f32, 8., &Device::Cpu).unwrap();
-        assert_eq!(rows_of(&llama_cpp_permute(&y, 2).unwrap()), vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(
+            rows_of(&llama_cpp_permute(&y, 2).unwrap()),
+            vec![0., 2., 1., 3., 4., 6., 5., 7.]
+        );
     }
 
     #[test]
@@ -324,9 +358,18 @@ mod tests {
 
     #[test]
     fn tensor_names() {
-        assert_eq!(hf_tensor_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
-        assert_eq!(hf_tensor_name("blk.12.attn_q.bias").unwrap(), "model.layers.12.self_attn.q_proj.bias");
-        assert_eq!(hf_tensor_name("blk.0.ffn_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(
+            hf_tensor_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert_eq!(
+            hf_tensor_name("blk.12.attn_q.bias").unwrap(),
+            "model.layers.12.self_attn.q_proj.bias"
+        );
+        assert_eq!(
+            hf_tensor_name("blk.0.ffn_norm.weight").unwrap(),
+            "model.layers.0.post_attention_layernorm.weight"
+        );
         assert_eq!(hf_tensor_name("output.weight").unwrap(), "lm_head.weight");
         assert!(hf_tensor_name("blk.x.attn_q.weight").is_none());
         assert!(hf_tensor_name("blk.0.attn_qkv.weight").is_none());

@@ -27,7 +27,11 @@ fn param(weights: &HashMap<String, Tensor>, name: &str) -> Result<Tensor> {
 
 fn linear(weights: &HashMap<String, Tensor>, prefix: &str, bias: bool) -> Result<Linear> {
     let w = param(weights, &format!("{prefix}.weight"))?;
-    let b = if bias { Some(param(weights, &format!("{prefix}.bias"))?) } else { None };
+    let b = if bias {
+        Some(param(weights, &format!("{prefix}.bias"))?)
+    } else {
+        None
+    };
     Ok(Linear::new(w, b))
 }
 
@@ -119,7 +123,9 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?.silu()?;
-        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+        Ok(self
+            .down_proj
+            .forward(&(gate * self.up_proj.forward(x)?)?)?)
     }
 }
 
@@ -137,7 +143,9 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(num_layers: usize, max_len: usize) -> Self {
-        Cache { layers: (0..num_layers).map(|_| KvCache::new(2, max_len)).collect() }
+        Cache {
+            layers: (0..num_layers).map(|_| KvCache::new(2, max_len)).collect(),
+        }
     }
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, |c| c.current_seq_len())
@@ -162,14 +170,21 @@ pub struct Llama {
 impl Llama {
     /// Build from HF-named weights. The tensors are shared, not copied: pass `Var`-backed tensors
     /// (see [`TrainableLlama`]) and the model is trainable; pass plain tensors and it is frozen.
-    pub fn from_weights(config: &LlamaConfig, w: &HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+    pub fn from_weights(
+        config: &LlamaConfig,
+        w: &HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
         let c = config;
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             layers.push(DecoderLayer {
                 input_layernorm: param(w, &format!("{p}.input_layernorm.weight"))?,
-                post_attention_layernorm: param(w, &format!("{p}.post_attention_layernorm.weight"))?,
+                post_attention_layernorm: param(
+                    w,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                )?,
                 self_attn: Attention {
                     q_proj: linear(w, &format!("{p}.self_attn.q_proj"), c.qkv_bias)?,
                     k_proj: linear(w, &format!("{p}.self_attn.k_proj"), c.qkv_bias)?,
@@ -210,7 +225,10 @@ impl Llama {
 
     /// cos/sin tables for the given positions, (b, t) u32 -> two (b, t, d/2) f32 tensors.
     fn rope_tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        let freqs = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?.broadcast_mul(&self.inv_freq)?;
+        let freqs = positions
+            .to_dtype(DType::F32)?
+            .unsqueeze(D::Minus1)?
+            .broadcast_mul(&self.inv_freq)?;
         let dtype = self.embed_tokens.dtype();
         Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
@@ -225,6 +243,14 @@ impl Llama {
         mut cache: Option<&mut Cache>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        if let Some(window) = self.config.sliding_window {
+            let keys = t + cache.as_ref().map_or(0, |c| c.len());
+            if keys > window {
+                return Err(LmError::Invalid(format!(
+                    "sequence of {keys} tokens exceeds the sliding window ({window}); sliding-window attention is not implemented"
+                )));
+            }
+        }
         let (cos, sin) = self.rope_tables(positions)?;
         let mask = mask.to_dtype(self.embed_tokens.dtype())?;
         let mask = &mask;
@@ -290,12 +316,16 @@ pub struct ScalarHead {
 
 impl ScalarHead {
     pub fn from_weights(w: &HashMap<String, Tensor>) -> Result<Self> {
-        Ok(ScalarHead { weight: param(w, "score.weight")? })
+        Ok(ScalarHead {
+            weight: param(w, "score.weight")?,
+        })
     }
 
     /// Per-position scores, (b, t, h) -> (b, t).
     pub fn per_token(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(Linear::new(self.weight.clone(), None).forward(hidden)?.squeeze(D::Minus1)?)
+        Ok(Linear::new(self.weight.clone(), None)
+            .forward(hidden)?
+            .squeeze(D::Minus1)?)
     }
 
     /// The score read at each row's last non-pad token. `last_index`: (b,) u32.
@@ -326,7 +356,10 @@ impl Trainable {
     /// The current values as a name -> tensor map (the tensors are the `Var`s themselves, so a
     /// model built from this map is trainable).
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+        self.vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
     }
 
     /// A frozen snapshot (deep copy), e.g. for a reference model or a checkpoint.

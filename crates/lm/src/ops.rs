@@ -12,13 +12,18 @@ use crate::error::Result;
 /// True when no gradient can flow through any of `xs` (so a fused kernel is safe) and they are
 /// f32 (the fused kernels' dtype; f64 is used by gradient checks).
 pub fn no_grad(xs: &[&Tensor]) -> bool {
-    xs.iter().all(|x| !x.track_op() && x.dtype() == candle_core::DType::F32)
+    xs.iter()
+        .all(|x| !x.track_op() && x.dtype() == candle_core::DType::F32)
 }
 
 /// RMSNorm over the last dimension: x / sqrt(mean(x^2) + eps) * weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if no_grad(&[x, weight]) {
-        return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?);
+        return Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            weight,
+            eps as f32,
+        )?);
     }
     let hidden = x.dim(D::Minus1)? as f64;
     let mean_sq = (x.sqr()?.sum_keepdim(D::Minus1)? / hidden)?;

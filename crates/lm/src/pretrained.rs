@@ -29,8 +29,14 @@ pub struct GenerationDefaults {
 fn ids_or_one<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<u32>, D::Error> {
     let v = Option::<serde_json::Value>::deserialize(d)?;
     Ok(match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => Vec::new(),
     })
 }
@@ -60,7 +66,10 @@ impl Pretrained {
         } else if path.extension().is_some_and(|e| e == "gguf") {
             crate::gguf::load_gguf(path, device)
         } else {
-            Err(LmError::bad_file(path, "not a directory and not a .gguf file"))
+            Err(LmError::bad_file(
+                path,
+                "not a directory and not a .gguf file",
+            ))
         }
     }
 
@@ -78,7 +87,10 @@ impl Pretrained {
 fn load_hf_dir(dir: &Path, device: &Device) -> Result<Pretrained> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
-        return Err(LmError::Missing { path: config_path, what: "model configuration".into() });
+        return Err(LmError::Missing {
+            path: config_path,
+            what: "model configuration".into(),
+        });
     }
     let config = LlamaConfig::from_file(&config_path)?;
     let weights = load_safetensors_dir(dir, device)?;
@@ -88,11 +100,19 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Pretrained> {
     let gen_path = dir.join("generation_config.json");
     let generation = if gen_path.exists() {
         let text = std::fs::read_to_string(&gen_path).map_err(|e| LmError::io(&gen_path, e))?;
-        serde_json::from_str(&text).map_err(|e| LmError::bad_file(&gen_path, format!("invalid JSON: {e}")))?
+        serde_json::from_str(&text)
+            .map_err(|e| LmError::bad_file(&gen_path, format!("invalid JSON: {e}")))?
     } else {
         GenerationDefaults::default()
     };
-    Ok(Pretrained { config, weights, tokenizer, chat_template, generation, source: dir.to_path_buf() })
+    Ok(Pretrained {
+        config,
+        weights,
+        tokenizer,
+        chat_template,
+        generation,
+        source: dir.to_path_buf(),
+    })
 }
 
 /// `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
@@ -101,13 +121,16 @@ fn load_safetensors_dir(dir: &Path, device: &Device) -> Result<HashMap<String, T
     let single = dir.join("model.safetensors");
     let files: Vec<PathBuf> = if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| LmError::io(&index, e))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| LmError::bad_file(&index, format!("invalid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| LmError::bad_file(&index, format!("invalid JSON: {e}")))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| LmError::bad_field(&index, "weight_map", "missing or not an object"))?;
-        let mut shards: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect();
         shards.sort();
         shards.dedup();
         shards.into_iter().map(|s| dir.join(s)).collect()
@@ -129,8 +152,12 @@ fn load_safetensors_dir(dir: &Path, device: &Device) -> Result<HashMap<String, T
 /// Read one safetensors file into f32 tensors, with a clear error for a truncated or corrupt file.
 pub fn read_safetensors(file: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(file).map_err(|e| LmError::io(file, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| LmError::bad_file(file, format!("not a valid safetensors file (truncated?): {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        LmError::bad_file(
+            file,
+            format!("not a valid safetensors file (truncated?): {e}"),
+        )
+    })?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let dtype = match view.dtype() {
@@ -139,7 +166,10 @@ pub fn read_safetensors(file: &Path, device: &Device) -> Result<HashMap<String, 
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F64 => DType::F64,
             other => {
-                return Err(LmError::bad_file(file, format!("tensor `{name}`: unsupported dtype {other:?}")))
+                return Err(LmError::bad_file(
+                    file,
+                    format!("tensor `{name}`: unsupported dtype {other:?}"),
+                ))
             }
         };
         let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), device)
@@ -151,11 +181,18 @@ pub fn read_safetensors(file: &Path, device: &Device) -> Result<HashMap<String, 
 }
 
 /// Every tensor the config implies, present and with the right shape; the error names file and tensor.
-pub fn check_weights(config: &LlamaConfig, weights: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+pub fn check_weights(
+    config: &LlamaConfig,
+    weights: &HashMap<String, Tensor>,
+    source: &Path,
+) -> Result<()> {
     for (name, shape) in expected_shapes(config) {
         match weights.get(&name) {
             None => {
-                return Err(LmError::bad_file(source, format!("tensor `{name}` is missing")));
+                return Err(LmError::bad_file(
+                    source,
+                    format!("tensor `{name}` is missing"),
+                ));
             }
             Some(t) if t.dims() != shape.as_slice() => {
                 return Err(LmError::BadShape {
@@ -222,9 +259,16 @@ impl Pretrained {
     }
 
     /// Render a chat for generation with the model's template; a clear error when it has none.
-    pub fn render_chat(&self, messages: &[crate::chat::Message], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_chat(
+        &self,
+        messages: &[crate::chat::Message],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_ref().ok_or_else(|| {
-            LmError::bad_file(&self.source, "the model has no chat template (tokenizer_config.json `chat_template`)")
+            LmError::bad_file(
+                &self.source,
+                "the model has no chat template (tokenizer_config.json `chat_template`)",
+            )
         })?;
         template.render(messages, add_generation_prompt)
     }
@@ -241,9 +285,15 @@ pub fn save_hf(
     chat_template: Option<&ChatTemplate>,
     generation: &GenerationDefaults,
 ) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| LmError::io(parent, e))?;
-    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "model".into());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "model".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| LmError::io(&tmp, e))?;
@@ -258,7 +308,8 @@ pub fn save_hf(
         to_save.insert(n.clone(), t.detach().to_dtype(DType::F32)?.contiguous()?);
     }
     let st = tmp.join("model.safetensors");
-    candle_core::safetensors::save(&to_save, &st).map_err(|e| LmError::bad_file(&st, e.to_string()))?;
+    candle_core::safetensors::save(&to_save, &st)
+        .map_err(|e| LmError::bad_file(&st, e.to_string()))?;
     let write_json = |file: &str, v: &serde_json::Value| -> Result<()> {
         let p = tmp.join(file);
         let text = serde_json::to_string_pretty(v).expect("JSON value serialises");
@@ -268,7 +319,11 @@ pub fn save_hf(
     let mut gen = serde_json::to_value(generation).expect("serialisable");
     if let Some(obj) = gen.as_object_mut() {
         obj.retain(|_, v| !v.is_null());
-        let eos = if generation.eos_token_id.is_empty() { config.eos_token_ids.clone() } else { generation.eos_token_id.clone() };
+        let eos = if generation.eos_token_id.is_empty() {
+            config.eos_token_ids.clone()
+        } else {
+            generation.eos_token_id.clone()
+        };
         obj.insert("eos_token_id".into(), eos.into());
         if let Some(b) = config.bos_token_id {
             obj.insert("bos_token_id".into(), b.into());

@@ -14,10 +14,16 @@ use crate::tokenizer::Tokenizer;
 
 /// Encode a (prompt, completion) pair TRL's way. An empty prompt is an error: the first completion
 /// token would have no context to be scored against.
-pub fn encode_pair(tok: &Tokenizer, prompt: &str, completion: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+pub fn encode_pair(
+    tok: &Tokenizer,
+    prompt: &str,
+    completion: &str,
+) -> Result<(Vec<u32>, Vec<u32>)> {
     let p = tok.encode(prompt, true)?;
     if p.is_empty() {
-        return Err(LmError::Invalid("empty prompt: a completion needs at least one prompt token".into()));
+        return Err(LmError::Invalid(
+            "empty prompt: a completion needs at least one prompt token".into(),
+        ));
     }
     let c = tok.encode(completion, false)?;
     Ok((p, c))
@@ -26,10 +32,17 @@ pub fn encode_pair(tok: &Tokenizer, prompt: &str, completion: &str) -> Result<(V
 /// log p(target | logits / temperature) for every position: logits (b, t, v), targets (b, t) u32
 /// -> (b, t).
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
-    let logits = if temperature != 1.0 { (logits / temperature)? } else { logits.clone() };
+    let logits = if temperature != 1.0 {
+        (logits / temperature)?
+    } else {
+        logits.clone()
+    };
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let index = targets.contiguous()?.unsqueeze(D::Minus1)?;
-    Ok(logp.contiguous()?.gather(&index, D::Minus1)?.squeeze(D::Minus1)?)
+    Ok(logp
+        .contiguous()?
+        .gather(&index, D::Minus1)?
+        .squeeze(D::Minus1)?)
 }
 
 /// Per-token log-probs of every next token: (b, t - 1), entry i = log p(ids[i + 1] | ids[..=i]).
@@ -37,7 +50,9 @@ pub fn gather_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> R
 pub fn next_token_logprobs(model: &Llama, batch: &TokenBatch, temperature: f64) -> Result<Tensor> {
     let (_, t) = batch.dims();
     if t < 2 {
-        return Err(LmError::Invalid("need at least two tokens to score a next token".into()));
+        return Err(LmError::Invalid(
+            "need at least two tokens to score a next token".into(),
+        ));
     }
     let hidden = model.hidden_states(&batch.ids, &batch.positions, &batch.mask, None)?;
     let logits = model.logits(&hidden.narrow(1, 0, t - 1)?)?;
@@ -56,12 +71,17 @@ pub struct CompletionBatch {
 impl CompletionBatch {
     pub fn new(pairs: &[(Vec<u32>, Vec<u32>)], pad: u32, device: &Device) -> Result<Self> {
         if pairs.is_empty() {
-            return Err(LmError::Invalid("no (prompt, completion) pairs to score".into()));
+            return Err(LmError::Invalid(
+                "no (prompt, completion) pairs to score".into(),
+            ));
         }
         if let Some(i) = pairs.iter().position(|(p, _)| p.is_empty()) {
             return Err(LmError::Invalid(format!("pair {i}: empty prompt")));
         }
-        let rows: Vec<Vec<u32>> = pairs.iter().map(|(p, c)| [p.as_slice(), c.as_slice()].concat()).collect();
+        let rows: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
+            .collect();
         let t = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(2);
         let tokens = TokenBatch::right_padded(&rows, pad, device)?;
         let (_, t_batch) = tokens.dims();
@@ -86,7 +106,11 @@ impl CompletionBatch {
 
 /// Per-token completion log-probs, (b, t - 1), zero outside each row's completion.
 /// With a trainable model this is differentiable; the loss code sums or averages it.
-pub fn completion_logprobs(model: &Llama, batch: &CompletionBatch, temperature: f64) -> Result<Tensor> {
+pub fn completion_logprobs(
+    model: &Llama,
+    batch: &CompletionBatch,
+    temperature: f64,
+) -> Result<Tensor> {
     let lp = next_token_logprobs(model, &batch.tokens, temperature)?;
     Ok(lp.broadcast_mul(&batch.completion_mask.to_dtype(lp.dtype())?)?)
 }
@@ -94,7 +118,11 @@ pub fn completion_logprobs(model: &Llama, batch: &CompletionBatch, temperature: 
 /// Host copy of each row's completion log-probs (only the completion tokens).
 pub fn per_row(logprobs: &Tensor, batch: &CompletionBatch) -> Result<Vec<Vec<f32>>> {
     let all = logprobs.to_vec2::<f32>()?;
-    Ok(all.into_iter().zip(&batch.spans).map(|(row, span)| row[span.clone()].to_vec()).collect())
+    Ok(all
+        .into_iter()
+        .zip(&batch.spans)
+        .map(|(row, span)| row[span.clone()].to_vec())
+        .collect())
 }
 
 /// Score (prompt, completion) id pairs without gradients, in chunks of `batch_size` rows.

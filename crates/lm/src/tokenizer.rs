@@ -140,8 +140,11 @@ impl Tokenizer {
         let probe = "a";
         let with = tok.encode(probe, true)?;
         let without = tok.encode(probe, false)?;
-        tok.add_bos = bos_id.is_some() && with.first() == bos_id.as_ref() && without.first() != bos_id.as_ref();
-        tok.add_eos = eos_id.is_some() && with.last() == eos_id.as_ref() && without.last() != eos_id.as_ref();
+        tok.add_bos = bos_id.is_some()
+            && with.first() == bos_id.as_ref()
+            && without.first() != bos_id.as_ref();
+        tok.add_eos =
+            eos_id.is_some() && with.last() == eos_id.as_ref() && without.last() != eos_id.as_ref();
         Ok(tok)
     }
 
@@ -156,9 +159,9 @@ impl Tokenizer {
             });
         }
         let text = std::fs::read_to_string(&tok_path).map_err(|e| LmError::io(&tok_path, e))?;
-        let inner: tokenizers::Tokenizer = text
-            .parse()
-            .map_err(|e| LmError::bad_file(&tok_path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
+            LmError::bad_file(&tok_path, format!("not a valid tokenizer.json: {e}"))
+        })?;
 
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg = read_json_object(&cfg_path)?;
@@ -183,14 +186,17 @@ impl Tokenizer {
             };
         }
 
-
         let model_max_length = cfg
             .as_ref()
             .and_then(|c| c.get("model_max_length"))
             .and_then(|v| v.as_f64())
             .filter(|&x| x > 0.0 && x < 1e15)
             .map(|x| x as usize);
-        let err_path = if cfg.is_some() { cfg_path.clone() } else { tok_path.clone() };
+        let err_path = if cfg.is_some() {
+            cfg_path.clone()
+        } else {
+            tok_path.clone()
+        };
         Self::build(inner, names, model_max_length, |field, message| {
             LmError::bad_field(&err_path, field, message)
         })
@@ -201,7 +207,11 @@ impl Tokenizer {
     pub fn from_gguf_metadata(metadata: &HashMap<String, GgufValue>, path: &Path) -> Result<Self> {
         let md = Meta { md: metadata, path };
         let model = md.string("tokenizer.ggml.model")?.ok_or_else(|| {
-            LmError::bad_field(path, "tokenizer.ggml.model", "missing (the file carries no tokenizer)")
+            LmError::bad_field(
+                path,
+                "tokenizer.ggml.model",
+                "missing (the file carries no tokenizer)",
+            )
         })?;
         match model {
             "gpt2" => {}
@@ -221,11 +231,15 @@ impl Tokenizer {
                 ))
             }
         }
-        let tokens = md.strings("tokenizer.ggml.tokens")?.ok_or_else(|| {
-            LmError::bad_field(path, "tokenizer.ggml.tokens", "missing")
-        })?;
+        let tokens = md
+            .strings("tokenizer.ggml.tokens")?
+            .ok_or_else(|| LmError::bad_field(path, "tokenizer.ggml.tokens", "missing"))?;
         if tokens.is_empty() {
-            return Err(LmError::bad_field(path, "tokenizer.ggml.tokens", "is empty"));
+            return Err(LmError::bad_field(
+                path,
+                "tokenizer.ggml.tokens",
+                "is empty",
+            ));
         }
         let token_types = md.ints("tokenizer.ggml.token_type")?;
         if let Some(tt) = &token_types {
@@ -238,7 +252,11 @@ impl Tokenizer {
             }
         }
         let merges = md.strings("tokenizer.ggml.merges")?.ok_or_else(|| {
-            LmError::bad_field(path, "tokenizer.ggml.merges", "missing (needed for byte-level BPE)")
+            LmError::bad_field(
+                path,
+                "tokenizer.ggml.merges",
+                "missing (needed for byte-level BPE)",
+            )
         })?;
         let mut merge_pairs = Vec::with_capacity(merges.len());
         for (i, m) in merges.iter().enumerate() {
@@ -312,7 +330,11 @@ impl Tokenizer {
             ));
         }
         // Every special token must match whole in text, even if the file forgot to mark it control.
-        for (id, t) in [&bos, &eos, &pad, &unk].into_iter().flatten().map(|(t, id)| (*id, t)) {
+        for (id, t) in [&bos, &eos, &pad, &unk]
+            .into_iter()
+            .flatten()
+            .map(|(t, id)| (*id, t))
+        {
             let known = added.iter().any(|a| a["id"] == json!(id));
             if !known {
                 added.push(json!({
@@ -373,8 +395,12 @@ impl Tokenizer {
                 "merges": merge_pairs,
             },
         });
-        let inner: tokenizers::Tokenizer = serde_json::from_value(spec)
-            .map_err(|e| LmError::bad_file(path, format!("cannot build the tokenizer from tokenizer.ggml.*: {e}")))?;
+        let inner: tokenizers::Tokenizer = serde_json::from_value(spec).map_err(|e| {
+            LmError::bad_file(
+                path,
+                format!("cannot build the tokenizer from tokenizer.ggml.*: {e}"),
+            )
+        })?;
         let names = SpecialNames {
             bos: bos.map(|b| b.0),
             eos: eos.map(|e| e.0),
@@ -445,10 +471,9 @@ impl Tokenizer {
     pub fn save_hf(&self, dir: &Path, chat_template: Option<&ChatTemplate>) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| LmError::io(dir, e))?;
         let tok_path = dir.join("tokenizer.json");
-        let text = self
-            .inner
-            .to_string(true)
-            .map_err(|e| LmError::bad_file(&tok_path, format!("cannot serialise the tokenizer: {e}")))?;
+        let text = self.inner.to_string(true).map_err(|e| {
+            LmError::bad_file(&tok_path, format!("cannot serialise the tokenizer: {e}"))
+        })?;
         write_atomic(&tok_path, text.as_bytes())?;
 
         let mut added_decoder = serde_json::Map::new();
@@ -493,8 +518,14 @@ impl Tokenizer {
 /// Write `bytes` to `path` through a temporary file in the same directory and a rename.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp: PathBuf = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -527,7 +558,11 @@ fn token_content(v: Option<&Json>, path: &Path, field: &str) -> Result<Option<St
         Some(Json::String(s)) => Ok(Some(s.clone())),
         Some(Json::Object(o)) => match o.get("content") {
             Some(Json::String(s)) => Ok(Some(s.clone())),
-            _ => Err(LmError::bad_field(path, field, "object without a string `content`")),
+            _ => Err(LmError::bad_field(
+                path,
+                field,
+                "object without a string `content`",
+            )),
         },
         Some(other) => Err(LmError::bad_field(
             path,
@@ -588,9 +623,7 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 
 /// (normalizer, pre-tokenizer) JSON for a `tokenizer.ggml.pre` value.
 fn gguf_pre_tokenizer(pre: &str) -> Option<(Json, Json)> {
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split_then_bytes = |pattern: &str| {
         json!({
             "type": "Sequence",
@@ -623,7 +656,11 @@ pub(crate) struct Meta<'a> {
 
 impl<'a> Meta<'a> {
     pub(crate) fn wrong(&self, key: &str, want: &str, got: &GgufValue) -> LmError {
-        LmError::bad_field(self.path, key, format!("expected {want}, found {:?}", got.value_type()))
+        LmError::bad_field(
+            self.path,
+            key,
+            format!("expected {want}, found {:?}", got.value_type()),
+        )
     }
 
     pub(crate) fn string(&self, key: &str) -> Result<Option<&'a str>> {
@@ -637,7 +674,9 @@ impl<'a> Meta<'a> {
     pub(crate) fn uint(&self, key: &str) -> Result<Option<u64>> {
         match self.md.get(key) {
             None => Ok(None),
-            Some(v) => as_uint(v).map(Some).ok_or_else(|| self.wrong(key, "a non-negative integer", v)),
+            Some(v) => as_uint(v)
+                .map(Some)
+                .ok_or_else(|| self.wrong(key, "a non-negative integer", v)),
         }
     }
 

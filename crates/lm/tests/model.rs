@@ -31,6 +31,7 @@ fn tiny(family: Family, tied: bool) -> LlamaConfig {
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
         pad_token_id: Some(0),
+        sliding_window: None,
     }
 }
 
@@ -38,7 +39,13 @@ fn tiny(family: Family, tied: bool) -> LlamaConfig {
 fn weights(c: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut w = random_weights(c, seed, 0.3, &Device::Cpu).unwrap();
     for (name, t) in w.iter_mut() {
-        let centre = if name.ends_with(".bias") { 0.0 } else if name.ends_with("norm.weight") { 1.0 } else { continue };
+        let centre = if name.ends_with(".bias") {
+            0.0
+        } else if name.ends_with("norm.weight") {
+            1.0
+        } else {
+            continue;
+        };
         *t = (Tensor::rand(-0.3f32, 0.3, t.dims(), &Device::Cpu).unwrap() + centre).unwrap();
     }
     w
@@ -54,20 +61,38 @@ fn pairs() -> Vec<(Vec<u32>, Vec<u32>)> {
 
 #[test]
 fn every_parameter_gets_a_gradient() {
-    for (family, tied) in [(Family::Llama, false), (Family::Qwen2, true), (Family::Mistral, false)] {
+    for (family, tied) in [
+        (Family::Llama, false),
+        (Family::Qwen2, true),
+        (Family::Mistral, false),
+    ] {
         let c = tiny(family, tied);
         let trainable = Trainable::new(&weights(&c, 7)).unwrap();
         let model = Llama::from_weights(&c, &trainable.tensors(), &Device::Cpu).unwrap();
         let batch = CompletionBatch::new(&pairs(), 0, &Device::Cpu).unwrap();
-        let loss = completion_logprobs(&model, &batch, 1.0).unwrap().sum_all().unwrap().neg().unwrap();
+        let loss = completion_logprobs(&model, &batch, 1.0)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .neg()
+            .unwrap();
         let grads = loss.backward().unwrap();
         let mut checked = 0;
         for (name, var) in &trainable.vars {
             let g = grads
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{family:?}: no gradient for `{name}`"));
-            let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(norm > 0.0 && norm.is_finite(), "{family:?}: zero/non-finite gradient for `{name}`");
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{family:?}: zero/non-finite gradient for `{name}`"
+            );
             checked += 1;
         }
         assert_eq!(checked, rlhf_lm::pretrained::expected_shapes(&c).len());
@@ -86,8 +111,10 @@ fn gradients_match_finite_differences() {
         high_freq_factor: None,
         original_max_position_embeddings: None,
     });
-    let w64: HashMap<String, Tensor> =
-        weights(&c, 3).into_iter().map(|(n, t)| (n, t.to_dtype(DType::F64).unwrap())).collect();
+    let w64: HashMap<String, Tensor> = weights(&c, 3)
+        .into_iter()
+        .map(|(n, t)| (n, t.to_dtype(DType::F64).unwrap()))
+        .collect();
     let batch = CompletionBatch::new(&pairs(), 0, &Device::Cpu).unwrap();
     let loss_of = |w: &HashMap<String, Tensor>| -> Tensor {
         let model = Llama::from_weights(&c, w, &Device::Cpu).unwrap();
@@ -97,7 +124,9 @@ fn gradients_match_finite_differences() {
             .unwrap()
             .reshape(lp.dims())
             .unwrap();
-        ((lp * (weights * 0.01).unwrap().cos().unwrap()).unwrap()).sum_all().unwrap()
+        ((lp * (weights * 0.01).unwrap().cos().unwrap()).unwrap())
+            .sum_all()
+            .unwrap()
     };
     let trainable = Trainable::new(&w64).unwrap();
     let loss = loss_of(&trainable.tensors());
@@ -117,14 +146,23 @@ fn gradients_match_finite_differences() {
     let eps = 1e-5;
     for name in names {
         let var = &trainable.vars.iter().find(|(n, _)| n == name).unwrap().1;
-        let analytic = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let analytic = grads
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let base = w64[name].flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for idx in [0, base.len() / 3, base.len() - 1] {
             let mut shifted = |delta: f64| {
                 let mut v = base.clone();
                 v[idx] += delta;
                 let mut w = w64.clone();
-                w.insert(name.to_string(), Tensor::from_vec(v, w64[name].dims(), &Device::Cpu).unwrap());
+                w.insert(
+                    name.to_string(),
+                    Tensor::from_vec(v, w64[name].dims(), &Device::Cpu).unwrap(),
+                );
                 loss_of(&w).to_scalar::<f64>().unwrap()
             };
             let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
@@ -163,8 +201,18 @@ fn padding_is_invisible() {
     let model = Llama::from_weights(&c, &weights(&c, 5), &Device::Cpu).unwrap();
     let rows = vec![vec![1u32, 5, 9, 13, 7, 8], vec![1, 40, 3]];
     let logits_last = |batch: &TokenBatch, row: usize, col: usize| -> Vec<f32> {
-        let h = model.hidden_states(&batch.ids, &batch.positions, &batch.mask, None).unwrap();
-        model.logits(&h).unwrap().get(row).unwrap().get(col).unwrap().to_vec1::<f32>().unwrap()
+        let h = model
+            .hidden_states(&batch.ids, &batch.positions, &batch.mask, None)
+            .unwrap();
+        model
+            .logits(&h)
+            .unwrap()
+            .get(row)
+            .unwrap()
+            .get(col)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     };
     let alone = TokenBatch::right_padded(&rows[1..], 0, &Device::Cpu).unwrap();
     let right = TokenBatch::right_padded(&rows, 0, &Device::Cpu).unwrap();
@@ -173,7 +221,13 @@ fn padding_is_invisible() {
     let r = logits_last(&right, 1, 2);
     let l = logits_last(&left, 1, 5);
     for i in 0..a.len() {
-        assert!((a[i] - r[i]).abs() < 1e-5 && (a[i] - l[i]).abs() < 1e-5, "{} {} {}", a[i], r[i], l[i]);
+        assert!(
+            (a[i] - r[i]).abs() < 1e-5 && (a[i] - l[i]).abs() < 1e-5,
+            "{} {} {}",
+            a[i],
+            r[i],
+            l[i]
+        );
     }
 }
 
@@ -186,8 +240,16 @@ fn sampled_logprobs_equal_scored_logprobs() {
     let model = Llama::from_weights(&c, &w, &Device::Cpu).unwrap();
     let trainable = Trainable::new(&w).unwrap();
     let tracked = Llama::from_weights(&c, &trainable.tensors(), &Device::Cpu).unwrap();
-    let prompts = vec![vec![1u32, 5, 9, 13, 4], vec![1, 40], vec![1, 11, 12, 17, 19, 21, 23, 30]];
-    for (temperature, top_k, top_p) in [(1.0, None, None), (0.7, Some(10), Some(0.9)), (0.0, None, None)] {
+    let prompts = vec![
+        vec![1u32, 5, 9, 13, 4],
+        vec![1, 40],
+        vec![1, 11, 12, 17, 19, 21, 23, 30],
+    ];
+    for (temperature, top_k, top_p) in [
+        (1.0, None, None),
+        (0.7, Some(10), Some(0.9)),
+        (0.0, None, None),
+    ] {
         let params = SamplingParams {
             max_new_tokens: 12,
             temperature,
@@ -200,15 +262,23 @@ fn sampled_logprobs_equal_scored_logprobs() {
         let samples = generate(&model, &prompts, 0, &params, None).unwrap();
         let again = generate(&model, &prompts, 0, &params, None).unwrap();
         assert_eq!(samples, again, "same seed, same samples");
-        let pairs: Vec<_> = prompts.iter().cloned().zip(samples.iter().map(|s| s.tokens.clone())).collect();
+        let pairs: Vec<_> = prompts
+            .iter()
+            .cloned()
+            .zip(samples.iter().map(|s| s.tokens.clone()))
+            .collect();
         let t = params.logprob_temperature();
         let scored = score_pairs(&model, &pairs, 0, 8, t).unwrap();
         let batch = CompletionBatch::new(&pairs, 0, &Device::Cpu).unwrap();
-        let scored_tracked = per_row(&completion_logprobs(&tracked, &batch, t).unwrap(), &batch).unwrap();
+        let scored_tracked =
+            per_row(&completion_logprobs(&tracked, &batch, t).unwrap(), &batch).unwrap();
         for ((s, a), b) in samples.iter().zip(&scored).zip(&scored_tracked) {
             assert_eq!(s.logprobs.len(), a.len());
             for ((x, y), z) in s.logprobs.iter().zip(a).zip(b) {
-                assert!((x - y).abs() < 1e-4 && (x - z).abs() < 1e-4, "sampled {x} scored {y} tracked {z}");
+                assert!(
+                    (x - y).abs() < 1e-4 && (x - z).abs() < 1e-4,
+                    "sampled {x} scored {y} tracked {z}"
+                );
             }
         }
     }

@@ -40,7 +40,11 @@ impl Drop for TempDir {
 }
 
 fn ids(v: &Json) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn messages(v: &Json) -> Vec<Message> {
@@ -52,7 +56,10 @@ fn smollm2_tokenizer(path: &Path) -> (Tokenizer, ChatTemplate) {
     let mut f = std::fs::File::open(path).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
     let tok = Tokenizer::from_gguf_metadata(&content.metadata, path).unwrap();
-    let src = content.metadata["tokenizer.chat_template"].to_string().unwrap().clone();
+    let src = content.metadata["tokenizer.chat_template"]
+        .to_string()
+        .unwrap()
+        .clone();
     let tmpl = ChatTemplate::new(src, tok.bos_token.clone(), tok.eos_token.clone()).unwrap();
     (tok, tmpl)
 }
@@ -69,15 +76,27 @@ fn check_against_fixture(tok: &Tokenizer, tmpl: &ChatTemplate, fx: &Json) {
         if want != want_tf {
             eprintln!("note: {text:?}: following SmolLM2's Digits pre-tokenizer, not transformers' GGUF loader");
         }
-        assert_eq!(tok.encode(text, false).unwrap(), want, "ids without special tokens for {text:?}");
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            want,
+            "ids without special tokens for {text:?}"
+        );
         let with = tok.encode(text, true).unwrap();
         if want == want_tf {
-            assert_eq!(with, ids(&case["ids_with_special"]), "ids with special tokens for {text:?}");
+            assert_eq!(
+                with,
+                ids(&case["ids_with_special"]),
+                "ids with special tokens for {text:?}"
+            );
         } else {
             assert_eq!(with, want, "SmolLM2 adds no special tokens ({text:?})");
         }
         let fx_ids = ids(&case["ids_with_special"]);
-        assert_eq!(tok.decode(&fx_ids, false).unwrap(), case["decoded"].as_str().unwrap(), "decode of {text:?}");
+        assert_eq!(
+            tok.decode(&fx_ids, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "decode of {text:?}"
+        );
         assert_eq!(
             tok.decode(&fx_ids, true).unwrap(),
             case["decoded_skip_special"].as_str().unwrap(),
@@ -88,19 +107,31 @@ fn check_against_fixture(tok: &Tokenizer, tmpl: &ChatTemplate, fx: &Json) {
         let msgs = messages(&case["messages"]);
         let gen = case["add_generation_prompt"].as_bool().unwrap();
         let rendered = tmpl.render(&msgs, gen).unwrap();
-        assert_eq!(rendered, case["rendered"].as_str().unwrap(), "chat {msgs:?} gen={gen}");
-        assert_eq!(tok.encode(&rendered, false).unwrap(), ids(&case["ids"]), "ids of chat {msgs:?}");
+        assert_eq!(
+            rendered,
+            case["rendered"].as_str().unwrap(),
+            "chat {msgs:?} gen={gen}"
+        );
+        assert_eq!(
+            tok.encode(&rendered, false).unwrap(),
+            ids(&case["ids"]),
+            "ids of chat {msgs:?}"
+        );
     }
 }
 
 #[test]
 fn smollm2_tokenizer_and_template_match_transformers() {
-    let Some(path) = smollm2_gguf_or_skip("smollm2_tokenizer_and_template_match_transformers") else {
+    let Some(path) = smollm2_gguf_or_skip("smollm2_tokenizer_and_template_match_transformers")
+    else {
         return;
     };
     let fx = fixture();
     let (tok, tmpl) = smollm2_tokenizer(&path);
-    assert_eq!(tok.vocab_size(), fx["vocab_size"].as_u64().unwrap() as usize);
+    assert_eq!(
+        tok.vocab_size(),
+        fx["vocab_size"].as_u64().unwrap() as usize
+    );
     assert_eq!(tok.bos_token.as_deref(), fx["bos_token"].as_str());
     assert_eq!(tok.eos_token.as_deref(), fx["eos_token"].as_str());
     assert_eq!(tok.pad_token.as_deref(), fx["pad_token"].as_str());
@@ -112,11 +143,17 @@ fn smollm2_tokenizer_and_template_match_transformers() {
     for id in ids(&fx["special_ids"]) {
         assert!(tok.is_special(id), "id {id} should be special");
     }
-    assert!((0..17).all(|id| tok.is_special(id)), "SmolLM2's 17 control tokens are special");
+    assert!(
+        (0..17).all(|id| tok.is_special(id)),
+        "SmolLM2's 17 control tokens are special"
+    );
     assert!(!tok.is_special(17) && !tok.is_special(19556));
     assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
     assert_eq!(tok.id_to_token(2).as_deref(), Some("<|im_end|>"));
-    assert!(tok.decode(&[49152], false).is_err(), "out-of-range id is an error");
+    assert!(
+        tok.decode(&[49152], false).is_err(),
+        "out-of-range id is an error"
+    );
     check_against_fixture(&tok, &tmpl, &fx);
 }
 
@@ -138,8 +175,14 @@ fn tiny_template_matches_transformers() {
         assert_eq!(got, want, "tiny template, messages {msgs:?}, gen={gen}");
     }
     let err = &tiny["error_case"];
-    let e = tmpl.render(&messages(&err["messages"]), false).unwrap_err().to_string();
-    assert!(e.contains(err["error"].as_str().unwrap()), "raise_exception message lost: {e}");
+    let e = tmpl
+        .render(&messages(&err["messages"]), false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(err["error"].as_str().unwrap()),
+        "raise_exception message lost: {e}"
+    );
 }
 
 #[test]
@@ -152,19 +195,29 @@ fn template_basics_without_fixture() {
     )
     .unwrap();
     let msgs = [Message::new("user", "hi"), Message::new("assistant", "yo")];
-    assert_eq!(tmpl.render(&msgs, true).unwrap(), "<s>user: hi</s>\n<s>assistant: yo</s>\nassistant:");
+    assert_eq!(
+        tmpl.render(&msgs, true).unwrap(),
+        "<s>user: hi</s>\n<s>assistant: yo</s>\nassistant:"
+    );
     // The final newline of a template is dropped, as Jinja's keep_trailing_newline=False does.
     assert_eq!(tmpl.render(&msgs[..1], false).unwrap(), "<s>user: hi</s>\n");
 }
 
 #[test]
 fn template_syntax_error_is_reported() {
-    let e = ChatTemplate::new("{% for m in messages %}\n{{ m.content }\n{% endfor %}", None, None).unwrap_err();
+    let e = ChatTemplate::new(
+        "{% for m in messages %}\n{{ m.content }\n{% endfor %}",
+        None,
+        None,
+    )
+    .unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, LmError::Invalid(_)), "{e:?}");
     assert!(msg.contains("syntax error"), "{msg}");
     assert!(msg.contains("line 2"), "{msg}");
-    let e = ChatTemplate::new("{% if x %}never closed", None, None).unwrap_err().to_string();
+    let e = ChatTemplate::new("{% if x %}never closed", None, None)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("syntax error"), "{e}");
 }
 
@@ -187,7 +240,9 @@ fn template_from_hf_dir_variants() {
     std::fs::write(dir.0.join("tokenizer.json"), spec.to_string()).unwrap();
     let cfg = |extra: Json| {
         let mut v = serde_json::json!({"bos_token": {"content": "<s>", "special": true}, "eos_token": "</s>"});
-        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         std::fs::write(dir.0.join("tokenizer_config.json"), v.to_string()).unwrap();
     };
 
@@ -205,7 +260,10 @@ fn template_from_hf_dir_variants() {
         {"name": "default", "template": "{{ bos_token }}{{ messages[0].content }}"}
     ]}));
     let t = ChatTemplate::from_hf_dir(&dir.0, &tok).unwrap().unwrap();
-    assert_eq!(t.render(&[Message::new("user", "x")], false).unwrap(), "<s>x");
+    assert_eq!(
+        t.render(&[Message::new("user", "x")], false).unwrap(),
+        "<s>x"
+    );
 
     // As in transformers 5, tokenizer.json's post-processor decides about BOS, not add_bos_token.
     cfg(serde_json::json!({"add_bos_token": true, "chat_template": "{{ eos_token }}"}));
@@ -225,19 +283,31 @@ fn template_from_hf_dir_variants() {
     assert_eq!(tok2.decode(&[0, 2, 3], true).unwrap(), "hello world");
 
     // chat_template.jinja wins over tokenizer_config.json.
-    std::fs::write(dir.0.join("chat_template.jinja"), "J{{ messages|length }}\n").unwrap();
+    std::fs::write(
+        dir.0.join("chat_template.jinja"),
+        "J{{ messages|length }}\n",
+    )
+    .unwrap();
     let t = ChatTemplate::from_hf_dir(&dir.0, &tok2).unwrap().unwrap();
     assert_eq!(t.render(&[Message::new("user", "x")], false).unwrap(), "J1");
 
     // A broken template names its file.
     std::fs::write(dir.0.join("chat_template.jinja"), "{% if %}").unwrap();
-    let e = ChatTemplate::from_hf_dir(&dir.0, &tok2).unwrap_err().to_string();
-    assert!(e.contains("chat_template.jinja") && e.contains("syntax error"), "{e}");
+    let e = ChatTemplate::from_hf_dir(&dir.0, &tok2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("chat_template.jinja") && e.contains("syntax error"),
+        "{e}"
+    );
 
     // An unknown special token names the file and field.
     cfg(serde_json::json!({"pad_token": "<pad>"}));
     let e = Tokenizer::from_hf_dir(&dir.0).unwrap_err().to_string();
-    assert!(e.contains("tokenizer_config.json") && e.contains("pad_token"), "{e}");
+    assert!(
+        e.contains("tokenizer_config.json") && e.contains("pad_token"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -266,14 +336,23 @@ fn save_hf_round_trip() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["tokenizer.json", "tokenizer_config.json"], "no temporary files left behind");
-    let cfg: Json = serde_json::from_str(&std::fs::read_to_string(dir.0.join("tokenizer_config.json")).unwrap()).unwrap();
+    assert_eq!(
+        names,
+        ["tokenizer.json", "tokenizer_config.json"],
+        "no temporary files left behind"
+    );
+    let cfg: Json = serde_json::from_str(
+        &std::fs::read_to_string(dir.0.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(cfg["tokenizer_class"], "PreTrainedTokenizerFast");
     assert_eq!(cfg["eos_token"], "<|im_end|>");
     assert_eq!(cfg["model_max_length"], 8192);
 
     let tok2 = Tokenizer::from_hf_dir(&dir.0).unwrap();
-    let tmpl2 = ChatTemplate::from_hf_dir(&dir.0, &tok2).unwrap().expect("template saved");
+    let tmpl2 = ChatTemplate::from_hf_dir(&dir.0, &tok2)
+        .unwrap()
+        .expect("template saved");
     assert_eq!(tmpl2, tmpl);
     assert_eq!(tok2.bos_token, tok.bos_token);
     assert_eq!(tok2.eos_token_ids, tok.eos_token_ids);
@@ -288,7 +367,10 @@ fn save_hf_round_trip() {
     tok2.save_hf(&dir.0, None).unwrap();
     let tok3 = Tokenizer::from_hf_dir(&dir.0).unwrap();
     assert!(ChatTemplate::from_hf_dir(&dir.0, &tok3).unwrap().is_none());
-    assert_eq!(tok3.encode("Hello, world! 123", true).unwrap(), tok.encode("Hello, world! 123", true).unwrap());
+    assert_eq!(
+        tok3.encode("Hello, world! 123", true).unwrap(),
+        tok.encode("Hello, world! 123", true).unwrap()
+    );
 }
 
 #[test]
@@ -319,13 +401,28 @@ fn gguf_load_smollm2() {
     // 30 layers x 9 tensors + embedding + final norm; no lm_head (tied).
     assert_eq!(m.weights.len(), 30 * 9 + 2);
     assert!(!m.weights.contains_key("lm_head.weight"));
-    assert_eq!(m.weights["model.layers.0.self_attn.q_proj.weight"].dims(), &[576, 576]);
-    assert_eq!(m.weights["model.layers.0.self_attn.k_proj.weight"].dims(), &[192, 576]);
-    assert_eq!(m.weights["model.embed_tokens.weight"].dtype(), candle_core::DType::F32);
+    assert_eq!(
+        m.weights["model.layers.0.self_attn.q_proj.weight"].dims(),
+        &[576, 576]
+    );
+    assert_eq!(
+        m.weights["model.layers.0.self_attn.k_proj.weight"].dims(),
+        &[192, 576]
+    );
+    assert_eq!(
+        m.weights["model.embed_tokens.weight"].dtype(),
+        candle_core::DType::F32
+    );
     assert_eq!(c.num_parameters(), 134_515_008);
-    let tmpl = m.chat_template.as_ref().expect("GGUF carries a chat template");
+    let tmpl = m
+        .chat_template
+        .as_ref()
+        .expect("GGUF carries a chat template");
     let s = tmpl.render(&[Message::new("user", "Hi")], true).unwrap();
-    assert!(s.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), "{s}");
+    assert!(
+        s.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+        "{s}"
+    );
     assert_eq!(m.tokenizer.vocab_size(), 49152);
     assert_eq!(m.source, path);
 }
@@ -346,8 +443,14 @@ fn truncated_gguf_is_an_error() {
             Err(e) => e,
         };
         let msg = e.to_string();
-        assert!(msg.contains(&p.display().to_string()), "error does not name the file: {msg}");
-        assert!(matches!(e, LmError::BadFile { .. } | LmError::BadField { .. }), "{e:?}");
+        assert!(
+            msg.contains(&p.display().to_string()),
+            "error does not name the file: {msg}"
+        );
+        assert!(
+            matches!(e, LmError::BadFile { .. } | LmError::BadField { .. }),
+            "{e:?}"
+        );
     }
 }
 
@@ -357,7 +460,10 @@ fn corrupt_gguf_is_an_error() {
     let p = dir.0.join("garbage.gguf");
     std::fs::write(&p, b"this is not a gguf file at all").unwrap();
     let e = gguf_err(&p).to_string();
-    assert!(e.contains("garbage.gguf") && e.contains("not a valid GGUF"), "{e}");
+    assert!(
+        e.contains("garbage.gguf") && e.contains("not a valid GGUF"),
+        "{e}"
+    );
     let missing = dir.0.join("absent.gguf");
     let e = gguf_err(&missing).to_string();
     assert!(e.contains("absent.gguf"), "{e}");
@@ -380,23 +486,35 @@ fn tiny_tokenizer_meta(model: &str) -> Vec<(String, GV)> {
         ("tokenizer.ggml.model".into(), GV::String(model.into())),
         ("tokenizer.ggml.pre".into(), GV::String("default".into())),
         ("tokenizer.ggml.tokens".into(), strs(&toks)),
-        ("tokenizer.ggml.token_type".into(), GV::Array([3, 3, 1, 1, 1, 1, 1].iter().map(|&t| GV::I32(t)).collect())),
+        (
+            "tokenizer.ggml.token_type".into(),
+            GV::Array([3, 3, 1, 1, 1, 1, 1].iter().map(|&t| GV::I32(t)).collect()),
+        ),
         ("tokenizer.ggml.merges".into(), strs(&["a b", "Ġ ab"])),
         ("tokenizer.ggml.bos_token_id".into(), GV::U32(0)),
         ("tokenizer.ggml.eos_token_id".into(), GV::U32(1)),
         ("tokenizer.ggml.add_bos_token".into(), GV::Bool(true)),
-        ("tokenizer.chat_template".into(), GV::String("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}".into())),
+        (
+            "tokenizer.chat_template".into(),
+            GV::String("{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}".into()),
+        ),
     ]
 }
 
 /// HF-layout weights of a tiny model (deterministic values) and the GGUF tensors made from them.
-fn tiny_model(arch: &str, tied: bool, qkv_bias: bool) -> (HashMap<String, Tensor>, Vec<(String, Tensor)>) {
+fn tiny_model(
+    arch: &str,
+    tied: bool,
+    qkv_bias: bool,
+) -> (HashMap<String, Tensor>, Vec<(String, Tensor)>) {
     let dev = Device::Cpu;
     let mut seed = 0f32;
     let mut t = |shape: &[usize]| {
         seed += 1.0;
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + seed * 1.3).sin() * 0.5).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|i| (i as f32 * 0.37 + seed * 1.3).sin() * 0.5)
+            .collect();
         Tensor::from_vec(data, shape, &dev).unwrap()
     };
     let v = 7;
@@ -410,35 +528,112 @@ fn tiny_model(arch: &str, tied: bool, qkv_bias: bool) -> (HashMap<String, Tensor
         hf.insert(hf_name, w);
         gg.push((gg_name, stored));
     };
-    both("model.embed_tokens.weight".into(), "token_embd.weight".into(), t(&[v, H]), None);
-    both("model.norm.weight".into(), "output_norm.weight".into(), t(&[H]), None);
+    both(
+        "model.embed_tokens.weight".into(),
+        "token_embd.weight".into(),
+        t(&[v, H]),
+        None,
+    );
+    both(
+        "model.norm.weight".into(),
+        "output_norm.weight".into(),
+        t(&[H]),
+        None,
+    );
     if !tied {
-        both("lm_head.weight".into(), "output.weight".into(), t(&[v, H]), None);
+        both(
+            "lm_head.weight".into(),
+            "output.weight".into(),
+            t(&[v, H]),
+            None,
+        );
     }
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         let b = format!("blk.{l}");
-        both(format!("{p}.self_attn.q_proj.weight"), format!("{b}.attn_q.weight"), t(&[NH * HD, H]), Some(NH));
-        both(format!("{p}.self_attn.k_proj.weight"), format!("{b}.attn_k.weight"), t(&[NKV * HD, H]), Some(NKV));
-        both(format!("{p}.self_attn.v_proj.weight"), format!("{b}.attn_v.weight"), t(&[NKV * HD, H]), None);
+        both(
+            format!("{p}.self_attn.q_proj.weight"),
+            format!("{b}.attn_q.weight"),
+            t(&[NH * HD, H]),
+            Some(NH),
+        );
+        both(
+            format!("{p}.self_attn.k_proj.weight"),
+            format!("{b}.attn_k.weight"),
+            t(&[NKV * HD, H]),
+            Some(NKV),
+        );
+        both(
+            format!("{p}.self_attn.v_proj.weight"),
+            format!("{b}.attn_v.weight"),
+            t(&[NKV * HD, H]),
+            None,
+        );
         if qkv_bias {
-            both(format!("{p}.self_attn.q_proj.bias"), format!("{b}.attn_q.bias"), t(&[NH * HD]), Some(NH));
-            both(format!("{p}.self_attn.k_proj.bias"), format!("{b}.attn_k.bias"), t(&[NKV * HD]), Some(NKV));
-            both(format!("{p}.self_attn.v_proj.bias"), format!("{b}.attn_v.bias"), t(&[NKV * HD]), None);
+            both(
+                format!("{p}.self_attn.q_proj.bias"),
+                format!("{b}.attn_q.bias"),
+                t(&[NH * HD]),
+                Some(NH),
+            );
+            both(
+                format!("{p}.self_attn.k_proj.bias"),
+                format!("{b}.attn_k.bias"),
+                t(&[NKV * HD]),
+                Some(NKV),
+            );
+            both(
+                format!("{p}.self_attn.v_proj.bias"),
+                format!("{b}.attn_v.bias"),
+                t(&[NKV * HD]),
+                None,
+            );
         }
-        both(format!("{p}.self_attn.o_proj.weight"), format!("{b}.attn_output.weight"), t(&[H, NH * HD]), None);
-        both(format!("{p}.mlp.gate_proj.weight"), format!("{b}.ffn_gate.weight"), t(&[FF, H]), None);
-        both(format!("{p}.mlp.up_proj.weight"), format!("{b}.ffn_up.weight"), t(&[FF, H]), None);
-        both(format!("{p}.mlp.down_proj.weight"), format!("{b}.ffn_down.weight"), t(&[H, FF]), None);
-        both(format!("{p}.input_layernorm.weight"), format!("{b}.attn_norm.weight"), t(&[H]), None);
-        both(format!("{p}.post_attention_layernorm.weight"), format!("{b}.ffn_norm.weight"), t(&[H]), None);
+        both(
+            format!("{p}.self_attn.o_proj.weight"),
+            format!("{b}.attn_output.weight"),
+            t(&[H, NH * HD]),
+            None,
+        );
+        both(
+            format!("{p}.mlp.gate_proj.weight"),
+            format!("{b}.ffn_gate.weight"),
+            t(&[FF, H]),
+            None,
+        );
+        both(
+            format!("{p}.mlp.up_proj.weight"),
+            format!("{b}.ffn_up.weight"),
+            t(&[FF, H]),
+            None,
+        );
+        both(
+            format!("{p}.mlp.down_proj.weight"),
+            format!("{b}.ffn_down.weight"),
+            t(&[H, FF]),
+            None,
+        );
+        both(
+            format!("{p}.input_layernorm.weight"),
+            format!("{b}.attn_norm.weight"),
+            t(&[H]),
+            None,
+        );
+        both(
+            format!("{p}.post_attention_layernorm.weight"),
+            format!("{b}.ffn_norm.weight"),
+            t(&[H]),
+            None,
+        );
     }
     (hf, gg)
 }
 
 fn write_gguf(path: &Path, meta: &[(String, GV)], tensors: &[(String, Tensor)]) {
-    let q: Vec<(String, QTensor)> =
-        tensors.iter().map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap())).collect();
+    let q: Vec<(String, QTensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
+        .collect();
     let meta_refs: Vec<(&str, &GV)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = q.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut f = std::fs::File::create(path).unwrap();
@@ -484,7 +679,14 @@ fn synthetic_llama_gguf_undoes_permutation() {
     let m = load_gguf(&p, &Device::Cpu).unwrap();
     assert_eq!(m.config.family, Family::Llama);
     assert!(m.config.tie_word_embeddings);
-    assert_eq!((m.config.num_attention_heads, m.config.num_key_value_heads, m.config.head_dim), (NH, NKV, HD));
+    assert_eq!(
+        (
+            m.config.num_attention_heads,
+            m.config.num_key_value_heads,
+            m.config.head_dim
+        ),
+        (NH, NKV, HD)
+    );
     assert_eq!(m.config.rope_theta, 50_000.0);
     assert_eq!(m.config.max_position_embeddings, 256);
     assert_eq!(m.config.vocab_size, 7);
@@ -493,16 +695,29 @@ fn synthetic_llama_gguf_undoes_permutation() {
         assert_same(&m.weights[name], w, name);
     }
     // The permutation really moved q rows in the file (so the check above is not vacuous).
-    let stored = &gg.iter().find(|(n, _)| n == "blk.0.attn_q.weight").unwrap().1;
+    let stored = &gg
+        .iter()
+        .find(|(n, _)| n == "blk.0.attn_q.weight")
+        .unwrap()
+        .1;
     let orig = &hf["model.layers.0.self_attn.q_proj.weight"];
-    assert_ne!(stored.to_vec2::<f32>().unwrap(), orig.to_vec2::<f32>().unwrap());
+    assert_ne!(
+        stored.to_vec2::<f32>().unwrap(),
+        orig.to_vec2::<f32>().unwrap()
+    );
     // Tokenizer: BPE merges, add_bos_token, special tokens whole.
     assert!(m.tokenizer.add_bos);
     assert_eq!(m.tokenizer.encode("ab ab", true).unwrap(), vec![0, 4, 6]);
-    assert_eq!(m.tokenizer.encode("<s>ab</s>", false).unwrap(), vec![0, 4, 1]);
+    assert_eq!(
+        m.tokenizer.encode("<s>ab</s>", false).unwrap(),
+        vec![0, 4, 1]
+    );
     assert_eq!(m.tokenizer.decode(&[0, 4, 6, 1], true).unwrap(), "ab ab");
     let t = m.chat_template.unwrap();
-    assert_eq!(t.render(&[Message::new("user", "q")], false).unwrap(), "<s>q");
+    assert_eq!(
+        t.render(&[Message::new("user", "q")], false).unwrap(),
+        "<s>q"
+    );
 }
 
 #[test]
@@ -530,7 +745,10 @@ fn synthetic_gguf_errors_name_the_field() {
     meta[0].1 = GV::String("falcon".into());
     write_gguf(&p, &meta, &gg);
     let e = gguf_err(&p).to_string();
-    assert!(e.contains("arch.gguf") && e.contains("general.architecture") && e.contains("falcon"), "{e}");
+    assert!(
+        e.contains("arch.gguf") && e.contains("general.architecture") && e.contains("falcon"),
+        "{e}"
+    );
 
     let p = dir.0.join("spm.gguf");
     let mut meta = arch_meta("llama");
@@ -538,14 +756,20 @@ fn synthetic_gguf_errors_name_the_field() {
     meta.extend(tiny_tokenizer_meta("llama"));
     write_gguf(&p, &meta, &gg);
     let e = gguf_err(&p).to_string();
-    assert!(e.contains("tokenizer.ggml.model") && e.contains("SentencePiece"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.model") && e.contains("SentencePiece"),
+        "{e}"
+    );
 
     let p = dir.0.join("noheads.gguf");
     let mut meta = arch_meta("llama");
     meta.retain(|(k, _)| k != "llama.attention.head_count");
     write_gguf(&p, &meta, &gg);
     let e = gguf_err(&p).to_string();
-    assert!(e.contains("llama.attention.head_count") && e.contains("missing"), "{e}");
+    assert!(
+        e.contains("llama.attention.head_count") && e.contains("missing"),
+        "{e}"
+    );
 
     let p = dir.0.join("pre.gguf");
     let mut meta = arch_meta("llama");
@@ -556,11 +780,18 @@ fn synthetic_gguf_errors_name_the_field() {
     }
     write_gguf(&p, &meta, &gg);
     let e = gguf_err(&p).to_string();
-    assert!(e.contains("tokenizer.ggml.pre") && e.contains("mystery"), "{e}");
+    assert!(
+        e.contains("tokenizer.ggml.pre") && e.contains("mystery"),
+        "{e}"
+    );
 
     // A missing layer tensor is caught by check_weights.
     let p = dir.0.join("missing-tensor.gguf");
-    let fewer: Vec<_> = gg.iter().filter(|(n, _)| n != "blk.1.ffn_up.weight").cloned().collect();
+    let fewer: Vec<_> = gg
+        .iter()
+        .filter(|(n, _)| n != "blk.1.ffn_up.weight")
+        .cloned()
+        .collect();
     write_gguf(&p, &arch_meta("llama"), &fewer);
     let e = gguf_err(&p).to_string();
     assert!(e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
@@ -589,7 +820,13 @@ fn permutation_maps_rotate_half_rope_to_interleaved_rope() {
     let theta = |j: usize| pos * 10_000f32.powf(-2.0 * j as f32 / d as f32);
 
     // HF: q = W x, rotate-half RoPE per head.
-    let q: Vec<f32> = w.matmul(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let q: Vec<f32> = w
+        .matmul(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let mut hf = q.clone();
     for h in 0..n_head {
         for j in 0..d / 2 {
@@ -601,7 +838,13 @@ fn permutation_maps_rotate_half_rope_to_interleaved_rope() {
     }
     // llama.cpp: q' = permute(W) x, interleaved RoPE per head.
     let wp = llama_cpp_permute(&w, n_head).unwrap();
-    let qp: Vec<f32> = wp.matmul(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let qp: Vec<f32> = wp
+        .matmul(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let mut cpp = qp.clone();
     for h in 0..n_head {
         for j in 0..d / 2 {
@@ -612,7 +855,8 @@ fn permutation_maps_rotate_half_rope_to_interleaved_rope() {
         }
     }
     // Un-permuting llama.cpp's result gives HF's.
-    let back = llama_cpp_unpermute(&Tensor::from_vec(cpp, n_head * d, &dev).unwrap(), n_head).unwrap();
+    let back =
+        llama_cpp_unpermute(&Tensor::from_vec(cpp, n_head * d, &dev).unwrap(), n_head).unwrap();
     for (a, b) in back.to_vec1::<f32>().unwrap().iter().zip(&hf) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }

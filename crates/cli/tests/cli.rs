@@ -1,0 +1,171 @@
+//! The `rlhf` binary end to end: model commands on a fixture model, and clear errors on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn rlhf() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
+    c.env("RLHF_NO_PROGRESS", "1");
+    c
+}
+
+fn tiny_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/tiny-llama")
+}
+
+fn scratch(name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rlhf-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn score_writes_one_line_per_input_with_consistent_sums() {
+    let data = scratch("score.jsonl", "{\"prompt\": \"w5 w6\", \"completion\": \"w7 w8 w9\"}\n\n{\"prompt\": \"w10\", \"completion\": \"w11\"}\n");
+    let (ok, out, err) = run(rlhf()
+        .args(["score", "--model"])
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data));
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (v, n) in lines.iter().zip([3usize, 1]) {
+        let lps: Vec<f64> = v["completion_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(lps.len(), n);
+        assert_eq!(v["num_tokens"].as_u64().unwrap() as usize, n);
+        assert!(lps.iter().all(|&x| x < 0.0));
+        assert!((lps.iter().sum::<f64>() - v["sum_logprob"].as_f64().unwrap()).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn malformed_jsonl_names_file_line_and_field() {
+    let data = scratch(
+        "bad.jsonl",
+        "{\"prompt\": \"w5\", \"completion\": \"w6\"}\n{\"prompt\": \"w5\"\n",
+    );
+    let (ok, _, err) = run(rlhf()
+        .args(["score", "--model"])
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data));
+    assert!(!ok);
+    assert!(
+        err.contains("bad.jsonl:2") && err.contains("not valid JSON"),
+        "{err}"
+    );
+
+    let data = scratch(
+        "nofield.jsonl",
+        "{\"prompt\": \"w5\", \"completion\": \"w6\"}\n{\"prompt\": \"w5\", \"answer\": \"w6\"}\n",
+    );
+    let (ok, _, err) = run(rlhf()
+        .args(["score", "--model"])
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data));
+    assert!(!ok);
+    assert!(
+        err.contains("nofield.jsonl:2") && err.contains("`completion`") && err.contains("missing"),
+        "{err}"
+    );
+
+    let data = scratch(
+        "empty.jsonl",
+        "{\"prompt\": \"\", \"completion\": \"w6\"}\n",
+    );
+    let (ok, _, err) = run(rlhf()
+        .args(["score", "--model"])
+        .arg(tiny_model())
+        .arg("--data")
+        .arg(&data));
+    assert!(!ok);
+    assert!(
+        err.contains("empty.jsonl:1") && err.contains("empty prompt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn generate_is_deterministic_and_refuses_empty_prompts() {
+    let args = |seed: &str| {
+        let mut c = rlhf();
+        c.args(["generate", "--model"]).arg(tiny_model()).args([
+            "--prompt",
+            "w5 w6",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        c
+    };
+    let (ok, a, err) = run(&mut args("3"));
+    assert!(ok, "{err}");
+    let (_, b, _) = run(&mut args("3"));
+    assert_eq!(a, b, "same seed, same output");
+    let v: serde_json::Value = serde_json::from_str(a.trim()).unwrap();
+    assert_eq!(v["num_tokens"].as_u64().unwrap(), 6);
+
+    let (ok, _, err) = run(rlhf()
+        .args(["generate", "--model"])
+        .arg(tiny_model())
+        .args(["--prompt", ""]));
+    assert!(!ok && err.contains("empty prompt"), "{err}");
+}
+
+#[test]
+fn missing_model_is_a_clear_error() {
+    let (ok, _, err) = run(rlhf().args(["info", "--model", "/no/such/model"]));
+    assert!(
+        !ok && err.contains("/no/such/model") && err.contains("not found"),
+        "{err}"
+    );
+    let (ok, out, err) = run(rlhf().args(["info", "--model"]).arg(tiny_model()));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("LlamaForCausalLM") && out.contains("layers:        2"),
+        "{out}"
+    );
+}
+
+#[test]
+fn smollm2_answers_the_capital_of_france() {
+    let Some(gguf) = rlhf_lm::testing::smollm2_gguf() else {
+        return;
+    };
+    let (ok, out, err) = run(rlhf()
+        .args([
+            "generate",
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--model",
+        ])
+        .arg(gguf));
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "The capital of France is Paris.");
+}
