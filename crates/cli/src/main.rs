@@ -1,6 +1,8 @@
 //! The `rlhf` command.
 
+mod config;
 mod model_cmds;
+mod train_cmds;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +28,12 @@ enum Command {
     Score(model_cmds::ScoreArgs),
     /// Architecture, size, tokenizer and chat template of a model.
     Info(model_cmds::InfoArgs),
+    /// Supervised fine-tuning on prompt/completion or chat data.
+    Sft(train_cmds::RunArgs),
+    /// Train a reward model on preference pairs (Bradley-Terry; optional LM regulariser).
+    Rm(train_cmds::RunArgs),
+    /// The main job on the built-in testbed: task -> SFT -> reward model -> evaluation.
+    Quickstart(train_cmds::RunArgs),
 }
 
 fn main() {
@@ -39,6 +47,9 @@ fn main() {
         Command::Generate(a) => model_cmds::generate(a),
         Command::Score(a) => model_cmds::score(a),
         Command::Info(a) => model_cmds::info(a),
+        Command::Sft(a) => train_cmds::sft(a),
+        Command::Rm(a) => train_cmds::rm(a),
+        Command::Quickstart(a) => train_cmds::quickstart(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,1 +1,27 @@
-//! Training infrastructure shared by every method.
+//! Training infrastructure shared by every method (SFT, reward model, RLOO, PPO, DPO, ...):
+//!
+//! - [`optim`]: AdamW matching `torch.optim.AdamW`, updating parameters in place;
+//! - [`schedule`]: learning-rate schedules (constant / linear / cosine with linear warm-up);
+//! - [`clip`]: global-norm gradient clipping and gradient accumulation over micro-batches;
+//! - [`run`]: the run directory (resolved `config.toml`, `metrics.jsonl`, TensorBoard events,
+//!   atomic checkpoints, resume);
+//! - [`tensorboard`]: the TensorBoard event-file writer (and a reader, for tests);
+//! - [`rng`]: a seedable RNG whose full state round-trips through JSON, for exact resume;
+//! - [`progress`]: progress bars that stay quiet when stderr is not a terminal.
+
+pub mod clip;
+pub mod error;
+pub mod optim;
+pub mod progress;
+pub mod rng;
+pub mod run;
+pub mod schedule;
+pub mod tensorboard;
+
+pub use clip::{clip_grad_norm, grad_norm, GradAccumulator};
+pub use error::{Result, TrainError};
+pub use optim::{AdamW, AdamWConfig};
+pub use progress::{progress, spinner};
+pub use rng::{RngState, TrainRng};
+pub use run::{load_safetensors, save_safetensors, Checkpoint, MetricsLogger, RunDir};
+pub use schedule::{LrSchedule, ScheduleKind};

@@ -1,0 +1,155 @@
+//! The model being trained, with its tokenizer and template, and the helpers every method needs to
+//! turn text into token ids the same way.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use rlhf_lm::config::{Family, LlamaConfig};
+use rlhf_lm::llama::{random_weights, Llama, Trainable};
+use rlhf_lm::pretrained::{save_hf, GenerationDefaults};
+use rlhf_lm::{ChatTemplate, Pretrained, Tokenizer};
+use rlhf_lm::Result;
+
+/// A language model whose parameters are `Var`s (plus any extra heads stored beside them).
+pub struct TrainableLm {
+    pub config: LlamaConfig,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    pub generation: GenerationDefaults,
+    pub params: Trainable,
+    pub eos_ids: Vec<u32>,
+    pub pad_id: u32,
+}
+
+impl TrainableLm {
+    pub fn from_pretrained(p: Pretrained) -> Result<Self> {
+        let eos_ids = p.eos_token_ids();
+        let pad_id = p.pad_id();
+        Ok(TrainableLm {
+            params: Trainable::new(&p.weights)?,
+            config: p.config,
+            tokenizer: p.tokenizer,
+            chat_template: p.chat_template,
+            generation: p.generation,
+            eos_ids,
+            pad_id,
+        })
+    }
+
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Self::from_pretrained(Pretrained::load(path, device)?)
+    }
+
+    /// A model whose forward pass records gradients for the parameters.
+    pub fn model(&self, device: &Device) -> Result<Llama> {
+        Llama::from_weights(&self.config, &self.params.tensors(), device)
+    }
+
+    /// A frozen deep copy of the current weights (e.g. the reference policy).
+    pub fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
+        self.params.snapshot()
+    }
+
+    /// Write the current weights as a Hugging Face directory.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        save_hf(
+            dir,
+            &self.config,
+            &self.params.snapshot()?,
+            &self.tokenizer,
+            self.chat_template.as_ref(),
+            &self.generation,
+        )
+    }
+
+    /// Replace every parameter's value (checkpoint resume).
+    pub fn load_weights(&self, weights: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.params.vars {
+            let t = weights
+                .get(name)
+                .ok_or_else(|| rlhf_lm::LmError::Invalid(format!("checkpoint lacks `{name}`")))?;
+            var.set(t)?;
+        }
+        Ok(())
+    }
+
+    /// Prompt and completion ids, TRL's way (prompt with special tokens, completion without),
+    /// with EOS appended to the completion when `add_eos`, and the completion cut so the whole
+    /// row fits `max_len` (the prompt is kept whole and its front cut only if it alone is too long).
+    pub fn encode(&self, prompt: &str, completion: &str, add_eos: bool, max_len: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+        let (mut p, mut c) = rlhf_lm::score::encode_pair(&self.tokenizer, prompt, completion)?;
+        if add_eos {
+            if let Some(&eos) = self.eos_ids.first() {
+                c.push(eos);
+            }
+        }
+        truncate_pair(&mut p, &mut c, max_len);
+        Ok((p, c))
+    }
+
+    pub fn encode_prompt(&self, prompt: &str, max_len: usize) -> Result<Vec<u32>> {
+        let mut ids = self.tokenizer.encode(prompt, true)?;
+        if ids.is_empty() {
+            return Err(rlhf_lm::LmError::Invalid("empty prompt".into()));
+        }
+        if ids.len() > max_len {
+            ids.drain(..ids.len() - max_len);
+        }
+        Ok(ids)
+    }
+}
+
+/// Keep at least one completion token and the end of the prompt.
+pub fn truncate_pair(prompt: &mut Vec<u32>, completion: &mut Vec<u32>, max_len: usize) {
+    let max_len = max_len.max(2);
+    if prompt.len() + completion.len() <= max_len {
+        return;
+    }
+    let keep_prompt = prompt.len().min(max_len - completion.len().min(max_len / 2).max(1));
+    prompt.drain(..prompt.len() - keep_prompt);
+    completion.truncate(max_len - prompt.len());
+}
+
+/// The built-in testbed's tiny model: the same architecture as the real ones, only small.
+pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
+    LlamaConfig {
+        family: Family::Llama,
+        vocab_size,
+        hidden_size: 128,
+        intermediate_size: 344,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 32,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        rope_scaling: None,
+        max_position_embeddings: 256,
+        tie_word_embeddings: true,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        bos_token_id: Some(1),
+        eos_token_ids: vec![2],
+        pad_token_id: Some(0),
+        sliding_window: None,
+    }
+}
+
+/// A freshly initialised tiny model for a tokenizer (normal(0, 0.02) like HF's initialiser).
+pub fn fresh_tiny(tokenizer: Tokenizer, seed: u64, device: &Device) -> Result<TrainableLm> {
+    let config = tiny_config(tokenizer.vocab_size());
+    let weights = random_weights(&config, seed, 0.02, device)?;
+    let pad_id = tokenizer.pad_token_id.unwrap_or(0);
+    let eos_ids = tokenizer.eos_token_ids.clone();
+    Ok(TrainableLm {
+        params: Trainable::new(&weights)?,
+        config,
+        tokenizer,
+        chat_template: None,
+        generation: GenerationDefaults::default(),
+        eos_ids,
+        pad_id,
+    })
+}

@@ -1,0 +1,286 @@
+//! Reward-model training: Bradley-Terry on preference pairs, r = scalar head on the LM trunk read
+//! at the last token. Loss = -log sigmoid(r_chosen - r_rejected - margin), optionally plus
+//! PPO-max's LM regulariser (beta_rm times the NLL of the chosen response under the same trunk's LM
+//! head). After training, optional normalisation statistics: mean/std of the reward on samples of
+//! the reference policy, saved with the model so later stages see ~N(0, 1) rewards.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor, D};
+use rlhf_data::loaders::{load_pairs, load_prompts, LoadOptions};
+use rlhf_lm::generate::SamplingParams;
+use rlhf_lm::llama::ScalarHead;
+use rlhf_lm::score::{gather_logprobs, CompletionBatch};
+use rlhf_train::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::sample;
+use crate::losses::neg_log_sigmoid;
+use crate::policy::TrainableLm;
+use crate::reward::{self, last_token_index, RewardModel, RewardNorm, HEAD};
+use crate::trainer::{epoch_order, OptimConfig, Trainer};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RmConfig {
+    /// Initial model (usually the SFT model); a scalar head is added if it has none.
+    pub model: PathBuf,
+    /// Pairs: `prompt` / `chosen` / `rejected` (plain or messages), optional `margin`.
+    pub train_file: PathBuf,
+    pub eval_file: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub max_len: usize,
+    /// Multiplies each pair's `margin` field (Llama 2's margin loss); 0 ignores margins.
+    pub margin_scale: f64,
+    /// PPO-max's LM regulariser weight (NLL on the chosen response); 0 turns it off.
+    pub lm_coef: f64,
+    /// Prompts to sample the reference policy (`model`) on for normalisation statistics.
+    pub normalize_prompts: Option<PathBuf>,
+    pub normalize_samples: usize,
+    pub normalize_max_new_tokens: usize,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub log_every: u64,
+    pub seed: u64,
+    pub skip_bad_lines: bool,
+    pub optim: OptimConfig,
+}
+
+impl Default for RmConfig {
+    fn default() -> Self {
+        RmConfig {
+            model: PathBuf::new(),
+            train_file: PathBuf::new(),
+            eval_file: None,
+            output_dir: PathBuf::from("runs/rm"),
+            epochs: 1,
+            batch_size: 8,
+            max_len: 512,
+            margin_scale: 0.0,
+            lm_coef: 0.0,
+            normalize_prompts: None,
+            normalize_samples: 256,
+            normalize_max_new_tokens: 64,
+            eval_every: 0,
+            save_every: 200,
+            log_every: 10,
+            seed: 0,
+            skip_bad_lines: false,
+            optim: OptimConfig { lr: 1e-5, ..OptimConfig::default() },
+        }
+    }
+}
+
+/// A tokenised pair.
+#[derive(Debug, Clone)]
+pub struct PairIds {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    pub margin: f64,
+}
+
+pub fn load_pair_ids(lm: &TrainableLm, path: &std::path::Path, max_len: usize, skip: bool) -> Result<Vec<PairIds>> {
+    let loaded = load_pairs(path, lm.chat_template.as_ref(), &LoadOptions { skip_bad_lines: skip })?;
+    if !loaded.skipped.is_empty() {
+        eprintln!("{}: skipped {} bad lines", path.display(), loaded.skipped.len());
+    }
+    if loaded.items.is_empty() {
+        return Err(TrainError::bad_file(path, "no preference pairs"));
+    }
+    loaded
+        .items
+        .iter()
+        .map(|p| {
+            let (prompt, chosen) = lm.encode(&p.prompt, &p.chosen, true, max_len)?;
+            let (_, rejected) = lm.encode(&p.prompt, &p.rejected, true, max_len)?;
+            Ok(PairIds { prompt, chosen, rejected, margin: p.margin.unwrap_or(0.0) })
+        })
+        .collect()
+}
+
+pub struct PairLoss {
+    pub loss: Tensor,
+    pub accuracy: f64,
+    pub chosen_mean: f64,
+    pub rejected_mean: f64,
+    pub margin_mean: f64,
+}
+
+/// Bradley-Terry loss (with margin and optional LM term) for a batch of pairs.
+pub fn pair_loss(lm: &TrainableLm, pairs: &[PairIds], margin_scale: f64, lm_coef: f64, device: &Device) -> Result<PairLoss> {
+    let b = pairs.len();
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = pairs
+        .iter()
+        .map(|p| (p.prompt.clone(), p.chosen.clone()))
+        .chain(pairs.iter().map(|p| (p.prompt.clone(), p.rejected.clone())))
+        .collect();
+    let batch = CompletionBatch::new(&rows, lm.pad_id, device)?;
+    let model = lm.model(device)?;
+    let head = ScalarHead::from_weights(&lm.params.tensors())?;
+    let tokens = &batch.tokens;
+    let hidden = model.hidden_states(&tokens.ids, &tokens.positions, &tokens.mask, None)?;
+    let r = head.at_last_token(&hidden, &last_token_index(tokens, device)?)?;
+    let (rc, rr) = (r.narrow(0, 0, b)?, r.narrow(0, b, b)?);
+    let margins = Tensor::from_vec(pairs.iter().map(|p| (p.margin * margin_scale) as f32).collect(), b, device)?;
+    let diff = ((&rc - &rr)? - margins)?;
+    let mut loss = neg_log_sigmoid(&diff)?.mean_all()?;
+    if lm_coef > 0.0 {
+        let (_, t) = tokens.dims();
+        let logits = model.logits(&hidden.narrow(0, 0, b)?.narrow(1, 0, t - 1)?)?;
+        let lp = gather_logprobs(&logits, &tokens.ids.narrow(0, 0, b)?.narrow(1, 1, t - 1)?, 1.0)?;
+        let mask = batch.completion_mask.narrow(0, 0, b)?;
+        let n = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
+        let nll = ((lp * mask)?.sum_all()?.neg()? / n)?;
+        loss = (loss + (nll * lm_coef)?)?;
+    }
+    let (c, rj) = (rc.to_vec1::<f32>()?, rr.to_vec1::<f32>()?);
+    let accuracy = c.iter().zip(&rj).filter(|(x, y)| x > y).count() as f64 / b as f64;
+    let mean = |v: &[f32]| v.iter().map(|&x| x as f64).sum::<f64>() / v.len().max(1) as f64;
+    Ok(PairLoss {
+        loss,
+        accuracy,
+        chosen_mean: mean(&c),
+        rejected_mean: mean(&rj),
+        margin_mean: mean(&c) - mean(&rj),
+    })
+}
+
+/// Held-out (loss, accuracy) without gradients.
+pub fn evaluate_pairs(rm: &RewardModel, pairs: &[PairIds]) -> Result<(f64, f64)> {
+    let chosen: Vec<_> = pairs.iter().map(|p| (p.prompt.clone(), p.chosen.clone())).collect();
+    let rejected: Vec<_> = pairs.iter().map(|p| (p.prompt.clone(), p.rejected.clone())).collect();
+    let (rc, rr) = (rm.score_raw(&chosen, 32)?, rm.score_raw(&rejected, 32)?);
+    let n = pairs.len().max(1) as f64;
+    let acc = rc.iter().zip(&rr).filter(|(c, r)| c > r).count() as f64 / n;
+    let loss = rc.iter().zip(&rr).map(|(c, r)| softplus(-(c - r))).sum::<f64>() / n;
+    Ok((loss, acc))
+}
+
+fn softplus(x: f64) -> f64 {
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RmSummary {
+    pub steps: u64,
+    pub train_accuracy: f64,
+    pub eval_accuracy: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub norm: Option<RewardNorm>,
+}
+
+pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
+    let lm = TrainableLm::load(&cfg.model, device)?;
+    let lm = if lm.params.vars.iter().any(|(n, _)| n == HEAD) {
+        lm
+    } else {
+        let mut weights = lm.params.snapshot()?;
+        reward::add_head(&mut weights, lm.config.hidden_size, cfg.seed, device)?;
+        TrainableLm { params: rlhf_lm::llama::Trainable::new(&weights)?, ..lm }
+    };
+    let train = load_pair_ids(&lm, &cfg.train_file, cfg.max_len, cfg.skip_bad_lines)?;
+    let eval = cfg.eval_file.as_ref().map(|p| load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines)).transpose()?;
+    let batch_size = cfg.batch_size.max(1);
+    let per_epoch = train.len().div_ceil(batch_size) as u64;
+    let total = per_epoch * cfg.epochs as u64;
+    let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
+    let progress = rlhf_train::progress(total, "reward model");
+    progress.set_position(trainer.step);
+    let mut acc_window = Vec::new();
+    while trainer.step < total {
+        let epoch = trainer.step / per_epoch;
+        let order = epoch_order(train.len(), cfg.seed, epoch);
+        let first = (trainer.step % per_epoch) as usize * batch_size;
+        for idx in order[first..].chunks(batch_size) {
+            let pairs: Vec<PairIds> = idx.iter().map(|&i| train[i].clone()).collect();
+            let micro = pairs.len().div_ceil(cfg.optim.grad_accum.max(1)).max(1);
+            let mut acc = trainer.accumulator();
+            let (mut loss_sum, mut stats) = (0.0, Vec::new());
+            for part in pairs.chunks(micro) {
+                let out = pair_loss(&lm, part, cfg.margin_scale, cfg.lm_coef, device)?;
+                let w = part.len() as f64 / pairs.len() as f64;
+                let loss = (out.loss.clone() * w)?;
+                loss_sum += loss.to_scalar::<f32>()? as f64;
+                acc.add(loss.backward()?)?;
+                stats.push((w, out));
+            }
+            let step_stats = trainer.apply(acc.finish())?;
+            let wmean = |f: fn(&PairLoss) -> f64| stats.iter().map(|(w, s)| w * f(s)).sum::<f64>();
+            acc_window.push(wmean(|s| s.accuracy));
+            if trainer.step % cfg.log_every.max(1) == 0 || trainer.step == total {
+                trainer.log(&[
+                    ("loss", loss_sum),
+                    ("accuracy", wmean(|s| s.accuracy)),
+                    ("rewards/chosen", wmean(|s| s.chosen_mean)),
+                    ("rewards/rejected", wmean(|s| s.rejected_mean)),
+                    ("rewards/margins", wmean(|s| s.margin_mean)),
+                    ("lr", step_stats.lr),
+                    ("grad_norm", step_stats.grad_norm),
+                ])?;
+            }
+            if let Some(eval) = &eval {
+                if cfg.eval_every > 0 && trainer.step % cfg.eval_every == 0 {
+                    let (l, a) = evaluate_pairs(&RewardModel::from_trainable(&lm, None, device)?, eval)?;
+                    trainer.log(&[("eval_loss", l), ("eval_accuracy", a)])?;
+                }
+            }
+            if cfg.save_every > 0 && trainer.step % cfg.save_every == 0 && trainer.step < total {
+                trainer.checkpoint(&lm, serde_json::json!({}))?;
+            }
+            progress.set_position(trainer.step);
+            if trainer.step >= total {
+                break;
+            }
+        }
+    }
+    progress.finish_and_clear();
+    let rm = RewardModel::from_trainable(&lm, None, device)?;
+    let (eval_loss, eval_accuracy) = match &eval {
+        Some(e) => {
+            let (l, a) = evaluate_pairs(&rm, e)?;
+            trainer.log(&[("eval_loss", l), ("eval_accuracy", a)])?;
+            (Some(l), Some(a))
+        }
+        None => (None, None),
+    };
+    let norm = match &cfg.normalize_prompts {
+        Some(path) => Some(normalization(&rm, &lm, path, cfg, device)?),
+        None => None,
+    };
+    reward::save(&lm, norm, &trainer.run.path().join("model"))?;
+    let tail = &acc_window[acc_window.len().saturating_sub(20)..];
+    Ok(RmSummary {
+        steps: trainer.step,
+        train_accuracy: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+        eval_accuracy,
+        eval_loss,
+        norm,
+    })
+}
+
+/// Mean/std of the reward on samples of the reference policy (the initial model).
+fn normalization(rm: &RewardModel, lm: &TrainableLm, prompts_file: &std::path::Path, cfg: &RmConfig, device: &Device) -> Result<RewardNorm> {
+    let reference = TrainableLm::load(&cfg.model, device)?;
+    let prompts = load_prompts(prompts_file, lm.chat_template.as_ref(), &LoadOptions { skip_bad_lines: cfg.skip_bad_lines })?;
+    let prompts: Vec<(String, Vec<u32>)> = prompts
+        .items
+        .into_iter()
+        .take(cfg.normalize_samples.max(1))
+        .map(|p| Ok((p.clone(), lm.encode_prompt(&p, cfg.max_len)?)))
+        .collect::<Result<_>>()?;
+    let params = SamplingParams {
+        max_new_tokens: cfg.normalize_max_new_tokens,
+        temperature: 1.0,
+        seed: cfg.seed,
+        eos_token_ids: lm.eos_ids.clone(),
+        ..Default::default()
+    };
+    let samples = sample(&reference.model(device)?.detached(), &lm.tokenizer, lm.pad_id, &prompts, &params, 32)?;
+    let rows: Vec<_> = samples.iter().map(|g| (g.prompt_ids.clone(), g.completion_ids.clone())).collect();
+    let raw = rm.score_raw(&rows, 32)?;
+    let _ = D::Minus1;
+    Ok(RewardNorm::from_scores(&raw))
+}

@@ -1,0 +1,185 @@
+//! The loop plumbing every trained method shares: optimiser + schedule + clipping, the run
+//! directory (resolved config, metrics.jsonl + TensorBoard, checkpoints) and resume. A method file
+//! keeps only its own loss and data flow.
+
+use std::path::Path;
+
+use candle_core::{backprop::GradStore, Device, Var};
+use rlhf_train::{
+    clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, MetricsLogger, Result, RunDir, ScheduleKind,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::TrainableLm;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub schedule: ScheduleKind,
+    /// Linear warm-up over this fraction of the run's optimiser steps.
+    pub warmup_ratio: f64,
+    pub min_lr_ratio: f64,
+    /// Global gradient-norm clip; 0 turns it off.
+    pub max_grad_norm: f64,
+    /// Micro-batches per optimiser step (the batch is split; the update is the same).
+    pub grad_accum: usize,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 1e-5,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            schedule: ScheduleKind::Linear,
+            warmup_ratio: 0.03,
+            min_lr_ratio: 0.0,
+            max_grad_norm: 1.0,
+            grad_accum: 1,
+        }
+    }
+}
+
+pub struct StepStats {
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+pub struct Trainer {
+    pub run: RunDir,
+    metrics: MetricsLogger,
+    opt: AdamW,
+    schedule: LrSchedule,
+    base_lr: f64,
+    max_grad_norm: f64,
+    vars: Vec<Var>,
+    pub step: u64,
+    /// The method's own state from the checkpoint a resumed run started from.
+    pub resumed_state: Option<serde_json::Value>,
+}
+
+impl Trainer {
+    /// Open the run directory (fresh, or continuing from its latest checkpoint when `resume`),
+    /// restoring the model's weights, the optimiser state and the step.
+    pub fn start(
+        dir: &Path,
+        resolved_config: &impl Serialize,
+        lm: &TrainableLm,
+        optim: &OptimConfig,
+        total_steps: u64,
+        resume: bool,
+    ) -> Result<Self> {
+        let vars: Vec<(String, Var)> = lm.params.vars.clone();
+        let mut opt = AdamW::new(
+            vars.clone(),
+            AdamWConfig {
+                lr: optim.lr,
+                beta1: optim.beta1,
+                beta2: optim.beta2,
+                eps: optim.eps,
+                weight_decay: optim.weight_decay,
+            },
+        )?;
+        // As is customary, norms and biases are not decayed.
+        opt.exclude_from_weight_decay(|n| n.ends_with("norm.weight") || n.ends_with(".bias"));
+        let schedule = LrSchedule {
+            kind: optim.schedule,
+            warmup_steps: (optim.warmup_ratio * total_steps as f64).round() as u64,
+            total_steps,
+            min_lr_ratio: optim.min_lr_ratio,
+        };
+        schedule.validate()?;
+        let (run, metrics, step, resumed_state) = if resume {
+            let run = RunDir::open_for_resume(dir)?;
+            match run.latest_checkpoint()? {
+                Some(ck) => {
+                    lm.load_weights(&ck.load_model(&Device::Cpu)?)?;
+                    opt.load_state(&ck.load_optimizer(&Device::Cpu)?)?;
+                    let metrics = MetricsLogger::resume(&run, ck.step)?;
+                    eprintln!("resuming from {} (step {})", ck.dir.display(), ck.step);
+                    (run, metrics, ck.step, Some(ck.state))
+                }
+                None => {
+                    let metrics = MetricsLogger::resume(&run, 0)?;
+                    (run, metrics, 0, None)
+                }
+            }
+        } else {
+            let run = RunDir::create_overwriting(dir, resolved_config)?;
+            let metrics = MetricsLogger::new(&run)?;
+            (run, metrics, 0, None)
+        };
+        Ok(Trainer {
+            run,
+            metrics,
+            opt,
+            schedule,
+            base_lr: optim.lr,
+            max_grad_norm: optim.max_grad_norm,
+            vars: vars.into_iter().map(|(_, v)| v).collect(),
+            step,
+            resumed_state,
+        })
+    }
+
+    pub fn accumulator(&self) -> GradAccumulator {
+        GradAccumulator::new(&self.vars)
+    }
+
+    /// Clip, step the optimiser at the scheduled learning rate, advance the step.
+    pub fn apply(&mut self, mut grads: GradStore) -> Result<StepStats> {
+        let grad_norm = if self.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, &self.vars, self.max_grad_norm)?
+        } else {
+            rlhf_train::grad_norm(&grads, &self.vars)?
+        };
+        let lr = self.schedule.lr_at(self.step, self.base_lr);
+        self.opt.step(&grads, lr)?;
+        self.step += 1;
+        Ok(StepStats { lr, grad_norm })
+    }
+
+    pub fn log(&mut self, metrics: &[(&str, f64)]) -> Result<()> {
+        self.metrics.log(self.step, metrics)
+    }
+
+    /// A checkpoint of the current step: weights (as an HF directory), optimiser, method state.
+    pub fn checkpoint(&self, lm: &TrainableLm, state: serde_json::Value) -> Result<()> {
+        let weights = lm.snapshot()?;
+        self.run.save_checkpoint_with(self.step, &weights, &self.opt.state()?, &state, |dir: &Path| {
+            std::fs::write(
+                dir.join("config.json"),
+                serde_json::to_string_pretty(&lm.config.to_hf_json()).expect("serialisable"),
+            )
+            .map_err(|e| rlhf_train::TrainError::io(dir.join("config.json"), e))?;
+            lm.tokenizer.save_hf(dir, lm.chat_template.as_ref())?;
+            Ok::<(), rlhf_train::TrainError>(())
+        })?;
+        Ok(())
+    }
+
+    /// The final model, as an HF directory at `<run>/model`.
+    pub fn finish(&self, lm: &TrainableLm) -> Result<std::path::PathBuf> {
+        let dir = self.run.path().join("model");
+        lm.save(&dir)?;
+        Ok(dir)
+    }
+}
+
+/// The data order of an epoch: a permutation that depends only on (seed, epoch), so a resumed run
+/// visits the same examples in the same order.
+pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
