@@ -8,11 +8,15 @@ use anyhow::{bail, Context, Result};
 use serde::{de::DeserializeOwned, Serialize};
 use toml::{Table, Value};
 
-pub fn resolve<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>, sets: &[String]) -> Result<T> {
+pub fn resolve<T: Serialize + DeserializeOwned + Default>(
+    file: Option<&Path>,
+    sets: &[String],
+) -> Result<T> {
     let mut table: Table = Table::try_from(T::default()).context("default configuration")?;
     if let Some(path) = file {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
-        let user: Table = toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
+        let user: Table =
+            toml::from_str(&text).with_context(|| format!("{}: invalid TOML", path.display()))?;
         merge(&mut table, user);
         let config: T = Value::Table(table.clone())
             .try_into()
@@ -26,7 +30,9 @@ pub fn resolve<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>, s
         let value = parse_value(raw);
         set_dotted(&mut table, key.trim(), value).with_context(|| format!("--set {set}"))?;
     }
-    Value::Table(table).try_into().context("invalid configuration (from --set)")
+    Value::Table(table)
+        .try_into()
+        .context("invalid configuration (from --set)")
 }
 
 /// A TOML literal when it parses as one (numbers, booleans, arrays), else a plain string.
@@ -55,7 +61,10 @@ fn set_dotted(table: &mut Table, key: &str, value: Value) -> Result<()> {
             table.insert(key.to_string(), value);
             Ok(())
         }
-        Some((head, rest)) => match table.entry(head.to_string()).or_insert_with(|| Value::Table(Table::new())) {
+        Some((head, rest)) => match table
+            .entry(head.to_string())
+            .or_insert_with(|| Value::Table(Table::new()))
+        {
             Value::Table(inner) => set_dotted(inner, rest, value),
             _ => bail!("`{head}` is not a table"),
         },
@@ -86,8 +95,23 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("run.toml");
         std::fs::write(&p, "name = \"a\"\n[inner]\nlr = 0.5\n").unwrap();
-        let c: Outer = resolve(Some(&p), &["inner.steps=7".into(), "flag=true".into(), "name=b c".into()]).unwrap();
-        assert_eq!(c, Outer { name: "b c".into(), flag: true, inner: Inner { lr: 0.5, steps: 7 } });
+        let c: Outer = resolve(
+            Some(&p),
+            &[
+                "inner.steps=7".into(),
+                "flag=true".into(),
+                "name=b c".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Outer {
+                name: "b c".into(),
+                flag: true,
+                inner: Inner { lr: 0.5, steps: 7 }
+            }
+        );
     }
 
     #[test]

@@ -153,9 +153,15 @@ impl LlamaConfig {
             .and_then(|a| a.first().cloned())
             .unwrap_or_default();
         let family = match (model_type.as_str(), arch.as_str()) {
-            ("llama", _) | (_, "LlamaForCausalLM" | "LlamaForSequenceClassification") => Family::Llama,
-            ("mistral", _) | (_, "MistralForCausalLM" | "MistralForSequenceClassification") => Family::Mistral,
-            ("qwen2", _) | (_, "Qwen2ForCausalLM" | "Qwen2ForSequenceClassification") => Family::Qwen2,
+            ("llama", _) | (_, "LlamaForCausalLM" | "LlamaForSequenceClassification") => {
+                Family::Llama
+            }
+            ("mistral", _) | (_, "MistralForCausalLM" | "MistralForSequenceClassification") => {
+                Family::Mistral
+            }
+            ("qwen2", _) | (_, "Qwen2ForCausalLM" | "Qwen2ForSequenceClassification") => {
+                Family::Qwen2
+            }
             _ => {
                 let what = if arch.is_empty() {
                     model_type.clone()

@@ -5,6 +5,7 @@ pub mod batch;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod fused;
 pub mod generate;
 pub mod gguf;
 pub mod llama;

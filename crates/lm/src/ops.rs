@@ -3,11 +3,14 @@
 //! candle's fused CPU kernels (`rms_norm`, `softmax_last_dim`, `rope`) are fast but have no backward:
 //! they silently detach their output. So every op here checks whether its inputs are part of a
 //! gradient graph (`track_op`) and only takes the fused kernel when nothing upstream needs a gradient
-//! (generation, reference-model scoring). The training graph always goes through differentiable ops.
+//! (generation, reference-model scoring). The training graph always goes through differentiable ops:
+//! for f32 on the CPU, the fused kernels with a backward in [`crate::fused`]; otherwise (f64
+//! gradient checks, other devices) the composed versions (`*_composed`), one tensor op per step.
 
 use candle_core::{Tensor, D};
 
 use crate::error::Result;
+use crate::fused;
 
 /// True when no gradient can flow through any of `xs` (so a fused kernel is safe) and they are
 /// f32 (the fused kernels' dtype; f64 is used by gradient checks).
@@ -25,6 +28,14 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             eps as f32,
         )?);
     }
+    if fused::supported(x) && fused::supported(weight) {
+        return Ok(fused::rms_norm(x, weight, eps)?);
+    }
+    rms_norm_composed(x, weight, eps)
+}
+
+/// RMSNorm from differentiable tensor ops (any dtype / device).
+pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let hidden = x.dim(D::Minus1)? as f64;
     let mean_sq = (x.sqr()?.sum_keepdim(D::Minus1)? / hidden)?;
     let normed = x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?;
@@ -36,6 +47,14 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if no_grad(&[x]) {
         return Ok(candle_nn::ops::softmax_last_dim(&x.contiguous()?)?);
     }
+    if fused::supported(x) {
+        return Ok(fused::softmax_last_dim(x)?);
+    }
+    softmax_composed(x)
+}
+
+/// Softmax over the last dimension from differentiable tensor ops (any dtype / device).
+pub fn softmax_composed(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }
 
@@ -45,6 +64,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if no_grad(&[x]) {
         return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin)?);
     }
+    let (b, _, t, d) = x.dims4()?;
+    let table = [b, t, d / 2];
+    if [x, cos, sin].iter().all(|v| fused::supported(v))
+        && cos.dims() == table
+        && sin.dims() == table
+        && d % 2 == 0
+    {
+        return Ok(fused::rope(x, cos, sin)?);
+    }
+    rope_composed(x, cos, sin)
+}
+
+/// Rotary position embedding from differentiable tensor ops (any dtype / device).
+pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
     let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
     let half = x.dim(D::Minus1)? / 2;

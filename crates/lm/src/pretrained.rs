@@ -285,7 +285,15 @@ pub fn save_hf(
     chat_template: Option<&ChatTemplate>,
     generation: &GenerationDefaults,
 ) -> Result<()> {
-    save_hf_with(dir, config, weights, tokenizer, chat_template, generation, &SaveExtras::default())
+    save_hf_with(
+        dir,
+        config,
+        weights,
+        tokenizer,
+        chat_template,
+        generation,
+        &SaveExtras::default(),
+    )
 }
 
 /// What a head or a method adds to a saved model directory.

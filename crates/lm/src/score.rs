@@ -30,8 +30,18 @@ pub fn encode_pair(
 }
 
 /// log p(target | logits / temperature) for every position: logits (b, t, v), targets (b, t) u32
-/// -> (b, t).
+/// -> (b, t). For f32 on the CPU this is one fused op (with a backward) that never materialises
+/// the (b, t, v) log-softmax; otherwise it is composed from differentiable tensor ops.
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
+    if crate::fused::supported(logits) && temperature > 0.0 && temperature.is_finite() {
+        let (b, t, v) = logits.dims3()?;
+        let flat = crate::fused::token_logprobs(
+            &logits.reshape((b * t, v))?,
+            &targets.flatten_all()?,
+            temperature,
+        )?;
+        return Ok(flat.reshape((b, t))?);
+    }
     let logits = if temperature != 1.0 {
         (logits / temperature)?
     } else {

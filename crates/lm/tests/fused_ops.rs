@@ -1,35 +1,389 @@
-//! Fused CPU ops with backward agree with the composed differentiable ops, forward and gradient.
+//! The fused CPU ops (`rlhf_lm::fused`) compute the same values and the same gradients as the
+//! composed differentiable ops they replace, and a whole model trained through them gets the same
+//! gradients as the composed f64 path.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use rlhf_lm::batch::TokenBatch;
-use rlhf_lm::config::{Family, LlamaConfig};
+use rlhf_lm::config::LlamaConfig;
 use rlhf_lm::llama::{random_weights, Llama, Trainable};
-use rlhf_lm::score::next_token_logprobs;
+use rlhf_lm::score::{completion_logprobs, gather_logprobs, next_token_logprobs, CompletionBatch};
+use rlhf_lm::{fused, ops};
+
+/// Deterministic uniform values in [lo, hi) (splitmix64), independent of candle's RNG.
+fn uniform(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+fn var(t: &Tensor) -> Var {
+    Var::from_tensor(t).unwrap()
+}
+
+/// Largest |a − b|, and the largest |b| (for a relative bound).
+fn max_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
+    assert_eq!(a.dims(), b.dims());
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+    (diff, scale)
+}
+
+/// Values agree to `tol` in absolute terms (forward outputs of order one).
+fn assert_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    let (diff, _) = max_diff(a, b);
+    assert!(diff <= tol, "{what}: max |diff| {diff} > {tol}");
+}
+
+/// Gradients agree to `tol` relative to the reference's largest entry (they are sums of many terms).
+fn assert_grad_close(what: &str, a: &Tensor, b: &Tensor, tol: f32) {
+    let (diff, scale) = max_diff(a, b);
+    assert!(
+        diff <= tol * scale.max(1.0),
+        "{what}: max |diff| {diff} > {tol} x {scale}"
+    );
+    assert!(scale > 0.0, "{what}: reference gradient is all zeros");
+}
+
+/// Σ y · upstream: a scalar whose gradient into y is `upstream`.
+fn weighted_sum(y: &Tensor, upstream: &Tensor) -> Tensor {
+    (y * upstream).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn rms_norm_matches_composed() {
+    // Hidden sizes that are and are not multiples of the kernels' vector width; a small case that
+    // runs inline and a large one (SmolLM2-sized rows) that runs in parallel blocks.
+    for (seed, shape) in [
+        (1u64, vec![2usize, 5, 37]),
+        (2, vec![3, 8]),
+        (3, vec![2, 128, 576]),
+    ] {
+        let h = *shape.last().unwrap();
+        let x = var(&uniform(&shape, seed, -2.0, 2.0));
+        let w = var(&uniform(&[h], seed + 100, 0.5, 1.5));
+        let up = uniform(&shape, seed + 200, -1.0, 1.0);
+        let fused_y = fused::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let dispatched = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        let composed_y = ops::rms_norm_composed(x.as_tensor(), w.as_tensor(), 1e-5).unwrap();
+        assert_close("rms_norm forward", &fused_y, &composed_y, 1e-5);
+        assert_close("ops::rms_norm forward", &dispatched, &composed_y, 1e-5);
+        let gf = weighted_sum(&fused_y, &up).backward().unwrap();
+        let gc = weighted_sum(&composed_y, &up).backward().unwrap();
+        for (name, v) in [("dx", &x), ("dweight", &w)] {
+            let a = gf.get(v.as_tensor()).unwrap();
+            let b = gc.get(v.as_tensor()).unwrap();
+            assert_grad_close(&format!("rms_norm {name} {shape:?}"), a, b, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn rms_norm_gradient_reaches_upstream_graph() {
+    // x is an intermediate (not a leaf): the gradient must flow through the op to the Var behind it.
+    let a = var(&uniform(&[4, 16], 5, -1.0, 1.0));
+    let w = var(&uniform(&[16], 6, 0.5, 1.5));
+    let x = (a.as_tensor() * 3.0).unwrap().exp().unwrap();
+    let yf = fused::rms_norm(&x, w.as_tensor(), 1e-6)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let yc = ops::rms_norm_composed(&x, w.as_tensor(), 1e-6)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let (gf, gc) = (yf.backward().unwrap(), yc.backward().unwrap());
+    assert_grad_close(
+        "rms_norm upstream",
+        gf.get(a.as_tensor()).unwrap(),
+        gc.get(a.as_tensor()).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn softmax_matches_composed() {
+    for (seed, shape) in [
+        (11u64, vec![2usize, 3, 7, 13]),
+        (12, vec![5, 8]),
+        (13, vec![2, 9, 128, 128]),
+    ] {
+        // Scores with a causal-style mask, including a fully masked row (uniform, not NaN).
+        let v = *shape.last().unwrap();
+        let rows: usize = shape.iter().product::<usize>() / v;
+        let mut mask = vec![0f32; rows * v];
+        for r in 0..rows {
+            for j in 0..v {
+                if j > r % v || r == 1 {
+                    mask[r * v + j] = -1e9;
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, shape.as_slice(), &Device::Cpu).unwrap();
+        let s = var(&uniform(&shape, seed, -4.0, 4.0));
+        let x = (s.as_tensor() + mask).unwrap();
+        let up = uniform(&shape, seed + 1, -1.0, 1.0);
+        let yf = fused::softmax_last_dim(&x).unwrap();
+        let yd = ops::softmax_last_dim(&x).unwrap();
+        let yc = ops::softmax_composed(&x).unwrap();
+        assert_close("softmax forward", &yf, &yc, 1e-5);
+        assert_close("ops::softmax_last_dim forward", &yd, &yc, 1e-5);
+        let gf = weighted_sum(&yf, &up).backward().unwrap();
+        let gc = weighted_sum(&yc, &up).backward().unwrap();
+        let (a, b) = (
+            gf.get(s.as_tensor()).unwrap(),
+            gc.get(s.as_tensor()).unwrap(),
+        );
+        assert_grad_close(&format!("softmax dx {shape:?}"), a, b, 1e-5);
+    }
+}
+
+/// The composed reference: log_softmax(logits / T) gathered at the targets.
+fn logprobs_composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Tensor {
+    let logp = candle_nn::ops::log_softmax(&(logits / temperature).unwrap(), D::Minus1).unwrap();
+    logp.gather(&targets.unsqueeze(D::Minus1).unwrap(), D::Minus1)
+        .unwrap()
+        .squeeze(D::Minus1)
+        .unwrap()
+}
+
+fn targets(n: usize, v: usize, seed: u64) -> Tensor {
+    let t: Vec<u32> = (0..n)
+        .map(|i| ((i as u64 * 2_654_435_761 + seed * 97) % v as u64) as u32)
+        .collect();
+    Tensor::from_vec(t, n, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn token_logprobs_match_composed() {
+    for (seed, n, v, temperature) in [
+        (21u64, 6usize, 50usize, 1.0f64),
+        (22, 9, 37, 0.7),
+        (23, 8, 49_152, 1.0),
+        (24, 64, 4_099, 1.3),
+    ] {
+        let logits = var(&uniform(&[n, v], seed, -8.0, 8.0));
+        let t = targets(n, v, seed);
+        // Upstream gradient with zeros (masked positions) and signs of both kinds.
+        let mut up = uniform(&[n], seed + 1, -1.0, 1.0).to_vec1::<f32>().unwrap();
+        up[0] = 0.0;
+        let up = Tensor::from_vec(up, n, &Device::Cpu).unwrap();
+        let yf = fused::token_logprobs(logits.as_tensor(), &t, temperature).unwrap();
+        let yc = logprobs_composed(logits.as_tensor(), &t, temperature);
+        assert_close(
+            "token_logprobs forward",
+            &yf,
+            &yc,
+            1e-5 * (v as f32).ln().max(1.0),
+        );
+        let gf = weighted_sum(&yf, &up).backward().unwrap();
+        let gc = weighted_sum(&yc, &up).backward().unwrap();
+        let (a, b) = (
+            gf.get(logits.as_tensor()).unwrap(),
+            gc.get(logits.as_tensor()).unwrap(),
+        );
+        assert_grad_close(
+            &format!("token_logprobs dlogits n={n} v={v} T={temperature}"),
+            a,
+            b,
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn gather_logprobs_matches_composed_and_f64() {
+    let (b, t, v) = (2, 5, 300);
+    let logits = var(&uniform(&[b, t, v], 31, -6.0, 6.0));
+    let tg = targets(b * t, v, 31).reshape((b, t)).unwrap();
+    let up = uniform(&[b, t], 32, -1.0, 1.0);
+    for temperature in [1.0, 0.9] {
+        let yf = gather_logprobs(logits.as_tensor(), &tg, temperature).unwrap();
+        assert_eq!(yf.dims(), [b, t]);
+        let yc = logprobs_composed(logits.as_tensor(), &tg, temperature);
+        assert_close("gather_logprobs forward", &yf, &yc, 1e-5);
+        // f64 takes the composed path and agrees too.
+        let y64 = gather_logprobs(
+            &logits.as_tensor().to_dtype(DType::F64).unwrap(),
+            &tg,
+            temperature,
+        )
+        .unwrap();
+        assert_eq!(y64.dtype(), DType::F64);
+        assert_close("gather_logprobs f64", &yf, &y64, 1e-5);
+        let gf = weighted_sum(&yf, &up).backward().unwrap();
+        let gc = weighted_sum(&yc, &up).backward().unwrap();
+        let (a, bb) = (
+            gf.get(logits.as_tensor()).unwrap(),
+            gc.get(logits.as_tensor()).unwrap(),
+        );
+        assert_grad_close("gather_logprobs dlogits", a, bb, 1e-5);
+    }
+    // Non-contiguous targets (as score.rs passes them: a narrowed view) work.
+    let ids = Tensor::from_vec(
+        (0..(b * (t + 1)) as u32).collect::<Vec<_>>(),
+        (b, t + 1),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let view = ids.narrow(1, 1, t).unwrap();
+    let yf = gather_logprobs(logits.as_tensor(), &view, 1.0).unwrap();
+    let yc = logprobs_composed(logits.as_tensor(), &view.contiguous().unwrap(), 1.0);
+    assert_close("gather_logprobs strided targets", &yf, &yc, 1e-5);
+}
+
+#[test]
+fn token_logprobs_rejects_bad_input() {
+    let logits = uniform(&[3, 10], 41, -1.0, 1.0);
+    let bad = Tensor::from_vec(vec![1u32, 10, 2], 3, &Device::Cpu).unwrap();
+    assert!(fused::token_logprobs(&logits, &bad, 1.0).is_err());
+    let ok = Tensor::from_vec(vec![1u32, 9, 2], 3, &Device::Cpu).unwrap();
+    assert!(fused::token_logprobs(&logits, &ok, 0.0).is_err());
+    assert!(fused::token_logprobs(&logits, &ok.narrow(0, 0, 2).unwrap(), 1.0).is_err());
+}
+
+#[test]
+fn rope_matches_composed() {
+    for (seed, (b, h, t, d)) in [
+        (51u64, (2usize, 3usize, 5usize, 8usize)),
+        (52, (1, 2, 4, 6)),
+        (53, (2, 9, 128, 64)),
+    ] {
+        let half = d / 2;
+        let angles = uniform(&[b, t, half], seed, -3.0, 3.0);
+        let cos = var(&angles.cos().unwrap());
+        let sin = var(&angles.sin().unwrap());
+        // x as the model passes it: a transposed (non-contiguous) view of (b, t, h, d).
+        let base = var(&uniform(&[b, t, h, d], seed + 1, -2.0, 2.0));
+        let x = base.as_tensor().transpose(1, 2).unwrap();
+        let up = uniform(&[b, h, t, d], seed + 2, -1.0, 1.0);
+        let yf = fused::rope(&x, cos.as_tensor(), sin.as_tensor()).unwrap();
+        let yd = ops::rope(&x, cos.as_tensor(), sin.as_tensor()).unwrap();
+        let yc = ops::rope_composed(&x, cos.as_tensor(), sin.as_tensor()).unwrap();
+        assert_close("rope forward", &yf, &yc, 1e-5);
+        assert_close("ops::rope forward", &yd, &yc, 1e-5);
+        let gf = weighted_sum(&yf, &up).backward().unwrap();
+        let gc = weighted_sum(&yc, &up).backward().unwrap();
+        for (name, v) in [("dx", &base), ("dcos", &cos), ("dsin", &sin)] {
+            let (a, bb) = (
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+            );
+            assert_grad_close(&format!("rope {name} {:?}", (b, h, t, d)), a, bb, 1e-5);
+        }
+    }
+}
+
+fn tiny_config() -> LlamaConfig {
+    let json = r#"{
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 40,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 128,
+        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0
+    }"#;
+    LlamaConfig::from_json_str(json, std::path::Path::new("tiny.json")).unwrap()
+}
+
+/// A whole model trained through the fused f32 ops gets the gradients of the composed f64 path
+/// (which `tests/model.rs` checks against finite differences).
+#[test]
+fn model_gradients_match_composed_f64() {
+    let c = tiny_config();
+    let mut w = random_weights(&c, 9, 0.3, &Device::Cpu).unwrap();
+    for (i, (name, t)) in w.iter_mut().enumerate() {
+        let centre = if name.ends_with(".bias") {
+            0.0
+        } else if name.ends_with("norm.weight") {
+            1.0
+        } else {
+            continue;
+        };
+        *t = (uniform(t.dims(), 1000 + i as u64, -0.3, 0.3) + centre).unwrap();
+    }
+    let pairs = vec![
+        (vec![1u32, 5, 9, 13], vec![7u32, 8, 30, 2]),
+        (vec![1, 40], vec![3, 3, 4, 5, 6, 2]),
+    ];
+    let batch = CompletionBatch::new(&pairs, 0, &Device::Cpu).unwrap();
+    let grads_of = |w: &HashMap<String, Tensor>| {
+        let trainable = Trainable::new(w).unwrap();
+        let model = Llama::from_weights(&c, &trainable.tensors(), &Device::Cpu).unwrap();
+        let lp = completion_logprobs(&model, &batch, 0.9).unwrap();
+        let weights = uniform(lp.dims(), 77, -1.0, 1.0)
+            .to_dtype(lp.dtype())
+            .unwrap();
+        let grads = (lp * weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        trainable
+            .vars
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.clone(),
+                    grads
+                        .get(v.as_tensor())
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap(),
+                )
+            })
+            .collect::<HashMap<_, _>>()
+    };
+    let g32 = grads_of(&w);
+    let w64 = w
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_dtype(DType::F64).unwrap()))
+        .collect();
+    let g64 = grads_of(&w64);
+    for (name, g) in &g32 {
+        assert_grad_close(&format!("model {name}"), g, &g64[name], 1e-4);
+    }
+}
 
 fn smollm2_config() -> LlamaConfig {
-    LlamaConfig {
-        family: Family::Llama,
-        vocab_size: 49152,
-        hidden_size: 576,
-        intermediate_size: 1536,
-        num_hidden_layers: 30,
-        num_attention_heads: 9,
-        num_key_value_heads: 3,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 100_000.0,
-        rope_scaling: None,
-        max_position_embeddings: 8192,
-        tie_word_embeddings: true,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        bos_token_id: Some(1),
-        eos_token_ids: vec![2],
-        pad_token_id: Some(2),
-    }
+    let json = r#"{
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+        "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+        "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192,
+        "tie_word_embeddings": true, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2
+    }"#;
+    LlamaConfig::from_json_str(json, std::path::Path::new("smollm2.json")).unwrap()
 }
 
 /// Forward + backward time of a SmolLM2-sized training step (batch 2 x 128), random weights.

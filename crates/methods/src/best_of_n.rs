@@ -3,8 +3,8 @@
 
 use rlhf_lm::generate::SamplingParams;
 use rlhf_lm::llama::Llama;
-use rlhf_lm::Tokenizer;
 use rlhf_lm::Result;
+use rlhf_lm::Tokenizer;
 
 use crate::eval::{sample, Generated};
 use crate::reward::RewardModel;
@@ -21,17 +21,24 @@ pub fn best_of_n(
     batch_size: usize,
 ) -> Result<Vec<Generated>> {
     // n copies of each prompt, sampled together; candidate j of prompt i sits at i * n + j.
-    let repeated: Vec<(String, Vec<u32>)> =
-        prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n.max(1))).collect();
+    let repeated: Vec<(String, Vec<u32>)> = prompts
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.clone(), n.max(1)))
+        .collect();
     let candidates = sample(policy, tokenizer, pad_id, &repeated, params, batch_size)?;
-    let rows: Vec<(Vec<u32>, Vec<u32>)> =
-        candidates.iter().map(|g| (g.prompt_ids.clone(), g.completion_ids.clone())).collect();
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = candidates
+        .iter()
+        .map(|g| (g.prompt_ids.clone(), g.completion_ids.clone()))
+        .collect();
     let scores = reward_model.score_raw(&rows, batch_size)?;
     Ok(candidates
         .chunks(n.max(1))
         .zip(scores.chunks(n.max(1)))
         .map(|(cands, s)| {
-            let best = s.iter().enumerate().fold(0, |b, (i, &x)| if x > s[b] { i } else { b });
+            let best = s
+                .iter()
+                .enumerate()
+                .fold(0, |b, (i, &x)| if x > s[b] { i } else { b });
             cands[best].clone()
         })
         .collect())

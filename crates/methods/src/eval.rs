@@ -7,8 +7,8 @@ use std::path::Path;
 use rlhf_lm::generate::{generate, SamplingParams};
 use rlhf_lm::llama::Llama;
 use rlhf_lm::score::score_pairs;
-use rlhf_lm::{LmError, Tokenizer};
 use rlhf_lm::Result;
+use rlhf_lm::{LmError, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::reward::RewardModel;
@@ -37,7 +37,10 @@ pub fn sample(
     let mut out = Vec::with_capacity(prompts.len());
     for (chunk_no, chunk) in prompts.chunks(batch_size.max(1)).enumerate() {
         // A different stream per chunk, still a pure function of the seed.
-        let params = SamplingParams { seed: params.seed.wrapping_add(chunk_no as u64 * 7919), ..params.clone() };
+        let params = SamplingParams {
+            seed: params.seed.wrapping_add(chunk_no as u64 * 7919),
+            ..params.clone()
+        };
         let ids: Vec<Vec<u32>> = chunk.iter().map(|(_, ids)| ids.clone()).collect();
         let samples = generate(model, &ids, pad_id, &params, Some(tokenizer))?;
         for ((text, ids), s) in chunk.iter().zip(samples) {
@@ -82,7 +85,15 @@ pub fn winrate(a: &[f64], b: &[f64]) -> (f64, [f64; 2]) {
     let outcomes: Vec<f64> = a
         .iter()
         .zip(b)
-        .map(|(x, y)| if (x - y).abs() <= 1e-9 { 0.5 } else if x > y { 1.0 } else { 0.0 })
+        .map(|(x, y)| {
+            if (x - y).abs() <= 1e-9 {
+                0.5
+            } else if x > y {
+                1.0
+            } else {
+                0.0
+            }
+        })
         .collect();
     let n = outcomes.len().max(1) as f64;
     let mean = outcomes.iter().sum::<f64>() / n;
@@ -118,20 +129,31 @@ pub fn judge(
         )));
     }
     let rows = |g: &[Generated]| -> Vec<(Vec<u32>, Vec<u32>)> {
-        g.iter().map(|x| (x.prompt_ids.clone(), x.completion_ids.clone())).collect()
+        g.iter()
+            .map(|x| (x.prompt_ids.clone(), x.completion_ids.clone()))
+            .collect()
     };
     let gold_of = |g: &[Generated]| -> Option<Vec<f64>> {
-        judges.gold.map(|f| g.iter().map(|x| f(&x.prompt, &x.completion)).collect())
+        judges
+            .gold
+            .map(|f| g.iter().map(|x| f(&x.prompt, &x.completion)).collect())
     };
     let (gold_p, gold_r) = (gold_of(policy), gold_of(reference));
-    let proxy_p = judges.reward_model.map(|rm| rm.score(&rows(policy), 32)).transpose()?;
+    let proxy_p = judges
+        .reward_model
+        .map(|rm| rm.score(&rows(policy), 32))
+        .transpose()?;
     let (scores_p, scores_r, judge_name) = match (&gold_p, &gold_r) {
         (Some(p), Some(r)) => (p.clone(), r.clone(), "gold"),
         _ => {
-            let rm = judges
-                .reward_model
-                .ok_or_else(|| LmError::Invalid("evaluation needs a gold reward or a reward model".into()))?;
-            (proxy_p.clone().expect("scored above"), rm.score(&rows(reference), 32)?, "reward_model")
+            let rm = judges.reward_model.ok_or_else(|| {
+                LmError::Invalid("evaluation needs a gold reward or a reward model".into())
+            })?;
+            (
+                proxy_p.clone().expect("scored above"),
+                rm.score(&rows(reference), 32)?,
+                "reward_model",
+            )
         }
     };
     let (wr, ci) = winrate(&scores_p, &scores_r);
@@ -157,7 +179,12 @@ pub fn judge(
         reference_gold_mean: gold_r.as_deref().map(mean),
         proxy_mean: proxy_p.as_deref().map(mean),
         kl_to_ref: kl,
-        mean_len: mean(&policy.iter().map(|g| g.completion_ids.len() as f64).collect::<Vec<_>>()),
+        mean_len: mean(
+            &policy
+                .iter()
+                .map(|g| g.completion_ids.len() as f64)
+                .collect::<Vec<_>>(),
+        ),
         n: policy.len(),
     })
 }

@@ -8,8 +8,8 @@ use candle_core::{Device, Tensor};
 use rlhf_lm::config::{Family, LlamaConfig};
 use rlhf_lm::llama::{random_weights, Llama, Trainable};
 use rlhf_lm::pretrained::{save_hf, GenerationDefaults};
-use rlhf_lm::{ChatTemplate, Pretrained, Tokenizer};
 use rlhf_lm::Result;
+use rlhf_lm::{ChatTemplate, Pretrained, Tokenizer};
 
 /// A language model whose parameters are `Var`s (plus any extra heads stored beside them).
 pub struct TrainableLm {
@@ -77,7 +77,13 @@ impl TrainableLm {
     /// Prompt and completion ids, TRL's way (prompt with special tokens, completion without),
     /// with EOS appended to the completion when `add_eos`, and the completion cut so the whole
     /// row fits `max_len` (the prompt is kept whole and its front cut only if it alone is too long).
-    pub fn encode(&self, prompt: &str, completion: &str, add_eos: bool, max_len: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+    pub fn encode(
+        &self,
+        prompt: &str,
+        completion: &str,
+        add_eos: bool,
+        max_len: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
         let (mut p, mut c) = rlhf_lm::score::encode_pair(&self.tokenizer, prompt, completion)?;
         if add_eos {
             if let Some(&eos) = self.eos_ids.first() {
@@ -106,7 +112,9 @@ pub fn truncate_pair(prompt: &mut Vec<u32>, completion: &mut Vec<u32>, max_len: 
     if prompt.len() + completion.len() <= max_len {
         return;
     }
-    let keep_prompt = prompt.len().min(max_len - completion.len().min(max_len / 2).max(1));
+    let keep_prompt = prompt
+        .len()
+        .min(max_len - completion.len().min(max_len / 2).max(1));
     prompt.drain(..prompt.len() - keep_prompt);
     completion.truncate(max_len - prompt.len());
 }

@@ -41,7 +41,10 @@ pub fn sample_and_label(
     for pair in samples.chunks(2) {
         let (a, b) = (&pair[0], &pair[1]);
         // Identical samples carry no preference; an empty one is not a valid pair record.
-        if a.completion == b.completion || a.completion.trim().is_empty() || b.completion.trim().is_empty() {
+        if a.completion == b.completion
+            || a.completion.trim().is_empty()
+            || b.completion.trim().is_empty()
+        {
             continue;
         }
         let a_wins = annotator.prefer(task, &a.prompt, &a.completion, &b.completion);

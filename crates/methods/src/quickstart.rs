@@ -80,7 +80,8 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     let task: &dyn Task = task.as_ref();
 
     step(&format!("task `{}`: writing data files", task.name()));
-    let files = write_task_files(task, &out.join("data")).map_err(|e| TrainError::io(out.join("data"), e))?;
+    let files = write_task_files(task, &out.join("data"))
+        .map_err(|e| TrainError::io(out.join("data"), e))?;
 
     step("tiny model: fresh weights");
     let init_dir = out.join("init");
@@ -122,20 +123,45 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
 
     step("preference pairs: SFT samples labelled by simulated annotators");
     let mut annotator = Annotator::for_task(task, cfg.noise, cfg.seed + 1);
-    let train_pairs =
-        sample_and_label(&sft_model, &sft_lm, task, task.train_prompts(), &mut annotator, &sampling(cfg.seed + 2))?;
-    let eval_prompts: Vec<String> = task.eval_prompts().iter().take(cfg.eval_prompts).cloned().collect();
+    let train_pairs = sample_and_label(
+        &sft_model,
+        &sft_lm,
+        task,
+        task.train_prompts(),
+        &mut annotator,
+        &sampling(cfg.seed + 2),
+    )?;
+    let eval_prompts: Vec<String> = task
+        .eval_prompts()
+        .iter()
+        .take(cfg.eval_prompts)
+        .cloned()
+        .collect();
     let mut noisy = Annotator::for_task(task, cfg.noise, cfg.seed + 3);
-    let eval_pairs = sample_and_label(&sft_model, &sft_lm, task, &eval_prompts, &mut noisy, &sampling(cfg.seed + 4))?;
+    let eval_pairs = sample_and_label(
+        &sft_model,
+        &sft_lm,
+        task,
+        &eval_prompts,
+        &mut noisy,
+        &sampling(cfg.seed + 4),
+    )?;
     // The same eval pairs relabelled by gold alone (no flips, no Bradley-Terry sampling).
     let clean_pairs: Vec<_> = eval_pairs
         .iter()
         .map(|p| {
-            let (c, r) = (task.gold(&p.prompt, p.chosen.trim()), task.gold(&p.prompt, p.rejected.trim()));
+            let (c, r) = (
+                task.gold(&p.prompt, p.chosen.trim()),
+                task.gold(&p.prompt, p.rejected.trim()),
+            );
             if c >= r {
                 p.clone()
             } else {
-                crate::preferences::LabelledPair { chosen: p.rejected.clone(), rejected: p.chosen.clone(), ..p.clone() }
+                crate::preferences::LabelledPair {
+                    chosen: p.rejected.clone(),
+                    rejected: p.chosen.clone(),
+                    ..p.clone()
+                }
             }
         })
         .collect();
@@ -173,41 +199,100 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     let (_, rm_clean_accuracy) = rm::evaluate_pairs(&reward_model, &clean)?;
 
     step("evaluation against the SFT policy, judged by gold");
-    let prompts: Vec<(String, Vec<u32>)> =
-        eval_prompts.iter().map(|p| Ok((p.clone(), sft_lm.encode_prompt(p, 256)?))).collect::<Result<_>>()?;
+    let prompts: Vec<(String, Vec<u32>)> = eval_prompts
+        .iter()
+        .map(|p| Ok((p.clone(), sft_lm.encode_prompt(p, 256)?)))
+        .collect::<Result<_>>()?;
     let gold = |p: &str, r: &str| task.gold(p, r);
-    let judges = Judges { gold: Some(&gold), reward_model: Some(&reward_model) };
-    let reference = sample(&sft_model, &sft_lm.tokenizer, sft_lm.pad_id, &prompts, &sampling(cfg.seed + 100), 64)?;
+    let judges = Judges {
+        gold: Some(&gold),
+        reward_model: Some(&reward_model),
+    };
+    let reference = sample(
+        &sft_model,
+        &sft_lm.tokenizer,
+        sft_lm.pad_id,
+        &prompts,
+        &sampling(cfg.seed + 100),
+        64,
+    )?;
     let init_lm = TrainableLm::load(&init_dir, device)?;
     let init_model = init_lm.model(device)?.detached();
     let mut rows = Vec::new();
     let eval_dir = out.join("eval");
     std::fs::create_dir_all(&eval_dir).map_err(|e| TrainError::io(&eval_dir, e))?;
-    let mut add = |name: &str, policy: &[Generated], kl: Option<(&rlhf_lm::llama::Llama, &rlhf_lm::llama::Llama)>| -> Result<EvalReport> {
-        let report = judge(policy, &reference, &judges, kl.map(|(a, b)| (a, b, sft_lm.pad_id)))?;
+    let mut add = |name: &str,
+                   policy: &[Generated],
+                   kl: Option<(&rlhf_lm::llama::Llama, &rlhf_lm::llama::Llama)>|
+     -> Result<EvalReport> {
+        let report = judge(
+            policy,
+            &reference,
+            &judges,
+            kl.map(|(a, b)| (a, b, sft_lm.pad_id)),
+        )?;
         report.write(&eval_dir.join(format!("{}.json", name.replace(' ', "_"))))?;
-        rows.push(Row { name: name.into(), report: report.clone() });
+        rows.push(Row {
+            name: name.into(),
+            report: report.clone(),
+        });
         Ok(report)
     };
-    let untrained = sample(&init_model, &sft_lm.tokenizer, sft_lm.pad_id, &prompts, &sampling(cfg.seed + 101), 64)?;
+    let untrained = sample(
+        &init_model,
+        &sft_lm.tokenizer,
+        sft_lm.pad_id,
+        &prompts,
+        &sampling(cfg.seed + 101),
+        64,
+    )?;
     add("untrained", &untrained, Some((&init_model, &sft_model)))?;
-    let sft_again = sample(&sft_model, &sft_lm.tokenizer, sft_lm.pad_id, &prompts, &sampling(cfg.seed + 102), 64)?;
+    let sft_again = sample(
+        &sft_model,
+        &sft_lm.tokenizer,
+        sft_lm.pad_id,
+        &prompts,
+        &sampling(cfg.seed + 102),
+        64,
+    )?;
     add("sft", &sft_again, Some((&sft_model, &sft_model)))?;
-    let bon = best_of_n(&sft_model, &sft_lm.tokenizer, sft_lm.pad_id, &prompts, cfg.best_of_n, &sampling(cfg.seed + 103), &reward_model, 128)?;
+    let bon = best_of_n(
+        &sft_model,
+        &sft_lm.tokenizer,
+        sft_lm.pad_id,
+        &prompts,
+        cfg.best_of_n,
+        &sampling(cfg.seed + 103),
+        &reward_model,
+        128,
+    )?;
     let mut r = add(&format!("best-of-{}", cfg.best_of_n), &bon, None)?;
     r.kl_to_ref = Some(kl_bound(cfg.best_of_n));
     rows.last_mut().expect("just pushed").report.kl_to_ref = r.kl_to_ref;
 
-    let report = QuickstartReport { task: task.name().into(), sft: sft_summary, rm: rm_summary, rm_clean_accuracy, rows };
+    let report = QuickstartReport {
+        task: task.name().into(),
+        sft: sft_summary,
+        rm: rm_summary,
+        rm_clean_accuracy,
+        rows,
+    };
     let path = out.join("report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report).expect("serialisable")).map_err(|e| TrainError::io(&path, e))?;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&report).expect("serialisable"),
+    )
+    .map_err(|e| TrainError::io(&path, e))?;
     Ok(report)
 }
 
 /// The table the quickstart prints.
 pub fn format_table(r: &QuickstartReport) -> String {
     let mut s = String::new();
-    s.push_str(&format!("task: {}   (win-rate vs the SFT policy, judged by the hidden gold reward)\n\n", r.task));
+    s.push_str(&format!(
+        "task: {}   (win-rate vs the SFT policy, judged by the hidden gold reward)\n\n",
+        r.task
+    ));
     s.push_str(&format!(
         "{:<14} {:>9} {:>17} {:>10} {:>10} {:>9} {:>8}\n",
         "policy", "win-rate", "95% interval", "gold mean", "proxy (RM)", "KL(ref)", "length"
@@ -231,6 +316,9 @@ pub fn format_table(r: &QuickstartReport) -> String {
         r.rm.eval_accuracy.unwrap_or(f64::NAN),
         r.rm_clean_accuracy
     ));
-    s.push_str(&format!("SFT: {} steps, final train loss {:.3}\n", r.sft.steps, r.sft.final_train_loss));
+    s.push_str(&format!(
+        "SFT: {} steps, final train loss {:.3}\n",
+        r.sft.steps, r.sft.final_train_loss
+    ));
     s
 }

@@ -9,8 +9,8 @@ use candle_core::{Device, Tensor};
 use rlhf_lm::batch::TokenBatch;
 use rlhf_lm::llama::{Llama, ScalarHead};
 use rlhf_lm::pretrained::{save_hf_with, SaveExtras};
-use rlhf_lm::{LmError, Pretrained, Tokenizer};
 use rlhf_lm::Result;
+use rlhf_lm::{LmError, Pretrained, Tokenizer};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::TrainableLm;
@@ -31,7 +31,11 @@ impl RewardNorm {
         let n = scores.len().max(1) as f64;
         let mean = scores.iter().sum::<f64>() / n;
         let var = scores.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n;
-        RewardNorm { mean, std: var.sqrt().max(1e-6), n: scores.len() }
+        RewardNorm {
+            mean,
+            std: var.sqrt().max(1e-6),
+            n: scores.len(),
+        }
     }
     pub fn apply(&self, raw: f64) -> f64 {
         (raw - self.mean) / self.std
@@ -39,11 +43,18 @@ impl RewardNorm {
 }
 
 /// Add a scalar head to a language model's parameters: small random init (seeded).
-pub fn add_head(weights: &mut HashMap<String, Tensor>, hidden: usize, seed: u64, device: &Device) -> Result<()> {
+pub fn add_head(
+    weights: &mut HashMap<String, Tensor>,
+    hidden: usize,
+    seed: u64,
+    device: &Device,
+) -> Result<()> {
     use rand::{rngs::StdRng, Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(seed);
     let std = 1.0 / (hidden as f64).sqrt();
-    let v: Vec<f32> = (0..hidden).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * std) as f32).collect();
+    let v: Vec<f32> = (0..hidden)
+        .map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * std) as f32)
+        .collect();
     weights.insert(HEAD.into(), Tensor::from_vec(v, (1, hidden), device)?);
     Ok(())
 }
@@ -69,20 +80,42 @@ pub fn rewards(model: &Llama, head: &ScalarHead, batch: &TokenBatch) -> Result<(
 /// Save a trained reward model (trunk + head + normalisation) as an HF directory.
 pub fn save(lm: &TrainableLm, norm: Option<RewardNorm>, dir: &Path) -> Result<()> {
     let mut extras = SaveExtras::default();
-    let arch = format!("{}ForSequenceClassification", match lm.config.family {
-        rlhf_lm::Family::Llama => "Llama",
-        rlhf_lm::Family::Mistral => "Mistral",
-        rlhf_lm::Family::Qwen2 => "Qwen2",
-    });
-    extras.config_fields.insert("architectures".into(), serde_json::json!([arch]));
+    let arch = format!(
+        "{}ForSequenceClassification",
+        match lm.config.family {
+            rlhf_lm::Family::Llama => "Llama",
+            rlhf_lm::Family::Mistral => "Mistral",
+            rlhf_lm::Family::Qwen2 => "Qwen2",
+        }
+    );
+    extras
+        .config_fields
+        .insert("architectures".into(), serde_json::json!([arch]));
     extras.config_fields.insert("num_labels".into(), 1.into());
-    extras.config_fields.insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
-    extras.config_fields.insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
-    extras.config_fields.insert("pad_token_id".into(), lm.pad_id.into());
+    extras
+        .config_fields
+        .insert("id2label".into(), serde_json::json!({"0": "LABEL_0"}));
+    extras
+        .config_fields
+        .insert("label2id".into(), serde_json::json!({"LABEL_0": 0}));
+    extras
+        .config_fields
+        .insert("pad_token_id".into(), lm.pad_id.into());
     if let Some(n) = norm {
-        extras.files.push((NORM_FILE.into(), serde_json::to_string_pretty(&n).expect("serialisable")));
+        extras.files.push((
+            NORM_FILE.into(),
+            serde_json::to_string_pretty(&n).expect("serialisable"),
+        ));
     }
-    save_hf_with(dir, &lm.config, &lm.params.snapshot()?, &lm.tokenizer, lm.chat_template.as_ref(), &lm.generation, &extras)
+    save_hf_with(
+        dir,
+        &lm.config,
+        &lm.params.snapshot()?,
+        &lm.tokenizer,
+        lm.chat_template.as_ref(),
+        &lm.generation,
+        &extras,
+    )
 }
 
 /// A frozen reward model for scoring.
@@ -98,12 +131,19 @@ impl RewardModel {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         let p = Pretrained::load(path, device)?;
         if !p.weights.contains_key(HEAD) {
-            return Err(LmError::bad_file(path, format!("not a reward model: no `{HEAD}` tensor")));
+            return Err(LmError::bad_file(
+                path,
+                format!("not a reward model: no `{HEAD}` tensor"),
+            ));
         }
         let norm_path = path.join(NORM_FILE);
         let norm = if norm_path.exists() {
-            let text = std::fs::read_to_string(&norm_path).map_err(|e| LmError::io(&norm_path, e))?;
-            Some(serde_json::from_str(&text).map_err(|e| LmError::bad_file(&norm_path, e.to_string()))?)
+            let text =
+                std::fs::read_to_string(&norm_path).map_err(|e| LmError::io(&norm_path, e))?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| LmError::bad_file(&norm_path, e.to_string()))?,
+            )
         } else {
             None
         };
@@ -116,7 +156,11 @@ impl RewardModel {
         })
     }
 
-    pub fn from_trainable(lm: &TrainableLm, norm: Option<RewardNorm>, device: &Device) -> Result<Self> {
+    pub fn from_trainable(
+        lm: &TrainableLm,
+        norm: Option<RewardNorm>,
+        device: &Device,
+    ) -> Result<Self> {
         let w = lm.params.snapshot()?;
         Ok(RewardModel {
             model: Llama::from_weights(&lm.config, &w, device)?,
@@ -131,7 +175,10 @@ impl RewardModel {
     pub fn score_raw(&self, rows: &[(Vec<u32>, Vec<u32>)], batch_size: usize) -> Result<Vec<f64>> {
         let mut out = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(batch_size.max(1)) {
-            let full: Vec<Vec<u32>> = chunk.iter().map(|(p, c)| [p.as_slice(), c.as_slice()].concat()).collect();
+            let full: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
+                .collect();
             let batch = TokenBatch::right_padded(&full, self.pad_id, self.model.device())?;
             let (r, _) = rewards(&self.model, &self.head, &batch)?;
             out.extend(r.to_vec1::<f32>()?.into_iter().map(|x| x as f64));

@@ -68,7 +68,10 @@ impl Default for RmConfig {
             log_every: 10,
             seed: 0,
             skip_bad_lines: false,
-            optim: OptimConfig { lr: 1e-5, ..OptimConfig::default() },
+            optim: OptimConfig {
+                lr: 1e-5,
+                ..OptimConfig::default()
+            },
         }
     }
 }
@@ -82,10 +85,25 @@ pub struct PairIds {
     pub margin: f64,
 }
 
-pub fn load_pair_ids(lm: &TrainableLm, path: &std::path::Path, max_len: usize, skip: bool) -> Result<Vec<PairIds>> {
-    let loaded = load_pairs(path, lm.chat_template.as_ref(), &LoadOptions { skip_bad_lines: skip })?;
+pub fn load_pair_ids(
+    lm: &TrainableLm,
+    path: &std::path::Path,
+    max_len: usize,
+    skip: bool,
+) -> Result<Vec<PairIds>> {
+    let loaded = load_pairs(
+        path,
+        lm.chat_template.as_ref(),
+        &LoadOptions {
+            skip_bad_lines: skip,
+        },
+    )?;
     if !loaded.skipped.is_empty() {
-        eprintln!("{}: skipped {} bad lines", path.display(), loaded.skipped.len());
+        eprintln!(
+            "{}: skipped {} bad lines",
+            path.display(),
+            loaded.skipped.len()
+        );
     }
     if loaded.items.is_empty() {
         return Err(TrainError::bad_file(path, "no preference pairs"));
@@ -96,7 +114,12 @@ pub fn load_pair_ids(lm: &TrainableLm, path: &std::path::Path, max_len: usize, s
         .map(|p| {
             let (prompt, chosen) = lm.encode(&p.prompt, &p.chosen, true, max_len)?;
             let (_, rejected) = lm.encode(&p.prompt, &p.rejected, true, max_len)?;
-            Ok(PairIds { prompt, chosen, rejected, margin: p.margin.unwrap_or(0.0) })
+            Ok(PairIds {
+                prompt,
+                chosen,
+                rejected,
+                margin: p.margin.unwrap_or(0.0),
+            })
         })
         .collect()
 }
@@ -110,7 +133,13 @@ pub struct PairLoss {
 }
 
 /// Bradley-Terry loss (with margin and optional LM term) for a batch of pairs.
-pub fn pair_loss(lm: &TrainableLm, pairs: &[PairIds], margin_scale: f64, lm_coef: f64, device: &Device) -> Result<PairLoss> {
+pub fn pair_loss(
+    lm: &TrainableLm,
+    pairs: &[PairIds],
+    margin_scale: f64,
+    lm_coef: f64,
+    device: &Device,
+) -> Result<PairLoss> {
     let b = pairs.len();
     let rows: Vec<(Vec<u32>, Vec<u32>)> = pairs
         .iter()
@@ -124,13 +153,24 @@ pub fn pair_loss(lm: &TrainableLm, pairs: &[PairIds], margin_scale: f64, lm_coef
     let hidden = model.hidden_states(&tokens.ids, &tokens.positions, &tokens.mask, None)?;
     let r = head.at_last_token(&hidden, &last_token_index(tokens, device)?)?;
     let (rc, rr) = (r.narrow(0, 0, b)?, r.narrow(0, b, b)?);
-    let margins = Tensor::from_vec(pairs.iter().map(|p| (p.margin * margin_scale) as f32).collect(), b, device)?;
+    let margins = Tensor::from_vec(
+        pairs
+            .iter()
+            .map(|p| (p.margin * margin_scale) as f32)
+            .collect(),
+        b,
+        device,
+    )?;
     let diff = ((&rc - &rr)? - margins)?;
     let mut loss = neg_log_sigmoid(&diff)?.mean_all()?;
     if lm_coef > 0.0 {
         let (_, t) = tokens.dims();
         let logits = model.logits(&hidden.narrow(0, 0, b)?.narrow(1, 0, t - 1)?)?;
-        let lp = gather_logprobs(&logits, &tokens.ids.narrow(0, 0, b)?.narrow(1, 1, t - 1)?, 1.0)?;
+        let lp = gather_logprobs(
+            &logits,
+            &tokens.ids.narrow(0, 0, b)?.narrow(1, 1, t - 1)?,
+            1.0,
+        )?;
         let mask = batch.completion_mask.narrow(0, 0, b)?;
         let n = mask.sum_all()?.to_scalar::<f32>()?.max(1.0) as f64;
         let nll = ((lp * mask)?.sum_all()?.neg()? / n)?;
@@ -150,12 +190,23 @@ pub fn pair_loss(lm: &TrainableLm, pairs: &[PairIds], margin_scale: f64, lm_coef
 
 /// Held-out (loss, accuracy) without gradients.
 pub fn evaluate_pairs(rm: &RewardModel, pairs: &[PairIds]) -> Result<(f64, f64)> {
-    let chosen: Vec<_> = pairs.iter().map(|p| (p.prompt.clone(), p.chosen.clone())).collect();
-    let rejected: Vec<_> = pairs.iter().map(|p| (p.prompt.clone(), p.rejected.clone())).collect();
+    let chosen: Vec<_> = pairs
+        .iter()
+        .map(|p| (p.prompt.clone(), p.chosen.clone()))
+        .collect();
+    let rejected: Vec<_> = pairs
+        .iter()
+        .map(|p| (p.prompt.clone(), p.rejected.clone()))
+        .collect();
     let (rc, rr) = (rm.score_raw(&chosen, 32)?, rm.score_raw(&rejected, 32)?);
     let n = pairs.len().max(1) as f64;
     let acc = rc.iter().zip(&rr).filter(|(c, r)| c > r).count() as f64 / n;
-    let loss = rc.iter().zip(&rr).map(|(c, r)| softplus(-(c - r))).sum::<f64>() / n;
+    let loss = rc
+        .iter()
+        .zip(&rr)
+        .map(|(c, r)| softplus(-(c - r)))
+        .sum::<f64>()
+        / n;
     Ok((loss, acc))
 }
 
@@ -179,10 +230,17 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
     } else {
         let mut weights = lm.params.snapshot()?;
         reward::add_head(&mut weights, lm.config.hidden_size, cfg.seed, device)?;
-        TrainableLm { params: rlhf_lm::llama::Trainable::new(&weights)?, ..lm }
+        TrainableLm {
+            params: rlhf_lm::llama::Trainable::new(&weights)?,
+            ..lm
+        }
     };
     let train = load_pair_ids(&lm, &cfg.train_file, cfg.max_len, cfg.skip_bad_lines)?;
-    let eval = cfg.eval_file.as_ref().map(|p| load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines)).transpose()?;
+    let eval = cfg
+        .eval_file
+        .as_ref()
+        .map(|p| load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines))
+        .transpose()?;
     let batch_size = cfg.batch_size.max(1);
     let per_epoch = train.len().div_ceil(batch_size) as u64;
     let total = per_epoch * cfg.epochs as u64;
@@ -223,7 +281,8 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
             }
             if let Some(eval) = &eval {
                 if cfg.eval_every > 0 && trainer.step % cfg.eval_every == 0 {
-                    let (l, a) = evaluate_pairs(&RewardModel::from_trainable(&lm, None, device)?, eval)?;
+                    let (l, a) =
+                        evaluate_pairs(&RewardModel::from_trainable(&lm, None, device)?, eval)?;
                     trainer.log(&[("eval_loss", l), ("eval_accuracy", a)])?;
                 }
             }
@@ -262,9 +321,21 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
 }
 
 /// Mean/std of the reward on samples of the reference policy (the initial model).
-fn normalization(rm: &RewardModel, lm: &TrainableLm, prompts_file: &std::path::Path, cfg: &RmConfig, device: &Device) -> Result<RewardNorm> {
+fn normalization(
+    rm: &RewardModel,
+    lm: &TrainableLm,
+    prompts_file: &std::path::Path,
+    cfg: &RmConfig,
+    device: &Device,
+) -> Result<RewardNorm> {
     let reference = TrainableLm::load(&cfg.model, device)?;
-    let prompts = load_prompts(prompts_file, lm.chat_template.as_ref(), &LoadOptions { skip_bad_lines: cfg.skip_bad_lines })?;
+    let prompts = load_prompts(
+        prompts_file,
+        lm.chat_template.as_ref(),
+        &LoadOptions {
+            skip_bad_lines: cfg.skip_bad_lines,
+        },
+    )?;
     let prompts: Vec<(String, Vec<u32>)> = prompts
         .items
         .into_iter()
@@ -278,8 +349,18 @@ fn normalization(rm: &RewardModel, lm: &TrainableLm, prompts_file: &std::path::P
         eos_token_ids: lm.eos_ids.clone(),
         ..Default::default()
     };
-    let samples = sample(&reference.model(device)?.detached(), &lm.tokenizer, lm.pad_id, &prompts, &params, 32)?;
-    let rows: Vec<_> = samples.iter().map(|g| (g.prompt_ids.clone(), g.completion_ids.clone())).collect();
+    let samples = sample(
+        &reference.model(device)?.detached(),
+        &lm.tokenizer,
+        lm.pad_id,
+        &prompts,
+        &params,
+        32,
+    )?;
+    let rows: Vec<_> = samples
+        .iter()
+        .map(|g| (g.prompt_ids.clone(), g.completion_ids.clone()))
+        .collect();
     let raw = rm.score_raw(&rows, 32)?;
     let _ = D::Minus1;
     Ok(RewardNorm::from_scores(&raw))

@@ -49,7 +49,10 @@ impl Default for SftConfig {
             log_every: 10,
             seed: 0,
             skip_bad_lines: false,
-            optim: OptimConfig { lr: 2e-5, ..OptimConfig::default() },
+            optim: OptimConfig {
+                lr: 2e-5,
+                ..OptimConfig::default()
+            },
         }
     }
 }
@@ -61,25 +64,46 @@ pub fn load_rows(
     max_len: usize,
     skip_bad_lines: bool,
 ) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-    let loaded = load_prompt_completion(path, lm.chat_template.as_ref(), &LoadOptions { skip_bad_lines })?;
+    let loaded = load_prompt_completion(
+        path,
+        lm.chat_template.as_ref(),
+        &LoadOptions { skip_bad_lines },
+    )?;
     if !loaded.skipped.is_empty() {
-        eprintln!("{}: skipped {} bad lines", path.display(), loaded.skipped.len());
+        eprintln!(
+            "{}: skipped {} bad lines",
+            path.display(),
+            loaded.skipped.len()
+        );
     }
     if loaded.items.is_empty() {
         return Err(rlhf_train::TrainError::bad_file(path, "no examples"));
     }
-    Ok(loaded.items.iter().map(|ex| lm.encode(&ex.prompt, &ex.completion, true, max_len)).collect::<rlhf_lm::Result<_>>()?)
+    Ok(loaded
+        .items
+        .iter()
+        .map(|ex| lm.encode(&ex.prompt, &ex.completion, true, max_len))
+        .collect::<rlhf_lm::Result<_>>()?)
 }
 
 /// Summed NLL of the completion tokens of `rows` (differentiable).
-pub fn nll_sum(lm: &TrainableLm, rows: &[(Vec<u32>, Vec<u32>)], device: &Device) -> Result<candle_core::Tensor> {
+pub fn nll_sum(
+    lm: &TrainableLm,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    device: &Device,
+) -> Result<candle_core::Tensor> {
     let model = lm.model(device)?;
     let batch = CompletionBatch::new(rows, lm.pad_id, device)?;
     Ok(completion_logprobs(&model, &batch, 1.0)?.sum_all()?.neg()?)
 }
 
 /// Evaluation loss (mean NLL per completion token) without gradients.
-pub fn eval_loss(lm: &TrainableLm, rows: &[(Vec<u32>, Vec<u32>)], batch_size: usize, device: &Device) -> Result<f64> {
+pub fn eval_loss(
+    lm: &TrainableLm,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+    device: &Device,
+) -> Result<f64> {
     let frozen = rlhf_lm::llama::Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
     let (mut total, mut count) = (0f64, 0usize);
     for chunk in rows.chunks(batch_size.max(1)) {
@@ -171,5 +195,9 @@ pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary>
     };
     lm.generation.max_new_tokens.get_or_insert(64);
     trainer.finish(&lm)?;
-    Ok(SftSummary { steps: trainer.step, final_train_loss: last_loss, eval_loss })
+    Ok(SftSummary {
+        steps: trainer.step,
+        final_train_loss: last_loss,
+        eval_loss,
+    })
 }

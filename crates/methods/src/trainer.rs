@@ -6,7 +6,8 @@ use std::path::Path;
 
 use candle_core::{backprop::GradStore, Device, Var};
 use rlhf_train::{
-    clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, MetricsLogger, Result, RunDir, ScheduleKind,
+    clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, MetricsLogger, Result, RunDir,
+    ScheduleKind,
 };
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +65,9 @@ pub struct Trainer {
     pub step: u64,
     /// The method's own state from the checkpoint a resumed run started from.
     pub resumed_state: Option<serde_json::Value>,
+    /// `RLHF_TEST_KILL_AT_STEP`: fail right after this step, leaving the run directory as a killed
+    /// process would (metrics past the last checkpoint, no final model). For resume tests.
+    kill_at: Option<u64>,
 }
 
 impl Trainer {
@@ -127,6 +131,9 @@ impl Trainer {
             vars: vars.into_iter().map(|(_, v)| v).collect(),
             step,
             resumed_state,
+            kill_at: std::env::var("RLHF_TEST_KILL_AT_STEP")
+                .ok()
+                .and_then(|s| s.parse().ok()),
         })
     }
 
@@ -144,6 +151,12 @@ impl Trainer {
         let lr = self.schedule.lr_at(self.step, self.base_lr);
         self.opt.step(&grads, lr)?;
         self.step += 1;
+        if self.kill_at == Some(self.step) {
+            return Err(rlhf_train::TrainError::Invalid(format!(
+                "killed at step {} (RLHF_TEST_KILL_AT_STEP)",
+                self.step
+            )));
+        }
         Ok(StepStats { lr, grad_norm })
     }
 
@@ -154,15 +167,21 @@ impl Trainer {
     /// A checkpoint of the current step: weights (as an HF directory), optimiser, method state.
     pub fn checkpoint(&self, lm: &TrainableLm, state: serde_json::Value) -> Result<()> {
         let weights = lm.snapshot()?;
-        self.run.save_checkpoint_with(self.step, &weights, &self.opt.state()?, &state, |dir: &Path| {
-            std::fs::write(
-                dir.join("config.json"),
-                serde_json::to_string_pretty(&lm.config.to_hf_json()).expect("serialisable"),
-            )
-            .map_err(|e| rlhf_train::TrainError::io(dir.join("config.json"), e))?;
-            lm.tokenizer.save_hf(dir, lm.chat_template.as_ref())?;
-            Ok::<(), rlhf_train::TrainError>(())
-        })?;
+        self.run.save_checkpoint_with(
+            self.step,
+            &weights,
+            &self.opt.state()?,
+            &state,
+            |dir: &Path| {
+                std::fs::write(
+                    dir.join("config.json"),
+                    serde_json::to_string_pretty(&lm.config.to_hf_json()).expect("serialisable"),
+                )
+                .map_err(|e| rlhf_train::TrainError::io(dir.join("config.json"), e))?;
+                lm.tokenizer.save_hf(dir, lm.chat_template.as_ref())?;
+                Ok::<(), rlhf_train::TrainError>(())
+            },
+        )?;
         Ok(())
     }
 

@@ -7,7 +7,7 @@
 //!   atomic checkpoints, resume);
 //! - [`tensorboard`]: the TensorBoard event-file writer (and a reader, for tests);
 //! - [`rng`]: a seedable RNG whose full state round-trips through JSON, for exact resume;
-//! - [`progress`]: progress bars that stay quiet when stderr is not a terminal.
+//! - [`mod@progress`]: progress bars that stay quiet when stderr is not a terminal.
 
 pub mod clip;
 pub mod error;

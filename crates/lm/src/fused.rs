@@ -1,0 +1,657 @@
+//! Fused f32 CPU kernels that keep their gradient.
+//!
+//! candle's own fused kernels (`candle_nn::ops::rms_norm`, `softmax_last_dim`, `rope`) have no
+//! backward, and the composed differentiable versions (one tensor op per arithmetic step) are slow
+//! and allocate a full-size tensor per step, forward and backward. Each op here is one custom op
+//! with direct loops over rows, and a backward that is itself one direct-loop op.
+//!
+//! Every op takes contiguous f32 tensors on the CPU ([`supported`] says whether a tensor
+//! qualifies); `crate::ops` and `crate::score` route everything else (f64 gradient checks, other
+//! devices) to the composed versions. Rows are spread over rayon's pool when there are enough of
+//! them to be worth it.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
+};
+use rayon::prelude::*;
+
+/// Whether `x` can go through the fused kernels: f32 on the CPU (non-contiguous tensors are made
+/// contiguous by the wrappers below).
+pub fn supported(x: &Tensor) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new(); // TEMP A/B
+    if *OFF.get_or_init(|| std::env::var("RLHF_FUSED_OFF").is_ok()) {
+        return false;
+    }
+    x.dtype() == DType::F32 && x.device().is_cpu()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row kernels (single-threaded, written so that the compiler vectorises the reductions: eight
+// independent accumulators instead of one serial chain).
+
+const LANES: usize = 8;
+
+fn sum_sq(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += c[k] * c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().map(|v| v * v).sum::<f32>()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; LANES];
+    let ca = a.chunks_exact(LANES);
+    let cb = b.chunks_exact(LANES);
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for k in 0..LANES {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Σ g·w·x over a row (the rms-norm backward's reduction).
+fn dot3(g: &[f32], w: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (cg, cw, cx) = (
+        g.chunks_exact(LANES),
+        w.chunks_exact(LANES),
+        x.chunks_exact(LANES),
+    );
+    let tail: f32 = cg
+        .remainder()
+        .iter()
+        .zip(cw.remainder())
+        .zip(cx.remainder())
+        .map(|((g, w), x)| g * w * x)
+        .sum();
+    for ((g, w), x) in cg.zip(cw).zip(cx) {
+        for k in 0..LANES {
+            acc[k] += g[k] * w[k] * x[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] = acc[k].max(c[k]);
+        }
+    }
+    tail.iter()
+        .chain(acc.iter())
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+/// log Σ exp(x · scale) over a row, stable (scale > 0).
+fn log_sum_exp(x: &[f32], scale: f32) -> f32 {
+    let m = max(x) * scale;
+    if m == f32::NEG_INFINITY || !m.is_finite() {
+        // All -inf (or an inf/NaN in the row): the plain formula gives the IEEE answer.
+        return x.iter().map(|&v| (v * scale).exp()).sum::<f32>().ln();
+    }
+    let s: f32 = x.iter().map(|&v| (v * scale - m).exp()).sum();
+    m + s.ln()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Storage helpers.
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{op}: input must be contiguous")
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(&v[a..b]),
+        _ => bail!("{op}: expected f32, got {:?}", s.dtype()),
+    }
+}
+
+fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("{op}: input must be contiguous")
+    };
+    match s {
+        CpuStorage::U32(v) => Ok(&v[a..b]),
+        _ => bail!("{op}: expected u32 indices, got {:?}", s.dtype()),
+    }
+}
+
+/// Below this many elements of work an op runs on the calling thread.
+const PAR_MIN_WORK: usize = 1 << 15;
+
+/// Rows per parallel task: whole rows, a few tasks per thread, none too small to pay for itself.
+/// Returns `rows` (one task: run inline) when the work is small.
+fn rows_per_task(rows: usize, work_per_row: usize) -> usize {
+    let work = rows * work_per_row.max(1);
+    if rows < 2 || work < PAR_MIN_WORK {
+        return rows.max(1);
+    }
+    let by_size = (work / (PAR_MIN_WORK / 4)).max(1);
+    let tasks = (rayon::current_num_threads() * 4)
+        .min(by_size)
+        .min(rows)
+        .max(1);
+    rows.div_ceil(tasks)
+}
+
+/// Fill `out` (rows of `out_width`) block by block: `f(first_row, block)` gets whole rows.
+fn par_rows<F>(out: &mut [f32], out_width: usize, work_per_row: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    if out_width == 0 || out.is_empty() {
+        return;
+    }
+    let rows = out.len() / out_width;
+    let rpt = rows_per_task(rows, work_per_row);
+    if rpt >= rows {
+        f(0, out);
+    } else {
+        out.par_chunks_mut(rpt * out_width)
+            .enumerate()
+            .for_each(|(i, block)| f(i * rpt, block));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm.
+
+/// RMSNorm over the last dimension with gradients for `x` and `weight`:
+/// y = x / sqrt(mean(x²) + eps) · weight. `x`: (..., h), `weight`: (h), both f32 on the CPU.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let h = x.dim(D::Minus1)?;
+    if weight.dims() != [h] {
+        bail!(
+            "rms_norm: weight shape {:?} does not match hidden size {h}",
+            weight.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let h = w.len();
+        if h == 0 || x.len() % h != 0 {
+            bail!("{}: {} elements are not rows of {h}", self.name(), x.len());
+        }
+        let eps = self.eps;
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, h, h, |r0, block| {
+            for (i, yr) in block.chunks_exact_mut(h).enumerate() {
+                let xr = &x[(r0 + i) * h..(r0 + i + 1) * h];
+                let r = 1.0 / (sum_sq(xr) / h as f32 + eps).sqrt();
+                for ((y, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
+                    *y = x * r * w;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let h = w.elem_count();
+        // One op returns [dx (n) | dw (h)] in a single buffer; both are views of it.
+        let both = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = both.narrow(0, n, h)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// r = 1/sqrt(mean(x²)+eps); dx = r·(g·w) − x·r³·mean(g·w·x); dw = Σ_rows g·x·r.
+struct RmsNormBwd {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let g = f32_slice(s3, l3, self.name())?;
+        let (n, h) = (x.len(), w.len());
+        if h == 0 || n % h != 0 || g.len() != n {
+            bail!(
+                "{}: shapes do not match ({n} / {h} / {})",
+                self.name(),
+                g.len()
+            );
+        }
+        let rows = n / h;
+        let eps = self.eps;
+        let inv_h = 1.0 / h as f32;
+        let mut out = vec![0f32; n + h];
+        let (dx, dw) = out.split_at_mut(n);
+        // Each block of rows writes its dx rows and returns its partial dw.
+        let block = |r0: usize, dxb: &mut [f32]| -> Vec<f32> {
+            let mut dw = vec![0f32; h];
+            for (i, dxr) in dxb.chunks_exact_mut(h).enumerate() {
+                let row = (r0 + i) * h..(r0 + i + 1) * h;
+                let (xr, gr) = (&x[row.clone()], &g[row]);
+                let r = 1.0 / (sum_sq(xr) * inv_h + eps).sqrt();
+                let c = r * r * r * dot3(gr, w, xr) * inv_h;
+                for (((d, &g), &w), &x) in dxr.iter_mut().zip(gr).zip(w).zip(xr) {
+                    *d = r * g * w - x * c;
+                }
+                for ((dw, &g), &x) in dw.iter_mut().zip(gr).zip(xr) {
+                    *dw += g * x * r;
+                }
+            }
+            dw
+        };
+        let rpt = rows_per_task(rows, 2 * h);
+        let partial = if rpt >= rows {
+            block(0, dx)
+        } else {
+            dx.par_chunks_mut(rpt * h)
+                .enumerate()
+                .map(|(i, dxb)| block(i * rpt, dxb))
+                .reduce(
+                    || vec![0f32; h],
+                    |mut a, b| {
+                        a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                )
+        };
+        dw.copy_from_slice(&partial);
+        Ok((CpuStorage::F32(out), Shape::from(n + h)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax over the last dimension.
+
+/// Softmax over the last dimension with a gradient: dx = y·(g − Σ g·y).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "fused-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, self.name())?;
+        let dims = l.shape().dims();
+        let v = *dims.last().unwrap_or(&1);
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, v, v, |r0, block| {
+            for (i, yr) in block.chunks_exact_mut(v).enumerate() {
+                let xr = &x[(r0 + i) * v..(r0 + i + 1) * v];
+                let m = max(xr);
+                let mut s = 0f32;
+                for (y, &x) in yr.iter_mut().zip(xr) {
+                    *y = (x - m).exp();
+                    s += *y;
+                }
+                let inv = 1.0 / s;
+                yr.iter_mut().for_each(|y| *y *= inv);
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&g.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+struct SoftmaxBwd;
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "fused-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, self.name())?;
+        let g = f32_slice(s2, l2, self.name())?;
+        if y.len() != g.len() {
+            bail!(
+                "{}: gradient has {} elements, output {}",
+                self.name(),
+                g.len(),
+                y.len()
+            );
+        }
+        let v = *l1.shape().dims().last().unwrap_or(&1);
+        let mut dx = vec![0f32; y.len()];
+        par_rows(&mut dx, v, 2 * v, |r0, block| {
+            for (i, dr) in block.chunks_exact_mut(v).enumerate() {
+                let row = (r0 + i) * v..(r0 + i + 1) * v;
+                let (yr, gr) = (&y[row.clone()], &g[row]);
+                let s = dot(gr, yr);
+                for ((d, &y), &g) in dr.iter_mut().zip(yr).zip(gr) {
+                    *d = y * (g - s);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token log-probs.
+
+/// log softmax(logits / temperature)[target] per row, without materialising the log-softmax.
+/// `logits`: (n, v) f32, `targets`: (n) u32 -> (n). The gradient flows to `logits` only:
+/// dlogits = g · (onehot(target) − softmax(logits / T)) / T.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
+    let (n, _) = logits.dims2()?;
+    if targets.dims() != [n] {
+        bail!(
+            "token_logprobs: targets shape {:?}, expected [{n}]",
+            targets.dims()
+        );
+    }
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        bail!("token_logprobs: temperature must be positive and finite, got {temperature}");
+    }
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    logits.contiguous()?.apply_op2(
+        &targets,
+        TokenLogprobs {
+            inv_t: (1.0 / temperature) as f32,
+            lse: std::sync::Mutex::new(None),
+        },
+    )
+}
+
+struct TokenLogprobs {
+    inv_t: f32,
+    /// Each row's log-sum-exp of logits / T, kept from the forward pass for the backward.
+    lse: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+fn check_targets(targets: &[u32], v: usize, op: &str) -> Result<()> {
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= v) {
+        bail!("{op}: target {t} out of range for vocabulary {v}");
+    }
+    Ok(())
+}
+
+impl CustomOp2 for TokenLogprobs {
+    fn name(&self) -> &'static str {
+        "fused-token-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let t = u32_slice(s2, l2, self.name())?;
+        let (n, v) = l1.shape().dims2()?;
+        if t.len() != n {
+            bail!("{}: {} targets for {n} rows", self.name(), t.len());
+        }
+        check_targets(t, v, self.name())?;
+        let inv_t = self.inv_t;
+        let mut lse = vec![0f32; n];
+        par_rows(&mut lse, 1, v, |r0, block| {
+            for (i, l) in block.iter_mut().enumerate() {
+                *l = log_sum_exp(&x[(r0 + i) * v..(r0 + i + 1) * v], inv_t);
+            }
+        });
+        let out: Vec<f32> = (0..n)
+            .map(|i| x[i * v + t[i] as usize] * inv_t - lse[i])
+            .collect();
+        *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let op = TokenLogprobsBwd {
+            inv_t: self.inv_t,
+            lse,
+        };
+        let dlogits = logits.apply_op3_no_bwd(targets, &g.contiguous()?, &op)?;
+        Ok((Some(dlogits), None))
+    }
+}
+
+struct TokenLogprobsBwd {
+    inv_t: f32,
+    /// From the forward pass; recomputed when absent.
+    lse: Option<Vec<f32>>,
+}
+
+impl CustomOp3 for TokenLogprobsBwd {
+    fn name(&self) -> &'static str {
+        "fused-token-logprobs-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let t = u32_slice(s2, l2, self.name())?;
+        let g = f32_slice(s3, l3, self.name())?;
+        let (n, v) = l1.shape().dims2()?;
+        if t.len() != n || g.len() != n {
+            bail!(
+                "{}: {} targets and {} gradients for {n} rows",
+                self.name(),
+                t.len(),
+                g.len()
+            );
+        }
+        check_targets(t, v, self.name())?;
+        let lse = self.lse.as_deref().filter(|l| l.len() == n);
+        let inv_t = self.inv_t;
+        let mut dx = vec![0f32; n * v];
+        par_rows(&mut dx, v, v, |r0, block| {
+            for (i, dr) in block.chunks_exact_mut(v).enumerate() {
+                let r = r0 + i;
+                let xr = &x[r * v..(r + 1) * v];
+                let scale = g[r] * inv_t;
+                if scale == 0.0 {
+                    // Masked-out position: the buffer is already zero.
+                    continue;
+                }
+                let lse = match lse {
+                    Some(l) => l[r],
+                    None => log_sum_exp(xr, inv_t),
+                };
+                for (d, &x) in dr.iter_mut().zip(xr) {
+                    *d = -scale * (x * inv_t - lse).exp();
+                }
+                dr[t[r] as usize] += scale;
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary position embedding (rotate-half layout).
+
+/// RoPE in Hugging Face's rotate-half layout with a gradient for `x` (and for `cos` / `sin` in the
+/// unusual case that they are part of a gradient graph). `x`: (b, heads, t, d); `cos`, `sin`:
+/// (b, t, d / 2). The backward of rope with (cos, sin) is rope with (cos, −sin).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, _, t, d) = x.dims4()?;
+    if d % 2 != 0 || cos.dims() != [b, t, d / 2] || sin.dims() != [b, t, d / 2] {
+        bail!(
+            "rope: x {:?} with cos {:?} / sin {:?}, expected (b, t, d/2) tables",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { inverse: false },
+    )
+}
+
+/// `inverse`: rotate by −angle (sin negated): the backward of the forward rotation.
+struct Rope {
+    inverse: bool,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let cos = f32_slice(s2, l2, self.name())?;
+        let sin = f32_slice(s3, l3, self.name())?;
+        let (b, nh, t, d) = l1.shape().dims4()?;
+        let half = d / 2;
+        if d % 2 != 0 || cos.len() != b * t * half || sin.len() != cos.len() {
+            bail!(
+                "{}: tables do not match x {:?}",
+                self.name(),
+                l1.shape().dims()
+            );
+        }
+        let sign = if self.inverse { -1f32 } else { 1f32 };
+        let mut y = vec![0f32; x.len()];
+        par_rows(&mut y, d, d, |r0, block| {
+            for (i, yr) in block.chunks_exact_mut(d).enumerate() {
+                let r = r0 + i; // row index over (b, nh, t)
+                let (bi, ti) = (r / (nh * t), r % t);
+                let tab = (bi * t + ti) * half..(bi * t + ti + 1) * half;
+                let (c, s) = (&cos[tab.clone()], &sin[tab]);
+                let (x1, x2) = x[r * d..(r + 1) * d].split_at(half);
+                let (y1, y2) = yr.split_at_mut(half);
+                for k in 0..half {
+                    let sk = sign * s[k];
+                    y1[k] = x1[k] * c[k] - x2[k] * sk;
+                    y2[k] = x2[k] * c[k] + x1[k] * sk;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = g.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                inverse: !self.inverse,
+            },
+        )?;
+        if !cos.track_op() && !sin.track_op() {
+            return Ok((Some(dx), None, None));
+        }
+        // Table gradients (never needed by the model, whose tables come from integer positions):
+        // y1 = x1·c − x2·s', y2 = x2·c + x1·s' with s' = ±s, summed over heads.
+        let half = x.dim(D::Minus1)? / 2;
+        let (x1, x2) = (
+            x.narrow(D::Minus1, 0, half)?,
+            x.narrow(D::Minus1, half, half)?,
+        );
+        let (g1, g2) = (
+            g.narrow(D::Minus1, 0, half)?,
+            g.narrow(D::Minus1, half, half)?,
+        );
+        let dcos = ((&g1 * &x1)? + (&g2 * &x2)?)?.sum(1)?;
+        let mut dsin = ((&g2 * &x1)? - (&g1 * &x2)?)?.sum(1)?;
+        if self.inverse {
+            dsin = dsin.neg()?;
+        }
+        Ok((Some(dx), Some(dcos), Some(dsin)))
+    }
+}

@@ -1,0 +1,239 @@
+//! SFT and reward-model losses against hand-computed values, and determinism of whole runs.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rlhf_data::testbed::{task_by_name, tokenizer_for};
+use rlhf_methods::losses::neg_log_sigmoid;
+use rlhf_methods::policy::{fresh_tiny, TrainableLm};
+use rlhf_methods::reward::{add_head, RewardModel};
+use rlhf_methods::rm::{pair_loss, PairIds};
+use rlhf_methods::sft::{self, nll_sum, SftConfig};
+use rlhf_methods::trainer::OptimConfig;
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rlhf-methods-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tiny_lm() -> TrainableLm {
+    let task = task_by_name("sentiment", 0).unwrap();
+    fresh_tiny(tokenizer_for(task.as_ref()), 0, &Device::Cpu).unwrap()
+}
+
+/// With every weight zero the logits are zero, so each completion token costs exactly ln(V);
+/// prompt tokens and padding cost nothing.
+#[test]
+fn sft_loss_is_masked_nll() {
+    let lm = tiny_lm();
+    for (_, var) in &lm.params.vars {
+        var.set(&var.zeros_like().unwrap()).unwrap();
+    }
+    let rows = vec![
+        (vec![1u32, 10, 11, 12, 13, 14], vec![20u32, 2]),
+        (vec![1, 30], vec![31, 32, 33, 2]),
+    ];
+    let nll = nll_sum(&lm, &rows, &Device::Cpu)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let v = lm.config.vocab_size as f64;
+    assert!(
+        (nll - 6.0 * v.ln()).abs() < 1e-4,
+        "{nll} vs {}",
+        6.0 * v.ln()
+    );
+}
+
+/// The masked NLL equals minus the sum of the scored completion log-probs, row by row.
+#[test]
+fn sft_loss_equals_scored_logprobs() {
+    let lm = tiny_lm();
+    let rows = vec![
+        (vec![1u32, 10, 11], vec![20u32, 21, 2]),
+        (vec![1, 30, 31, 32, 33], vec![40, 2]),
+    ];
+    let nll = nll_sum(&lm, &rows, &Device::Cpu)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let frozen = lm.model(&Device::Cpu).unwrap().detached();
+    let scored: f64 = rlhf_lm::score::score_pairs(&frozen, &rows, 0, 1, 1.0)
+        .unwrap()
+        .iter()
+        .flatten()
+        .map(|&x| x as f64)
+        .sum();
+    assert!((nll + scored).abs() < 1e-4, "{nll} vs {}", -scored);
+}
+
+#[test]
+fn bradley_terry_loss_with_margin_by_hand() {
+    // diff = r_c - r_r - m = [1.0 - 0.2 - 0.5, -0.5 - 0.5 - 0.0] = [0.3, -1.0]
+    // -log sigmoid(0.3) = ln(1 + e^-0.3) = 0.554355244; -log sigmoid(-1) = ln(1 + e) = 1.313261687
+    let diff = Tensor::new(&[0.3f32, -1.0], &Device::Cpu).unwrap();
+    let l = neg_log_sigmoid(&diff).unwrap().to_vec1::<f32>().unwrap();
+    assert!(
+        (l[0] - 0.554_355_24).abs() < 1e-6 && (l[1] - 1.313_261_7).abs() < 1e-6,
+        "{l:?}"
+    );
+    // Stable far out in both tails.
+    let far = neg_log_sigmoid(&Tensor::new(&[80f32, -80.0], &Device::Cpu).unwrap())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(
+        far[0] >= 0.0 && far[0] < 1e-30 && (far[1] - 80.0).abs() < 1e-4,
+        "{far:?}"
+    );
+}
+
+/// The batched pair loss equals the hand formula applied to the reward model's own scores.
+#[test]
+fn pair_loss_matches_scores() {
+    let lm = tiny_lm();
+    let mut w = lm.snapshot().unwrap();
+    add_head(&mut w, lm.config.hidden_size, 5, &Device::Cpu).unwrap();
+    let lm = TrainableLm {
+        params: rlhf_lm::llama::Trainable::new(&w).unwrap(),
+        ..lm
+    };
+    let pairs = vec![
+        PairIds {
+            prompt: vec![1, 10, 11],
+            chosen: vec![20, 21, 2],
+            rejected: vec![22, 2],
+            margin: 1.0,
+        },
+        PairIds {
+            prompt: vec![1, 30],
+            chosen: vec![31, 2],
+            rejected: vec![32, 33, 34, 2],
+            margin: 0.0,
+        },
+    ];
+    let out = pair_loss(&lm, &pairs, 0.5, 0.0, &Device::Cpu).unwrap();
+    let rm = RewardModel::from_trainable(&lm, None, &Device::Cpu).unwrap();
+    let c = rm
+        .score_raw(
+            &pairs
+                .iter()
+                .map(|p| (p.prompt.clone(), p.chosen.clone()))
+                .collect::<Vec<_>>(),
+            4,
+        )
+        .unwrap();
+    let r = rm
+        .score_raw(
+            &pairs
+                .iter()
+                .map(|p| (p.prompt.clone(), p.rejected.clone()))
+                .collect::<Vec<_>>(),
+            4,
+        )
+        .unwrap();
+    let softplus = |x: f64| (1.0 + x.exp()).ln();
+    let want = (softplus(-(c[0] - r[0] - 0.5)) + softplus(-(c[1] - r[1]))) / 2.0;
+    let got = out.loss.to_scalar::<f32>().unwrap() as f64;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    let acc = ((c[0] > r[0]) as u8 + (c[1] > r[1]) as u8) as f64 / 2.0;
+    assert_eq!(out.accuracy, acc);
+    // The LM term adds beta * mean NLL of the chosen completions.
+    let with_lm = pair_loss(&lm, &pairs, 0.5, 0.3, &Device::Cpu)
+        .unwrap()
+        .loss
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let rows: Vec<_> = pairs
+        .iter()
+        .map(|p| (p.prompt.clone(), p.chosen.clone()))
+        .collect();
+    // 5 chosen completion tokens: [20, 21, 2] and [31, 2].
+    let nll = nll_sum(&lm, &rows, &Device::Cpu)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64
+        / 5.0;
+    assert!(
+        (with_lm - (want + 0.3 * nll)).abs() < 1e-4,
+        "{with_lm} vs {}",
+        want + 0.3 * nll
+    );
+}
+
+fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
+    SftConfig {
+        model: init.to_path_buf(),
+        train_file: data.to_path_buf(),
+        output_dir: dir.to_path_buf(),
+        epochs: 2,
+        batch_size: 8,
+        max_len: 48,
+        save_every: 3,
+        log_every: 1,
+        seed: 7,
+        optim: OptimConfig {
+            lr: 1e-3,
+            ..OptimConfig::default()
+        },
+        ..SftConfig::default()
+    }
+}
+
+fn metrics_without_time(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("wall_time");
+            o.remove("tokens_per_s");
+            v
+        })
+        .collect()
+}
+
+/// Same config + seed -> identical metrics and weights; and SFT lowers the loss.
+#[test]
+fn sft_is_deterministic_and_learns() {
+    let root = scratch("det");
+    let task = task_by_name("sentiment", 0).unwrap();
+    let data = root.join("sft.jsonl");
+    let lines: Vec<String> = task.demonstrations()[..48]
+        .iter()
+        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let init = root.join("init");
+    tiny_lm().save(&init).unwrap();
+    let a = sft::run(
+        &sft_config(&root.join("a"), &data, &init),
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let b = sft::run(
+        &sft_config(&root.join("b"), &data, &init),
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(a.steps, 12);
+    let (ma, mb) = (
+        metrics_without_time(&root.join("a/metrics.jsonl")),
+        metrics_without_time(&root.join("b/metrics.jsonl")),
+    );
+    assert_eq!(ma, mb);
+    let first = ma[0]["loss"].as_f64().unwrap();
+    assert!(
+        a.final_train_loss < first - 0.5,
+        "loss {first} -> {}",
+        a.final_train_loss
+    );
+    let wa = std::fs::read(root.join("a/model/model.safetensors")).unwrap();
+    let wb = std::fs::read(root.join("b/model/model.safetensors")).unwrap();
+    assert!(wa == wb, "identical weights");
+}
