@@ -32,14 +32,34 @@ enum Command {
     Sft(train_cmds::RunArgs),
     /// Train a reward model on preference pairs (Bradley-Terry; optional LM regulariser).
     Rm(train_cmds::RunArgs),
+    /// Win-rate of a policy against a reference (gold and/or reward-model judge); writes eval.json.
+    Eval(train_cmds::RunArgs),
+    /// Write a built-in testbed task's data files and tokenizer.
+    Testbed(train_cmds::TestbedArgs),
     /// The main job on the built-in testbed: task -> SFT -> reward model -> evaluation.
     Quickstart(train_cmds::RunArgs),
+    /// Online RL: REINFORCE with a moving-average baseline (sequence-level, KL-shaped reward).
+    Reinforce(train_cmds::RunArgs),
+    /// Online RL: RLOO_k (k samples per prompt, leave-one-out baseline, no ratio or clip).
+    Rloo(train_cmds::RunArgs),
+    /// Online RL: token-level policy gradient with a learned value baseline (lambda = 1, no clip).
+    VanillaPg(train_cmds::RunArgs),
+    /// Online RL: RAFT_k (keep the best of k samples by reward, NLL step on it).
+    Raft(train_cmds::RunArgs),
+    /// Online RL: GRPO (group-normalised advantages, k3 KL in the loss, clipped ratio).
+    Grpo(train_cmds::RunArgs),
+    /// Run every online method on a testbed task with the same sample budget over seeds; writes a
+    /// Table-1-style markdown table.
+    CompareOnline(train_cmds::RunArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let threads = cli.threads.unwrap_or_else(|| match &cli.command {
         Command::Generate(a) if rlhf_lm::available_cores() <= 2 && a.batch_size <= 8 => 1,
+        // The testbed's tiny model: synchronising two threads costs more than it gains.
+        Command::Quickstart(_) => 1,
+        Command::CompareOnline(_) => 1,
         _ => rlhf_lm::available_cores(),
     });
     rlhf_lm::set_threads(threads);
@@ -49,7 +69,15 @@ fn main() {
         Command::Info(a) => model_cmds::info(a),
         Command::Sft(a) => train_cmds::sft(a),
         Command::Rm(a) => train_cmds::rm(a),
+        Command::Eval(a) => train_cmds::eval(a),
+        Command::Testbed(a) => train_cmds::testbed(a),
         Command::Quickstart(a) => train_cmds::quickstart(a),
+        Command::Reinforce(a) => train_cmds::reinforce(a),
+        Command::Rloo(a) => train_cmds::rloo(a),
+        Command::VanillaPg(a) => train_cmds::vanilla_pg(a),
+        Command::Raft(a) => train_cmds::raft(a),
+        Command::Grpo(a) => train_cmds::grpo(a),
+        Command::CompareOnline(a) => train_cmds::compare_online(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
-use rlhf_methods::{quickstart, rm, sft};
+use rlhf_methods::{eval, quickstart, rm, sft};
 
 use crate::config::resolve;
 
@@ -51,5 +51,76 @@ pub fn quickstart(a: RunArgs) -> Result<()> {
         cfg.out_dir.join("report.json").display(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+pub fn eval(a: RunArgs) -> Result<()> {
+    let cfg: eval::EvalConfig = resolved(&a)?;
+    let report = eval::run_eval(&cfg, &Device::Cpu).context("eval")?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct TestbedArgs {
+    /// sentiment | arithmetic | translate
+    #[arg(long, default_value = "sentiment")]
+    pub task: String,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Directory for the JSONL files and the tokenizer.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Write a testbed task's data (TRL-format JSONL) and its tokenizer, for use with any command.
+pub fn testbed(a: TestbedArgs) -> Result<()> {
+    let task = rlhf_data::testbed::task_by_name(&a.task, a.seed).map_err(anyhow::Error::msg)?;
+    let files = rlhf_data::testbed::write_task_files(task.as_ref(), &a.out).with_context(|| format!("{}", a.out.display()))?;
+    let tokenizer = rlhf_data::testbed::tokenizer_for(task.as_ref());
+    tokenizer.save_hf(&a.out.join("tokenizer"), None)?;
+    println!("{}\n{}\n{}\n{}", files.sft.display(), files.prompts_train.display(), files.prompts_eval.display(), a.out.join("tokenizer").display());
+    Ok(())
+}
+
+/// An online method's command: resolve its config, run, print the summary (eval included).
+fn online<M: rlhf_methods::online::Method>(
+    a: RunArgs,
+    run: fn(
+        &rlhf_methods::online::OnlineConfig<M>,
+        bool,
+        &Device,
+    ) -> rlhf_train::Result<rlhf_methods::online::OnlineSummary>,
+) -> Result<()> {
+    let cfg: rlhf_methods::online::OnlineConfig<M> = resolved(&a)?;
+    let summary = run(&cfg, a.resume, &Device::Cpu).context(M::NAME)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+pub fn reinforce(a: RunArgs) -> Result<()> {
+    online(a, rlhf_methods::reinforce::run)
+}
+
+pub fn rloo(a: RunArgs) -> Result<()> {
+    online(a, rlhf_methods::rloo::run)
+}
+
+pub fn vanilla_pg(a: RunArgs) -> Result<()> {
+    online(a, rlhf_methods::vanilla_pg::run)
+}
+
+pub fn raft(a: RunArgs) -> Result<()> {
+    online(a, rlhf_methods::raft::run)
+}
+
+pub fn grpo(a: RunArgs) -> Result<()> {
+    online(a, rlhf_methods::grpo::run)
+}
+
+pub fn compare_online(a: RunArgs) -> Result<()> {
+    let cfg: rlhf_methods::compare::CompareConfig = resolved(&a)?;
+    let report = rlhf_methods::compare::run(&cfg, &Device::Cpu).context("compare-online")?;
+    println!("{}", rlhf_methods::compare::format_table(&report));
     Ok(())
 }

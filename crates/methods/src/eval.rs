@@ -188,3 +188,139 @@ pub fn judge(
         n: policy.len(),
     })
 }
+
+/// `rlhf eval`: sample the policy (optionally best-of-n by a reward model) and a reference on the
+/// same prompts, judge, write `eval.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub policy: std::path::PathBuf,
+    /// A reference policy: its samples are the reference completions, and KL is measured to it.
+    pub reference: Option<std::path::PathBuf>,
+    /// Or fixed reference completions (`prompt` / `completion` JSONL), in the prompts' order.
+    pub reference_file: Option<std::path::PathBuf>,
+    /// Prompts (`prompt` or `messages`); default: the testbed task's eval prompts.
+    pub prompts_file: Option<std::path::PathBuf>,
+    /// A testbed task whose gold reward judges (and whose eval prompts are used by default).
+    pub task: Option<String>,
+    pub task_seed: u64,
+    pub reward_model: Option<std::path::PathBuf>,
+    /// More than 1: the policy's answer is the best of n samples by `reward_model`.
+    pub best_of_n: usize,
+    pub max_prompts: usize,
+    pub max_new_tokens: usize,
+    /// 1.0 by default, so the KL estimate is of the policy itself.
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub output: std::path::PathBuf,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            policy: Default::default(),
+            reference: None,
+            reference_file: None,
+            prompts_file: None,
+            task: None,
+            task_seed: 0,
+            reward_model: None,
+            best_of_n: 1,
+            max_prompts: 200,
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_p: None,
+            seed: 0,
+            batch_size: 32,
+            output: "eval.json".into(),
+        }
+    }
+}
+
+pub fn run_eval(cfg: &EvalConfig, device: &candle_core::Device) -> Result<EvalReport> {
+    use rlhf_data::loaders::{load_prompt_completion, load_prompts, LoadOptions};
+    let policy = rlhf_lm::Pretrained::load(&cfg.policy, device)?;
+    let task = match &cfg.task {
+        Some(name) => Some(rlhf_data::testbed::task_by_name(name, cfg.task_seed).map_err(LmError::Invalid)?),
+        None => None,
+    };
+    let texts: Vec<String> = match (&cfg.prompts_file, &task) {
+        (Some(p), _) => load_prompts(p, policy.chat_template.as_ref(), &LoadOptions::default())?.items,
+        (None, Some(t)) => t.eval_prompts().to_vec(),
+        (None, None) => return Err(LmError::Invalid("eval needs `prompts_file` or a testbed `task`".into())),
+    };
+    let texts: Vec<String> = texts.into_iter().take(cfg.max_prompts.max(1)).collect();
+    let prompts: Vec<(String, Vec<u32>)> = texts
+        .iter()
+        .map(|t| {
+            let ids = policy.tokenizer.encode(t, true)?;
+            if ids.is_empty() {
+                return Err(LmError::Invalid(format!("empty prompt {t:?}")));
+            }
+            Ok((t.clone(), ids))
+        })
+        .collect::<Result<_>>()?;
+    let params = SamplingParams {
+        max_new_tokens: cfg.max_new_tokens,
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        seed: cfg.seed,
+        eos_token_ids: policy.eos_token_ids(),
+        ..Default::default()
+    };
+    let pi = policy.model(device)?;
+    let reward_model = cfg.reward_model.as_ref().map(|p| RewardModel::load(p, device)).transpose()?;
+    let policy_samples = if cfg.best_of_n > 1 {
+        let rm = reward_model
+            .as_ref()
+            .ok_or_else(|| LmError::Invalid("best_of_n > 1 needs `reward_model`".into()))?;
+        crate::best_of_n::best_of_n(&pi, &policy.tokenizer, policy.pad_id(), &prompts, cfg.best_of_n, &params, rm, cfg.batch_size)?
+    } else {
+        sample(&pi, &policy.tokenizer, policy.pad_id(), &prompts, &params, cfg.batch_size)?
+    };
+    let reference_policy = cfg.reference.as_ref().map(|p| rlhf_lm::Pretrained::load(p, device)).transpose()?;
+    let reference_model = reference_policy.as_ref().map(|r| r.model(device)).transpose()?;
+    let reference_samples = match (&reference_policy, &reference_model, &cfg.reference_file) {
+        (Some(r), Some(m), _) => {
+            let ref_params = SamplingParams { seed: cfg.seed.wrapping_add(1_000_003), ..params.clone() };
+            sample(m, &r.tokenizer, r.pad_id(), &prompts, &ref_params, cfg.batch_size)?
+        }
+        (_, _, Some(file)) => {
+            let refs = load_prompt_completion(file, policy.chat_template.as_ref(), &LoadOptions::default())?.items;
+            if refs.len() < prompts.len() {
+                return Err(LmError::bad_file(file, format!("{} reference completions for {} prompts", refs.len(), prompts.len())));
+            }
+            prompts
+                .iter()
+                .zip(refs)
+                .map(|((text, ids), r)| {
+                    Ok(Generated {
+                        prompt: text.clone(),
+                        prompt_ids: ids.clone(),
+                        completion_ids: policy.tokenizer.encode(&r.completion, false)?,
+                        completion: r.completion.trim_start().to_string(),
+                        logprobs: Vec::new(),
+                    })
+                })
+                .collect::<Result<_>>()?
+        }
+        _ => return Err(LmError::Invalid("eval needs a `reference` policy or a `reference_file`".into())),
+    };
+    let gold = task.as_ref().map(|t| move |p: &str, r: &str| t.gold(p, r));
+    let judges = Judges { gold: gold.as_ref().map(|g| g as &dyn Fn(&str, &str) -> f64), reward_model: reward_model.as_ref() };
+    let kl_models = match (&reference_model, cfg.best_of_n > 1) {
+        (Some(m), false) => Some((&pi, m, policy.pad_id())),
+        _ => None,
+    };
+    let mut report = judge(&policy_samples, &reference_samples, &judges, kl_models)?;
+    if cfg.best_of_n > 1 && reference_model.is_some() {
+        report.kl_to_ref = Some(crate::best_of_n::kl_bound(cfg.best_of_n));
+    }
+    if let Some(dir) = cfg.output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| LmError::io(dir, e))?;
+    }
+    report.write(&cfg.output)?;
+    Ok(report)
+}

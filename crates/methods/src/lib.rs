@@ -12,3 +12,19 @@ pub mod reward;
 pub mod rm;
 pub mod sft;
 pub mod trainer;
+// Online policy optimisation: the shared rollout engine and reward sources, KL shaping, and one
+// file per estimator.
+pub mod compare;
+pub mod grpo;
+pub mod kl;
+pub mod online;
+pub mod raft;
+pub mod reinforce;
+pub mod reward_source;
+pub mod rloo;
+pub mod rollout;
+pub mod value;
+pub mod vanilla_pg;
+pub mod pref_losses;
+pub mod dpo;
+pub mod kto;

@@ -31,6 +31,8 @@ pub struct QuickstartConfig {
     pub sft_lr: f64,
     pub rm_epochs: usize,
     pub rm_lr: f64,
+    /// Preference pairs sampled per training prompt (each from two fresh SFT samples).
+    pub pairs_per_prompt: usize,
     /// Annotator label-flip probability (AlpacaFarm: 0.25).
     pub noise: f64,
     pub best_of_n: usize,
@@ -45,8 +47,9 @@ impl Default for QuickstartConfig {
             seed: 0,
             sft_epochs: 4,
             sft_lr: 2e-3,
-            rm_epochs: 2,
-            rm_lr: 3e-4,
+            rm_epochs: 3,
+            rm_lr: 1e-3,
+            pairs_per_prompt: 2,
             noise: 0.25,
             best_of_n: 16,
             eval_prompts: 200,
@@ -67,6 +70,10 @@ pub struct QuickstartReport {
     pub rm: rm::RmSummary,
     /// Held-out pairwise accuracy of the reward model against clean gold labels.
     pub rm_clean_accuracy: f64,
+    /// The best accuracy any model can expect on the noisy held-out labels: the mean probability
+    /// that the simulated annotator labels the gold-better response as chosen.
+    pub noisy_label_ceiling: f64,
+    pub train_pairs: usize,
     pub rows: Vec<Row>,
 }
 
@@ -123,11 +130,13 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
 
     step("preference pairs: SFT samples labelled by simulated annotators");
     let mut annotator = Annotator::for_task(task, cfg.noise, cfg.seed + 1);
+    let pair_prompts: Vec<String> =
+        (0..cfg.pairs_per_prompt.max(1)).flat_map(|_| task.train_prompts().iter().cloned()).collect();
     let train_pairs = sample_and_label(
         &sft_model,
         &sft_lm,
         task,
-        task.train_prompts(),
+        &pair_prompts,
         &mut annotator,
         &sampling(cfg.seed + 2),
     )?;
@@ -165,6 +174,17 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
             }
         })
         .collect();
+    let ceiling = {
+        let probe = Annotator::for_task(task, cfg.noise, 0);
+        let q: f64 = clean_pairs
+            .iter()
+            .map(|p| {
+                let better = probe.p_prefer(task.gold(&p.prompt, p.chosen.trim()), task.gold(&p.prompt, p.rejected.trim()));
+                (1.0 - cfg.noise) * better + cfg.noise * (1.0 - better)
+            })
+            .sum();
+        q / clean_pairs.len().max(1) as f64
+    };
     let data = out.join("data");
     write_pairs(&data.join("prefs_train.jsonl"), &train_pairs)?;
     write_pairs(&data.join("prefs_eval.jsonl"), &eval_pairs)?;
@@ -275,6 +295,8 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         sft: sft_summary,
         rm: rm_summary,
         rm_clean_accuracy,
+        noisy_label_ceiling: ceiling,
+        train_pairs: train_pairs.len(),
         rows,
     };
     let path = out.join("report.json");
@@ -312,8 +334,10 @@ pub fn format_table(r: &QuickstartReport) -> String {
         ));
     }
     s.push_str(&format!(
-        "\nreward model: held-out accuracy {:.3} on noisy labels (ceiling ~0.75 with 25% flips), {:.3} on clean gold labels\n",
+        "\nreward model ({} noisy pairs): held-out accuracy {:.3} on noisy labels (noise ceiling {:.3}), {:.3} on clean gold labels\n",
+        r.train_pairs,
         r.rm.eval_accuracy.unwrap_or(f64::NAN),
+        r.noisy_label_ceiling,
         r.rm_clean_accuracy
     ));
     s.push_str(&format!(

@@ -1,0 +1,392 @@
+//! The Back-to-Basics comparison on the testbed (a miniature of its Table 1): every online method
+//! from the same SFT policy and reward model, with the same sample budget (samples per
+//! iteration x iterations), over several seeds; each judged by gold win-rate against the SFT
+//! policy on the task's eval prompts (the same reference samples for every row), with KL to the
+//! SFT policy and response length. Writes `<out_dir>/compare.json` and a markdown table.
+//!
+//! Methods are named `rloo-k4`, `rloo-k2`, `raft-k4`, `raft-k2`, `grpo-k4`, `reinforce`,
+//! `vanilla-pg` (`-kN` sets `rollout.k`; REINFORCE and vanilla PG take one sample per prompt).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use rlhf_train::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::{run_eval, EvalConfig, EvalReport};
+use crate::online::{Method, OnlineConfig, OnlineSummary};
+use crate::reward_source::SourceKind;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompareConfig {
+    pub task: String,
+    pub task_seed: u64,
+    /// The SFT policy (also the reference) and the reward model.
+    pub sft_model: PathBuf,
+    pub reward_model: PathBuf,
+    /// `model` (the proxy reward model, as in the paper) or `gold`.
+    pub reward_source: SourceKind,
+    pub methods: Vec<String>,
+    pub seeds: Vec<u64>,
+    /// Samples (completions) per iteration, for every method: prompts_per_step = this / k.
+    pub samples_per_step: usize,
+    /// Iterations; the budget is samples_per_step x steps completions.
+    pub steps: u64,
+    pub lr: f64,
+    pub beta: f64,
+    /// GRPO's k3 weight in the loss.
+    pub grpo_beta: f64,
+    pub value_lr: f64,
+    pub max_new_tokens: usize,
+    pub eval_prompts: usize,
+    pub out_dir: PathBuf,
+    /// The markdown table (e.g. docs/online-comparison-sentiment.md); none: only compare.json.
+    pub table: Option<PathBuf>,
+    /// Skip runs whose eval.json already exists (to continue an interrupted comparison).
+    pub reuse: bool,
+}
+
+impl Default for CompareConfig {
+    fn default() -> Self {
+        CompareConfig {
+            task: "sentiment".into(),
+            task_seed: 0,
+            sft_model: "runs/quickstart/sft/model".into(),
+            reward_model: "runs/quickstart/rm/model".into(),
+            reward_source: SourceKind::Model,
+            methods: [
+                "rloo-k4",
+                "rloo-k2",
+                "raft-k4",
+                "raft-k2",
+                "grpo-k4",
+                "reinforce",
+                "vanilla-pg",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+            seeds: vec![0, 1, 2],
+            samples_per_step: 64,
+            steps: 60,
+            lr: 3e-5,
+            beta: 0.05,
+            grpo_beta: 0.04,
+            value_lr: 1e-4,
+            max_new_tokens: 16,
+            eval_prompts: 200,
+            out_dir: "runs/compare".into(),
+            table: None,
+            reuse: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunResult {
+    pub method: String,
+    pub seed: u64,
+    pub eval: EvalReport,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodRow {
+    pub method: String,
+    pub seeds: usize,
+    /// Mean over seeds of the gold win-rate against the SFT policy.
+    pub winrate: f64,
+    /// 95% interval: Student-t over seeds (with one seed: that run's own interval).
+    pub winrate_ci95: [f64; 2],
+    pub gold_mean: f64,
+    pub kl: f64,
+    pub length: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompareReport {
+    pub config: CompareConfig,
+    pub sft: EvalReport,
+    pub rows: Vec<MethodRow>,
+    pub runs: Vec<RunResult>,
+}
+
+/// `name` -> (method, k).
+fn parse_method(name: &str) -> Result<(&str, usize)> {
+    let (base, k) = match name.rsplit_once("-k") {
+        Some((b, k)) if k.chars().all(|c| c.is_ascii_digit()) && !k.is_empty() => {
+            (b, k.parse::<usize>().expect("digits"))
+        }
+        _ => (name, 1),
+    };
+    match base {
+        "rloo" | "raft" | "grpo" | "reinforce" | "vanilla-pg" => Ok((base, k)),
+        _ => Err(TrainError::invalid(format!(
+            "unknown method `{name}` (rloo-kN, raft-kN, grpo-kN, reinforce, vanilla-pg)"
+        ))),
+    }
+}
+
+fn configure<M: Method>(cfg: &CompareConfig, k: usize, seed: u64, dir: &Path) -> OnlineConfig<M> {
+    let mut c = OnlineConfig::<M>::default();
+    c.model = cfg.sft_model.clone();
+    c.task = Some(cfg.task.clone());
+    c.task_seed = cfg.task_seed;
+    c.output_dir = dir.to_path_buf();
+    c.steps = cfg.steps;
+    c.rollout.k = k;
+    c.prompts_per_step = (cfg.samples_per_step / k).max(1);
+    c.rollout.max_new_tokens = cfg.max_new_tokens;
+    c.seed = seed;
+    c.log_every = 1;
+    c.save_every = 0;
+    c.reward.source = cfg.reward_source;
+    c.reward.model = Some(cfg.reward_model.clone());
+    c.kl.beta = cfg.beta;
+    c.optim.lr = cfg.lr;
+    c.eval.prompts = cfg.eval_prompts;
+    c
+}
+
+fn run_one(cfg: &CompareConfig, name: &str, seed: u64, dir: &Path, device: &Device) -> Result<OnlineSummary> {
+    let (base, k) = parse_method(name)?;
+    match base {
+        "rloo" => crate::rloo::run(&configure(cfg, k, seed, dir), false, device),
+        "raft" => crate::raft::run(&configure(cfg, k, seed, dir), false, device),
+        "grpo" => {
+            let mut c = configure::<crate::grpo::GrpoParams>(cfg, k, seed, dir);
+            c.kl.beta = cfg.grpo_beta;
+            crate::grpo::run(&c, false, device)
+        }
+        "reinforce" => crate::reinforce::run(&configure(cfg, k, seed, dir), false, device),
+        "vanilla-pg" => {
+            let mut c = configure::<crate::vanilla_pg::VanillaPgParams>(cfg, k, seed, dir);
+            c.method.value_lr = cfg.value_lr;
+            crate::vanilla_pg::run(&c, false, device)
+        }
+        _ => unreachable!("parsed"),
+    }
+}
+
+/// Two-sided 97.5% Student-t quantile for `df` degrees of freedom.
+fn t975(df: usize) -> f64 {
+    const T: [f64; 10] = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228];
+    if df == 0 {
+        f64::NAN
+    } else if df <= 10 {
+        T[df - 1]
+    } else {
+        1.96 + 2.5 / df as f64
+    }
+}
+
+fn aggregate(method: &str, runs: &[&RunResult]) -> MethodRow {
+    let n = runs.len();
+    let mean = |f: &dyn Fn(&RunResult) -> f64| runs.iter().map(|r| f(r)).sum::<f64>() / n.max(1) as f64;
+    let wr = mean(&|r| r.eval.winrate);
+    let ci = if n >= 2 {
+        let sd = (runs.iter().map(|r| (r.eval.winrate - wr).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+        let half = t975(n - 1) * sd / (n as f64).sqrt();
+        [(wr - half).max(0.0), (wr + half).min(1.0)]
+    } else {
+        runs[0].eval.winrate_ci95
+    };
+    MethodRow {
+        method: method.into(),
+        seeds: n,
+        winrate: wr,
+        winrate_ci95: ci,
+        gold_mean: mean(&|r| r.eval.gold_mean.unwrap_or(f64::NAN)),
+        kl: mean(&|r| r.eval.kl_to_ref.unwrap_or(f64::NAN)),
+        length: mean(&|r| r.eval.mean_len),
+        seconds: mean(&|r| r.seconds),
+    }
+}
+
+pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
+    if cfg.seeds.is_empty() || cfg.methods.is_empty() {
+        return Err(TrainError::invalid("compare needs at least one method and one seed"));
+    }
+    for m in &cfg.methods {
+        parse_method(m)?;
+    }
+    std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
+    // The SFT row: the SFT policy against itself, with the reference samples every run uses.
+    let sft = run_eval(
+        &EvalConfig {
+            policy: cfg.sft_model.clone(),
+            reference: Some(cfg.sft_model.clone()),
+            task: Some(cfg.task.clone()),
+            task_seed: cfg.task_seed,
+            reward_model: Some(cfg.reward_model.clone()),
+            max_prompts: cfg.eval_prompts,
+            max_new_tokens: cfg.max_new_tokens,
+            seed: crate::online::OnlineEvalConfig::default().seed,
+            batch_size: crate::rollout::RolloutConfig::default().batch_size,
+            output: cfg.out_dir.join("sft-eval.json"),
+            ..EvalConfig::default()
+        },
+        device,
+    )?;
+    let mut runs = Vec::new();
+    for name in &cfg.methods {
+        for &seed in &cfg.seeds {
+            let dir = cfg.out_dir.join(name).join(format!("seed-{seed}"));
+            let eval_path = dir.join("eval.json");
+            let started = std::time::Instant::now();
+            let eval: EvalReport = if cfg.reuse && eval_path.is_file() {
+                let text = std::fs::read_to_string(&eval_path).map_err(|e| TrainError::io(&eval_path, e))?;
+                serde_json::from_str(&text).map_err(|e| TrainError::bad_file(&eval_path, e.to_string()))?
+            } else {
+                eprintln!("== {name} seed {seed}");
+                run_one(cfg, name, seed, &dir, device)?
+                    .eval
+                    .ok_or_else(|| TrainError::invalid("the run has no evaluation"))?
+            };
+            let seconds = started.elapsed().as_secs_f64();
+            eprintln!(
+                "   {name} seed {seed}: win-rate {:.3}, gold {:.3}, KL {:.2}, length {:.1} ({seconds:.0} s)",
+                eval.winrate,
+                eval.gold_mean.unwrap_or(f64::NAN),
+                eval.kl_to_ref.unwrap_or(f64::NAN),
+                eval.mean_len
+            );
+            runs.push(RunResult {
+                method: name.clone(),
+                seed,
+                eval,
+                seconds,
+            });
+        }
+    }
+    let rows = cfg
+        .methods
+        .iter()
+        .map(|m| aggregate(m, &runs.iter().filter(|r| &r.method == m).collect::<Vec<_>>()))
+        .collect();
+    let report = CompareReport {
+        config: cfg.clone(),
+        sft,
+        rows,
+        runs,
+    };
+    let json = cfg.out_dir.join("compare.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report).expect("serialisable"))
+        .map_err(|e| TrainError::io(&json, e))?;
+    if let Some(path) = &cfg.table {
+        if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(d).map_err(|e| TrainError::io(d, e))?;
+        }
+        std::fs::write(path, format_markdown(&report)).map_err(|e| TrainError::io(path, e))?;
+    }
+    Ok(report)
+}
+
+/// The terminal table.
+pub fn format_table(r: &CompareReport) -> String {
+    let mut s = format!(
+        "task {}: gold win-rate vs the SFT policy ({} seeds, {} samples per run)\n\n{:<12} {:>9} {:>17} {:>9} {:>8} {:>7}\n",
+        r.config.task,
+        r.config.seeds.len(),
+        r.config.samples_per_step as u64 * r.config.steps,
+        "method",
+        "win-rate",
+        "95% interval",
+        "gold",
+        "KL",
+        "length"
+    );
+    let line = |name: &str, wr: f64, ci: [f64; 2], gold: f64, kl: f64, len: f64| {
+        format!(
+            "{:<12} {:>9.3} {:>17} {:>9.3} {:>8.2} {:>7.1}\n",
+            name,
+            wr,
+            format!("[{:.3}, {:.3}]", ci[0], ci[1]),
+            gold,
+            kl,
+            len
+        )
+    };
+    s.push_str(&line(
+        "sft",
+        r.sft.winrate,
+        r.sft.winrate_ci95,
+        r.sft.gold_mean.unwrap_or(f64::NAN),
+        r.sft.kl_to_ref.unwrap_or(f64::NAN),
+        r.sft.mean_len,
+    ));
+    for row in &r.rows {
+        s.push_str(&line(&row.method, row.winrate, row.winrate_ci95, row.gold_mean, row.kl, row.length));
+    }
+    s
+}
+
+/// The markdown table written to docs/.
+pub fn format_markdown(r: &CompareReport) -> String {
+    let c = &r.config;
+    let mut s = String::new();
+    s.push_str(&format!(
+        "# Online methods on the `{}` testbed task\n\n\
+         Gold win-rate against the SFT policy (wins + ties/2 over {} eval prompts, the same SFT reference \
+         samples for every row), mean over seeds {:?} with a Student-t 95% interval over seeds; KL = mean \
+         sequence-level KL(pi || pi_SFT) of the policy's eval samples; length in tokens. Every method \
+         starts from the same SFT policy and trains on the {} for {} iterations of {} samples \
+         ({} completions per run). lr {}, beta {} (GRPO: k3 weight {}).\n\n",
+        c.task,
+        c.eval_prompts,
+        c.seeds,
+        match c.reward_source {
+            SourceKind::Gold => "gold reward".to_string(),
+            _ => format!("proxy reward model `{}`", c.reward_model.display()),
+        },
+        c.steps,
+        c.samples_per_step,
+        c.steps * c.samples_per_step as u64,
+        c.lr,
+        c.beta,
+        c.grpo_beta
+    ));
+    s.push_str("| method | gold win-rate vs SFT | 95% interval | gold mean | KL | length | s / run |\n");
+    s.push_str("|---|---|---|---|---|---|---|\n");
+    let opt = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.3}"));
+    s.push_str(&format!(
+        "| SFT (reference) | {:.3} | [{:.3}, {:.3}] | {} | {} | {:.1} | - |\n",
+        r.sft.winrate,
+        r.sft.winrate_ci95[0],
+        r.sft.winrate_ci95[1],
+        opt(r.sft.gold_mean),
+        opt(r.sft.kl_to_ref),
+        r.sft.mean_len
+    ));
+    for row in &r.rows {
+        s.push_str(&format!(
+            "| {} | {:.3} | [{:.3}, {:.3}] | {:.3} | {:.2} | {:.1} | {:.0} |\n",
+            row.method,
+            row.winrate,
+            row.winrate_ci95[0],
+            row.winrate_ci95[1],
+            row.gold_mean,
+            row.kl,
+            row.length,
+            row.seconds
+        ));
+    }
+    s.push_str("\nPer run:\n\n| method | seed | win-rate | 95% interval (prompts) | gold | KL | length |\n|---|---|---|---|---|---|---|\n");
+    for run in &r.runs {
+        let e = &run.eval;
+        s.push_str(&format!(
+            "| {} | {} | {:.3} | [{:.3}, {:.3}] | {} | {} | {:.1} |\n",
+            run.method,
+            run.seed,
+            e.winrate,
+            e.winrate_ci95[0],
+            e.winrate_ci95[1],
+            opt(e.gold_mean),
+            opt(e.kl_to_ref),
+            e.mean_len
+        ));
+    }
+    s
+}

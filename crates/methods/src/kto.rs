@@ -1,0 +1,447 @@
+//! KTO on unpaired data (`rlhf kto`): each example is a (prompt, completion) labelled desirable or
+//! undesirable (`prompt` / `completion` / `label`, text or messages), or pairs split into one
+//! desirable and one undesirable example each (`pairs_file`, as TRL's `unpair_preference_dataset`).
+//!
+//! The reference point `z0` (spec §5.4) is estimated from mismatched pairs, as TRL does: example i
+//! is paired with the completion of the nearest earlier example whose prompt differs (cyclically).
+//! The mismatched pair of each example is fixed once, so the reference policy's log-probs of both
+//! the matched and the mismatched rows are computed once before training and cached
+//! (`ref_logps.json`); the policy's mismatched log-probs are taken each step without gradients.
+//!
+//! Metrics (TRL's names): `loss`, `kl` (the batch's `z0`), `rewards/chosen`, `rewards/rejected`,
+//! `rewards/margins`, `logps/chosen`, `logps/rejected`, `lr`, `grad_norm`, `epoch`.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rlhf_data::loaders::{load_pairs, load_unpaired, LoadOptions, Unpaired};
+use rlhf_lm::llama::Llama;
+use rlhf_lm::score::{completion_logprobs, CompletionBatch};
+use rlhf_train::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+
+use crate::dpo::{
+    eval_names, log_named, log_report, reference_model, sequence_logps, window_mean, PolicyEval,
+};
+use crate::policy::TrainableLm;
+use crate::pref_losses::{self as pl, KtoBatch};
+use crate::trainer::{epoch_order, OptimConfig, Trainer};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KtoConfig {
+    pub model: PathBuf,
+    /// Frozen reference policy; default: `model` itself.
+    pub ref_model: Option<PathBuf>,
+    /// Unpaired examples: `prompt` / `completion` / `label`.
+    pub train_file: Option<PathBuf>,
+    /// Or pairs (`prompt` / `chosen` / `rejected`), each giving a desirable and an undesirable
+    /// example.
+    pub pairs_file: Option<PathBuf>,
+    /// Held-out unpaired examples.
+    pub eval_file: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub beta: f64,
+    /// lambda_D and lambda_U. The KTO paper advises lambda_D n_D / (lambda_U n_U) in [1, 3/2].
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+    pub epochs: usize,
+    /// At least 2: the reference point is estimated within the batch.
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub ref_batch_size: usize,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub log_every: u64,
+    pub seed: u64,
+    pub skip_bad_lines: bool,
+    pub optim: OptimConfig,
+    pub eval: PolicyEval,
+}
+
+impl Default for KtoConfig {
+    fn default() -> Self {
+        KtoConfig {
+            model: PathBuf::new(),
+            ref_model: None,
+            train_file: None,
+            pairs_file: None,
+            eval_file: None,
+            output_dir: PathBuf::from("runs/kto"),
+            beta: 0.1,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
+            epochs: 1,
+            batch_size: 8,
+            max_len: 512,
+            ref_batch_size: 32,
+            eval_every: 0,
+            save_every: 200,
+            log_every: 10,
+            seed: 0,
+            skip_bad_lines: false,
+            optim: OptimConfig {
+                lr: 5e-6,
+                ..OptimConfig::default()
+            },
+            eval: PolicyEval::default(),
+        }
+    }
+}
+
+impl KtoConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.model.as_os_str().is_empty() {
+            return Err(TrainError::invalid("`model` (the policy to train) is required"));
+        }
+        if self.train_file.is_some() == self.pairs_file.is_some() {
+            return Err(TrainError::invalid(
+                "set exactly one of `train_file` (prompt/completion/label) and `pairs_file` (prompt/chosen/rejected)",
+            ));
+        }
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            return Err(TrainError::invalid(format!("beta must be > 0, got {}", self.beta)));
+        }
+        if self.batch_size < 2 {
+            return Err(TrainError::invalid(
+                "KTO needs batch_size >= 2 (its reference point is estimated from mismatched pairs within the batch)",
+            ));
+        }
+        if self.epochs == 0 {
+            return Err(TrainError::invalid("epochs must be >= 1"));
+        }
+        if self.desirable_weight < 0.0 || self.undesirable_weight < 0.0 {
+            return Err(TrainError::invalid("desirable/undesirable weights must be >= 0"));
+        }
+        Ok(())
+    }
+}
+
+/// A tokenised unpaired example with its fixed mismatched completion.
+#[derive(Debug, Clone)]
+pub struct KtoExample {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+    pub label: bool,
+    /// The completion of another example (a different prompt), for the reference point.
+    pub kl_completion: Vec<u32>,
+}
+
+/// Load unpaired examples (or unpair pairs) and tokenise them with EOS appended.
+pub fn load_examples(
+    lm: &TrainableLm,
+    unpaired: Option<&Path>,
+    pairs: Option<&Path>,
+    max_len: usize,
+    skip: bool,
+) -> Result<Vec<KtoExample>> {
+    let opts = LoadOptions {
+        skip_bad_lines: skip,
+    };
+    let template = lm.chat_template.as_ref();
+    let (items, path): (Vec<Unpaired>, &Path) = match (unpaired, pairs) {
+        (Some(p), _) => (load_unpaired(p, template, &opts)?.items, p),
+        (None, Some(p)) => {
+            let loaded = load_pairs(p, template, &opts)?.items;
+            // All desirable examples, then all undesirable ones (TRL's unpairing order).
+            let mut v: Vec<Unpaired> = loaded
+                .iter()
+                .map(|x| Unpaired {
+                    prompt: x.prompt.clone(),
+                    completion: x.chosen.clone(),
+                    label: true,
+                })
+                .collect();
+            v.extend(loaded.iter().map(|x| Unpaired {
+                prompt: x.prompt.clone(),
+                completion: x.rejected.clone(),
+                label: false,
+            }));
+            (v, p)
+        }
+        (None, None) => return Err(TrainError::invalid("no KTO data file")),
+    };
+    if items.is_empty() {
+        return Err(TrainError::bad_file(path, "no examples"));
+    }
+    let encoded: Vec<(Vec<u32>, Vec<u32>)> = items
+        .iter()
+        .map(|x| lm.encode(&x.prompt, &x.completion, true, max_len))
+        .collect::<rlhf_lm::Result<_>>()?;
+    let partners = mismatched_partners(&items.iter().map(|x| x.prompt.as_str()).collect::<Vec<_>>());
+    Ok(encoded
+        .iter()
+        .zip(&items)
+        .zip(&partners)
+        .map(|(((p, c), x), &j)| {
+            let mut kl_completion = encoded[j].1.clone();
+            kl_completion.truncate(max_len.saturating_sub(p.len()).max(1));
+            KtoExample {
+                prompt: p.clone(),
+                completion: c.clone(),
+                label: x.label,
+                kl_completion,
+            }
+        })
+        .collect())
+}
+
+/// For each example, the nearest earlier example (cyclically) whose prompt differs; itself when
+/// every prompt is the same.
+pub fn mismatched_partners(prompts: &[&str]) -> Vec<usize> {
+    let n = prompts.len();
+    (0..n)
+        .map(|i| {
+            (1..n)
+                .map(|d| (i + n - d) % n)
+                .find(|&j| prompts[j] != prompts[i])
+                .unwrap_or(i)
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct KtoRefCache {
+    reference: String,
+    /// `[matched, mismatched]` reference sums per example.
+    train: Vec<[f64; 2]>,
+    eval: Vec<[f64; 2]>,
+}
+
+fn reference_logps(reference: &Llama, ex: &[KtoExample], pad: u32, bs: usize) -> Result<Vec<[f64; 2]>> {
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = ex
+        .iter()
+        .flat_map(|e| {
+            [
+                (e.prompt.clone(), e.completion.clone()),
+                (e.prompt.clone(), e.kl_completion.clone()),
+            ]
+        })
+        .collect();
+    let s = sequence_logps(reference, &rows, pad, bs)?;
+    Ok(s.chunks(2).map(|c| [c[0], c[1]]).collect())
+}
+
+/// One KTO batch: policy log-probs of the matched rows through `model` (trainable or not), of the
+/// mismatched rows through `frozen`; returns the loss and TRL's metrics.
+pub fn kto_batch_loss(
+    model: &Llama,
+    frozen: &Llama,
+    pad: u32,
+    ex: &[KtoExample],
+    refs: &[[f64; 2]],
+    cfg: &KtoConfig,
+    device: &Device,
+) -> Result<(pl::PrefLoss, Vec<(&'static str, f64)>)> {
+    let b = ex.len();
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = ex
+        .iter()
+        .map(|e| (e.prompt.clone(), e.completion.clone()))
+        .collect();
+    let kl_rows: Vec<(Vec<u32>, Vec<u32>)> = ex
+        .iter()
+        .map(|e| (e.prompt.clone(), e.kl_completion.clone()))
+        .collect();
+    let batch = CompletionBatch::new(&rows, pad, device)?;
+    let logps = completion_logprobs(model, &batch, 1.0)?.sum(1)?;
+    let kl_batch = CompletionBatch::new(&kl_rows, pad, device)?;
+    let kl = completion_logprobs(frozen, &kl_batch, 1.0)?.sum(1)?.detach();
+    let dtype = logps.dtype();
+    let f = |v: Vec<f64>| Tensor::from_vec(v, b, device)?.to_dtype(dtype);
+    let ref_logps = f(refs.iter().map(|r| r[0]).collect())?;
+    let ref_kl = f(refs.iter().map(|r| r[1]).collect())?;
+    let labels: Vec<bool> = ex.iter().map(|e| e.label).collect();
+    let out = pl::kto(
+        &KtoBatch {
+            logps: &logps,
+            ref_logps: &ref_logps,
+            labels: &labels,
+            kl_logps: &kl,
+            ref_kl_logps: &ref_kl,
+        },
+        cfg.beta,
+        cfg.desirable_weight,
+        cfg.undesirable_weight,
+    )?;
+    let m = pl::kto_metrics(&out, &logps.detach(), &labels)?;
+    Ok((out, m))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KtoSummary {
+    pub steps: u64,
+    pub examples: usize,
+    pub desirable: usize,
+    pub final_train: Vec<(String, f64)>,
+    pub eval_examples: Option<Vec<(String, f64)>>,
+    pub model: PathBuf,
+    pub eval: Option<crate::eval::EvalReport>,
+}
+
+fn evaluate(
+    lm: &TrainableLm,
+    ex: &[KtoExample],
+    refs: &[[f64; 2]],
+    cfg: &KtoConfig,
+    device: &Device,
+) -> Result<Vec<(String, f64)>> {
+    let frozen = Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
+    let bs = cfg.batch_size;
+    let mut parts = Vec::new();
+    for (i, chunk) in ex.chunks(bs).enumerate() {
+        let r = &refs[i * bs..i * bs + chunk.len()];
+        let (out, mut m) = kto_batch_loss(&frozen, &frozen, lm.pad_id, chunk, r, cfg, device)?;
+        m.insert(
+            0,
+            ("loss", out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?),
+        );
+        parts.push((chunk.len() as f64 / ex.len() as f64, m));
+    }
+    Ok(eval_names(&pl::weighted_metrics(&parts)))
+}
+
+pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary> {
+    cfg.validate()?;
+    let mut lm = TrainableLm::load(&cfg.model, device)?;
+    let train = load_examples(
+        &lm,
+        cfg.train_file.as_deref(),
+        cfg.pairs_file.as_deref(),
+        cfg.max_len,
+        cfg.skip_bad_lines,
+    )?;
+    let eval = cfg
+        .eval_file
+        .as_deref()
+        .map(|p| load_examples(&lm, Some(p), None, cfg.max_len, cfg.skip_bad_lines))
+        .transpose()?;
+    let n_d = train.iter().filter(|e| e.label).count();
+    let n_u = train.len() - n_d;
+    let balance = cfg.desirable_weight * n_d as f64 / (cfg.undesirable_weight * n_u as f64).max(1e-12);
+    if !(1.0..=1.5).contains(&balance) {
+        eprintln!(
+            "note: desirable_weight * {n_d} / (undesirable_weight * {n_u}) = {balance:.2}; the KTO paper advises 1 to 1.5"
+        );
+    }
+    let reference_name = cfg
+        .ref_model
+        .as_ref()
+        .unwrap_or(&cfg.model)
+        .display()
+        .to_string();
+    let cache_path = cfg.output_dir.join(crate::dpo::REF_CACHE);
+    let n_eval = eval.as_ref().map_or(0, |e| e.len());
+    let cached: Option<KtoRefCache> = std::fs::read_to_string(&cache_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .filter(|c: &KtoRefCache| {
+            resume
+                && c.reference == reference_name
+                && c.train.len() == train.len()
+                && c.eval.len() == n_eval
+        });
+    let refs = match cached {
+        Some(c) => c,
+        None => {
+            let reference = reference_model(&lm, cfg.ref_model.as_deref(), device)?;
+            KtoRefCache {
+                reference: reference_name,
+                train: reference_logps(&reference, &train, lm.pad_id, cfg.ref_batch_size)?,
+                eval: match &eval {
+                    Some(e) => reference_logps(&reference, e, lm.pad_id, cfg.ref_batch_size)?,
+                    None => Vec::new(),
+                },
+            }
+        }
+    };
+    let bs = cfg.batch_size;
+    let per_epoch = train.len().div_ceil(bs) as u64;
+    let total = per_epoch * cfg.epochs as u64;
+    let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
+    rlhf_train::run::write_atomic(
+        &trainer.run.path().join(crate::dpo::REF_CACHE),
+        serde_json::to_string(&refs).expect("serialisable").as_bytes(),
+    )?;
+    let progress = rlhf_train::progress(total, "kto");
+    progress.set_position(trainer.step);
+    let mut window = Vec::new();
+    while trainer.step < total {
+        let epoch = trainer.step / per_epoch;
+        let order = epoch_order(train.len(), cfg.seed, epoch);
+        let first = (trainer.step % per_epoch) as usize * bs;
+        for idx in order[first..].chunks(bs) {
+            let started = std::time::Instant::now();
+            let micro = idx.len().div_ceil(cfg.optim.grad_accum.max(1)).max(2);
+            let model = lm.model(device)?;
+            let frozen = model.detached();
+            let mut acc = trainer.accumulator();
+            let (mut parts, mut loss_sum) = (Vec::new(), 0.0);
+            for part in idx.chunks(micro) {
+                let ex: Vec<KtoExample> = part.iter().map(|&i| train[i].clone()).collect();
+                let r: Vec<[f64; 2]> = part.iter().map(|&i| refs.train[i]).collect();
+                let (out, m) = kto_batch_loss(&model, &frozen, lm.pad_id, &ex, &r, cfg, device)?;
+                let w = part.len() as f64 / idx.len() as f64;
+                let loss = (out.loss * w)?;
+                loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                acc.add(loss.backward()?)?;
+                parts.push((w, m));
+            }
+            let stats = trainer.apply(acc.finish())?;
+            let mut m = vec![("loss", loss_sum)];
+            m.extend(pl::weighted_metrics(&parts));
+            window.push(m.clone());
+            let step = trainer.step;
+            if step % cfg.log_every.max(1) == 0 || step == total {
+                m.push(("lr", stats.lr));
+                m.push(("grad_norm", stats.grad_norm));
+                m.push(("epoch", step as f64 / per_epoch as f64));
+                m.push(("seconds_per_step", started.elapsed().as_secs_f64()));
+                trainer.log(&m)?;
+            }
+            if let Some(e) = &eval {
+                if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
+                    let em = evaluate(&lm, e, &refs.eval, cfg, device)?;
+                    log_named(&mut trainer, &em)?;
+                }
+            }
+            if cfg.save_every > 0 && step % cfg.save_every == 0 && step < total {
+                trainer.checkpoint(&lm, serde_json::json!({}))?;
+            }
+            progress.set_position(step);
+            progress.set_message(format!("loss {loss_sum:.4}"));
+            if trainer.step >= total {
+                break;
+            }
+        }
+    }
+    progress.finish_and_clear();
+    let eval_examples = match &eval {
+        Some(e) => {
+            let em = evaluate(&lm, e, &refs.eval, cfg, device)?;
+            log_named(&mut trainer, &em)?;
+            Some(em)
+        }
+        None => None,
+    };
+    lm.generation.max_new_tokens.get_or_insert(64);
+    let model = trainer.finish(&lm)?;
+    let report = if cfg.eval.enabled() {
+        let reference = cfg.ref_model.as_ref().unwrap_or(&cfg.model);
+        let r = cfg
+            .eval
+            .run(&model, reference, &trainer.run.path().join("eval.json"), device)?;
+        log_report(&mut trainer, &r)?;
+        Some(r)
+    } else {
+        None
+    };
+    Ok(KtoSummary {
+        steps: trainer.step,
+        examples: train.len(),
+        desirable: n_d,
+        final_train: window_mean(&window[window.len().saturating_sub(20)..]),
+        eval_examples,
+        model,
+        eval: report,
+    })
+}

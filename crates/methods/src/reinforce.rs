@@ -1,0 +1,127 @@
+//! REINFORCE with a moving-average baseline (Back-to-Basics, Eqs. 7-8): the whole completion is
+//! one action, rewarded at the end with the KL-shaped reward R = r - beta * KL, and
+//!
+//! ```text
+//! A_i  = R_i - b          b = mean of every shaped reward seen before this batch
+//! loss = -mean_i( A_i * sum_t log pi(y_i,t | x_i, y_i,<t) )
+//! ```
+//!
+//! The baseline is the plain mean of all rewards seen during training, and it is updated with a
+//! batch's rewards only *after* that batch's gradient steps (so a sample never baselines itself);
+//! the first batch has b = 0. The paper samples one completion per prompt (k = 1, the default);
+//! with k > 1 the samples are simply more REINFORCE samples.
+
+use candle_core::{Device, Tensor};
+use rlhf_train::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::online::{advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReinforceParams {
+    /// Optimiser steps per rollout batch, each on its own share of the batch (the paper: 2).
+    pub minibatches: usize,
+}
+
+impl Default for ReinforceParams {
+    fn default() -> Self {
+        ReinforceParams { minibatches: 2 }
+    }
+}
+
+pub type ReinforceConfig = OnlineConfig<ReinforceParams>;
+
+impl Method for ReinforceParams {
+    const NAME: &'static str = "reinforce";
+    fn adjust_defaults(cfg: &mut OnlineConfig<Self>) {
+        cfg.rollout.k = 1;
+        cfg.prompts_per_step = 64;
+    }
+    fn updates_per_iteration(cfg: &OnlineConfig<Self>) -> u64 {
+        cfg.method.minibatches.clamp(1, cfg.prompts_per_step) as u64
+    }
+}
+
+/// The mean of all rewards seen so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct MovingAverage {
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl MovingAverage {
+    /// 0 before any reward was seen.
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum / self.count as f64
+        }
+    }
+    pub fn update(&mut self, rewards: &[f64]) {
+        self.sum += rewards.iter().sum::<f64>();
+        self.count += rewards.len() as u64;
+    }
+}
+
+/// A_i = R_i - baseline.
+pub fn advantages(rewards: &[f64], baseline: f64) -> Vec<f64> {
+    rewards.iter().map(|r| r - baseline).collect()
+}
+
+/// The sequence-level policy-gradient loss -mean_i(A_i * sum_t logp_i,t), from per-token
+/// log-probs `(b, t)` that are zero outside each row's completion. Also RLOO's loss.
+pub fn sequence_loss(logprobs: &Tensor, advantages: &[f64]) -> Result<Tensor> {
+    let seq = logprobs.sum(1)?; // (b,)
+    let adv = Tensor::from_vec(
+        advantages.iter().map(|&a| a as f32).collect::<Vec<_>>(),
+        advantages.len(),
+        logprobs.device(),
+    )?
+    .to_dtype(seq.dtype())?;
+    Ok((seq * adv)?.mean_all()?.neg()?)
+}
+
+pub fn run(cfg: &ReinforceConfig, resume: bool, device: &Device) -> Result<OnlineSummary> {
+    let mut s = Session::start(cfg, resume, device)?;
+    let mut baseline: MovingAverage = match &s.resumed_method_state {
+        Some(v) => serde_json::from_value(v["baseline"].clone()).unwrap_or_default(),
+        None => MovingAverage::default(),
+    };
+    let (pad, temp) = (s.lm.pad_id, cfg.rollout.temperature);
+    while !s.done() {
+        // 1. Sample and score; shape the reward with the KL to the reference.
+        let rollout = s.rollout()?;
+        let rewards = rollout.shaped_rewards(s.kl.beta);
+        // 2. Advantages against the baseline of the rewards seen *before* this batch.
+        let b = baseline.mean();
+        let adv = advantages(&rewards, b);
+        // 3. Gradient steps, each on its share of the batch.
+        let mut losses = Vec::new();
+        let mut last = None;
+        for mb in s.minibatches(&rollout, cfg.method.minibatches, 0) {
+            let (loss, st) = s.optimizer_step(&mb, |lm, part| {
+                let batch = rollout.batch(part, pad, device)?;
+                let logp = policy_logprobs(lm, &batch, temp, device)?;
+                let a: Vec<f64> = part.iter().map(|&i| adv[i]).collect();
+                Ok((sequence_loss(&logp, &a)? * (part.len() as f64 / mb.len() as f64))?)
+            })?;
+            losses.push(loss);
+            last = Some(st);
+        }
+        // 4. Only now does the baseline see this batch.
+        baseline.update(&rewards);
+        let st = last.expect("at least one minibatch");
+        let mut m = vec![
+            ("loss", losses.iter().sum::<f64>() / losses.len() as f64),
+            ("lr", st.lr),
+            ("grad_norm", st.grad_norm),
+            ("shaped_reward", rewards.iter().sum::<f64>() / rewards.len() as f64),
+            ("baseline", b),
+        ];
+        m.extend(advantage_metrics(&adv));
+        s.end_iteration(&rollout, &m, &serde_json::json!({ "baseline": baseline }))?;
+    }
+    s.finish(&serde_json::json!({ "baseline": baseline }))
+}

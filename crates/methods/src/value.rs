@@ -1,0 +1,161 @@
+//! A learned value baseline V(s_t): an LM trunk with a scalar head read at every position, trained
+//! beside the policy with its own AdamW. Its checkpoints live in `<run>/value/` (a run directory
+//! of its own, saved at the same steps as the policy's), so `--resume` restores both.
+//!
+//! Position convention: the value of state s_t = (prompt, y_<t) is read at the same index as the
+//! logits that predict y_t, so `values(batch)` lines up with `completion_logprobs(model, batch)`.
+
+use std::path::Path;
+
+use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use rlhf_lm::llama::{Llama, ScalarHead};
+use rlhf_lm::score::CompletionBatch;
+use rlhf_train::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, Result, RunDir, TrainError};
+use serde::Serialize;
+
+use crate::policy::TrainableLm;
+use crate::reward::{add_head, HEAD};
+
+pub struct ValueModel {
+    pub lm: TrainableLm,
+    opt: AdamW,
+    lr: f64,
+    max_grad_norm: f64,
+    run: RunDir,
+}
+
+#[derive(Serialize)]
+struct ValueRunConfig<'a> {
+    init: &'a Path,
+    lr: f64,
+    max_grad_norm: f64,
+}
+
+/// V for every target index of `batch`, `(b, t - 1)`, zero outside the completions.
+/// Differentiable when `model` and `head` are.
+pub fn values(model: &Llama, head: &ScalarHead, batch: &CompletionBatch) -> Result<Tensor> {
+    let tokens = &batch.tokens;
+    let (_, t) = tokens.dims();
+    let hidden = model.hidden_states(&tokens.ids, &tokens.positions, &tokens.mask, None)?;
+    let v = head.per_token(&hidden.narrow(1, 0, t - 1)?)?;
+    Ok((v * batch.completion_mask.to_dtype(hidden.dtype())?)?)
+}
+
+impl ValueModel {
+    /// Trunk and head from `init`: a reward model keeps its head (AlpacaFarm initialises the value
+    /// model from the reward model); any other LM gets a fresh small head.
+    pub fn load_init(init: &Path, seed: u64, device: &Device) -> Result<TrainableLm> {
+        let lm = TrainableLm::load(init, device)?;
+        if lm.params.vars.iter().any(|(n, _)| n == HEAD) {
+            return Ok(lm);
+        }
+        let mut w = lm.params.snapshot()?;
+        add_head(&mut w, lm.config.hidden_size, seed ^ 0x7661_6c75, device)?;
+        Ok(TrainableLm {
+            params: rlhf_lm::llama::Trainable::new(&w)?,
+            ..lm
+        })
+    }
+
+    /// Start (or, with `resume_step`, continue from `<dir>/checkpoints/step-<N>`) the value model.
+    pub fn start(
+        init: &Path,
+        dir: &Path,
+        resume_step: Option<u64>,
+        lr: f64,
+        max_grad_norm: f64,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let lm = Self::load_init(init, seed, device)?;
+        let mut opt = AdamW::new(
+            lm.params.vars.clone(),
+            AdamWConfig {
+                lr,
+                ..AdamWConfig::default()
+            },
+        )?;
+        let run = match resume_step {
+            Some(step) if step > 0 => {
+                let run = RunDir::open_for_resume(dir)?;
+                let ck = run.checkpoints_dir().join(format!("step-{step}"));
+                if !ck.is_dir() {
+                    return Err(TrainError::bad_file(
+                        &ck,
+                        "the value model has no checkpoint at the policy's step",
+                    ));
+                }
+                let weights = rlhf_train::load_safetensors(&ck.join("model.safetensors"), device)?;
+                lm.load_weights(&weights)?;
+                opt.load_state(&rlhf_train::load_safetensors(
+                    &ck.join("optimizer.safetensors"),
+                    device,
+                )?)?;
+                run
+            }
+            _ => RunDir::create_overwriting(
+                dir,
+                &ValueRunConfig {
+                    init,
+                    lr,
+                    max_grad_norm,
+                },
+            )?,
+        };
+        Ok(ValueModel {
+            lm,
+            opt,
+            lr,
+            max_grad_norm,
+            run,
+        })
+    }
+
+    /// The trainable model and head (build once per loss).
+    pub fn trainable(&self, device: &Device) -> Result<(Llama, ScalarHead)> {
+        Ok((
+            self.lm.model(device)?,
+            ScalarHead::from_weights(&self.lm.params.tensors())?,
+        ))
+    }
+
+    /// Per-token values without gradients, one vector per row (completion tokens only).
+    pub fn predict(&self, batch: &CompletionBatch, device: &Device) -> Result<Vec<Vec<f32>>> {
+        let model = self.lm.model(device)?.detached();
+        let head = ScalarHead {
+            weight: ScalarHead::from_weights(&self.lm.params.tensors())?
+                .weight
+                .detach(),
+        };
+        let v = values(&model, &head, batch)?;
+        Ok(rlhf_lm::score::per_row(&v, batch)?)
+    }
+
+    pub fn accumulator(&self) -> GradAccumulator {
+        let vars: Vec<Var> = self.lm.params.vars.iter().map(|(_, v)| v.clone()).collect();
+        GradAccumulator::new(&vars)
+    }
+
+    /// Clip and step; returns the gradient norm before clipping.
+    pub fn step(&mut self, mut grads: GradStore) -> Result<f64> {
+        let vars: Vec<Var> = self.lm.params.vars.iter().map(|(_, v)| v.clone()).collect();
+        let norm = if self.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, &vars, self.max_grad_norm)?
+        } else {
+            rlhf_train::grad_norm(&grads, &vars)?
+        };
+        self.opt.step(&grads, self.lr)?;
+        Ok(norm)
+    }
+
+    /// Save the value model at `step` (call before the policy's checkpoint of the same step).
+    pub fn checkpoint(&self, step: u64) -> Result<()> {
+        self.run.save_checkpoint(
+            step,
+            &self.lm.snapshot()?,
+            &self.opt.state()?,
+            &serde_json::json!({}),
+        )?;
+        Ok(())
+    }
+}
