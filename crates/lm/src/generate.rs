@@ -113,6 +113,19 @@ fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32
             }
         }
         best
+    } else if p.top_k.is_none() && p.top_p.is_none() {
+        // Plain sampling: inverse CDF in index order, no sort (the vocabulary can be 50k+).
+        let mut u = rng.random::<f64>() * sum_exp;
+        let mut chosen = scaled.len() - 1;
+        for (i, &x) in scaled.iter().enumerate() {
+            let q = ((x - max) as f64).exp();
+            if u < q {
+                chosen = i;
+                break;
+            }
+            u -= q;
+        }
+        chosen
     } else {
         // Candidates sorted by probability; truncate by top-k, then by top-p (HF's order).
         let mut order: Vec<usize> = (0..scaled.len()).collect();
@@ -121,11 +134,8 @@ fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32
             order.select_nth_unstable_by(k - 1, |&a, &b| scaled[b].total_cmp(&scaled[a]));
             order.truncate(k);
         }
-        order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-        let mut probs: Vec<f64> = order
-            .iter()
-            .map(|&i| ((scaled[i] - max) as f64).exp())
-            .collect();
+        order.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+        let mut probs: Vec<f64> = order.iter().map(|&i| ((scaled[i] - max) as f64).exp()).collect();
         if let Some(top_p) = p.top_p {
             let total: f64 = probs.iter().sum();
             let mut cum = 0.0;
