@@ -19,10 +19,6 @@ use rayon::prelude::*;
 /// Whether `x` can go through the fused kernels: f32 on the CPU (non-contiguous tensors are made
 /// contiguous by the wrappers below).
 pub fn supported(x: &Tensor) -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new(); // TEMP A/B
-    if *OFF.get_or_init(|| std::env::var("RLHF_FUSED_OFF").is_ok()) {
-        return false;
-    }
     x.dtype() == DType::F32 && x.device().is_cpu()
 }
 
@@ -100,15 +96,20 @@ fn max(x: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
-/// log Σ exp(x · scale) over a row, stable (scale > 0).
-fn log_sum_exp(x: &[f32], scale: f32) -> f32 {
+/// log Σ exp(x · scale) over a row, stable (scale > 0). The sum is accumulated in f64: a
+/// vocabulary-sized row (49k terms) summed in f32 loses ~1e-4 in the log-prob.
+fn log_sum_exp(x: &[f32], scale: f32) -> f64 {
     let m = max(x) * scale;
     if m == f32::NEG_INFINITY || !m.is_finite() {
         // All -inf (or an inf/NaN in the row): the plain formula gives the IEEE answer.
-        return x.iter().map(|&v| (v * scale).exp()).sum::<f32>().ln();
+        return x
+            .iter()
+            .map(|&v| ((v * scale) as f64).exp())
+            .sum::<f64>()
+            .ln();
     }
-    let s: f32 = x.iter().map(|&v| (v * scale - m).exp()).sum();
-    m + s.ln()
+    let s: f64 = x.iter().map(|&v| (v * scale - m).exp() as f64).sum();
+    m as f64 + s.ln()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -134,28 +135,29 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
     }
 }
 
-/// Below this many elements of work an op runs on the calling thread.
-const PAR_MIN_WORK: usize = 1 << 15;
+/// Below this many elements of work (a millisecond or less) an op runs on the calling thread:
+/// waking rayon's workers costs more than it saves on small tensors, and much more on a loaded
+/// 2-core machine, where a sleeping worker can take milliseconds to be scheduled.
+const PAR_MIN_WORK: usize = 1 << 20;
 
 /// Rows per parallel task: whole rows, a few tasks per thread, none too small to pay for itself.
 /// Returns `rows` (one task: run inline) when the work is small.
 fn rows_per_task(rows: usize, work_per_row: usize) -> usize {
     let work = rows * work_per_row.max(1);
-    if rows < 2 || work < PAR_MIN_WORK {
+    let threads = rayon::current_num_threads();
+    if rows < 2 || work < PAR_MIN_WORK || threads < 2 {
         return rows.max(1);
     }
-    let by_size = (work / (PAR_MIN_WORK / 4)).max(1);
-    let tasks = (rayon::current_num_threads() * 4)
-        .min(by_size)
-        .min(rows)
-        .max(1);
+    let by_size = (work / (PAR_MIN_WORK / 8)).max(1);
+    let tasks = (threads * 4).min(by_size).min(rows).max(1);
     rows.div_ceil(tasks)
 }
 
 /// Fill `out` (rows of `out_width`) block by block: `f(first_row, block)` gets whole rows.
-fn par_rows<F>(out: &mut [f32], out_width: usize, work_per_row: usize, f: F)
+fn par_rows<T, F>(out: &mut [T], out_width: usize, work_per_row: usize, f: F)
 where
-    F: Fn(usize, &mut [f32]) + Sync + Send,
+    T: Send,
+    F: Fn(usize, &mut [T]) + Sync + Send,
 {
     if out_width == 0 || out.is_empty() {
         return;
@@ -337,12 +339,12 @@ impl CustomOp1 for Softmax {
             for (i, yr) in block.chunks_exact_mut(v).enumerate() {
                 let xr = &x[(r0 + i) * v..(r0 + i + 1) * v];
                 let m = max(xr);
-                let mut s = 0f32;
+                let mut s = 0f64;
                 for (y, &x) in yr.iter_mut().zip(xr) {
                     *y = (x - m).exp();
-                    s += *y;
+                    s += *y as f64;
                 }
-                let inv = 1.0 / s;
+                let inv = (1.0 / s) as f32;
                 yr.iter_mut().for_each(|y| *y *= inv);
             }
         });
@@ -454,15 +456,16 @@ impl CustomOp2 for TokenLogprobs {
         }
         check_targets(t, v, self.name())?;
         let inv_t = self.inv_t;
-        let mut lse = vec![0f32; n];
+        let mut lse = vec![0f64; n];
         par_rows(&mut lse, 1, v, |r0, block| {
             for (i, l) in block.iter_mut().enumerate() {
                 *l = log_sum_exp(&x[(r0 + i) * v..(r0 + i + 1) * v], inv_t);
             }
         });
         let out: Vec<f32> = (0..n)
-            .map(|i| x[i * v + t[i] as usize] * inv_t - lse[i])
+            .map(|i| ((x[i * v + t[i] as usize] * inv_t) as f64 - lse[i]) as f32)
             .collect();
+        let lse = lse.into_iter().map(|l| l as f32).collect();
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -531,7 +534,7 @@ impl CustomOp3 for TokenLogprobsBwd {
                 }
                 let lse = match lse {
                     Some(l) => l[r],
-                    None => log_sum_exp(xr, inv_t),
+                    None => log_sum_exp(xr, inv_t) as f32,
                 };
                 for (d, &x) in dr.iter_mut().zip(xr) {
                     *d = -scale * (x * inv_t - lse).exp();

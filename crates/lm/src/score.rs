@@ -33,14 +33,21 @@ pub fn encode_pair(
 /// -> (b, t). For f32 on the CPU this is one fused op (with a backward) that never materialises
 /// the (b, t, v) log-softmax; otherwise it is composed from differentiable tensor ops.
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
-    if crate::fused::supported(logits) && temperature > 0.0 && temperature.is_finite() {
-        let (b, t, v) = logits.dims3()?;
-        let flat = crate::fused::token_logprobs(
-            &logits.reshape((b * t, v))?,
-            &targets.flatten_all()?,
-            temperature,
-        )?;
-        return Ok(flat.reshape((b, t))?);
+    let dims = logits.dims();
+    if let Some((&v, lead)) = dims.split_last() {
+        if crate::fused::supported(logits)
+            && targets.dims() == lead
+            && temperature > 0.0
+            && temperature.is_finite()
+        {
+            let n = lead.iter().product::<usize>();
+            let flat = crate::fused::token_logprobs(
+                &logits.reshape((n, v))?,
+                &targets.flatten_all()?,
+                temperature,
+            )?;
+            return Ok(flat.reshape(lead)?);
+        }
     }
     let logits = if temperature != 1.0 {
         (logits / temperature)?
@@ -65,7 +72,9 @@ pub fn next_token_logprobs(model: &Llama, batch: &TokenBatch, temperature: f64) 
         ));
     }
     let hidden = model.hidden_states(&batch.ids, &batch.positions, &batch.mask, None)?;
-    let logits = model.logits(&hidden.narrow(1, 0, t - 1)?)?;
+    // Contiguous first: a strided input sends candle's Linear down its slow broadcast-matmul path,
+    // whose backward materialises per-batch weight gradients.
+    let logits = model.logits(&hidden.narrow(1, 0, t - 1)?.contiguous()?)?;
     gather_logprobs(&logits, &batch.ids.narrow(1, 1, t - 1)?, temperature)
 }
 

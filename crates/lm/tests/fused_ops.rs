@@ -82,12 +82,13 @@ fn weighted_sum(y: &Tensor, upstream: &Tensor) -> Tensor {
 
 #[test]
 fn rms_norm_matches_composed() {
-    // Hidden sizes that are and are not multiples of the kernels' vector width; a small case that
-    // runs inline and a large one (SmolLM2-sized rows) that runs in parallel blocks.
+    // Hidden sizes that are and are not multiples of the kernels' vector width; small cases that
+    // run inline, a SmolLM2-sized step, and a large one that runs in parallel blocks.
     for (seed, shape) in [
         (1u64, vec![2usize, 5, 37]),
         (2, vec![3, 8]),
         (3, vec![2, 128, 576]),
+        (4, vec![4, 512, 576]),
     ] {
         let h = *shape.last().unwrap();
         let x = var(&uniform(&shape, seed, -2.0, 2.0));
@@ -137,6 +138,7 @@ fn softmax_matches_composed() {
         (11u64, vec![2usize, 3, 7, 13]),
         (12, vec![5, 8]),
         (13, vec![2, 9, 128, 128]),
+        (14, vec![2, 9, 256, 256]),
     ] {
         // Scores with a causal-style mask, including a fully masked row (uniform, not NaN).
         let v = *shape.last().unwrap();
@@ -190,6 +192,7 @@ fn token_logprobs_match_composed() {
         (21u64, 6usize, 50usize, 1.0f64),
         (22, 9, 37, 0.7),
         (23, 8, 49_152, 1.0),
+        (25, 40, 49_152, 0.9),
         (24, 64, 4_099, 1.3),
     ] {
         let logits = var(&uniform(&[n, v], seed, -8.0, 8.0));
@@ -206,6 +209,10 @@ fn token_logprobs_match_composed() {
             &yc,
             1e-5 * (v as f32).ln().max(1.0),
         );
+        // Against an f64 reference: the vocabulary-sized sum must not lose precision in f32.
+        let l64 = logits.as_tensor().to_dtype(DType::F64).unwrap();
+        let y64 = logprobs_composed(&l64, &t, temperature);
+        assert_close("token_logprobs vs f64", &yf, &y64, 4e-6);
         let gf = weighted_sum(&yf, &up).backward().unwrap();
         let gc = weighted_sum(&yc, &up).backward().unwrap();
         let (a, b) = (
@@ -278,6 +285,7 @@ fn rope_matches_composed() {
         (51u64, (2usize, 3usize, 5usize, 8usize)),
         (52, (1, 2, 4, 6)),
         (53, (2, 9, 128, 64)),
+        (54, (4, 16, 256, 64)),
     ] {
         let half = d / 2;
         let angles = uniform(&[b, t, half], seed, -3.0, 3.0);
@@ -386,8 +394,28 @@ fn smollm2_config() -> LlamaConfig {
     LlamaConfig::from_json_str(json, std::path::Path::new("smollm2.json")).unwrap()
 }
 
-/// Forward + backward time of a SmolLM2-sized training step (batch 2 x 128), random weights.
+/// CPU seconds used by this process so far (all threads), from /proc (Linux); 0 elsewhere.
+/// On a loaded machine wall time is noise; CPU time of a single-threaded run is not.
+fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = &stat[stat.rfind(')').map_or(0, |p| p + 2)..];
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0 // clock ticks (USER_HZ = 100)
+}
+
+/// Forward + backward time of a SmolLM2-sized training step (batch 2 x 128), random weights:
+/// median wall seconds and median process CPU seconds per step.
 /// `cargo test --release -p rlhf-lm --test fused_ops -- --ignored --nocapture bench_step`
+/// (`BENCH_ITERS=n` steps after one warm-up; `RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1` for a
+/// single-threaded run).
 #[test]
 #[ignore]
 fn bench_step() {
@@ -403,40 +431,39 @@ fn bench_step() {
                 .collect()
         })
         .collect();
-    let real = vec![vec![true; t]; b];
-    let batch = TokenBatch::new(ids, real, &dev).unwrap();
+    let batch = TokenBatch::new(ids, vec![vec![true; t]; b], &dev).unwrap();
     let iters: usize = std::env::var("BENCH_ITERS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let mut fwd = Vec::new();
-    let mut bwd = Vec::new();
+    let (mut fwd, mut bwd, mut cpu_f, mut cpu_b) = (vec![], vec![], vec![], vec![]);
     for i in 0..=iters {
-        let t0 = Instant::now();
-        let loss = next_token_logprobs(&model, &batch, 1.0)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .neg()
-            .unwrap();
+        let (t0, c0) = (Instant::now(), process_cpu_seconds());
+        let lp = next_token_logprobs(&model, &batch, 1.0).unwrap();
+        let loss = lp.sum_all().unwrap().neg().unwrap();
         let _ = loss.to_scalar::<f32>().unwrap();
-        let t1 = Instant::now();
+        let (t1, c1) = (Instant::now(), process_cpu_seconds());
         let grads = loss.backward().unwrap();
         let g = grads.get(trainable.vars[0].1.as_tensor()).unwrap();
         let _ = g.sum_all().unwrap().to_scalar::<f32>().unwrap();
-        let t2 = Instant::now();
+        drop(grads);
+        let (t2, c2) = (Instant::now(), process_cpu_seconds());
         if i > 0 {
             fwd.push((t1 - t0).as_secs_f64());
             bwd.push((t2 - t1).as_secs_f64());
+            cpu_f.push(c1 - c0);
+            cpu_b.push(c2 - c1);
         }
     }
-    let med = |v: &mut Vec<f64>| {
+    let med = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (f, bw) = (med(&mut fwd), med(&mut bwd));
+    let (f, bw, cf, cb) = (med(fwd), med(bwd), med(cpu_f), med(cpu_b));
     eprintln!(
-        "bench_step b={b} t={t}: forward {f:.3}s  backward {bw:.3}s  total {:.3}s",
-        f + bw
+        "bench_step b={b} t={t}: wall forward {f:.3}s backward {bw:.3}s total {:.3}s | \
+         cpu forward {cf:.2}s backward {cb:.2}s total {:.2}s",
+        f + bw,
+        cf + cb
     );
 }
