@@ -66,6 +66,11 @@ enum Command {
         reps: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Also time the model alone over the same decode (prefill, then `new - 1` one-token
+        /// steps with a KV cache, logits copied to the host, no sampling), to split the wall
+        /// time into model and host-side sampling.
+        #[arg(long)]
+        split: bool,
     },
     /// One full-model training step.
     Train {
@@ -85,6 +90,16 @@ enum Command {
         #[arg(long, default_value_t = 1e-5)]
         lr: f64,
     },
+    /// Micro-benchmarks behind the library recommendations in docs/performance.md: the LM's
+    /// matmul shapes with the weight as stored (`Linear`, `x @ W^T` through a transposed view) vs
+    /// a pre-transposed contiguous copy, and the host-side full-vocabulary sort in sampling.
+    Micro {
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Repetitions per shape (the median is reported).
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
 }
 
 /// A field of /proc/self/status in bytes (VmHWM = peak RSS, VmRSS = current).
@@ -93,6 +108,23 @@ fn proc_status_bytes(field: &str) -> Option<u64> {
     let line = text.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// CPU time (user + system, all threads) this process has used so far, in seconds. Next to the
+/// wall time it shows how much of a run other processes took from us on a shared machine.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|x| x.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    (ticks(11) + ticks(12)) / 100.0 // CLK_TCK is 100 on Linux
 }
 
 fn gib(bytes: Option<u64>) -> serde_json::Value {
@@ -129,6 +161,7 @@ fn bench_gen(
     new: usize,
     reps: usize,
     seed: u64,
+    split: bool,
 ) -> Result<serde_json::Value> {
     ensure!(
         batch >= 1 && new >= 1 && reps >= 1,
@@ -161,7 +194,9 @@ fn bench_gen(
     let prefill_s = t.elapsed().as_secs_f64();
 
     let mut walls = Vec::with_capacity(reps);
+    let mut cpus = Vec::with_capacity(reps);
     for r in 0..reps {
+        let c = cpu_seconds();
         let t = Instant::now();
         let samples = generate(
             &model,
@@ -171,6 +206,7 @@ fn bench_gen(
             None,
         )?;
         walls.push(t.elapsed().as_secs_f64());
+        cpus.push(cpu_seconds() - c);
         ensure!(
             samples.iter().all(|s| s.tokens.len() == new),
             "a row stopped early: lengths {:?}",
@@ -179,9 +215,16 @@ fn bench_gen(
     }
     let wall = median(&walls);
     let tokens = (batch * new) as f64;
+    let model_only_s = if split {
+        Some(model_only_decode(&model, &prompts, pad, new)?)
+    } else {
+        None
+    };
     Ok(json!({
         "side": "ours",
         "bench": "gen",
+        "model_only_s": model_only_s.map(|m| round3(m.0)),
+        "model_only_cpu_s": model_only_s.map(|m| round3(m.1)),
         "label": common.label,
         "threads": common.threads,
         "batch": batch,
@@ -192,10 +235,49 @@ fn bench_gen(
         "prefill_s": round3(prefill_s),
         "wall_s": round3(wall),
         "wall_s_all": walls.iter().map(|&w| round3(w)).collect::<Vec<_>>(),
+        "cpu_s": round3(median(&cpus)),
         "tok_per_s": round3(tokens / wall),
-        "decode_tok_per_s": round3(batch as f64 * (new - 1) as f64 / (wall - prefill_s).max(1e-9)),
+        "decode_tok_per_s": (wall > prefill_s)
+            .then(|| round3(batch as f64 * (new - 1) as f64 / (wall - prefill_s))),
         "peak_rss_gib": gib(proc_status_bytes("VmHWM:")),
     }))
+}
+
+/// Wall time of the model's share of a generation: the same prefill and `new - 1` cached
+/// one-token steps that `generate` runs (logits to the host each step), feeding a fixed token
+/// instead of sampling.
+fn model_only_decode(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    pad: u32,
+    new: usize,
+) -> Result<(f64, f64)> {
+    use candle_core::Tensor;
+    use rlhf_lm::batch::TokenBatch;
+    use rlhf_lm::llama::Cache;
+    let device = model.device().clone();
+    let c = cpu_seconds();
+    let t = Instant::now();
+    let batch = TokenBatch::left_padded(prompts, pad, &device)?;
+    let (b, t0) = batch.dims();
+    let mut cache = Cache::new(model.config.num_hidden_layers, t0 + new);
+    let hidden =
+        model.hidden_states(&batch.ids, &batch.positions, &batch.mask, Some(&mut cache))?;
+    let _ = model
+        .logits(&hidden.narrow(1, t0 - 1, 1)?)?
+        .squeeze(1)?
+        .to_vec2::<f32>()?;
+    let mut pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    for step in 0..new.saturating_sub(1) {
+        let s_len = t0 + step + 1;
+        let ids = Tensor::from_vec(vec![pad; b], (b, 1), &device)?;
+        let positions = Tensor::from_vec(pos.clone(), (b, 1), &device)?;
+        let mask = Tensor::zeros((b, 1, 1, s_len), candle_core::DType::F32, &device)?;
+        let hidden = model.hidden_states(&ids, &positions, &mask, Some(&mut cache))?;
+        let _ = model.logits(&hidden)?.squeeze(1)?.to_vec2::<f32>()?;
+        pos.iter_mut().for_each(|p| *p += 1);
+    }
+    Ok((t.elapsed().as_secs_f64(), cpu_seconds() - c))
 }
 
 /// Deterministic pseudo-random token ids, identical to `anchor_torch.py`'s `token_rows`.
@@ -269,13 +351,19 @@ fn bench_train(
     let mut bwd = Vec::new();
     let mut opt_s = Vec::new();
     let mut total = Vec::new();
+    let mut cpu = Vec::new();
+    let mut rss_fwd = 0u64;
     let mut losses = Vec::new();
     for step in 0..warmup + steps {
+        let c0 = cpu_seconds();
         let t0 = Instant::now();
         let lp = completion_logprobs(&model, &cb, 1.0)?;
         let loss = (lp.sum_all()? / -n_tokens)?;
         let loss_value = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
+        // Resident memory with the whole forward graph alive (weights, optimizer state, saved
+        // activations), just before backward.
+        rss_fwd = rss_fwd.max(proc_status_bytes("VmRSS:").unwrap_or(0));
         let grads = loss.backward()?;
         let t2 = Instant::now();
         opt.step(&grads)?;
@@ -290,6 +378,7 @@ fn bench_train(
             bwd.push((t2 - t1).as_secs_f64());
             opt_s.push((t3 - t2).as_secs_f64());
             total.push((t3 - t0).as_secs_f64());
+            cpu.push(cpu_seconds() - c0);
         }
         eprintln!(
             "step {step}: loss {loss_value:.4}  fwd {:.2}s  bwd {:.2}s  opt {:.2}s",
@@ -311,13 +400,88 @@ fn bench_train(
         "load_s": round3(load_s),
         "step_s": round3(median(&total)),
         "step_s_all": r(&total),
+        "step_cpu_s": round3(median(&cpu)),
         "forward_s": round3(median(&fwd)),
         "backward_s": round3(median(&bwd)),
         "optimizer_s": round3(median(&opt_s)),
         "tokens_per_s": round3((batch * seq) as f64 / median(&total)),
         "losses": losses,
         "rss_after_load_gib": gib(rss_loaded),
+        "rss_before_backward_gib": gib(Some(rss_fwd)),
         "peak_rss_gib": gib(proc_status_bytes("VmHWM:")),
+    }))
+}
+
+/// Median seconds of `reps` calls of `f` (after one warm-up call).
+fn time_median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    Ok(median(&v))
+}
+
+fn bench_micro(threads: usize, reps: usize) -> Result<serde_json::Value> {
+    use candle_core::{DType, Module, Tensor};
+    let dev = Device::Cpu;
+    let mut rows = Vec::new();
+    // (rows of x, out features, in features): decode at batch 8 / 32, a 8 x 256 training batch;
+    // q/o projections, MLP up/gate, MLP down, LM head (SmolLM2-135M shapes).
+    for &m in &[8usize, 32, 2048] {
+        for &(n, k, what) in &[
+            (576usize, 576usize, "q/o_proj"),
+            (1536, 576, "gate/up_proj"),
+            (576, 1536, "down_proj"),
+            (49152, 576, "lm_head"),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
+            let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
+            let wt = w.t()?.contiguous()?; // (k, n), row-major
+            let lin = candle_nn::Linear::new(w.clone(), None);
+            let a = time_median(reps, || Ok(drop(lin.forward(&x)?)))?;
+            let b = time_median(reps, || Ok(drop(x.matmul(&wt)?)))?;
+            let diff = (lin.forward(&x)? - x.matmul(&wt)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            ensure!(diff < 1e-3, "layouts disagree by {diff}");
+            let gflop = 2.0 * (m * n * k) as f64 / 1e9;
+            rows.push(json!({
+                "m": m, "n": n, "k": k, "what": what,
+                "linear_ms": round3(a * 1e3), "pretransposed_ms": round3(b * 1e3),
+                "linear_gflops": round3(gflop / a), "pretransposed_gflops": round3(gflop / b),
+                "speedup": round3(a / b),
+            }));
+        }
+    }
+    // Host sampling: one row of 49152 logits, full sort (what sample_row does with no top-k /
+    // top-p) vs a single exp pass (what inverse-CDF sampling in index order needs).
+    let v = 49152usize;
+    let logits: Vec<f32> = Tensor::randn(0f32, 3.0, v, &dev)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
+    let sort_s = time_median(reps, || {
+        let mut order: Vec<usize> = (0..v).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        std::hint::black_box(&order);
+        Ok(())
+    })?;
+    let pass_s = time_median(reps, || {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let probs: Vec<f64> = logits.iter().map(|&x| ((x - max) as f64).exp()).collect();
+        std::hint::black_box(&probs);
+        Ok(())
+    })?;
+    Ok(json!({
+        "side": "ours",
+        "bench": "micro",
+        "threads": threads,
+        "matmul": rows,
+        "sample_row_sort_ms": round3(sort_s * 1e3),
+        "sample_row_exp_pass_ms": round3(pass_s * 1e3),
     }))
 }
 
@@ -325,6 +489,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let threads = match &cli.command {
         Command::Gen { common, .. } | Command::Train { common, .. } => common.threads,
+        Command::Micro { threads, .. } => *threads,
     };
     // Before any tensor work: candle and rayon read these once.
     rlhf_lm::set_threads(threads);
@@ -335,7 +500,8 @@ fn main() -> Result<()> {
             new,
             reps,
             seed,
-        } => bench_gen(common, *batch, *new, *reps, *seed)?,
+            split,
+        } => bench_gen(common, *batch, *new, *reps, *seed, *split)?,
         Command::Train {
             common,
             batch,
@@ -345,6 +511,7 @@ fn main() -> Result<()> {
             steps,
             lr,
         } => bench_train(common, *batch, *seq, *completion, *warmup, *steps, *lr)?,
+        Command::Micro { threads, reps } => bench_micro(*threads, *reps)?,
     };
     println!("{out}");
     Ok(())

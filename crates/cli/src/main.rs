@@ -36,7 +36,7 @@ enum Command {
     Eval(train_cmds::RunArgs),
     /// Write a built-in testbed task's data files and tokenizer.
     Testbed(train_cmds::TestbedArgs),
-    /// The main job on the built-in testbed: task -> SFT -> reward model -> evaluation.
+    /// The main job on the built-in testbed: task -> SFT -> reward model -> RLOO -> evaluation.
     Quickstart(train_cmds::RunArgs),
     /// Online RL: REINFORCE with a moving-average baseline (sequence-level, KL-shaped reward).
     Reinforce(train_cmds::RunArgs),
@@ -51,6 +51,18 @@ enum Command {
     /// Run every online method on a testbed task with the same sample budget over seeds; writes a
     /// Table-1-style markdown table.
     CompareOnline(train_cmds::RunArgs),
+    /// Offline preference optimisation on pairs: DPO, IPO, cDPO, SimPO, ORPO (`--loss`).
+    Dpo(train_cmds::DpoArgs),
+    /// KTO on unpaired data (prompt / completion / label), or on pairs split in two.
+    Kto(train_cmds::RunArgs),
+    /// Online / iterative DPO: sample pairs from the current policy, label them (reward model,
+    /// simulated annotators or a judge), DPO against the previous iterate; repeat.
+    OnlineDpo(train_cmds::RunArgs),
+    /// Self-rewarding: the policy judges its own candidates (0-5 rubric), best vs worst -> DPO.
+    SelfReward(train_cmds::RunArgs),
+    /// Online RL: token-level PPO with a critic and GAE; the PPO-max recipe by default, every
+    /// component a switch, collapse monitors and a trip-wire (docs/ppo.md).
+    Ppo(train_cmds::RunArgs),
 }
 
 fn main() {
@@ -78,6 +90,11 @@ fn main() {
         Command::Raft(a) => train_cmds::raft(a),
         Command::Grpo(a) => train_cmds::grpo(a),
         Command::CompareOnline(a) => train_cmds::compare_online(a),
+        Command::Dpo(a) => train_cmds::dpo(a),
+        Command::Kto(a) => train_cmds::kto(a),
+        Command::OnlineDpo(a) => train_cmds::online_dpo(a),
+        Command::SelfReward(a) => train_cmds::self_reward(a),
+        Command::Ppo(a) => train_cmds::ppo(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

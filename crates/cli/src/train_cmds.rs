@@ -76,10 +76,17 @@ pub struct TestbedArgs {
 /// Write a testbed task's data (TRL-format JSONL) and its tokenizer, for use with any command.
 pub fn testbed(a: TestbedArgs) -> Result<()> {
     let task = rlhf_data::testbed::task_by_name(&a.task, a.seed).map_err(anyhow::Error::msg)?;
-    let files = rlhf_data::testbed::write_task_files(task.as_ref(), &a.out).with_context(|| format!("{}", a.out.display()))?;
+    let files = rlhf_data::testbed::write_task_files(task.as_ref(), &a.out)
+        .with_context(|| format!("{}", a.out.display()))?;
     let tokenizer = rlhf_data::testbed::tokenizer_for(task.as_ref());
     tokenizer.save_hf(&a.out.join("tokenizer"), None)?;
-    println!("{}\n{}\n{}\n{}", files.sft.display(), files.prompts_train.display(), files.prompts_eval.display(), a.out.join("tokenizer").display());
+    println!(
+        "{}\n{}\n{}\n{}",
+        files.sft.display(),
+        files.prompts_train.display(),
+        files.prompts_eval.display(),
+        a.out.join("tokenizer").display()
+    );
     Ok(())
 }
 
@@ -123,4 +130,61 @@ pub fn compare_online(a: RunArgs) -> Result<()> {
     let report = rlhf_methods::compare::run(&cfg, &Device::Cpu).context("compare-online")?;
     println!("{}", rlhf_methods::compare::format_table(&report));
     Ok(())
+}
+
+// ---- offline and iterative preference optimisation -----------------------------------------------
+
+#[derive(Args)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// The pair loss: dpo | ipo | cdpo | simpo | orpo (the same as `--set loss=...`).
+    #[arg(long)]
+    pub loss: Option<String>,
+}
+
+/// `rlhf dpo`: DPO / IPO / cDPO / SimPO / ORPO on preference pairs.
+pub fn dpo(a: DpoArgs) -> Result<()> {
+    let mut run = a.run;
+    if let Some(loss) = &a.loss {
+        let kind: rlhf_methods::pref_losses::PairLossKind =
+            loss.parse().map_err(anyhow::Error::msg)?;
+        run.set.push(format!("loss={}", kind.name()));
+    }
+    let cfg: rlhf_methods::dpo::DpoConfig = resolved(&run)?;
+    let summary = rlhf_methods::dpo::run(&cfg, run.resume, &Device::Cpu).context("dpo")?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// `rlhf kto`: KTO on unpaired (prompt, completion, label) data, or on pairs split in two.
+pub fn kto(a: RunArgs) -> Result<()> {
+    let cfg: rlhf_methods::kto::KtoConfig = resolved(&a)?;
+    let summary = rlhf_methods::kto::run(&cfg, a.resume, &Device::Cpu).context("kto")?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// `rlhf online-dpo`: rounds of sampling from the current policy, labelling (reward model,
+/// simulated annotators or a judge) and DPO against the previous iterate.
+pub fn online_dpo(a: RunArgs) -> Result<()> {
+    let cfg: rlhf_methods::online_dpo::OnlineDpoConfig = resolved(&a)?;
+    let summary =
+        rlhf_methods::online_dpo::run(&cfg, a.resume, &Device::Cpu).context("online-dpo")?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+/// `rlhf self-reward`: the policy judges its own candidates (LLM-as-a-judge), best vs worst
+/// become DPO pairs; iterate.
+pub fn self_reward(a: RunArgs) -> Result<()> {
+    let cfg: rlhf_methods::self_reward::SelfRewardConfig = resolved(&a)?;
+    let summary =
+        rlhf_methods::self_reward::run(&cfg, a.resume, &Device::Cpu).context("self-reward")?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+pub fn ppo(a: RunArgs) -> Result<()> {
+    online(a, rlhf_methods::ppo::run)
 }

@@ -135,7 +135,10 @@ fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32
             order.truncate(k);
         }
         order.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((scaled[i] - max) as f64).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((scaled[i] - max) as f64).exp())
+            .collect();
         if let Some(top_p) = p.top_p {
             let total: f64 = probs.iter().sum();
             let mut cum = 0.0;

@@ -5,7 +5,9 @@
 //! SFT policy and response length. Writes `<out_dir>/compare.json` and a markdown table.
 //!
 //! Methods are named `rloo-k4`, `rloo-k2`, `raft-k4`, `raft-k2`, `grpo-k4`, `reinforce`,
-//! `vanilla-pg` (`-kN` sets `rollout.k`; REINFORCE and vanilla PG take one sample per prompt).
+//! `vanilla-pg`, `ppo` (the PPO-max preset) and `ppo-plain` (PPO without reward normalisation
+//! or critic pre-training) (`-kN` sets `rollout.k`; REINFORCE, vanilla PG and PPO take one sample
+//! per prompt).
 
 use std::path::{Path, PathBuf};
 
@@ -63,18 +65,19 @@ impl Default for CompareConfig {
                 "grpo-k4",
                 "reinforce",
                 "vanilla-pg",
+                "ppo",
             ]
             .iter()
             .map(|s| s.to_string())
             .collect(),
             seeds: vec![0, 1, 2],
             samples_per_step: 64,
-            steps: 60,
-            lr: 3e-5,
-            beta: 0.05,
+            steps: 100,
+            lr: 1e-4,
+            beta: 0.1,
             grpo_beta: 0.04,
             value_lr: 1e-4,
-            max_new_tokens: 16,
+            max_new_tokens: 24,
             eval_prompts: 200,
             out_dir: "runs/compare".into(),
             table: None,
@@ -122,9 +125,9 @@ fn parse_method(name: &str) -> Result<(&str, usize)> {
         _ => (name, 1),
     };
     match base {
-        "rloo" | "raft" | "grpo" | "reinforce" | "vanilla-pg" => Ok((base, k)),
+        "rloo" | "raft" | "grpo" | "reinforce" | "vanilla-pg" | "ppo" | "ppo-plain" => Ok((base, k)),
         _ => Err(TrainError::invalid(format!(
-            "unknown method `{name}` (rloo-kN, raft-kN, grpo-kN, reinforce, vanilla-pg)"
+            "unknown method `{name}` (rloo-kN, raft-kN, grpo-kN, reinforce, vanilla-pg, ppo, ppo-plain)"
         ))),
     }
 }
@@ -150,7 +153,13 @@ fn configure<M: Method>(cfg: &CompareConfig, k: usize, seed: u64, dir: &Path) ->
     c
 }
 
-fn run_one(cfg: &CompareConfig, name: &str, seed: u64, dir: &Path, device: &Device) -> Result<OnlineSummary> {
+fn run_one(
+    cfg: &CompareConfig,
+    name: &str,
+    seed: u64,
+    dir: &Path,
+    device: &Device,
+) -> Result<OnlineSummary> {
     let (base, k) = parse_method(name)?;
     match base {
         "rloo" => crate::rloo::run(&configure(cfg, k, seed, dir), false, device),
@@ -166,13 +175,30 @@ fn run_one(cfg: &CompareConfig, name: &str, seed: u64, dir: &Path, device: &Devi
             c.method.value_lr = cfg.value_lr;
             crate::vanilla_pg::run(&c, false, device)
         }
+        "ppo" | "ppo-plain" => {
+            let mut c = configure::<crate::ppo::PpoParams>(cfg, k, seed, dir);
+            if base == "ppo-plain" {
+                c.method = crate::ppo::PpoParams::plain();
+                c.reward.normalize = false;
+            }
+            c.method.value_lr = cfg.value_lr;
+            crate::ppo::run(&c, false, device)
+        }
         _ => unreachable!("parsed"),
     }
 }
 
+fn last_wall_time(metrics: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(metrics).ok()?;
+    let last = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    serde_json::from_str::<serde_json::Value>(last).ok()?["wall_time"].as_f64()
+}
+
 /// Two-sided 97.5% Student-t quantile for `df` degrees of freedom.
 fn t975(df: usize) -> f64 {
-    const T: [f64; 10] = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228];
+    const T: [f64; 10] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    ];
     if df == 0 {
         f64::NAN
     } else if df <= 10 {
@@ -184,10 +210,16 @@ fn t975(df: usize) -> f64 {
 
 fn aggregate(method: &str, runs: &[&RunResult]) -> MethodRow {
     let n = runs.len();
-    let mean = |f: &dyn Fn(&RunResult) -> f64| runs.iter().map(|r| f(r)).sum::<f64>() / n.max(1) as f64;
+    let mean =
+        |f: &dyn Fn(&RunResult) -> f64| runs.iter().map(|r| f(r)).sum::<f64>() / n.max(1) as f64;
     let wr = mean(&|r| r.eval.winrate);
     let ci = if n >= 2 {
-        let sd = (runs.iter().map(|r| (r.eval.winrate - wr).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+        let sd = (runs
+            .iter()
+            .map(|r| (r.eval.winrate - wr).powi(2))
+            .sum::<f64>()
+            / (n - 1) as f64)
+            .sqrt();
         let half = t975(n - 1) * sd / (n as f64).sqrt();
         [(wr - half).max(0.0), (wr + half).min(1.0)]
     } else {
@@ -207,7 +239,9 @@ fn aggregate(method: &str, runs: &[&RunResult]) -> MethodRow {
 
 pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
     if cfg.seeds.is_empty() || cfg.methods.is_empty() {
-        return Err(TrainError::invalid("compare needs at least one method and one seed"));
+        return Err(TrainError::invalid(
+            "compare needs at least one method and one seed",
+        ));
     }
     for m in &cfg.methods {
         parse_method(m)?;
@@ -237,15 +271,19 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
             let eval_path = dir.join("eval.json");
             let started = std::time::Instant::now();
             let eval: EvalReport = if cfg.reuse && eval_path.is_file() {
-                let text = std::fs::read_to_string(&eval_path).map_err(|e| TrainError::io(&eval_path, e))?;
-                serde_json::from_str(&text).map_err(|e| TrainError::bad_file(&eval_path, e.to_string()))?
+                let text = std::fs::read_to_string(&eval_path)
+                    .map_err(|e| TrainError::io(&eval_path, e))?;
+                serde_json::from_str(&text)
+                    .map_err(|e| TrainError::bad_file(&eval_path, e.to_string()))?
             } else {
                 eprintln!("== {name} seed {seed}");
                 run_one(cfg, name, seed, &dir, device)?
                     .eval
                     .ok_or_else(|| TrainError::invalid("the run has no evaluation"))?
             };
-            let seconds = started.elapsed().as_secs_f64();
+            // The run's own time (the last `wall_time` in its metrics), also for a reused run.
+            let seconds = last_wall_time(&dir.join("metrics.jsonl"))
+                .unwrap_or_else(|| started.elapsed().as_secs_f64());
             eprintln!(
                 "   {name} seed {seed}: win-rate {:.3}, gold {:.3}, KL {:.2}, length {:.1} ({seconds:.0} s)",
                 eval.winrate,
@@ -264,7 +302,12 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
     let rows = cfg
         .methods
         .iter()
-        .map(|m| aggregate(m, &runs.iter().filter(|r| &r.method == m).collect::<Vec<_>>()))
+        .map(|m| {
+            aggregate(
+                m,
+                &runs.iter().filter(|r| &r.method == m).collect::<Vec<_>>(),
+            )
+        })
         .collect();
     let report = CompareReport {
         config: cfg.clone(),
@@ -273,8 +316,11 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
         runs,
     };
     let json = cfg.out_dir.join("compare.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&report).expect("serialisable"))
-        .map_err(|e| TrainError::io(&json, e))?;
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(&report).expect("serialisable"),
+    )
+    .map_err(|e| TrainError::io(&json, e))?;
     if let Some(path) = &cfg.table {
         if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d).map_err(|e| TrainError::io(d, e))?;
@@ -318,7 +364,14 @@ pub fn format_table(r: &CompareReport) -> String {
         r.sft.mean_len,
     ));
     for row in &r.rows {
-        s.push_str(&line(&row.method, row.winrate, row.winrate_ci95, row.gold_mean, row.kl, row.length));
+        s.push_str(&line(
+            &row.method,
+            row.winrate,
+            row.winrate_ci95,
+            row.gold_mean,
+            row.kl,
+            row.length,
+        ));
     }
     s
 }
@@ -348,7 +401,9 @@ pub fn format_markdown(r: &CompareReport) -> String {
         c.beta,
         c.grpo_beta
     ));
-    s.push_str("| method | gold win-rate vs SFT | 95% interval | gold mean | KL | length | s / run |\n");
+    s.push_str(
+        "| method | gold win-rate vs SFT | 95% interval | gold mean | KL | length | s / run |\n",
+    );
     s.push_str("|---|---|---|---|---|---|---|\n");
     let opt = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.3}"));
     s.push_str(&format!(

@@ -59,7 +59,8 @@ impl Default for PolicyEval {
             reward_model: None,
             max_prompts: 200,
             max_new_tokens: None,
-            seed: 0,
+            // The online methods' evaluation seed and batch size: the same SFT reference samples.
+            seed: 12_345,
             batch_size: 64,
         }
     }
@@ -181,7 +182,9 @@ impl DpoConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.model.as_os_str().is_empty() {
-            return Err(TrainError::invalid("`model` (the policy to train) is required"));
+            return Err(TrainError::invalid(
+                "`model` (the policy to train) is required",
+            ));
         }
         let beta = self.beta();
         if !(beta > 0.0 && beta.is_finite()) {
@@ -242,11 +245,7 @@ impl RefCache {
 }
 
 /// The frozen reference model: `path`, or the current weights of `lm` (call before training).
-pub fn reference_model(
-    lm: &TrainableLm,
-    path: Option<&Path>,
-    device: &Device,
-) -> Result<Llama> {
+pub fn reference_model(lm: &TrainableLm, path: Option<&Path>, device: &Device) -> Result<Llama> {
     match path {
         Some(p) => {
             let r = rlhf_lm::Pretrained::load(p, device)?;
@@ -394,8 +393,11 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
 }
 
+/// Named metrics, for summaries.
+pub type Metrics = std::collections::BTreeMap<String, f64>;
+
 /// Prefix every metric name with `eval_`.
-pub fn eval_names(m: &[(&'static str, f64)]) -> Vec<(String, f64)> {
+pub fn eval_names(m: &[(&'static str, f64)]) -> Metrics {
     m.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect()
 }
 
@@ -406,8 +408,8 @@ pub struct DpoSummary {
     pub steps: u64,
     pub pairs: usize,
     /// Means over the last (up to) 20 steps.
-    pub final_train: Vec<(String, f64)>,
-    pub eval_pairs: Option<Vec<(String, f64)>>,
+    pub final_train: Metrics,
+    pub eval_pairs: Option<Metrics>,
     pub model: PathBuf,
     pub eval: Option<EvalReport>,
 }
@@ -589,7 +591,7 @@ pub fn train_on_pairs(
 }
 
 /// Log metrics whose names are owned strings.
-pub fn log_named(trainer: &mut Trainer, m: &[(String, f64)]) -> Result<()> {
+pub fn log_named(trainer: &mut Trainer, m: &Metrics) -> Result<()> {
     let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     trainer.log(&refs)
 }
@@ -610,11 +612,49 @@ pub fn log_report(trainer: &mut Trainer, r: &EvalReport) -> Result<()> {
 }
 
 /// Per-metric means over a window of steps.
-pub fn window_mean(window: &[Vec<(&'static str, f64)>]) -> Vec<(String, f64)> {
+pub fn window_mean(window: &[Vec<(&'static str, f64)>]) -> Metrics {
     let parts: Vec<(f64, Vec<(&'static str, f64)>)> =
         window.iter().map(|m| (1.0, m.clone())).collect();
     pl::weighted_metrics(&parts)
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect()
+}
+
+/// The settings the testbed's tiny model trains well with (measured in `docs/dpo.md`): a pair
+/// loss from the SFT policy on the simulated annotators' pairs over SFT samples (the quickstart's
+/// `data/prefs_train.jsonl`), 2 epochs of batches of 32 at lr 2e-4, evaluated on the task's eval
+/// prompts against the SFT policy (the same reference samples as `rlhf compare-online`).
+pub fn testbed_config(
+    loss: PairLossKind,
+    task: &str,
+    sft_model: &Path,
+    pairs: &Path,
+    output_dir: &Path,
+    seed: u64,
+) -> DpoConfig {
+    DpoConfig {
+        model: sft_model.to_path_buf(),
+        train_file: pairs.to_path_buf(),
+        output_dir: output_dir.to_path_buf(),
+        loss,
+        epochs: 2,
+        batch_size: 32,
+        max_len: 64,
+        save_every: 0,
+        log_every: 10,
+        seed,
+        optim: OptimConfig {
+            lr: 2e-4,
+            ..OptimConfig::default()
+        },
+        // As `rlhf compare-online` evaluates (16 new tokens, eval seed 12345, batches of 64):
+        // the same SFT reference samples, so the rows compare.
+        eval: PolicyEval {
+            task: Some(task.to_string()),
+            max_new_tokens: Some(16),
+            ..PolicyEval::default()
+        },
+        ..DpoConfig::default()
+    }
 }

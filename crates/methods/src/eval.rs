@@ -243,13 +243,21 @@ pub fn run_eval(cfg: &EvalConfig, device: &candle_core::Device) -> Result<EvalRe
     use rlhf_data::loaders::{load_prompt_completion, load_prompts, LoadOptions};
     let policy = rlhf_lm::Pretrained::load(&cfg.policy, device)?;
     let task = match &cfg.task {
-        Some(name) => Some(rlhf_data::testbed::task_by_name(name, cfg.task_seed).map_err(LmError::Invalid)?),
+        Some(name) => {
+            Some(rlhf_data::testbed::task_by_name(name, cfg.task_seed).map_err(LmError::Invalid)?)
+        }
         None => None,
     };
     let texts: Vec<String> = match (&cfg.prompts_file, &task) {
-        (Some(p), _) => load_prompts(p, policy.chat_template.as_ref(), &LoadOptions::default())?.items,
+        (Some(p), _) => {
+            load_prompts(p, policy.chat_template.as_ref(), &LoadOptions::default())?.items
+        }
         (None, Some(t)) => t.eval_prompts().to_vec(),
-        (None, None) => return Err(LmError::Invalid("eval needs `prompts_file` or a testbed `task`".into())),
+        (None, None) => {
+            return Err(LmError::Invalid(
+                "eval needs `prompts_file` or a testbed `task`".into(),
+            ))
+        }
     };
     let texts: Vec<String> = texts.into_iter().take(cfg.max_prompts.max(1)).collect();
     let prompts: Vec<(String, Vec<u32>)> = texts
@@ -271,26 +279,75 @@ pub fn run_eval(cfg: &EvalConfig, device: &candle_core::Device) -> Result<EvalRe
         ..Default::default()
     };
     let pi = policy.model(device)?;
-    let reward_model = cfg.reward_model.as_ref().map(|p| RewardModel::load(p, device)).transpose()?;
+    let reward_model = cfg
+        .reward_model
+        .as_ref()
+        .map(|p| RewardModel::load(p, device))
+        .transpose()?;
     let policy_samples = if cfg.best_of_n > 1 {
         let rm = reward_model
             .as_ref()
             .ok_or_else(|| LmError::Invalid("best_of_n > 1 needs `reward_model`".into()))?;
-        crate::best_of_n::best_of_n(&pi, &policy.tokenizer, policy.pad_id(), &prompts, cfg.best_of_n, &params, rm, cfg.batch_size)?
+        crate::best_of_n::best_of_n(
+            &pi,
+            &policy.tokenizer,
+            policy.pad_id(),
+            &prompts,
+            cfg.best_of_n,
+            &params,
+            rm,
+            cfg.batch_size,
+        )?
     } else {
-        sample(&pi, &policy.tokenizer, policy.pad_id(), &prompts, &params, cfg.batch_size)?
+        sample(
+            &pi,
+            &policy.tokenizer,
+            policy.pad_id(),
+            &prompts,
+            &params,
+            cfg.batch_size,
+        )?
     };
-    let reference_policy = cfg.reference.as_ref().map(|p| rlhf_lm::Pretrained::load(p, device)).transpose()?;
-    let reference_model = reference_policy.as_ref().map(|r| r.model(device)).transpose()?;
+    let reference_policy = cfg
+        .reference
+        .as_ref()
+        .map(|p| rlhf_lm::Pretrained::load(p, device))
+        .transpose()?;
+    let reference_model = reference_policy
+        .as_ref()
+        .map(|r| r.model(device))
+        .transpose()?;
     let reference_samples = match (&reference_policy, &reference_model, &cfg.reference_file) {
         (Some(r), Some(m), _) => {
-            let ref_params = SamplingParams { seed: cfg.seed.wrapping_add(1_000_003), ..params.clone() };
-            sample(m, &r.tokenizer, r.pad_id(), &prompts, &ref_params, cfg.batch_size)?
+            let ref_params = SamplingParams {
+                seed: cfg.seed.wrapping_add(1_000_003),
+                ..params.clone()
+            };
+            sample(
+                m,
+                &r.tokenizer,
+                r.pad_id(),
+                &prompts,
+                &ref_params,
+                cfg.batch_size,
+            )?
         }
         (_, _, Some(file)) => {
-            let refs = load_prompt_completion(file, policy.chat_template.as_ref(), &LoadOptions::default())?.items;
+            let refs = load_prompt_completion(
+                file,
+                policy.chat_template.as_ref(),
+                &LoadOptions::default(),
+            )?
+            .items;
             if refs.len() < prompts.len() {
-                return Err(LmError::bad_file(file, format!("{} reference completions for {} prompts", refs.len(), prompts.len())));
+                return Err(LmError::bad_file(
+                    file,
+                    format!(
+                        "{} reference completions for {} prompts",
+                        refs.len(),
+                        prompts.len()
+                    ),
+                ));
             }
             prompts
                 .iter()
@@ -306,10 +363,17 @@ pub fn run_eval(cfg: &EvalConfig, device: &candle_core::Device) -> Result<EvalRe
                 })
                 .collect::<Result<_>>()?
         }
-        _ => return Err(LmError::Invalid("eval needs a `reference` policy or a `reference_file`".into())),
+        _ => {
+            return Err(LmError::Invalid(
+                "eval needs a `reference` policy or a `reference_file`".into(),
+            ))
+        }
     };
     let gold = task.as_ref().map(|t| move |p: &str, r: &str| t.gold(p, r));
-    let judges = Judges { gold: gold.as_ref().map(|g| g as &dyn Fn(&str, &str) -> f64), reward_model: reward_model.as_ref() };
+    let judges = Judges {
+        gold: gold.as_ref().map(|g| g as &dyn Fn(&str, &str) -> f64),
+        reward_model: reward_model.as_ref(),
+    };
     let kl_models = match (&reference_model, cfg.best_of_n > 1) {
         (Some(m), false) => Some((&pi, m, policy.pad_id())),
         _ => None,

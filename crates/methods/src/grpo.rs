@@ -23,7 +23,9 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use crate::kl::k3_tensor;
-use crate::online::{advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session};
+use crate::online::{
+    advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
+};
 use crate::rollout::align;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,10 +70,14 @@ impl Method for GrpoParams {
             )));
         }
         if !(cfg.method.clip_eps > 0.0) || cfg.method.std_eps < 0.0 {
-            return Err(TrainError::invalid("method.clip_eps must be > 0 and method.std_eps >= 0"));
+            return Err(TrainError::invalid(
+                "method.clip_eps must be > 0 and method.std_eps >= 0",
+            ));
         }
         if cfg.method.epochs == 0 || cfg.method.minibatches == 0 {
-            return Err(TrainError::invalid("method.epochs and method.minibatches must be >= 1"));
+            return Err(TrainError::invalid(
+                "method.epochs and method.minibatches must be >= 1",
+            ));
         }
         Ok(())
     }
@@ -118,7 +124,9 @@ pub fn loss(
     )?;
     let ratio = (logp - old)?.exp()?;
     let unclipped = ratio.broadcast_mul(&adv)?;
-    let clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)?.broadcast_mul(&adv)?;
+    let clipped = ratio
+        .clamp(1.0 - clip_eps, 1.0 + clip_eps)?
+        .broadcast_mul(&adv)?;
     let pg = unclipped.minimum(&clipped)?.neg()?;
     let k3 = k3_tensor(logp, reference)?;
     let per_token = ((pg + (&k3 * beta)?)? * mask)?;
@@ -159,7 +167,15 @@ pub fn run(cfg: &GrpoConfig, resume: bool, device: &Device) -> Result<OnlineSumm
                     let old = align(&batch, &rows(|x| &x.logprobs), device)?;
                     let reference = align(&batch, &rows(|x| &x.ref_logprobs), device)?;
                     let a: Vec<f64> = part.iter().map(|&i| adv[i]).collect();
-                    let out = loss(&logp, &old, &reference, &batch.completion_mask, &a, p.clip_eps, beta)?;
+                    let out = loss(
+                        &logp,
+                        &old,
+                        &reference,
+                        &batch.completion_mask,
+                        &a,
+                        p.clip_eps,
+                        beta,
+                    )?;
                     clip.push(out.clip_fraction);
                     k3.push(out.kl_k3);
                     Ok((out.loss * (part.len() as f64 / mb.len() as f64))?)
@@ -180,5 +196,5 @@ pub fn run(cfg: &GrpoConfig, resume: bool, device: &Device) -> Result<OnlineSumm
         m.extend(advantage_metrics(&adv));
         s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
     }
-    s.finish(&serde_json::Value::Null)
+    s.finish()
 }

@@ -92,7 +92,9 @@ impl Default for KtoConfig {
 impl KtoConfig {
     pub fn validate(&self) -> Result<()> {
         if self.model.as_os_str().is_empty() {
-            return Err(TrainError::invalid("`model` (the policy to train) is required"));
+            return Err(TrainError::invalid(
+                "`model` (the policy to train) is required",
+            ));
         }
         if self.train_file.is_some() == self.pairs_file.is_some() {
             return Err(TrainError::invalid(
@@ -100,7 +102,10 @@ impl KtoConfig {
             ));
         }
         if !(self.beta > 0.0 && self.beta.is_finite()) {
-            return Err(TrainError::invalid(format!("beta must be > 0, got {}", self.beta)));
+            return Err(TrainError::invalid(format!(
+                "beta must be > 0, got {}",
+                self.beta
+            )));
         }
         if self.batch_size < 2 {
             return Err(TrainError::invalid(
@@ -111,7 +116,9 @@ impl KtoConfig {
             return Err(TrainError::invalid("epochs must be >= 1"));
         }
         if self.desirable_weight < 0.0 || self.undesirable_weight < 0.0 {
-            return Err(TrainError::invalid("desirable/undesirable weights must be >= 0"));
+            return Err(TrainError::invalid(
+                "desirable/undesirable weights must be >= 0",
+            ));
         }
         Ok(())
     }
@@ -168,7 +175,8 @@ pub fn load_examples(
         .iter()
         .map(|x| lm.encode(&x.prompt, &x.completion, true, max_len))
         .collect::<rlhf_lm::Result<_>>()?;
-    let partners = mismatched_partners(&items.iter().map(|x| x.prompt.as_str()).collect::<Vec<_>>());
+    let partners =
+        mismatched_partners(&items.iter().map(|x| x.prompt.as_str()).collect::<Vec<_>>());
     Ok(encoded
         .iter()
         .zip(&items)
@@ -208,7 +216,12 @@ struct KtoRefCache {
     eval: Vec<[f64; 2]>,
 }
 
-fn reference_logps(reference: &Llama, ex: &[KtoExample], pad: u32, bs: usize) -> Result<Vec<[f64; 2]>> {
+fn reference_logps(
+    reference: &Llama,
+    ex: &[KtoExample],
+    pad: u32,
+    bs: usize,
+) -> Result<Vec<[f64; 2]>> {
     let rows: Vec<(Vec<u32>, Vec<u32>)> = ex
         .iter()
         .flat_map(|e| {
@@ -245,7 +258,9 @@ pub fn kto_batch_loss(
     let batch = CompletionBatch::new(&rows, pad, device)?;
     let logps = completion_logprobs(model, &batch, 1.0)?.sum(1)?;
     let kl_batch = CompletionBatch::new(&kl_rows, pad, device)?;
-    let kl = completion_logprobs(frozen, &kl_batch, 1.0)?.sum(1)?.detach();
+    let kl = completion_logprobs(frozen, &kl_batch, 1.0)?
+        .sum(1)?
+        .detach();
     let dtype = logps.dtype();
     let f = |v: Vec<f64>| Tensor::from_vec(v, b, device)?.to_dtype(dtype);
     let ref_logps = f(refs.iter().map(|r| r[0]).collect())?;
@@ -272,8 +287,8 @@ pub struct KtoSummary {
     pub steps: u64,
     pub examples: usize,
     pub desirable: usize,
-    pub final_train: Vec<(String, f64)>,
-    pub eval_examples: Option<Vec<(String, f64)>>,
+    pub final_train: crate::dpo::Metrics,
+    pub eval_examples: Option<crate::dpo::Metrics>,
     pub model: PathBuf,
     pub eval: Option<crate::eval::EvalReport>,
 }
@@ -284,7 +299,7 @@ fn evaluate(
     refs: &[[f64; 2]],
     cfg: &KtoConfig,
     device: &Device,
-) -> Result<Vec<(String, f64)>> {
+) -> Result<crate::dpo::Metrics> {
     let frozen = Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
     let bs = cfg.batch_size;
     let mut parts = Vec::new();
@@ -293,7 +308,12 @@ fn evaluate(
         let (out, mut m) = kto_batch_loss(&frozen, &frozen, lm.pad_id, chunk, r, cfg, device)?;
         m.insert(
             0,
-            ("loss", out.loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?),
+            (
+                "loss",
+                out.loss
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_scalar::<f64>()?,
+            ),
         );
         parts.push((chunk.len() as f64 / ex.len() as f64, m));
     }
@@ -317,7 +337,8 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
         .transpose()?;
     let n_d = train.iter().filter(|e| e.label).count();
     let n_u = train.len() - n_d;
-    let balance = cfg.desirable_weight * n_d as f64 / (cfg.undesirable_weight * n_u as f64).max(1e-12);
+    let balance =
+        cfg.desirable_weight * n_d as f64 / (cfg.undesirable_weight * n_u as f64).max(1e-12);
     if !(1.0..=1.5).contains(&balance) {
         eprintln!(
             "note: desirable_weight * {n_d} / (undesirable_weight * {n_u}) = {balance:.2}; the KTO paper advises 1 to 1.5"
@@ -360,7 +381,9 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
     rlhf_train::run::write_atomic(
         &trainer.run.path().join(crate::dpo::REF_CACHE),
-        serde_json::to_string(&refs).expect("serialisable").as_bytes(),
+        serde_json::to_string(&refs)
+            .expect("serialisable")
+            .as_bytes(),
     )?;
     let progress = rlhf_train::progress(total, "kto");
     progress.set_position(trainer.step);
@@ -427,9 +450,12 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
     let model = trainer.finish(&lm)?;
     let report = if cfg.eval.enabled() {
         let reference = cfg.ref_model.as_ref().unwrap_or(&cfg.model);
-        let r = cfg
-            .eval
-            .run(&model, reference, &trainer.run.path().join("eval.json"), device)?;
+        let r = cfg.eval.run(
+            &model,
+            reference,
+            &trainer.run.path().join("eval.json"),
+            device,
+        )?;
         log_report(&mut trainer, &r)?;
         Some(r)
     } else {
@@ -444,4 +470,38 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
         model,
         eval: report,
     })
+}
+
+/// KTO's counterpart of [`crate::dpo::testbed_config`]: the same pairs split into desirable and
+/// undesirable examples, the same schedule.
+pub fn testbed_config(
+    task: &str,
+    sft_model: &Path,
+    pairs: &Path,
+    output_dir: &Path,
+    seed: u64,
+) -> KtoConfig {
+    KtoConfig {
+        model: sft_model.to_path_buf(),
+        pairs_file: Some(pairs.to_path_buf()),
+        output_dir: output_dir.to_path_buf(),
+        epochs: 2,
+        batch_size: 32,
+        max_len: 64,
+        save_every: 0,
+        log_every: 10,
+        seed,
+        optim: OptimConfig {
+            lr: 2e-4,
+            ..OptimConfig::default()
+        },
+        // As `rlhf compare-online` evaluates (16 new tokens, eval seed 12345, batches of 64):
+        // the same SFT reference samples, so the rows compare.
+        eval: PolicyEval {
+            task: Some(task.to_string()),
+            max_new_tokens: Some(16),
+            ..PolicyEval::default()
+        },
+        ..KtoConfig::default()
+    }
 }

@@ -15,16 +15,19 @@ pub mod trainer;
 // Online policy optimisation: the shared rollout engine and reward sources, KL shaping, and one
 // file per estimator.
 pub mod compare;
+pub mod dpo;
 pub mod grpo;
 pub mod kl;
+pub mod kto;
 pub mod online;
+pub mod online_dpo;
+pub mod ppo;
+pub mod pref_losses;
 pub mod raft;
 pub mod reinforce;
 pub mod reward_source;
 pub mod rloo;
 pub mod rollout;
+pub mod self_reward;
 pub mod value;
 pub mod vanilla_pg;
-pub mod pref_losses;
-pub mod dpo;
-pub mod kto;

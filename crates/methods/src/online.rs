@@ -14,7 +14,7 @@
 //!     for minibatch { s.optimizer_step(minibatch, |lm, part| loss(...))?; }
 //!     s.end_iteration(&rollout, &metrics, state)?;      // log, KL controller, eval, checkpoint
 //! }
-//! s.finish(state)                                       // model/, eval.json
+//! s.finish()                                            // model/, eval.json
 //! ```
 //!
 //! Steps: `steps` counts rollout batches ("iterations"); the optimiser may step several times per
@@ -152,10 +152,14 @@ impl<M: Method> Default for OnlineConfig<M> {
 impl<M: Method> OnlineConfig<M> {
     pub fn validate(&self) -> Result<()> {
         if self.model.as_os_str().is_empty() {
-            return Err(TrainError::invalid("`model` (the initial policy) is required"));
+            return Err(TrainError::invalid(
+                "`model` (the initial policy) is required",
+            ));
         }
         if self.steps == 0 || self.prompts_per_step == 0 {
-            return Err(TrainError::invalid("steps and prompts_per_step must be >= 1"));
+            return Err(TrainError::invalid(
+                "steps and prompts_per_step must be >= 1",
+            ));
         }
         if self.task.is_none() && self.prompts_file.is_none() {
             return Err(TrainError::invalid(
@@ -203,7 +207,11 @@ pub struct Session<M: Method> {
     last_kl: f64,
 }
 
-fn encode_all(lm: &TrainableLm, texts: &[String], max_len: usize) -> Result<Vec<(String, Vec<u32>)>> {
+fn encode_all(
+    lm: &TrainableLm,
+    texts: &[String],
+    max_len: usize,
+) -> Result<Vec<(String, Vec<u32>)>> {
     texts
         .iter()
         .map(|t| Ok((t.clone(), lm.encode_prompt(t, max_len)?)))
@@ -316,7 +324,12 @@ impl<M: Method> Session<M> {
 
     /// Mean/std of the raw reward on the reference policy's samples of the first training prompts.
     fn measure_norm(&self) -> Result<RewardNorm> {
-        let n = self.cfg.reward.normalize_samples.max(2).min(self.prompts.len().max(2));
+        let n = self
+            .cfg
+            .reward
+            .normalize_samples
+            .max(2)
+            .min(self.prompts.len().max(2));
         let prompts: Vec<_> = self.prompts.iter().cycle().take(n).cloned().collect();
         let params = self
             .cfg
@@ -553,7 +566,14 @@ impl<M: Method> Session<M> {
         }
         let reference = self.eval_reference.as_ref().expect("sampled above");
         let pi = self.policy_model()?;
-        let policy = sample(&pi, &self.lm.tokenizer, self.lm.pad_id, &self.eval_prompts, &params, bs)?;
+        let policy = sample(
+            &pi,
+            &self.lm.tokenizer,
+            self.lm.pad_id,
+            &self.eval_prompts,
+            &params,
+            bs,
+        )?;
         let kl_models = Some((&pi, &self.reference, self.lm.pad_id));
         let rm = self.rewarder.source.reward_model();
         let report = match &self.task {
@@ -598,7 +618,7 @@ impl<M: Method> Session<M> {
     }
 
     /// Write the final model (`<output_dir>/model`) and evaluate it (`<output_dir>/eval.json`).
-    pub fn finish(mut self, _method_state: &serde_json::Value) -> Result<OnlineSummary> {
+    pub fn finish(mut self) -> Result<OnlineSummary> {
         self.lm
             .generation
             .max_new_tokens

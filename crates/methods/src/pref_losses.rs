@@ -247,7 +247,12 @@ pub fn kto(
     desirable_weight: f64,
     undesirable_weight: f64,
 ) -> Result<PrefLoss> {
-    let b = check_same(&[batch.logps, batch.ref_logps, batch.kl_logps, batch.ref_kl_logps])?;
+    let b = check_same(&[
+        batch.logps,
+        batch.ref_logps,
+        batch.kl_logps,
+        batch.ref_kl_logps,
+    ])?;
     if batch.labels.len() != b {
         return Err(TrainError::invalid(format!(
             "KTO: {} labels for {b} rows",

@@ -1,6 +1,7 @@
 //! The main job on the built-in testbed, end to end with no download: generate a task, pre-train /
 //! SFT the tiny model on its demonstrations, train a reward model on simulated noisy preferences
-//! over SFT samples, and evaluate against the SFT policy by the gold reward the training never saw.
+//! over SFT samples, optimise the SFT policy against it online with RLOO (k = 4), and evaluate
+//! against the SFT policy by the gold reward the training never saw.
 //! Every stage reads and writes ordinary files through the same loaders and run directories a user
 //! gets, under `<out_dir>/`.
 
@@ -37,6 +38,15 @@ pub struct QuickstartConfig {
     pub noise: f64,
     pub best_of_n: usize,
     pub eval_prompts: usize,
+    /// RLOO (k = 4) iterations of 16 prompts on the reward model, from the SFT policy; 0 skips it.
+    pub rloo_steps: u64,
+    pub rloo_lr: f64,
+    /// KL coefficient in RLOO's shaped reward.
+    pub rloo_beta: f64,
+    /// PPO (the PPO-max preset, 64 prompts per iteration) on the reward model, from the SFT
+    /// policy, with RLOO's lr and beta; 0 (the default, to keep the quickstart at ~3 minutes)
+    /// skips it.
+    pub ppo_steps: u64,
 }
 
 impl Default for QuickstartConfig {
@@ -53,6 +63,10 @@ impl Default for QuickstartConfig {
             noise: 0.25,
             best_of_n: 16,
             eval_prompts: 200,
+            rloo_steps: 100,
+            rloo_lr: 1e-4,
+            rloo_beta: 0.1,
+            ppo_steps: 0,
         }
     }
 }
@@ -130,8 +144,9 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
 
     step("preference pairs: SFT samples labelled by simulated annotators");
     let mut annotator = Annotator::for_task(task, cfg.noise, cfg.seed + 1);
-    let pair_prompts: Vec<String> =
-        (0..cfg.pairs_per_prompt.max(1)).flat_map(|_| task.train_prompts().iter().cloned()).collect();
+    let pair_prompts: Vec<String> = (0..cfg.pairs_per_prompt.max(1))
+        .flat_map(|_| task.train_prompts().iter().cloned())
+        .collect();
     let train_pairs = sample_and_label(
         &sft_model,
         &sft_lm,
@@ -179,7 +194,10 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         let q: f64 = clean_pairs
             .iter()
             .map(|p| {
-                let better = probe.p_prefer(task.gold(&p.prompt, p.chosen.trim()), task.gold(&p.prompt, p.rejected.trim()));
+                let better = probe.p_prefer(
+                    task.gold(&p.prompt, p.chosen.trim()),
+                    task.gold(&p.prompt, p.rejected.trim()),
+                );
                 (1.0 - cfg.noise) * better + cfg.noise * (1.0 - better)
             })
             .sum();
@@ -289,6 +307,90 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     let mut r = add(&format!("best-of-{}", cfg.best_of_n), &bon, None)?;
     r.kl_to_ref = Some(kl_bound(cfg.best_of_n));
     rows.last_mut().expect("just pushed").report.kl_to_ref = r.kl_to_ref;
+
+    if cfg.rloo_steps > 0 {
+        step("RLOO (k = 4) on the reward model, from the SFT policy");
+        let mut rl = crate::rloo::RlooConfig::default();
+        rl.model = sft_dir.clone();
+        rl.task = Some(cfg.task.clone());
+        rl.task_seed = cfg.seed;
+        rl.output_dir = out.join("rloo");
+        rl.steps = cfg.rloo_steps;
+        rl.prompts_per_step = 16;
+        rl.rollout.k = 4;
+        rl.rollout.max_new_tokens = max_new;
+        rl.reward.model = Some(out.join("rm/model"));
+        rl.kl.beta = cfg.rloo_beta;
+        rl.optim.lr = cfg.rloo_lr;
+        rl.seed = cfg.seed;
+        rl.save_every = 0;
+        rl.log_every = 10;
+        rl.eval.prompts = 0; // judged below, against the same reference samples as every row
+        crate::rloo::run(&rl, false, device)?;
+        let rloo_model = TrainableLm::load(&out.join("rloo/model"), device)?
+            .model(device)?
+            .detached();
+        let samples = sample(
+            &rloo_model,
+            &sft_lm.tokenizer,
+            sft_lm.pad_id,
+            &prompts,
+            &sampling(cfg.seed + 104),
+            64,
+        )?;
+        let report = judge(
+            &samples,
+            &reference,
+            &judges,
+            Some((&rloo_model, &sft_model, sft_lm.pad_id)),
+        )?;
+        report.write(&eval_dir.join("rloo.json"))?;
+        rows.push(Row {
+            name: "rloo (k=4)".into(),
+            report,
+        });
+    }
+
+    if cfg.ppo_steps > 0 {
+        step("PPO (the PPO-max preset) on the reward model, from the SFT policy");
+        let mut pc = crate::ppo::PpoConfig::default();
+        pc.model = sft_dir.clone();
+        pc.task = Some(cfg.task.clone());
+        pc.task_seed = cfg.seed;
+        pc.output_dir = out.join("ppo");
+        pc.steps = cfg.ppo_steps;
+        pc.rollout.max_new_tokens = max_new;
+        pc.reward.model = Some(out.join("rm/model"));
+        pc.kl.beta = cfg.rloo_beta;
+        pc.optim.lr = cfg.rloo_lr;
+        pc.seed = cfg.seed;
+        pc.save_every = 0;
+        pc.log_every = 10;
+        pc.eval.prompts = 0; // judged below, against the same reference samples as every row
+        crate::ppo::run(&pc, false, device)?;
+        let ppo_model = TrainableLm::load(&out.join("ppo/model"), device)?
+            .model(device)?
+            .detached();
+        let samples = sample(
+            &ppo_model,
+            &sft_lm.tokenizer,
+            sft_lm.pad_id,
+            &prompts,
+            &sampling(cfg.seed + 105),
+            64,
+        )?;
+        let report = judge(
+            &samples,
+            &reference,
+            &judges,
+            Some((&ppo_model, &sft_model, sft_lm.pad_id)),
+        )?;
+        report.write(&eval_dir.join("ppo.json"))?;
+        rows.push(Row {
+            name: "ppo (PPO-max)".into(),
+            report,
+        });
+    }
 
     let report = QuickstartReport {
         task: task.name().into(),

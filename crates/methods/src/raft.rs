@@ -14,7 +14,9 @@ use candle_core::Device;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::online::{policy_logprobs, split_groups, Method, OnlineConfig, OnlineSummary, Session};
+use crate::online::{
+    advantage_metrics, policy_logprobs, split_groups, Method, OnlineConfig, OnlineSummary, Session,
+};
 use crate::trainer::epoch_order;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,9 +86,17 @@ pub fn run(cfg: &RaftConfig, resume: bool, device: &Device) -> Result<OnlineSumm
         }
         let st = last.expect("at least one minibatch");
         let kept_r: Vec<f64> = kept.iter().map(|&i| rewards[i]).collect();
-        let kept_len: Vec<f64> = kept.iter().map(|&i| rollout.samples[i].len() as f64).collect();
+        let kept_len: Vec<f64> = kept
+            .iter()
+            .map(|&i| rollout.samples[i].len() as f64)
+            .collect();
         let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
-        let m = [
+        // RAFT has no advantage; log the rewards centred on their group's mean instead.
+        let centred: Vec<f64> = rewards
+            .chunks(rollout.k)
+            .flat_map(|g| g.iter().map(move |r| r - mean(g)))
+            .collect();
+        let mut m = vec![
             ("loss", mean(&losses)),
             ("lr", st.lr),
             ("grad_norm", st.grad_norm),
@@ -94,7 +104,8 @@ pub fn run(cfg: &RaftConfig, resume: bool, device: &Device) -> Result<OnlineSumm
             ("kept_reward", mean(&kept_r)),
             ("kept_length", mean(&kept_len)),
         ];
+        m.extend(advantage_metrics(&centred));
         s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
     }
-    s.finish(&serde_json::Value::Null)
+    s.finish()
 }

@@ -15,7 +15,9 @@ use candle_core::{Device, Tensor};
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::online::{advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session};
+use crate::online::{
+    advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
+};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -117,11 +119,14 @@ pub fn run(cfg: &ReinforceConfig, resume: bool, device: &Device) -> Result<Onlin
             ("loss", losses.iter().sum::<f64>() / losses.len() as f64),
             ("lr", st.lr),
             ("grad_norm", st.grad_norm),
-            ("shaped_reward", rewards.iter().sum::<f64>() / rewards.len() as f64),
+            (
+                "shaped_reward",
+                rewards.iter().sum::<f64>() / rewards.len() as f64,
+            ),
             ("baseline", b),
         ];
         m.extend(advantage_metrics(&adv));
         s.end_iteration(&rollout, &m, &serde_json::json!({ "baseline": baseline }))?;
     }
-    s.finish(&serde_json::json!({ "baseline": baseline }))
+    s.finish()
 }

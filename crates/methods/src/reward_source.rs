@@ -308,7 +308,15 @@ impl CommandSource {
         let out = reader.join().unwrap_or_default();
         let err = err_reader.join().unwrap_or_default();
         if !status.success() {
-            let tail: String = err.trim().chars().rev().take(300).collect::<Vec<_>>().into_iter().rev().collect();
+            let tail: String = err
+                .trim()
+                .chars()
+                .rev()
+                .take(300)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
             return Err(format!("exited with {status}; stderr: {tail:?}"));
         }
         parse_scores(&out, n)
@@ -423,12 +431,14 @@ impl Rewarder {
         let source: Box<dyn RewardSource> = match cfg.source {
             SourceKind::Model => {
                 let path = cfg.model.clone().ok_or_else(|| {
-                    TrainError::invalid("reward.source = \"model\" needs reward.model (a reward model directory)")
+                    TrainError::invalid(
+                        "reward.source = \"model\" needs reward.model (a reward model directory)",
+                    )
                 })?;
                 let rm = RewardModel::load(&path, device)?;
                 norm = rm.norm;
-                let same_tokenizer =
-                    rm.tokenizer.inner().get_vocab(true) == policy_tokenizer.inner().get_vocab(true);
+                let same_tokenizer = rm.tokenizer.inner().get_vocab(true)
+                    == policy_tokenizer.inner().get_vocab(true);
                 if !same_tokenizer {
                     eprintln!(
                         "{}: its tokenizer differs from the policy's; completions are re-encoded from text",

@@ -16,7 +16,9 @@ use candle_core::Device;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::online::{advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session};
+use crate::online::{
+    advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
+};
 use crate::reinforce::sequence_loss;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,7 +54,9 @@ impl Method for RlooParams {
             )));
         }
         if cfg.method.epochs == 0 || cfg.method.minibatches == 0 {
-            return Err(TrainError::invalid("method.epochs and method.minibatches must be >= 1"));
+            return Err(TrainError::invalid(
+                "method.epochs and method.minibatches must be >= 1",
+            ));
         }
         Ok(())
     }
@@ -66,8 +70,7 @@ pub fn advantages(rewards: &[f64], k: usize) -> Vec<f64> {
         .chunks(k)
         .flat_map(|g| {
             let total: f64 = g.iter().sum();
-            g.iter()
-                .map(move |&r| r - (total - r) / (k - 1) as f64)
+            g.iter().map(move |&r| r - (total - r) / (k - 1) as f64)
         })
         .collect()
 }
@@ -100,10 +103,13 @@ pub fn run(cfg: &RlooConfig, resume: bool, device: &Device) -> Result<OnlineSumm
             ("loss", losses.iter().sum::<f64>() / losses.len() as f64),
             ("lr", st.lr),
             ("grad_norm", st.grad_norm),
-            ("shaped_reward", rewards.iter().sum::<f64>() / rewards.len() as f64),
+            (
+                "shaped_reward",
+                rewards.iter().sum::<f64>() / rewards.len() as f64,
+            ),
         ];
         m.extend(advantage_metrics(&adv));
         s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
     }
-    s.finish(&serde_json::Value::Null)
+    s.finish()
 }

@@ -74,7 +74,9 @@ impl RolloutConfig {
         }
         if let Some(p) = self.missing_eos_penalty {
             if !p.is_finite() {
-                return Err(TrainError::invalid("rollout.missing_eos_penalty must be finite"));
+                return Err(TrainError::invalid(
+                    "rollout.missing_eos_penalty must be finite",
+                ));
             }
         }
         self.sampling(0, Vec::new()).validate()?;

@@ -19,7 +19,9 @@ use candle_core::{Device, Tensor};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::online::{advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session};
+use crate::online::{
+    advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
+};
 use crate::reward_source::SourceKind;
 use crate::rollout::align;
 use crate::value::{values, ValueModel};
@@ -69,9 +71,7 @@ pub fn token_rewards(score: f64, logp: &[f32], ref_logp: &[f32], beta: f64) -> V
     logp.iter()
         .zip(ref_logp)
         .enumerate()
-        .map(|(t, (&a, &b))| {
-            -beta * (a as f64 - b as f64) + if t + 1 == n { score } else { 0.0 }
-        })
+        .map(|(t, (&a, &b))| -beta * (a as f64 - b as f64) + if t + 1 == n { score } else { 0.0 })
         .collect()
 }
 
@@ -104,14 +104,23 @@ pub fn token_loss(logprobs: &Tensor, advantages: &Tensor) -> Result<Tensor> {
 
 /// sum over completion tokens of (V - G)^2 / 2, divided by `n_tokens`; `values`, `returns` and
 /// `mask` are `(b, t)`.
-pub fn value_loss(values: &Tensor, returns: &Tensor, mask: &Tensor, n_tokens: f64) -> Result<Tensor> {
+pub fn value_loss(
+    values: &Tensor,
+    returns: &Tensor,
+    mask: &Tensor,
+    n_tokens: f64,
+) -> Result<Tensor> {
     let d = ((values - returns)? * mask)?;
     Ok((d.sqr()?.sum_all()? * (0.5 / n_tokens.max(1.0)))?)
 }
 
 pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<OnlineSummary> {
     let mut s = Session::start(cfg, resume, device)?;
-    let init = match (&cfg.method.value_model, cfg.reward.source, &cfg.reward.model) {
+    let init = match (
+        &cfg.method.value_model,
+        cfg.reward.source,
+        &cfg.reward.model,
+    ) {
         (Some(p), _, _) => p.clone(),
         (None, SourceKind::Model, Some(rm)) => rm.clone(),
         _ => cfg.model.clone(),
@@ -158,7 +167,11 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
                 let batch = rollout.batch(part, pad, device)?;
                 let logp = policy_logprobs(lm, &batch, temp, device)?;
                 let a = f32s(&adv, part);
-                let a = align(&batch, &a.iter().map(|r| r.as_slice()).collect::<Vec<_>>(), device)?;
+                let a = align(
+                    &batch,
+                    &a.iter().map(|r| r.as_slice()).collect::<Vec<_>>(),
+                    device,
+                )?;
                 Ok((token_loss(&logp, &a)? * (part.len() as f64 / mb.len() as f64))?)
             })?;
             losses.push(loss);
@@ -172,7 +185,11 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
                 let (model, head) = value.trainable(device)?;
                 let v = values(&model, &head, &batch)?;
                 let g = f32s(&returns, part);
-                let g = align(&batch, &g.iter().map(|r| r.as_slice()).collect::<Vec<_>>(), device)?;
+                let g = align(
+                    &batch,
+                    &g.iter().map(|r| r.as_slice()).collect::<Vec<_>>(),
+                    device,
+                )?;
                 let l = value_loss(&v, &g, &batch.completion_mask, mb_tokens as f64)?;
                 v_loss += l.to_scalar::<f32>()? as f64;
                 acc.add(l.backward()?)?;
@@ -189,8 +206,14 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
             ("grad_norm", st.grad_norm),
             ("value_loss", mean(&v_losses)),
             ("value_grad_norm", mean(&v_norms)),
-            ("return", mean(&returns.iter().map(|g| g[0]).collect::<Vec<_>>())),
-            ("value", mean(&v_old.iter().map(|v| v[0] as f64).collect::<Vec<_>>())),
+            (
+                "return",
+                mean(&returns.iter().map(|g| g[0]).collect::<Vec<_>>()),
+            ),
+            (
+                "value",
+                mean(&v_old.iter().map(|v| v[0] as f64).collect::<Vec<_>>()),
+            ),
         ];
         m.extend(advantage_metrics(&flat));
         if s.checkpoint_due() {
@@ -198,5 +221,5 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
         }
         s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
     }
-    s.finish(&serde_json::Value::Null)
+    s.finish()
 }

@@ -24,7 +24,10 @@ fn eval_writes_the_report_fields() {
     let dir = std::env::temp_dir().join(format!("rlhf-eval-{}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
     let task = task_by_name("sentiment", 0).unwrap();
-    fresh_tiny(tokenizer_for(task.as_ref()), 1, &Device::Cpu).unwrap().save(&dir.join("policy")).unwrap();
+    fresh_tiny(tokenizer_for(task.as_ref()), 1, &Device::Cpu)
+        .unwrap()
+        .save(&dir.join("policy"))
+        .unwrap();
     let cfg = EvalConfig {
         policy: dir.join("policy"),
         reference: Some(dir.join("policy")),
@@ -37,9 +40,22 @@ fn eval_writes_the_report_fields() {
     let report = run_eval(&cfg, &Device::Cpu).unwrap();
     assert_eq!(report.n, 12);
     assert_eq!(report.judge, "gold");
-    assert_eq!(report.kl_to_ref, Some(0.0), "a policy has zero KL to itself");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("out/eval.json")).unwrap()).unwrap();
-    for field in ["winrate", "winrate_ci95", "gold_mean", "proxy_mean", "kl_to_ref", "mean_len", "n"] {
+    assert_eq!(
+        report.kl_to_ref,
+        Some(0.0),
+        "a policy has zero KL to itself"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/eval.json")).unwrap()).unwrap();
+    for field in [
+        "winrate",
+        "winrate_ci95",
+        "gold_mean",
+        "proxy_mean",
+        "kl_to_ref",
+        "mean_len",
+        "n",
+    ] {
         assert!(v.get(field).is_some(), "eval.json lacks `{field}`");
     }
     let w = v["winrate"].as_f64().unwrap();

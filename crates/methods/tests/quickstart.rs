@@ -9,17 +9,58 @@ use rlhf_methods::quickstart::{format_table, run, QuickstartConfig};
 fn quickstart_on_sentiment() {
     rlhf_lm::set_threads(1);
     let out = std::env::temp_dir().join(format!("rlhf-quickstart-{}", std::process::id()));
-    let cfg = QuickstartConfig { out_dir: out.clone(), ..QuickstartConfig::default() };
+    let cfg = QuickstartConfig {
+        out_dir: out.clone(),
+        ..QuickstartConfig::default()
+    };
     let report = run(&cfg, &Device::Cpu).unwrap();
     println!("{}", format_table(&report));
-    let row = |name: &str| report.rows.iter().find(|r| r.name.starts_with(name)).unwrap().report.clone();
+    let row = |name: &str| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.name.starts_with(name))
+            .unwrap()
+            .report
+            .clone()
+    };
     // The untrained model almost never beats SFT.
-    assert!(row("untrained").winrate < 0.1, "untrained vs SFT: {}", row("untrained").winrate);
+    assert!(
+        row("untrained").winrate < 0.1,
+        "untrained vs SFT: {}",
+        row("untrained").winrate
+    );
     let rm_noisy = report.rm.eval_accuracy.unwrap();
-    assert!(report.rm_clean_accuracy > 0.65, "clean accuracy {}", report.rm_clean_accuracy);
-    assert!(rm_noisy > report.noisy_label_ceiling - 0.08, "noisy {rm_noisy} vs ceiling {}", report.noisy_label_ceiling);
+    assert!(
+        report.rm_clean_accuracy > 0.65,
+        "clean accuracy {}",
+        report.rm_clean_accuracy
+    );
+    assert!(
+        rm_noisy > report.noisy_label_ceiling - 0.08,
+        "noisy {rm_noisy} vs ceiling {}",
+        report.noisy_label_ceiling
+    );
     let bon = row("best-of-16");
-    assert!(bon.winrate_ci95[0] > 0.5, "best-of-16 vs SFT: {} {:?}", bon.winrate, bon.winrate_ci95);
+    assert!(
+        bon.winrate_ci95[0] > 0.5,
+        "best-of-16 vs SFT: {} {:?}",
+        bon.winrate,
+        bon.winrate_ci95
+    );
+    // RLOO (k = 4) on the reward model beats SFT on gold at a bounded KL.
+    let rloo = row("rloo");
+    assert!(
+        rloo.winrate_ci95[0] > 0.5,
+        "rloo vs SFT: {} {:?}",
+        rloo.winrate,
+        rloo.winrate_ci95
+    );
+    assert!(
+        rloo.kl_to_ref.unwrap() < 10.0,
+        "rloo KL {:?}",
+        rloo.kl_to_ref
+    );
     assert!(out.join("report.json").exists() && out.join("eval/sft.json").exists());
     std::fs::remove_dir_all(out).ok();
 }

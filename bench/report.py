@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Turn a bench/run.sh results file (JSON lines) into the measured section of docs/performance.md.
+
+  python3 bench/report.py bench/results/<stamp>.jsonl docs/performance.md
+
+Only the text between `<!-- bench:begin -->` and `<!-- bench:end -->` is replaced; the analysis
+around it is kept. A missing file is created with the markers only.
+"""
+
+import json
+import statistics
+import sys
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# Figures measured earlier on this kind of machine (the brief's reference), for context only.
+EARLIER_TORCH_GEN = {1: 17, 8: 58, 32: 140}
+EARLIER_TORCH_TRAIN = (16.8, 7.1)
+
+
+def fmt(x, nd=1):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def rounds(xs, nd=1):
+    """'a / b' for every measurement (in run order)."""
+    return " / ".join(fmt(x, nd) for x in xs) if xs else "–"
+
+
+def med(xs):
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a, b, invert=False):
+    if a is None or b is None or a == 0 or b == 0:
+        return "–"
+    return f"{(b / a) if invert else (a / b):.2f}x"
+
+
+def load_of(r):
+    for tok in r.get("label", "").split():
+        if tok.startswith("load1="):
+            return float(tok.split("=", 1)[1])
+    return None
+
+
+def main(results, doc):
+    rows = [json.loads(l) for l in open(results) if l.strip().startswith("{")]
+    meta = next((r for r in rows if r.get("bench") == "meta"), {})
+    done = next((r for r in rows if r.get("bench") == "done"), {})
+    gen = [r for r in rows if r.get("bench") == "gen"]
+    train = [r for r in rows if r.get("bench") == "train"]
+    micro = next((r for r in rows if r.get("bench") == "micro"), None)
+
+    def gen_tps(side, threads, batch, headline=None):
+        return [
+            r["tok_per_s"]
+            for r in gen
+            if r["side"] == side and r["threads"] == threads and r["batch"] == batch
+            and (headline is None or r["label"].startswith("round") == headline)
+        ]
+
+    out = []
+    w = out.append
+    w(BEGIN)
+    w("")
+    w(f"Results file: `{results}`. Machine: {meta.get('nproc')} cores, `{meta.get('cpu')}`, "
+      f"{meta.get('mem_gib')} GiB RAM, Linux {meta.get('kernel')}. Code: commit `{meta.get('git')}`"
+      f"{' + uncommitted library changes' if meta.get('git_dirty') else ''}, {meta.get('rustc')}; "
+      f"torch {meta.get('torch')}, transformers {meta.get('transformers')}, Python {meta.get('python')}. "
+      f"Started {meta.get('date')}, load average at start {' '.join(meta.get('loadavg', []))}; "
+      f"total {done.get('total_s', '?')} s.")
+    w("")
+    w("### Generation (64 sampled tokens, temperature 1, no top-k/top-p, prompts 17-22 tokens)")
+    w("")
+    w("tok/s = batch x 64 / wall time of the whole generate call (prefill + decode); higher is better. "
+      "Each cell lists every measurement in run order (separate processes for ours; for torch one "
+      "process per thread count covers all batches); ratios use the medians.")
+    w("")
+    w("| batch | ours, 1 thread | ours, 2 threads | torch, 2 threads | torch, 1 thread | ours 1t / torch 2t | best ours / best torch | torch earlier (ref.) |")
+    w("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b in (1, 8, 32):
+        o1, o2 = gen_tps("ours", 1, b), gen_tps("ours", 2, b)
+        t2, t1 = gen_tps("torch", 2, b), gen_tps("torch", 1, b)
+        best_o = max([x for x in (med(o1), med(o2)) if x is not None], default=None)
+        best_t = max([x for x in (med(t1), med(t2)) if x is not None], default=None)
+        w(f"| {b} | {rounds(o1)} | {rounds(o2)} | {rounds(t2)} | {rounds(t1)} | "
+          f"{ratio(med(o1), med(t2))} | {ratio(best_o, best_t)} | {EARLIER_TORCH_GEN[b]} |")
+    w("")
+    pol = sorted({str(r.get("omp_wait_policy")) for r in gen + train if r["side"] == "torch"})
+    w(f"torch ran with OMP_WAIT_POLICY={', '.join(pol)} (see the notes on contention).")
+    w("")
+    w("The same runs per CPU-second (tokens / CPU time of the process, 1-thread runs only), which "
+      "does not depend on how much of the 2 cores the other processes left us; higher is better:")
+    w("")
+    w("| batch | ours, 1 thread | torch, 1 thread | ours / torch |")
+    w("|---:|---:|---:|---:|")
+
+    def per_cpu(side, b):
+        return [r["batch"] * r["new_tokens"] / r["cpu_s"] for r in gen
+                if r["side"] == side and r["threads"] == 1 and r["batch"] == b and r.get("cpu_s")]
+
+    for b in (1, 8, 32):
+        o, t = per_cpu("ours", b), per_cpu("torch", b)
+        w(f"| {b} | {rounds(o)} | {rounds(t)} | {ratio(med(o), med(t))} |")
+    w("")
+    # Contention and split details
+    w("Per-run details (wall vs CPU time shows what other processes took; `model only` is the "
+      "same prefill + 63 cached decode steps without sampling):")
+    w("")
+    w("| side | threads | batch | label | prefill s | wall s | CPU s | model only: wall s / CPU s | tok/s | peak RSS GiB |")
+    w("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
+    for r in gen:
+        w(f"| {r['side']} | {r['threads']} | {r['batch']} | {r['label']} | {fmt(r['prefill_s'], 2)} | "
+          f"{fmt(r['wall_s'], 2)} | {fmt(r.get('cpu_s'), 2)} | "
+          f"{fmt(r.get('model_only_s'), 2) + ' / ' + fmt(r.get('model_only_cpu_s'), 2) if r.get('model_only_s') else '–'} | "
+          f"{fmt(r['tok_per_s'])} | {fmt(r['peak_rss_gib'], 2)} |")
+    w("")
+
+    w("### Training step (batch 8 x 256 tokens, loss over the last 192 of each row, AdamW lr 1e-5, all parameters)")
+    w("")
+    w("Median of 3 timed steps after 1 warm-up, per run; peak RSS = VmHWM at the end of the process. Lower is better.")
+    w("")
+    w("| side | threads | label | step s (median) | steps s | CPU s / step | forward s | backward s | optimizer s | tokens/s | RSS before backward GiB | peak RSS GiB |")
+    w("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in train:
+        w(f"| {r['side']} | {r['threads']} | {r['label']} | {fmt(r['step_s'], 2)} | "
+          f"{rounds(r['step_s_all'], 1)} | {fmt(r.get('step_cpu_s'), 1)} | {fmt(r['forward_s'], 2)} | "
+          f"{fmt(r['backward_s'], 2)} | {fmt(r['optimizer_s'], 2)} | {fmt(r['tokens_per_s'])} | "
+          f"{fmt(r.get('rss_before_backward_gib'), 2)} | {fmt(r['peak_rss_gib'], 2)} |")
+    o_step = med([r["step_s"] for r in train if r["side"] == "ours"])
+    t_step = med([r["step_s"] for r in train if r["side"] == "torch"])
+    o_mem = med([r["peak_rss_gib"] for r in train if r["side"] == "ours"])
+    t_mem = med([r["peak_rss_gib"] for r in train if r["side"] == "torch"])
+    w("")
+    o_cpu = med([r["step_cpu_s"] for r in train if r["side"] == "ours" and r.get("step_cpu_s")])
+    t_cpu = med([r["step_cpu_s"] for r in train if r["side"] == "torch" and r.get("step_cpu_s")])
+    w(f"Summary: step time ours {fmt(o_step, 1)} s vs torch {fmt(t_step, 1)} s "
+      f"(ours is {ratio(o_step, t_step, invert=True)} torch's speed; earlier torch reference "
+      f"{EARLIER_TORCH_TRAIN[0]} s); peak RSS ours {fmt(o_mem, 2)} GiB vs torch {fmt(t_mem, 2)} GiB "
+      f"(ours/torch = {ratio(o_mem, t_mem)}; earlier torch reference {EARLIER_TORCH_TRAIN[1]} GB). "
+      f"CPU time per step: ours {fmt(o_cpu, 1)} s vs torch {fmt(t_cpu, 1)} s "
+      f"(ours needs {ratio(o_cpu, t_cpu)} torch's CPU time).")
+    w("")
+
+    if micro:
+        w("### Micro-benchmarks (ours, 1 thread)")
+        w("")
+        w("`x (m x k) @ W^T` for the model's weight shapes: `Linear` on the weight as stored "
+          "(out x in, multiplied through a transposed view) vs the same product with a "
+          "pre-transposed contiguous (in x out) copy of the weight.")
+        w("")
+        w("| m (rows) | weight | n x k | Linear ms | pre-transposed ms | speed-up |")
+        w("|---:|---|---|---:|---:|---:|")
+        for r in micro["matmul"]:
+            w(f"| {r['m']} | {r['what']} | {r['n']} x {r['k']} | {fmt(r['linear_ms'], 3)} | "
+              f"{fmt(r['pretransposed_ms'], 3)} | {fmt(r['speedup'], 2)}x |")
+        w("")
+        w(f"Host sampling, one row of 49,152 logits: full sort {fmt(micro['sample_row_sort_ms'], 2)} ms "
+          f"vs one exp pass {fmt(micro['sample_row_exp_pass_ms'], 2)} ms.")
+        w("")
+    w(END)
+    section = "\n".join(out)
+
+    try:
+        text = open(doc).read()
+    except FileNotFoundError:
+        text = f"# Performance\n\n{BEGIN}\n{END}\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(doc, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

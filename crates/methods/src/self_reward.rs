@@ -1,0 +1,474 @@
+//! Self-rewarding language models (Yuan et al. 2024; spec §5.8): the policy judges its own
+//! candidates with an LLM-as-a-judge prompt (an additive 0-5 rubric ending in "Score: n"), several
+//! sampled judgements are averaged, the best and the worst candidate of each prompt become a DPO
+//! pair (ties dropped), and DPO trains the next iterate with the current one as the reference.
+//!
+//! The loop is [`crate::online_dpo`] with the policy itself as the judge (`labeler = "judge"`, no
+//! `judge.model`); this file holds the judge: its prompt, the score parser, batched judging with
+//! parse accounting, and the evaluation-fine-tuning (EFT) data that teaches a model to judge.
+//!
+//! Parsing is robust but strict about what counts: the last "score" (any case) followed by an
+//! optional `:`/`=`/`-` (or `is`, `of`, `would be`), optional markdown emphasis, and a number in
+//! [0, 5] (`Score: 3`, `**Score:** 4.5`, `score = 4/5`, `the score is 4 out of 5`); a number out of
+//! range or on another scale (`7/10`) makes that verdict unparsable. Anything else is unparsable: it is counted and dropped, and a candidate none of
+//! whose judgements parse is left out of the pairing.
+//!
+//! On the built-in testbed a tiny model knows no rubric, so, as the paper's M1 is SFT on
+//! instruction data plus EFT judge data, `[eft]` first fine-tunes the model on the task's
+//! demonstrations plus judge examples whose scores are the gold reward's sextiles over SFT samples
+//! (short template `{prompt} {response} .`, reply prefilled with `score :`). No gold reaches the
+//! self-rewarding loop itself.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use rlhf_data::testbed::Task;
+use rlhf_lm::generate::SamplingParams;
+use rlhf_lm::llama::Llama;
+use rlhf_lm::{ChatTemplate, Message, Tokenizer};
+use rlhf_train::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::sample;
+use crate::online_dpo::{LabelerKind, OnlineDpoConfig};
+
+/// The additive 0-5 rubric (our paraphrase of the paper's), for real instruction-following models.
+pub const RUBRIC_TEMPLATE: &str = "Review the user's question and the corresponding response below, \
+and score the response out of 5 with this additive system, adding points one at a time:
+- Add 1 point if the response is relevant and gives some information related to the question, even if incomplete or with some irrelevant content.
+- Add a 2nd point if it addresses a substantial part of the question but does not completely answer it.
+- Add a 3rd point if it answers the basic elements of the question usefully, whatever its style.
+- Add a 4th point if it is clearly written from an AI assistant's perspective, addresses the question directly and comprehensively, and is well organised and helpful, even with slight room for improvement.
+- Add a 5th point if it is impeccably tailored to the question, without extraneous information, reflecting expert knowledge and a high-quality, engaging, insightful answer.
+
+Question: {prompt}
+Response: {response}
+
+After examining the question and the response, briefly justify your total score in up to 100 words, \
+then conclude with the score on its own line in the form \"Score: <total points>\".";
+
+/// The testbed's short judge prompt (every word but `score` is in its vocabulary).
+pub const TESTBED_TEMPLATE: &str = "{prompt} {response} .";
+pub const TESTBED_PREFILL: &str = "score :";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JudgeConfig {
+    /// A separate judge model; none: the current policy judges itself (self-rewarding).
+    pub model: Option<PathBuf>,
+    /// The judge prompt with `{prompt}` and `{response}`; default: the 0-5 rubric, or the short
+    /// testbed form when a testbed `task` is set.
+    pub template: Option<String>,
+    /// Or read the template from a file.
+    pub template_file: Option<PathBuf>,
+    /// Text the judge's reply starts with (placed after the prompt, parsed with the reply);
+    /// default: none, or `score :` on the testbed.
+    pub prefill: Option<String>,
+    /// Render the judge prompt as a user message with the judge's chat template (default: when it
+    /// has one).
+    pub chat: Option<bool>,
+    /// Sampled judgements per candidate, averaged (the paper: 3).
+    pub judgements: usize,
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    /// Default: 256 (rubric), 3 (testbed).
+    pub max_new_tokens: Option<usize>,
+    /// Longer judge prompts keep their last tokens.
+    pub max_prompt_len: usize,
+    pub batch_size: usize,
+}
+
+impl Default for JudgeConfig {
+    fn default() -> Self {
+        JudgeConfig {
+            model: None,
+            template: None,
+            template_file: None,
+            prefill: None,
+            chat: None,
+            judgements: 3,
+            temperature: 0.7,
+            top_p: Some(0.9),
+            max_new_tokens: None,
+            max_prompt_len: 2048,
+            batch_size: 16,
+        }
+    }
+}
+
+/// A judge prompt ready to fill: template, prefill, whether to wrap it in the chat template.
+#[derive(Debug, Clone)]
+pub struct JudgePrompt {
+    pub template: String,
+    pub prefill: String,
+    pub chat: bool,
+    pub max_new_tokens: usize,
+}
+
+impl JudgePrompt {
+    /// Resolve the configuration: `testbed` picks the short defaults.
+    pub fn resolve(
+        cfg: &JudgeConfig,
+        testbed: bool,
+        chat_template: Option<&ChatTemplate>,
+    ) -> Result<Self> {
+        let template = match (&cfg.template, &cfg.template_file) {
+            (Some(_), Some(_)) => {
+                return Err(TrainError::invalid(
+                    "set judge.template or judge.template_file, not both",
+                ))
+            }
+            (Some(t), None) => t.clone(),
+            (None, Some(p)) => std::fs::read_to_string(p).map_err(|e| TrainError::io(p, e))?,
+            (None, None) if testbed => TESTBED_TEMPLATE.to_string(),
+            (None, None) => RUBRIC_TEMPLATE.to_string(),
+        };
+        if !template.contains("{response}") {
+            return Err(TrainError::invalid(
+                "the judge template must contain {response} (and usually {prompt})",
+            ));
+        }
+        let chat = cfg.chat.unwrap_or(chat_template.is_some() && !testbed);
+        if chat && chat_template.is_none() {
+            return Err(TrainError::invalid(
+                "judge.chat = true but the judge model has no chat template",
+            ));
+        }
+        Ok(JudgePrompt {
+            template,
+            prefill: cfg.prefill.clone().unwrap_or_else(|| {
+                if testbed {
+                    TESTBED_PREFILL.into()
+                } else {
+                    String::new()
+                }
+            }),
+            chat,
+            max_new_tokens: cfg.max_new_tokens.unwrap_or(if testbed { 3 } else { 256 }),
+        })
+    }
+
+    /// The text the judge model is given (chat-rendered when `chat`), ending with the prefill.
+    pub fn render(
+        &self,
+        prompt: &str,
+        response: &str,
+        chat_template: Option<&ChatTemplate>,
+    ) -> Result<String> {
+        let body = self
+            .template
+            .replace("{prompt}", prompt.trim())
+            .replace("{response}", response.trim());
+        let mut text = match (self.chat, chat_template) {
+            (true, Some(t)) => t.render(&[Message::new("user", body)], true)?,
+            _ => body,
+        };
+        if !self.prefill.is_empty() {
+            if !text.ends_with(char::is_whitespace) && !self.chat {
+                text.push(' ');
+            }
+            text.push_str(&self.prefill);
+        }
+        Ok(text)
+    }
+}
+
+/// The judge's score in a reply: the last "score" followed by a number in [0, 5] (see the module
+/// docs). `None` when there is none, or when the last one is out of range or not a number.
+pub fn parse_score(text: &str) -> Option<f64> {
+    let lower = text.to_ascii_lowercase();
+    let bytes = lower.as_bytes();
+    let mut last: Option<Option<f64>> = None;
+    let mut from = 0;
+    while let Some(pos) = lower[from..].find("score") {
+        let start = from + pos;
+        from = start + 5;
+        // "scores", "scored", "scoreboard": not a verdict.
+        if bytes.get(from).is_some_and(|b| b.is_ascii_alphabetic()) {
+            continue;
+        }
+        let mut i = from;
+        let skip = |i: &mut usize, set: &[u8]| {
+            while *i < bytes.len() && set.contains(&bytes[*i]) {
+                *i += 1;
+            }
+        };
+        skip(&mut i, b" \t*_");
+        if i < bytes.len() && b":=-".contains(&bytes[i]) {
+            i += 1;
+        } else {
+            // "score is 4", "score of 4", "score would be 4".
+            for word in ["is", "of", "would be", "will be"] {
+                if lower[i..].starts_with(word)
+                    && !bytes
+                        .get(i + word.len())
+                        .is_some_and(|b| b.is_ascii_alphanumeric())
+                {
+                    i += word.len();
+                    break;
+                }
+            }
+        }
+        skip(&mut i, b" \t*_");
+        let num_start = i;
+        while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+            i += 1;
+        }
+        let num = lower[num_start..i].trim_end_matches('.');
+        if num.is_empty() {
+            // "score" mentioned without a number after it ("the score is"): not a verdict.
+            continue;
+        }
+        let value = num.parse::<f64>().ok().filter(|v| (0.0..=5.0).contains(v));
+        // A denominator other than 5 ("7/10") is another scale: unparsable.
+        let rest = lower[i..].trim_start();
+        let other_scale = rest
+            .strip_prefix('/')
+            .or_else(|| rest.strip_prefix("out of"))
+            .map(|r| {
+                let r = r.trim_start();
+                let d: String = r.chars().take_while(|c| c.is_ascii_digit()).collect();
+                d != "5"
+            })
+            .unwrap_or(false);
+        last = Some(if other_scale { None } else { value });
+    }
+    last.flatten()
+}
+
+/// The judgements of a batch of candidates.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Judged {
+    /// Per candidate: the mean of its parsed judgements, `None` when none parsed.
+    pub scores: Vec<Option<f64>>,
+    /// Per candidate: each judgement's reply (prefill included) and its parsed score.
+    pub replies: Vec<Vec<(String, Option<f64>)>>,
+    pub judgements: usize,
+    pub parsed: usize,
+}
+
+impl Judged {
+    pub fn parse_rate(&self) -> f64 {
+        self.parsed as f64 / self.judgements.max(1) as f64
+    }
+}
+
+/// A judge model with what it needs to generate.
+pub struct Judge<'a> {
+    pub model: &'a Llama,
+    pub tokenizer: &'a Tokenizer,
+    pub chat_template: Option<&'a ChatTemplate>,
+    pub pad_id: u32,
+    pub eos_ids: Vec<u32>,
+}
+
+/// Judge each `(prompt, response)` `cfg.judgements` times and average the parsed scores.
+pub fn judge_candidates(
+    judge: &Judge,
+    prompt: &JudgePrompt,
+    cfg: &JudgeConfig,
+    items: &[(String, String)],
+    seed: u64,
+) -> Result<Judged> {
+    let n = cfg.judgements.max(1);
+    let mut rows: Vec<(String, Vec<u32>)> = Vec::with_capacity(items.len() * n);
+    for (p, r) in items {
+        let text = prompt.render(p, r, judge.chat_template)?;
+        let mut ids = judge.tokenizer.encode(&text, !prompt.chat)?;
+        if ids.is_empty() {
+            return Err(TrainError::invalid("empty judge prompt"));
+        }
+        if ids.len() > cfg.max_prompt_len {
+            ids.drain(..ids.len() - cfg.max_prompt_len);
+        }
+        for _ in 0..n {
+            rows.push((text.clone(), ids.clone()));
+        }
+    }
+    let params = SamplingParams {
+        max_new_tokens: prompt.max_new_tokens,
+        temperature: cfg.temperature,
+        top_p: cfg.top_p,
+        seed,
+        eos_token_ids: judge.eos_ids.clone(),
+        ..Default::default()
+    };
+    let replies = sample(
+        judge.model,
+        judge.tokenizer,
+        judge.pad_id,
+        &rows,
+        &params,
+        cfg.batch_size,
+    )?;
+    let mut out = Judged::default();
+    for chunk in replies.chunks(n) {
+        let mut mine = Vec::with_capacity(n);
+        for g in chunk {
+            let reply = format!("{}{}", prompt.prefill, g.completion);
+            let s = parse_score(&reply);
+            out.judgements += 1;
+            out.parsed += s.is_some() as usize;
+            mine.push((reply, s));
+        }
+        let ok: Vec<f64> = mine.iter().filter_map(|(_, s)| *s).collect();
+        out.scores.push(if ok.is_empty() {
+            None
+        } else {
+            Some(ok.iter().sum::<f64>() / ok.len() as f64)
+        });
+        out.replies.push(mine);
+    }
+    Ok(out)
+}
+
+/// EFT: teach a testbed model to judge before the self-rewarding loop (the paper's M1 is SFT on
+/// instruction data plus judge data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EftConfig {
+    /// Judge examples to build (0: no EFT; the model judges as it is). Testbed only.
+    pub examples: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch_size: usize,
+    /// Also train on the task's demonstrations (so the policy keeps its instruction data).
+    pub with_demonstrations: bool,
+}
+
+impl Default for EftConfig {
+    fn default() -> Self {
+        EftConfig {
+            examples: 0,
+            epochs: 2,
+            lr: 1e-3,
+            batch_size: 32,
+            with_demonstrations: true,
+        }
+    }
+}
+
+/// Scores 0-5 by sextile of the gold reward (ties share a score), so every score is used.
+pub fn sextile_scores(gold: &[f64]) -> Vec<u8> {
+    let n = gold.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| gold[a].total_cmp(&gold[b]));
+    let mut out = vec![0u8; n];
+    let mut first = 0;
+    for (rank, &i) in order.iter().enumerate() {
+        if rank > 0 && gold[i] != gold[order[rank - 1]] {
+            first = rank;
+        }
+        out[i] = ((6 * first) / n.max(1)).min(5) as u8;
+    }
+    out
+}
+
+/// Build the EFT file (`prompt` = judge prompt with prefill, `completion` = ` n`, plus the
+/// demonstrations) from `policy` samples on the task's train prompts; returns the SFT'd model.
+pub fn eft_bootstrap(
+    cfg: &EftConfig,
+    judge_prompt: &JudgePrompt,
+    task: &dyn Task,
+    model: &Path,
+    out: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<PathBuf> {
+    let lm = crate::policy::TrainableLm::load(model, device)?;
+    let policy = lm.model(device)?.detached();
+    let prompts: Vec<(String, Vec<u32>)> = task
+        .train_prompts()
+        .iter()
+        .cycle()
+        .take(cfg.examples)
+        .map(|p| Ok((p.clone(), lm.encode_prompt(p, 256)?)))
+        .collect::<Result<_>>()?;
+    let params = SamplingParams {
+        max_new_tokens: task.max_response_words() + 2,
+        temperature: 1.0,
+        seed: seed ^ 0xEF7,
+        eos_token_ids: lm.eos_ids.clone(),
+        ..Default::default()
+    };
+    let samples = sample(&policy, &lm.tokenizer, lm.pad_id, &prompts, &params, 64)?;
+    let gold: Vec<f64> = samples
+        .iter()
+        .map(|g| task.gold(&g.prompt, &g.completion))
+        .collect();
+    let scores = sextile_scores(&gold);
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
+    let file = out.join("eft.jsonl");
+    let mut lines = String::new();
+    for (g, s) in samples.iter().zip(&scores) {
+        let p = judge_prompt.render(&g.prompt, &g.completion, lm.chat_template.as_ref())?;
+        lines
+            .push_str(&serde_json::json!({"prompt": p, "completion": format!(" {s}")}).to_string());
+        lines.push('\n');
+    }
+    if cfg.with_demonstrations {
+        for (p, r) in task.demonstrations() {
+            lines.push_str(
+                &serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string(),
+            );
+            lines.push('\n');
+        }
+    }
+    std::fs::write(&file, lines).map_err(|e| TrainError::io(&file, e))?;
+    let sft_cfg = crate::sft::SftConfig {
+        model: model.to_path_buf(),
+        train_file: file,
+        output_dir: out.to_path_buf(),
+        epochs: cfg.epochs,
+        batch_size: cfg.batch_size,
+        max_len: 96,
+        save_every: 0,
+        log_every: 10,
+        seed,
+        optim: crate::trainer::OptimConfig {
+            lr: cfg.lr,
+            schedule: rlhf_train::ScheduleKind::Cosine,
+            warmup_ratio: 0.05,
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    crate::sft::run(&sft_cfg, false, device)?;
+    Ok(out.join("model"))
+}
+
+/// `rlhf self-reward`: online DPO whose labeller is the policy judging itself, with the paper's
+/// defaults (4 candidates at temperature 0.7, top-p 0.9; 3 judgements averaged; beta 0.1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SelfRewardConfig(pub OnlineDpoConfig);
+
+impl Default for SelfRewardConfig {
+    fn default() -> Self {
+        let mut c = OnlineDpoConfig {
+            labeler: LabelerKind::Judge,
+            samples_per_prompt: 4,
+            temperature: 0.7,
+            top_p: Some(0.9),
+            rounds: 2,
+            output_dir: PathBuf::from("runs/self-reward"),
+            ..OnlineDpoConfig::default()
+        };
+        c.judge.model = None;
+        SelfRewardConfig(c)
+    }
+}
+
+pub fn run(
+    cfg: &SelfRewardConfig,
+    resume: bool,
+    device: &Device,
+) -> Result<crate::online_dpo::OnlineDpoSummary> {
+    if cfg.0.labeler != LabelerKind::Judge || cfg.0.judge.model.is_some() {
+        return Err(TrainError::invalid(
+            "self-rewarding: the policy judges itself (labeler = \"judge\", no judge.model); use `rlhf online-dpo` for other labellers",
+        ));
+    }
+    crate::online_dpo::run(&cfg.0, resume, device)
+}
