@@ -313,7 +313,7 @@ impl<M: Method> Session<M> {
         }
         if let Some(n) = s.rewarder.norm {
             eprintln!(
-                "{}: scores normalised as (raw - {:.4}) / {:.4}",
+                "{}: scores normalised as (raw - mean) / std with mean {:.4}, std {:.4}",
                 s.rewarder.source.describe(),
                 n.mean,
                 n.std

@@ -308,15 +308,9 @@ impl CommandSource {
         let out = reader.join().unwrap_or_default();
         let err = err_reader.join().unwrap_or_default();
         if !status.success() {
-            let tail: String = err
-                .trim()
-                .chars()
-                .rev()
-                .take(300)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
+            // The last 300 characters of stderr.
+            let err = err.trim();
+            let tail = &err[err.char_indices().rev().nth(299).map_or(0, |(i, _)| i)..];
             return Err(format!("exited with {status}; stderr: {tail:?}"));
         }
         parse_scores(&out, n)
