@@ -36,11 +36,11 @@ def ratio(a, b, invert=False):
     return f"{(b / a) if invert else (a / b):.2f}x"
 
 
-def load_of(r):
-    for tok in r.get("label", "").split():
-        if tok.startswith("load1="):
-            return float(tok.split("=", 1)[1])
-    return None
+def dirty_note(meta):
+    if "git_dirty_lm" in meta:
+        return " + uncommitted changes in crates/lm or bench/src" if meta["git_dirty_lm"] else " (crates/lm clean)"
+    # older results files: any uncommitted change under crates/ (not necessarily in crates/lm)
+    return " + uncommitted changes somewhere under crates/" if meta.get("git_dirty") else ""
 
 
 def main(results, doc):
@@ -65,7 +65,7 @@ def main(results, doc):
     w("")
     w(f"Results file: `{results}`. Machine: {meta.get('nproc')} cores, `{meta.get('cpu')}`, "
       f"{meta.get('mem_gib')} GiB RAM, Linux {meta.get('kernel')}. Code: commit `{meta.get('git')}`"
-      f"{' + uncommitted library changes' if meta.get('git_dirty') else ''}, {meta.get('rustc')}; "
+      f"{dirty_note(meta)}, {meta.get('rustc')}; "
       f"torch {meta.get('torch')}, transformers {meta.get('transformers')}, Python {meta.get('python')}. "
       f"Started {meta.get('date')}, load average at start {' '.join(meta.get('loadavg', []))}; "
       f"total {done.get('total_s', '?')} s.")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The toolkit vs PyTorch/transformers on SmolLM2-135M-Instruct (f32), on this machine, one run.
 #
-#   bash bench/run.sh                 # everything (~15-20 min on 2 busy cores)
+#   bash bench/run.sh                 # everything (~13 min on 2 idle cores, ~25 min on busy ones)
 #   ROUNDS=1 EXTRAS=0 bash bench/run.sh   # one round of the headline numbers only
 #
 # Every measurement is a separate process, run one after another (never two at once). Raw
@@ -42,7 +42,8 @@ print(json.dumps({
     "bench": "meta", "nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem / 2**20, 1),
     "kernel": platform.release(), "rustc": sh("rustc", "--version"),
     "git": sh("git", "rev-parse", "--short", "HEAD"),
-    "git_dirty": bool(sh("git", "status", "--porcelain", "--untracked-files=no", "crates")),
+    # rlhf-bench links only crates/lm: is that crate exactly the commit?
+    "git_dirty_lm": bool(sh("git", "status", "--porcelain", "crates/lm", "bench/src")),
     "torch": torch.__version__, "transformers": transformers.__version__,
     "python": platform.python_version(), "model": sys.argv[1],
     "date": sh("date", "-u", "+%Y-%m-%d %H:%M UTC"), "loadavg": open("/proc/loadavg").read().split()[:3],
@@ -55,7 +56,7 @@ ours() {   # ours <label> <args...>
   "$BIN" "$@" --model "$MODEL" --label "$label load1=$(load1)" | tee -a "$OUT"
 }
 # OpenMP's default wait policy spins; with other processes on the 2 cores, torch at 2 threads
-# then runs 4-10x slower than at 1 thread (measured while writing this). PASSIVE gives the anchor
+# then ran 4-7x slower than with PASSIVE (measured while writing this). PASSIVE gives the anchor
 # its best case; set OMP_WAIT_POLICY= (empty) to measure torch's default.
 TORCH_OMP=${OMP_WAIT_POLICY-PASSIVE}
 torch() {  # torch <label> <args...>

@@ -441,8 +441,14 @@ fn bench_micro(threads: usize, reps: usize) -> Result<serde_json::Value> {
             let w = Tensor::randn(0f32, 0.02, (n, k), &dev)?;
             let wt = w.t()?.contiguous()?; // (k, n), row-major
             let lin = candle_nn::Linear::new(w.clone(), None);
-            let a = time_median(reps, || Ok(drop(lin.forward(&x)?)))?;
-            let b = time_median(reps, || Ok(drop(x.matmul(&wt)?)))?;
+            let a = time_median(reps, || {
+                lin.forward(&x)?;
+                Ok(())
+            })?;
+            let b = time_median(reps, || {
+                x.matmul(&wt)?;
+                Ok(())
+            })?;
             let diff = (lin.forward(&x)? - x.matmul(&wt)?)?
                 .abs()?
                 .max_all()?
