@@ -15,8 +15,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{Device, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use rlhf_lm::generate::{generate, SamplingParams};
 use rlhf_lm::llama::{Llama, Trainable};
@@ -324,14 +323,11 @@ fn bench_train(
     drop(weights); // the trainable copy is the only one kept, as on the torch side
     let device = Device::Cpu;
     let model = Llama::from_weights(&config, &trainable.tensors(), &device)?;
-    let vars: Vec<Var> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
-    let n_params: usize = vars.iter().map(|v| v.elem_count()).sum();
-    let mut opt = AdamW::new(
-        vars,
-        ParamsAdamW {
-            lr,
-            ..ParamsAdamW::default()
-        },
+    let n_params: usize = trainable.vars.iter().map(|(_, v)| v.elem_count()).sum();
+    // The toolkit's own optimiser (in-place f32 update), as every trainer uses.
+    let mut opt = rlhf_train::AdamW::new(
+        trainable.vars.clone(),
+        rlhf_train::AdamWConfig { lr, ..rlhf_train::AdamWConfig::default() },
     )?;
 
     let rows = token_rows(batch, seq, config.vocab_size);
@@ -366,7 +362,7 @@ fn bench_train(
         rss_fwd = rss_fwd.max(proc_status_bytes("VmRSS:").unwrap_or(0));
         let grads = loss.backward()?;
         let t2 = Instant::now();
-        opt.step(&grads)?;
+        opt.step(&grads, lr)?;
         drop(grads);
         drop(loss);
         drop(lp);
