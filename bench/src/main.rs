@@ -327,7 +327,10 @@ fn bench_train(
     // The toolkit's own optimiser (in-place f32 update), as every trainer uses.
     let mut opt = rlhf_train::AdamW::new(
         trainable.vars.clone(),
-        rlhf_train::AdamWConfig { lr, ..rlhf_train::AdamWConfig::default() },
+        rlhf_train::AdamWConfig {
+            lr,
+            ..rlhf_train::AdamWConfig::default()
+        },
     )?;
 
     let rows = token_rows(batch, seq, config.vocab_size);

@@ -43,7 +43,8 @@ pub struct CompareConfig {
     pub max_new_tokens: usize,
     pub eval_prompts: usize,
     pub out_dir: PathBuf,
-    /// The markdown table (e.g. docs/online-comparison-sentiment.md); none: only compare.json.
+    /// The markdown table (e.g. docs/online-comparison-sentiment.md); none or empty: only
+    /// compare.json.
     pub table: Option<PathBuf>,
     /// Skip runs whose eval.json already exists (to continue an interrupted comparison).
     pub reuse: bool,
@@ -321,7 +322,7 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
         serde_json::to_string_pretty(&report).expect("serialisable"),
     )
     .map_err(|e| TrainError::io(&json, e))?;
-    if let Some(path) = &cfg.table {
+    if let Some(path) = cfg.table.as_ref().filter(|p| !p.as_os_str().is_empty()) {
         if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d).map_err(|e| TrainError::io(d, e))?;
         }

@@ -623,8 +623,9 @@ pub fn window_mean(window: &[Vec<(&'static str, f64)>]) -> Metrics {
 
 /// The settings the testbed's tiny model trains well with (measured in `docs/dpo.md`): a pair
 /// loss from the SFT policy on the simulated annotators' pairs over SFT samples (the quickstart's
-/// `data/prefs_train.jsonl`), 2 epochs of batches of 32 at lr 2e-4, evaluated on the task's eval
-/// prompts against the SFT policy (the same reference samples as `rlhf compare-online`).
+/// `data/prefs_train.jsonl`), 2 epochs of batches of 32 (DPO: beta 0.3 at lr 5e-4; the others their
+/// default beta at lr 2e-4), evaluated on the task's eval prompts against the SFT policy (the same
+/// reference samples as `rlhf compare-online`).
 pub fn testbed_config(
     loss: PairLossKind,
     task: &str,
@@ -644,8 +645,13 @@ pub fn testbed_config(
         save_every: 0,
         log_every: 10,
         seed,
+        beta: (loss == PairLossKind::Dpo).then_some(0.3),
         optim: OptimConfig {
-            lr: 2e-4,
+            lr: if loss == PairLossKind::Dpo {
+                5e-4
+            } else {
+                2e-4
+            },
             ..OptimConfig::default()
         },
         // As `rlhf compare-online` evaluates (16 new tokens, eval seed 12345, batches of 64):

@@ -160,7 +160,7 @@ impl OnlineDpoConfig {
         if self.eft.examples > 0 && self.task.is_none() {
             return Err(TrainError::invalid("eft needs a testbed `task`"));
         }
-        if !(self.temperature > 0.0) {
+        if self.temperature.is_nan() || self.temperature <= 0.0 {
             return Err(TrainError::invalid(
                 "temperature must be > 0 (candidates must differ)",
             ));
