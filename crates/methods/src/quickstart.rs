@@ -269,7 +269,9 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
             &judges,
             kl.map(|(a, b)| (a, b, sft_lm.pad_id)),
         )?;
-        report.write(&eval_dir.join(format!("{}.json", name.replace(' ', "_"))))?;
+        // eval/<first word of the row name>.json: untrained, sft, best-of-16, rloo, ppo.
+        let stem = name.split_whitespace().next().unwrap_or(name);
+        report.write(&eval_dir.join(format!("{stem}.json")))?;
         rows.push(Row {
             name: name.into(),
             report: report.clone(),
@@ -304,9 +306,21 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         &reward_model,
         128,
     )?;
-    let mut r = add(&format!("best-of-{}", cfg.best_of_n), &bon, None)?;
-    r.kl_to_ref = Some(kl_bound(cfg.best_of_n));
-    rows.last_mut().expect("just pushed").report.kl_to_ref = r.kl_to_ref;
+    add(&format!("best-of-{}", cfg.best_of_n), &bon, None)?;
+    // A trained policy's row: load it, sample the eval prompts, judge against the same reference.
+    let load_and_sample =
+        |dir: &std::path::Path, seed: u64| -> Result<(rlhf_lm::llama::Llama, Vec<Generated>)> {
+            let model = TrainableLm::load(dir, device)?.model(device)?.detached();
+            let samples = sample(
+                &model,
+                &sft_lm.tokenizer,
+                sft_lm.pad_id,
+                &prompts,
+                &sampling(seed),
+                64,
+            )?;
+            Ok((model, samples))
+        };
 
     if cfg.rloo_steps > 0 {
         step("RLOO (k = 4) on the reward model, from the SFT policy");
@@ -327,28 +341,8 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         rl.log_every = 10;
         rl.eval.prompts = 0; // judged below, against the same reference samples as every row
         crate::rloo::run(&rl, false, device)?;
-        let rloo_model = TrainableLm::load(&out.join("rloo/model"), device)?
-            .model(device)?
-            .detached();
-        let samples = sample(
-            &rloo_model,
-            &sft_lm.tokenizer,
-            sft_lm.pad_id,
-            &prompts,
-            &sampling(cfg.seed + 104),
-            64,
-        )?;
-        let report = judge(
-            &samples,
-            &reference,
-            &judges,
-            Some((&rloo_model, &sft_model, sft_lm.pad_id)),
-        )?;
-        report.write(&eval_dir.join("rloo.json"))?;
-        rows.push(Row {
-            name: "rloo (k=4)".into(),
-            report,
-        });
+        let (model, samples) = load_and_sample(&out.join("rloo/model"), cfg.seed + 104)?;
+        add("rloo (k=4)", &samples, Some((&model, &sft_model)))?;
     }
 
     if cfg.ppo_steps > 0 {
@@ -368,28 +362,12 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         pc.log_every = 10;
         pc.eval.prompts = 0; // judged below, against the same reference samples as every row
         crate::ppo::run(&pc, false, device)?;
-        let ppo_model = TrainableLm::load(&out.join("ppo/model"), device)?
-            .model(device)?
-            .detached();
-        let samples = sample(
-            &ppo_model,
-            &sft_lm.tokenizer,
-            sft_lm.pad_id,
-            &prompts,
-            &sampling(cfg.seed + 105),
-            64,
-        )?;
-        let report = judge(
-            &samples,
-            &reference,
-            &judges,
-            Some((&ppo_model, &sft_model, sft_lm.pad_id)),
-        )?;
-        report.write(&eval_dir.join("ppo.json"))?;
-        rows.push(Row {
-            name: "ppo (PPO-max)".into(),
-            report,
-        });
+        let (model, samples) = load_and_sample(&out.join("ppo/model"), cfg.seed + 105)?;
+        add("ppo (PPO-max)", &samples, Some((&model, &sft_model)))?;
+    }
+    // Best-of-n has no log-probs of its own: its KL column is the analytic bound.
+    if let Some(row) = rows.iter_mut().find(|r| r.name.starts_with("best-of-")) {
+        row.report.kl_to_ref = Some(kl_bound(cfg.best_of_n));
     }
 
     let report = QuickstartReport {
