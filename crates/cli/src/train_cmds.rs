@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use clap::Args;
-use rlhf_methods::{eval, quickstart, rm, sft};
+use rlhf_methods::{rm, sft};
+use rlhf_recipes::quickstart;
+use rlhf_rl::eval;
 
 use crate::config::resolve;
 
@@ -91,15 +93,15 @@ pub fn testbed(a: TestbedArgs) -> Result<()> {
 }
 
 /// An online method's command: resolve its config, run, print the summary (eval included).
-fn online<M: rlhf_methods::online::Method>(
+fn online<M: rlhf_rl::online::Method>(
     a: RunArgs,
     run: fn(
-        &rlhf_methods::online::OnlineConfig<M>,
+        &rlhf_rl::online::OnlineConfig<M>,
         bool,
         &Device,
-    ) -> rlhf_train::Result<rlhf_methods::online::OnlineSummary>,
+    ) -> rlhf_train::Result<rlhf_rl::online::OnlineSummary>,
 ) -> Result<()> {
-    let cfg: rlhf_methods::online::OnlineConfig<M> = resolved(&a)?;
+    let cfg: rlhf_rl::online::OnlineConfig<M> = resolved(&a)?;
     let summary = run(&cfg, a.resume, &Device::Cpu).context(M::NAME)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -126,9 +128,9 @@ pub fn grpo(a: RunArgs) -> Result<()> {
 }
 
 pub fn compare_online(a: RunArgs) -> Result<()> {
-    let cfg: rlhf_methods::compare::CompareConfig = resolved(&a)?;
-    let report = rlhf_methods::compare::run(&cfg, &Device::Cpu).context("compare-online")?;
-    println!("{}", rlhf_methods::compare::format_table(&report));
+    let cfg: rlhf_recipes::compare::CompareConfig = resolved(&a)?;
+    let report = rlhf_recipes::compare::run(&cfg, &Device::Cpu).context("compare-online")?;
+    println!("{}", rlhf_recipes::compare::format_table(&report));
     Ok(())
 }
 
@@ -147,11 +149,11 @@ pub struct DpoArgs {
 pub fn dpo(a: DpoArgs) -> Result<()> {
     let mut run = a.run;
     if let Some(loss) = &a.loss {
-        let kind: rlhf_methods::pref_losses::PairLossKind =
+        let kind: rlhf_rl::pref_losses::PairLossKind =
             loss.parse().map_err(anyhow::Error::msg)?;
         run.set.push(format!("loss={}", kind.name()));
     }
-    let cfg: rlhf_methods::dpo::DpoConfig = resolved(&run)?;
+    let cfg: rlhf_rl::pref::DpoConfig = resolved(&run)?;
     let summary = rlhf_methods::dpo::run(&cfg, run.resume, &Device::Cpu).context("dpo")?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -178,9 +180,9 @@ pub fn online_dpo(a: RunArgs) -> Result<()> {
 /// `rlhf self-reward`: the policy judges its own candidates (LLM-as-a-judge), best vs worst
 /// become DPO pairs; iterate.
 pub fn self_reward(a: RunArgs) -> Result<()> {
-    let cfg: rlhf_methods::self_reward::SelfRewardConfig = resolved(&a)?;
+    let cfg: rlhf_methods::online_dpo::SelfRewardConfig = resolved(&a)?;
     let summary =
-        rlhf_methods::self_reward::run(&cfg, a.resume, &Device::Cpu).context("self-reward")?;
+        rlhf_methods::online_dpo::run_self_reward(&cfg, a.resume, &Device::Cpu).context("self-reward")?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use candle_core::Device;
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
-use rlhf_methods::policy::fresh_tiny;
+use rlhf_rl::policy::fresh_tiny;
 
 fn scratch() -> PathBuf {
     let d = std::env::temp_dir().join(format!("rlhf-cli-online-{}", std::process::id()));

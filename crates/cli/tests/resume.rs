@@ -5,7 +5,7 @@ use std::process::Command;
 
 use candle_core::Device;
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
-use rlhf_methods::policy::fresh_tiny;
+use rlhf_rl::policy::fresh_tiny;
 
 fn scratch() -> PathBuf {
     let d = std::env::temp_dir().join(format!("rlhf-resume-{}", std::process::id()));
@@ -42,7 +42,7 @@ fn metrics(path: &Path) -> Vec<serde_json::Value> {
             let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
             v.as_object_mut()
                 .unwrap()
-                .retain(|k, _| k != "wall_time" && k != "tokens_per_s");
+                .retain(|k, _| k != "wall_time" && !k.starts_with("time/"));
             v
         })
         .collect()

@@ -22,11 +22,11 @@ use candle_core::{Device, Tensor};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::kl::k3_tensor;
-use crate::online::{
+use rlhf_rl::kl::k3_tensor;
+use rlhf_rl::online::{
     advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
 };
-use crate::rollout::align;
+use rlhf_rl::rollout::align;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -161,7 +161,7 @@ pub fn run(cfg: &GrpoConfig, resume: bool, device: &Device) -> Result<OnlineSumm
                 let (l, st) = s.optimizer_step(&mb, |lm, part| {
                     let batch = rollout.batch(part, pad, device)?;
                     let logp = policy_logprobs(lm, &batch, temp, device)?;
-                    let rows = |f: fn(&crate::rollout::RolloutSample) -> &[f32]| -> Vec<&[f32]> {
+                    let rows = |f: fn(&rlhf_rl::rollout::RolloutSample) -> &[f32]| -> Vec<&[f32]> {
                         part.iter().map(|&i| f(&rollout.samples[i])).collect()
                     };
                     let old = align(&batch, &rows(|x| &x.logprobs), device)?;

@@ -20,12 +20,13 @@ use rlhf_lm::score::{completion_logprobs, CompletionBatch};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::dpo::{
-    eval_names, log_named, log_report, reference_model, sequence_logps, window_mean, PolicyEval,
+use rlhf_rl::pref::{
+    eval_names, log_named, log_report, reference_model, sequence_logps, PolicyEval, REF_CACHE,
 };
-use crate::policy::TrainableLm;
-use crate::pref_losses::{self as pl, KtoBatch};
-use crate::trainer::{epoch_order, OptimConfig, Trainer};
+use rlhf_rl::policy::TrainableLm;
+use rlhf_rl::pref_losses::{self as pl, KtoBatch};
+use rlhf_rl::fit::{fit, tail_mean, FitPlan};
+use rlhf_rl::trainer::{OptimConfig, Trainer};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -287,10 +288,10 @@ pub struct KtoSummary {
     pub steps: u64,
     pub examples: usize,
     pub desirable: usize,
-    pub final_train: crate::dpo::Metrics,
-    pub eval_examples: Option<crate::dpo::Metrics>,
+    pub final_train: rlhf_rl::pref::Metrics,
+    pub eval_examples: Option<rlhf_rl::pref::Metrics>,
     pub model: PathBuf,
-    pub eval: Option<crate::eval::EvalReport>,
+    pub eval: Option<rlhf_rl::eval::EvalReport>,
 }
 
 fn evaluate(
@@ -299,7 +300,7 @@ fn evaluate(
     refs: &[[f64; 2]],
     cfg: &KtoConfig,
     device: &Device,
-) -> Result<crate::dpo::Metrics> {
+) -> Result<rlhf_rl::pref::Metrics> {
     let frozen = Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
     let bs = cfg.batch_size;
     let mut parts = Vec::new();
@@ -350,7 +351,7 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
         .unwrap_or(&cfg.model)
         .display()
         .to_string();
-    let cache_path = cfg.output_dir.join(crate::dpo::REF_CACHE);
+    let cache_path = cfg.output_dir.join(REF_CACHE);
     let n_eval = eval.as_ref().map_or(0, |e| e.len());
     let cached: Option<KtoRefCache> = std::fs::read_to_string(&cache_path)
         .ok()
@@ -375,69 +376,44 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
             }
         }
     };
-    let bs = cfg.batch_size;
-    let per_epoch = train.len().div_ceil(bs) as u64;
-    let total = per_epoch * cfg.epochs as u64;
+    // 3. Epochs of KTO steps; the batch KL term uses each example's mismatched completion under
+    //    the current weights without a gradient, as TRL does.
+    let plan = FitPlan {
+        log_every: cfg.log_every,
+        eval_every: if eval.is_some() { cfg.eval_every } else { 0 },
+        save_every: cfg.save_every,
+        grad_accum: cfg.optim.grad_accum,
+        min_micro: 2,
+        ..FitPlan::new("kto", cfg.epochs, cfg.batch_size, cfg.seed)
+    };
+    let total = plan.total_steps(train.len());
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
     rlhf_train::run::write_atomic(
-        &trainer.run.path().join(crate::dpo::REF_CACHE),
+        &trainer.run.path().join(REF_CACHE),
         serde_json::to_string(&refs)
             .expect("serialisable")
             .as_bytes(),
     )?;
-    let progress = rlhf_train::progress(total, "kto");
-    progress.set_position(trainer.step);
-    let mut window = Vec::new();
-    while trainer.step < total {
-        let epoch = trainer.step / per_epoch;
-        let order = epoch_order(train.len(), cfg.seed, epoch);
-        let first = (trainer.step % per_epoch) as usize * bs;
-        for idx in order[first..].chunks(bs) {
-            let started = std::time::Instant::now();
-            let micro = idx.len().div_ceil(cfg.optim.grad_accum.max(1)).max(2);
+    let history = fit(
+        &mut trainer,
+        &lm,
+        train.len(),
+        &plan,
+        |lm, batch, part| {
             let model = lm.model(device)?;
             let frozen = model.detached();
-            let mut acc = trainer.accumulator();
-            let (mut parts, mut loss_sum) = (Vec::new(), 0.0);
-            for part in idx.chunks(micro) {
-                let ex: Vec<KtoExample> = part.iter().map(|&i| train[i].clone()).collect();
-                let r: Vec<[f64; 2]> = part.iter().map(|&i| refs.train[i]).collect();
-                let (out, m) = kto_batch_loss(&model, &frozen, lm.pad_id, &ex, &r, cfg, device)?;
-                let w = part.len() as f64 / idx.len() as f64;
-                let loss = (out.loss * w)?;
-                loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-                acc.add(loss.backward()?)?;
-                parts.push((w, m));
-            }
-            let stats = trainer.apply(acc.finish())?;
-            let mut m = vec![("loss", loss_sum)];
-            m.extend(pl::weighted_metrics(&parts));
-            window.push(m.clone());
-            let step = trainer.step;
-            if step % cfg.log_every.max(1) == 0 || step == total {
-                m.push(("lr", stats.lr));
-                m.push(("grad_norm", stats.grad_norm));
-                m.push(("epoch", step as f64 / per_epoch as f64));
-                m.push(("seconds_per_step", started.elapsed().as_secs_f64()));
-                trainer.log(&m)?;
-            }
-            if let Some(e) = &eval {
-                if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
-                    let em = evaluate(&lm, e, &refs.eval, cfg, device)?;
-                    log_named(&mut trainer, &em)?;
-                }
-            }
-            if cfg.save_every > 0 && step % cfg.save_every == 0 && step < total {
-                trainer.checkpoint(&lm, serde_json::json!({}))?;
-            }
-            progress.set_position(step);
-            progress.set_message(format!("loss {loss_sum:.4}"));
-            if trainer.step >= total {
-                break;
-            }
-        }
-    }
-    progress.finish_and_clear();
+            let ex: Vec<KtoExample> = part.iter().map(|&i| train[i].clone()).collect();
+            let r: Vec<[f64; 2]> = part.iter().map(|&i| refs.train[i]).collect();
+            let (out, m) = kto_batch_loss(&model, &frozen, lm.pad_id, &ex, &r, cfg, device)?;
+            let w = part.len() as f64 / batch.len() as f64;
+            Ok(((out.loss * w)?, m.into_iter().map(|(k, v)| (k, w * v)).collect()))
+        },
+        |trainer, lm| {
+            let e = eval.as_ref().expect("eval_every is 0 without eval");
+            let em = evaluate(lm, e, &refs.eval, cfg, device)?;
+            log_named(trainer, &em)
+        },
+    )?;
     let eval_examples = match &eval {
         Some(e) => {
             let em = evaluate(&lm, e, &refs.eval, cfg, device)?;
@@ -465,14 +441,14 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
         steps: trainer.step,
         examples: train.len(),
         desirable: n_d,
-        final_train: window_mean(&window[window.len().saturating_sub(20)..]),
+        final_train: tail_mean(&history, 20),
         eval_examples,
         model,
         eval: report,
     })
 }
 
-/// KTO's counterpart of [`crate::dpo::testbed_config`]: the same pairs split into desirable and
+/// KTO's counterpart of [`rlhf_rl::pref::testbed_config`]: the same pairs split into desirable and
 /// undesirable examples, the same schedule at lr 1e-4 (2e-4 collapses on some seeds).
 pub fn testbed_config(
     task: &str,

@@ -30,12 +30,12 @@ use rlhf_lm::Message;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::dpo::{DpoConfig, DpoSummary, PolicyEval};
-use crate::eval::{sample, EvalReport, Generated};
-use crate::policy::TrainableLm;
-use crate::reward_source::{Query, RewardConfig, Rewarder};
-use crate::rm::PairIds;
-use crate::self_reward::{
+use rlhf_rl::pref::{DpoConfig, DpoSummary, PolicyEval};
+use rlhf_rl::eval::{sample, EvalReport, Generated};
+use rlhf_rl::policy::TrainableLm;
+use rlhf_rl::reward_source::{Query, RewardConfig, Rewarder};
+use rlhf_rl::pairs::PairIds;
+use rlhf_rl::judge::{
     eft_bootstrap, judge_candidates, EftConfig, Judge, JudgeConfig, JudgePrompt,
 };
 
@@ -427,15 +427,15 @@ fn label_round(
             margin: 0.0,
         })
         .collect();
-    let texts: Vec<crate::preferences::LabelledPair> = picked
+    let texts: Vec<rlhf_rl::preferences::LabelledPair> = picked
         .iter()
-        .map(|&(w, l)| crate::preferences::LabelledPair {
+        .map(|&(w, l)| rlhf_rl::preferences::LabelledPair {
             prompt: cands[w].prompt.clone(),
             chosen: cands[w].completion.clone(),
             rejected: cands[l].completion.clone(),
         })
         .collect();
-    crate::preferences::write_pairs(&dir.join("pairs.jsonl"), &texts)?;
+    rlhf_rl::preferences::write_pairs(&dir.join("pairs.jsonl"), &texts)?;
     if let Some(task) = task {
         let agree: f64 = picked
             .iter()
@@ -577,7 +577,7 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
             ..cfg.dpo.clone()
         };
         let resume_round = resume && dir.join(rlhf_train::run::CHECKPOINTS_DIR).exists();
-        let summary = crate::dpo::train_on_pairs(&dpo_cfg, lm, pairs, None, resume_round, device)?;
+        let summary = rlhf_rl::pref::train_on_pairs(&dpo_cfg, lm, pairs, None, resume_round, device)?;
         policy = summary.model.clone();
         stats.dpo = Some(summary);
         finish_round(&done, &log_path, &stats)?;
@@ -604,4 +604,39 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
     )
     .map_err(|e| TrainError::io(&path, e))?;
     Ok(summary)
+}
+
+/// `rlhf self-reward`: online DPO whose labeller is the policy judging itself, with the paper's
+/// defaults (4 candidates at temperature 0.7, top-p 0.9; 3 judgements averaged; beta 0.1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SelfRewardConfig(pub OnlineDpoConfig);
+
+impl Default for SelfRewardConfig {
+    fn default() -> Self {
+        let mut c = OnlineDpoConfig {
+            labeler: LabelerKind::Judge,
+            samples_per_prompt: 4,
+            temperature: 0.7,
+            top_p: Some(0.9),
+            rounds: 2,
+            output_dir: PathBuf::from("runs/self-reward"),
+            ..OnlineDpoConfig::default()
+        };
+        c.judge.model = None;
+        SelfRewardConfig(c)
+    }
+}
+
+pub fn run_self_reward(
+    cfg: &SelfRewardConfig,
+    resume: bool,
+    device: &Device,
+) -> Result<OnlineDpoSummary> {
+    if cfg.0.labeler != LabelerKind::Judge || cfg.0.judge.model.is_some() {
+        return Err(TrainError::invalid(
+            "self-rewarding: the policy judges itself (labeler = \"judge\", no judge.model); use `rlhf online-dpo` for other labellers",
+        ));
+    }
+    run(&cfg.0, resume, device)
 }

@@ -38,13 +38,13 @@ use rlhf_lm::score::{gather_logprobs, CompletionBatch};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::online::{
+use rlhf_rl::online::{
     advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
 };
-use crate::policy::TrainableLm;
-use crate::reward_source::SourceKind;
-use crate::rollout::{align, collect, Policies, Rollout};
-use crate::value::{values, ValueModel};
+use rlhf_rl::policy::TrainableLm;
+use rlhf_rl::reward_source::SourceKind;
+use rlhf_rl::rollout::{align, collect, Policies, Rollout};
+use rlhf_rl::value::{values, ValueModel};
 
 // ---- configuration ---------------------------------------------------------------------------------
 
@@ -353,11 +353,11 @@ pub fn token_rewards(
     per_token: bool,
 ) -> Vec<f64> {
     if per_token {
-        return crate::vanilla_pg::token_rewards(score, logp, ref_logp, beta);
+        return rlhf_rl::objectives::token_rewards(score, logp, ref_logp, beta);
     }
     let mut r = vec![0.0; logp.len()];
     if let Some(last) = r.last_mut() {
-        *last = score - beta * crate::kl::sequence_kl(logp, ref_logp);
+        *last = score - beta * rlhf_rl::kl::sequence_kl(logp, ref_logp);
     }
     r
 }
@@ -401,7 +401,7 @@ pub fn clipped_value_loss(v: f64, v_old: f64, ret: f64, clip: f64) -> (f64, bool
 
 /// Whiten in place (zero mean, unit std); then clip to +-`clip` (0: no clip).
 pub fn whiten(xs: &mut [f64], clip: f64) {
-    let (mean, std, _, _) = crate::rollout::summary(xs);
+    let (mean, std, _, _) = rlhf_rl::rollout::summary(xs);
     for x in xs.iter_mut() {
         *x = (*x - mean) / (std + 1e-8);
         if clip > 0.0 {
@@ -413,11 +413,11 @@ pub fn whiten(xs: &mut [f64], clip: f64) {
 /// 1 - Var(returns - values) / Var(returns) (NaN when the returns do not vary).
 pub fn explained_variance(values: &[f64], returns: &[f64]) -> f64 {
     let resid: Vec<f64> = returns.iter().zip(values).map(|(r, v)| r - v).collect();
-    let var_r = crate::rollout::summary(returns).1.powi(2);
+    let var_r = rlhf_rl::rollout::summary(returns).1.powi(2);
     if var_r == 0.0 {
         return f64::NAN;
     }
-    1.0 - crate::rollout::summary(&resid).1.powi(2) / var_r
+    1.0 - rlhf_rl::rollout::summary(&resid).1.powi(2) / var_r
 }
 
 /// The q-quantile (linear interpolation between order statistics).
@@ -636,7 +636,7 @@ fn value_step(
 fn ptx_rows(cfg: &PpoConfig, s: &Session<PpoParams>) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
     let max_len = cfg.rollout.max_prompt_len + cfg.rollout.max_new_tokens;
     match (&cfg.method.ptx_file, &s.task) {
-        (Some(p), _) => crate::sft::load_rows(&s.lm, p, max_len, false),
+        (Some(p), _) => rlhf_rl::pairs::load_rows(&s.lm, p, max_len, false),
         (None, Some(task)) => task
             .demonstrations()
             .iter()
@@ -890,7 +890,7 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
                             let ratio = (n as f64 - o as f64).exp();
                             clipped +=
                                 usize::from(clipped_surrogate(ratio, av as f64, m.clip_range).1);
-                            approx_kl += crate::kl::k3(n as f64, o as f64);
+                            approx_kl += rlhf_rl::kl::k3(n as f64, o as f64);
                             tokens_seen += 1;
                         }
                     }
@@ -903,7 +903,7 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
                         let rows: Vec<(Vec<u32>, Vec<u32>)> =
                             ptx_idx.iter().map(|&j| ptx[j].clone()).collect();
                         let n: usize = rows.iter().map(|(_, c)| c.len()).sum();
-                        let nll = (crate::sft::nll_sum(lm, &rows, device)? / n.max(1) as f64)?;
+                        let nll = (rlhf_rl::objectives::nll_sum(lm, &rows, device)? / n.max(1) as f64)?;
                         ptx_losses.push(nll.to_scalar::<f32>()? as f64);
                         loss = (loss + (nll * m.ptx_coef)?)?;
                     }

@@ -14,10 +14,10 @@ use candle_core::Device;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::online::{
+use rlhf_rl::online::{
     advantage_metrics, policy_logprobs, split_groups, Method, OnlineConfig, OnlineSummary, Session,
 };
-use crate::trainer::epoch_order;
+use rlhf_rl::trainer::epoch_order;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -11,11 +11,12 @@
 //! the first batch has b = 0. The paper samples one completion per prompt (k = 1, the default);
 //! with k > 1 the samples are simply more REINFORCE samples.
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
+use rlhf_rl::objectives::sequence_loss;
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::online::{
+use rlhf_rl::online::{
     advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
 };
 
@@ -72,18 +73,6 @@ pub fn advantages(rewards: &[f64], baseline: f64) -> Vec<f64> {
     rewards.iter().map(|r| r - baseline).collect()
 }
 
-/// The sequence-level policy-gradient loss -mean_i(A_i * sum_t logp_i,t), from per-token
-/// log-probs `(b, t)` that are zero outside each row's completion. Also RLOO's loss.
-pub fn sequence_loss(logprobs: &Tensor, advantages: &[f64]) -> Result<Tensor> {
-    let seq = logprobs.sum(1)?; // (b,)
-    let adv = Tensor::from_vec(
-        advantages.iter().map(|&a| a as f32).collect::<Vec<_>>(),
-        advantages.len(),
-        logprobs.device(),
-    )?
-    .to_dtype(seq.dtype())?;
-    Ok((seq * adv)?.mean_all()?.neg()?)
-}
 
 pub fn run(cfg: &ReinforceConfig, resume: bool, device: &Device) -> Result<OnlineSummary> {
     let mut s = Session::start(cfg, resume, device)?;

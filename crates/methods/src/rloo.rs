@@ -16,10 +16,10 @@ use candle_core::Device;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::online::{
+use rlhf_rl::online::{
     advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
 };
-use crate::reinforce::sequence_loss;
+use rlhf_rl::objectives::sequence_loss;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

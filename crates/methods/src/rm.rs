@@ -7,18 +7,20 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, D};
-use rlhf_data::loaders::{load_pairs, load_prompts, LoadOptions};
+use rlhf_data::loaders::{load_prompts, LoadOptions};
 use rlhf_lm::generate::SamplingParams;
 use rlhf_lm::llama::ScalarHead;
 use rlhf_lm::score::{gather_logprobs, CompletionBatch};
-use rlhf_train::{Result, TrainError};
+use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::sample;
-use crate::losses::neg_log_sigmoid;
-use crate::policy::TrainableLm;
-use crate::reward::{self, last_token_index, RewardModel, RewardNorm, HEAD};
-use crate::trainer::{epoch_order, OptimConfig, Trainer};
+use rlhf_rl::eval::sample;
+use rlhf_rl::losses::neg_log_sigmoid;
+use rlhf_rl::policy::TrainableLm;
+use rlhf_rl::reward::{self, last_token_index, RewardModel, RewardNorm, HEAD};
+use rlhf_rl::fit::{fit, tail_mean, FitPlan};
+use rlhf_rl::pairs::{load_pair_ids, PairIds};
+use rlhf_rl::trainer::{OptimConfig, Trainer};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -77,53 +79,6 @@ impl Default for RmConfig {
 }
 
 /// A tokenised pair.
-#[derive(Debug, Clone)]
-pub struct PairIds {
-    pub prompt: Vec<u32>,
-    pub chosen: Vec<u32>,
-    pub rejected: Vec<u32>,
-    pub margin: f64,
-}
-
-pub fn load_pair_ids(
-    lm: &TrainableLm,
-    path: &std::path::Path,
-    max_len: usize,
-    skip: bool,
-) -> Result<Vec<PairIds>> {
-    let loaded = load_pairs(
-        path,
-        lm.chat_template.as_ref(),
-        &LoadOptions {
-            skip_bad_lines: skip,
-        },
-    )?;
-    if !loaded.skipped.is_empty() {
-        eprintln!(
-            "{}: skipped {} bad lines",
-            path.display(),
-            loaded.skipped.len()
-        );
-    }
-    if loaded.items.is_empty() {
-        return Err(TrainError::bad_file(path, "no preference pairs"));
-    }
-    loaded
-        .items
-        .iter()
-        .map(|p| {
-            let (prompt, chosen) = lm.encode(&p.prompt, &p.chosen, true, max_len)?;
-            let (_, rejected) = lm.encode(&p.prompt, &p.rejected, true, max_len)?;
-            Ok(PairIds {
-                prompt,
-                chosen,
-                rejected,
-                margin: p.margin.unwrap_or(0.0),
-            })
-        })
-        .collect()
-}
-
 pub struct PairLoss {
     pub loss: Tensor,
     pub accuracy: f64,
@@ -224,6 +179,7 @@ pub struct RmSummary {
 }
 
 pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
+    // 1. The trunk with a scalar head (a fresh one unless the model has one) and the pairs.
     let lm = TrainableLm::load(&cfg.model, device)?;
     let lm = if lm.params.vars.iter().any(|(n, _)| n == HEAD) {
         lm
@@ -241,61 +197,40 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
         .as_ref()
         .map(|p| load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines))
         .transpose()?;
-    let batch_size = cfg.batch_size.max(1);
-    let per_epoch = train.len().div_ceil(batch_size) as u64;
-    let total = per_epoch * cfg.epochs as u64;
+    // 2. Epochs of Bradley-Terry steps (plus the optional LM term) on the pairs.
+    let plan = FitPlan {
+        log_every: cfg.log_every,
+        eval_every: if eval.is_some() { cfg.eval_every } else { 0 },
+        save_every: cfg.save_every,
+        grad_accum: cfg.optim.grad_accum,
+        ..FitPlan::new("reward model", cfg.epochs, cfg.batch_size, cfg.seed)
+    };
+    let total = plan.total_steps(train.len());
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
-    let progress = rlhf_train::progress(total, "reward model");
-    progress.set_position(trainer.step);
-    let mut acc_window = Vec::new();
-    while trainer.step < total {
-        let epoch = trainer.step / per_epoch;
-        let order = epoch_order(train.len(), cfg.seed, epoch);
-        let first = (trainer.step % per_epoch) as usize * batch_size;
-        for idx in order[first..].chunks(batch_size) {
-            let pairs: Vec<PairIds> = idx.iter().map(|&i| train[i].clone()).collect();
-            let micro = pairs.len().div_ceil(cfg.optim.grad_accum.max(1)).max(1);
-            let mut acc = trainer.accumulator();
-            let (mut loss_sum, mut stats) = (0.0, Vec::new());
-            for part in pairs.chunks(micro) {
-                let out = pair_loss(&lm, part, cfg.margin_scale, cfg.lm_coef, device)?;
-                let w = part.len() as f64 / pairs.len() as f64;
-                let loss = (out.loss.clone() * w)?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
-                acc.add(loss.backward()?)?;
-                stats.push((w, out));
-            }
-            let step_stats = trainer.apply(acc.finish())?;
-            let wmean = |f: fn(&PairLoss) -> f64| stats.iter().map(|(w, s)| w * f(s)).sum::<f64>();
-            acc_window.push(wmean(|s| s.accuracy));
-            if trainer.step % cfg.log_every.max(1) == 0 || trainer.step == total {
-                trainer.log(&[
-                    ("loss", loss_sum),
-                    ("accuracy", wmean(|s| s.accuracy)),
-                    ("rewards/chosen", wmean(|s| s.chosen_mean)),
-                    ("rewards/rejected", wmean(|s| s.rejected_mean)),
-                    ("rewards/margins", wmean(|s| s.margin_mean)),
-                    ("lr", step_stats.lr),
-                    ("grad_norm", step_stats.grad_norm),
-                ])?;
-            }
-            if let Some(eval) = &eval {
-                if cfg.eval_every > 0 && trainer.step % cfg.eval_every == 0 {
-                    let (l, a) =
-                        evaluate_pairs(&RewardModel::from_trainable(&lm, None, device)?, eval)?;
-                    trainer.log(&[("eval_loss", l), ("eval_accuracy", a)])?;
-                }
-            }
-            if cfg.save_every > 0 && trainer.step % cfg.save_every == 0 && trainer.step < total {
-                trainer.checkpoint(&lm, serde_json::json!({}))?;
-            }
-            progress.set_position(trainer.step);
-            if trainer.step >= total {
-                break;
-            }
-        }
-    }
-    progress.finish_and_clear();
+    let history = fit(
+        &mut trainer,
+        &lm,
+        train.len(),
+        &plan,
+        |lm, batch, part| {
+            let pairs: Vec<PairIds> = part.iter().map(|&i| train[i].clone()).collect();
+            let out = pair_loss(lm, &pairs, cfg.margin_scale, cfg.lm_coef, device)?;
+            let w = part.len() as f64 / batch.len() as f64;
+            let metrics = vec![
+                ("accuracy", w * out.accuracy),
+                ("rewards/chosen", w * out.chosen_mean),
+                ("rewards/rejected", w * out.rejected_mean),
+                ("rewards/margins", w * out.margin_mean),
+            ];
+            Ok(((out.loss * w)?, metrics))
+        },
+        |trainer, lm| {
+            let held_out = eval.as_ref().expect("eval_every is 0 without eval");
+            let (l, a) = evaluate_pairs(&RewardModel::from_trainable(lm, None, device)?, held_out)?;
+            trainer.log(&[("eval_loss", l), ("eval_accuracy", a)])
+        },
+    )?;
+    // 3. Held-out accuracy, normalisation statistics, the model with its head.
     let rm = RewardModel::from_trainable(&lm, None, device)?;
     let (eval_loss, eval_accuracy) = match &eval {
         Some(e) => {
@@ -310,10 +245,9 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
         None => None,
     };
     reward::save(&lm, norm, &trainer.run.path().join("model"))?;
-    let tail = &acc_window[acc_window.len().saturating_sub(20)..];
     Ok(RmSummary {
         steps: trainer.step,
-        train_accuracy: tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+        train_accuracy: tail_mean(&history, 20).get("accuracy").copied().unwrap_or(f64::NAN),
         eval_accuracy,
         eval_loss,
         norm,

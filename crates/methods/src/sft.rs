@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 
 use candle_core::Device;
-use rlhf_data::loaders::{load_prompt_completion, LoadOptions};
-use rlhf_lm::score::{completion_logprobs, CompletionBatch};
+use rlhf_rl::fit::{fit, FitPlan};
+use rlhf_rl::objectives::{eval_loss, nll_share};
+use rlhf_rl::pairs::load_rows;
+use rlhf_rl::policy::TrainableLm;
+use rlhf_rl::trainer::{OptimConfig, Trainer};
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
-
-use crate::policy::TrainableLm;
-use crate::trainer::{epoch_order, OptimConfig, Trainer};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -57,64 +57,6 @@ impl Default for SftConfig {
     }
 }
 
-/// Tokenised (prompt, completion + EOS) rows from a data file.
-pub fn load_rows(
-    lm: &TrainableLm,
-    path: &std::path::Path,
-    max_len: usize,
-    skip_bad_lines: bool,
-) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
-    let loaded = load_prompt_completion(
-        path,
-        lm.chat_template.as_ref(),
-        &LoadOptions { skip_bad_lines },
-    )?;
-    if !loaded.skipped.is_empty() {
-        eprintln!(
-            "{}: skipped {} bad lines",
-            path.display(),
-            loaded.skipped.len()
-        );
-    }
-    if loaded.items.is_empty() {
-        return Err(rlhf_train::TrainError::bad_file(path, "no examples"));
-    }
-    Ok(loaded
-        .items
-        .iter()
-        .map(|ex| lm.encode(&ex.prompt, &ex.completion, true, max_len))
-        .collect::<rlhf_lm::Result<_>>()?)
-}
-
-/// Summed NLL of the completion tokens of `rows` (differentiable).
-pub fn nll_sum(
-    lm: &TrainableLm,
-    rows: &[(Vec<u32>, Vec<u32>)],
-    device: &Device,
-) -> Result<candle_core::Tensor> {
-    let model = lm.model(device)?;
-    let batch = CompletionBatch::new(rows, lm.pad_id, device)?;
-    Ok(completion_logprobs(&model, &batch, 1.0)?.sum_all()?.neg()?)
-}
-
-/// Evaluation loss (mean NLL per completion token) without gradients.
-pub fn eval_loss(
-    lm: &TrainableLm,
-    rows: &[(Vec<u32>, Vec<u32>)],
-    batch_size: usize,
-    device: &Device,
-) -> Result<f64> {
-    let frozen = rlhf_lm::llama::Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
-    let (mut total, mut count) = (0f64, 0usize);
-    for chunk in rows.chunks(batch_size.max(1)) {
-        let batch = CompletionBatch::new(chunk, lm.pad_id, device)?;
-        let lp = completion_logprobs(&frozen, &batch, 1.0)?;
-        total -= lp.sum_all()?.to_scalar::<f32>()? as f64;
-        count += chunk.iter().map(|(_, c)| c.len()).sum::<usize>();
-    }
-    Ok(total / count.max(1) as f64)
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SftSummary {
     pub steps: u64,
@@ -124,70 +66,40 @@ pub struct SftSummary {
 
 /// Run SFT as configured; the fine-tuned model is written to `<output_dir>/model`.
 pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary> {
+    // 1. The model and the tokenised (prompt, completion + EOS) rows.
     let mut lm = TrainableLm::load(&cfg.model, device)?;
     let train = load_rows(&lm, &cfg.train_file, cfg.max_len, cfg.skip_bad_lines)?;
     let eval = match &cfg.eval_file {
         Some(p) => Some(load_rows(&lm, p, cfg.max_len, cfg.skip_bad_lines)?),
         None => None,
     };
-    let batch_size = cfg.batch_size.max(1);
-    let per_epoch = train.len().div_ceil(batch_size) as u64;
-    let total = per_epoch * cfg.epochs as u64;
+    let eval_batch = cfg.batch_size.max(1) * 2;
+    // 2. The run: optimiser, schedule, run directory (or its latest checkpoint).
+    let plan = FitPlan {
+        log_every: cfg.log_every,
+        eval_every: if eval.is_some() { cfg.eval_every } else { 0 },
+        save_every: cfg.save_every,
+        grad_accum: cfg.optim.grad_accum,
+        ..FitPlan::new("sft", cfg.epochs, cfg.batch_size, cfg.seed)
+    };
+    let total = plan.total_steps(train.len());
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
-    let mut last_loss = f64::NAN;
-    let progress = rlhf_train::progress(total, "sft");
-    progress.set_position(trainer.step);
-    while trainer.step < total {
-        let epoch = trainer.step / per_epoch;
-        let order = epoch_order(train.len(), cfg.seed, epoch);
-        let first = (trainer.step % per_epoch) as usize * batch_size;
-        for idx in order[first..].chunks(batch_size) {
-            let started = std::time::Instant::now();
-            let rows: Vec<_> = idx.iter().map(|&i| train[i].clone()).collect();
-            // Gradient accumulation: micro-batches whose losses add up to the token-mean NLL of
-            // the whole batch, so the update does not depend on how the batch is split.
-            let n_tokens: usize = rows.iter().map(|(_, c)| c.len()).sum();
-            let micro = rows.len().div_ceil(cfg.optim.grad_accum.max(1));
-            let mut acc = trainer.accumulator();
-            let mut loss_sum = 0.0;
-            for part in rows.chunks(micro.max(1)) {
-                let loss = (nll_sum(&lm, part, device)? / n_tokens.max(1) as f64)?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
-                acc.add(loss.backward()?)?;
-            }
-            let stats = trainer.apply(acc.finish())?;
-            last_loss = loss_sum;
-            let step = trainer.step;
-            if step % cfg.log_every.max(1) == 0 || step == total {
-                let secs = started.elapsed().as_secs_f64();
-                trainer.log(&[
-                    ("loss", loss_sum),
-                    ("lr", stats.lr),
-                    ("grad_norm", stats.grad_norm),
-                    ("epoch", step as f64 / per_epoch as f64),
-                    ("tokens_per_s", n_tokens as f64 / secs.max(1e-9)),
-                ])?;
-            }
-            if let Some(eval) = &eval {
-                if cfg.eval_every > 0 && step % cfg.eval_every == 0 {
-                    let l = eval_loss(&lm, eval, batch_size * 2, device)?;
-                    trainer.log(&[("eval_loss", l)])?;
-                }
-            }
-            if cfg.save_every > 0 && step % cfg.save_every == 0 && step < total {
-                trainer.checkpoint(&lm, serde_json::json!({}))?;
-            }
-            progress.set_position(step);
-            progress.set_message(format!("loss {loss_sum:.3}"));
-            if trainer.step >= total {
-                break;
-            }
-        }
-    }
-    progress.finish_and_clear();
+    // 3. Epochs of token-mean NLL steps on the completion tokens.
+    let history = fit(
+        &mut trainer,
+        &lm,
+        train.len(),
+        &plan,
+        |lm, batch, part| nll_share(lm, &train, batch, part, device),
+        |trainer, lm| {
+            let l = eval_loss(lm, eval.as_ref().expect("eval_every is 0 without eval"), eval_batch, device)?;
+            trainer.log(&[("eval_loss", l)])
+        },
+    )?;
+    // 4. Held-out loss and the final model.
     let eval_loss = match &eval {
         Some(e) => {
-            let l = eval_loss(&lm, e, batch_size * 2, device)?;
+            let l = eval_loss(&lm, e, eval_batch, device)?;
             trainer.log(&[("eval_loss", l)])?;
             Some(l)
         }
@@ -197,7 +109,7 @@ pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary>
     trainer.finish(&lm)?;
     Ok(SftSummary {
         steps: trainer.step,
-        final_train_loss: last_loss,
+        final_train_loss: history.last().map_or(f64::NAN, |m| m[0].1),
         eval_loss,
     })
 }

@@ -19,12 +19,13 @@ use candle_core::{Device, Tensor};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::online::{
+use rlhf_rl::online::{
     advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
 };
-use crate::reward_source::SourceKind;
-use crate::rollout::align;
-use crate::value::{values, ValueModel};
+use rlhf_rl::reward_source::SourceKind;
+use rlhf_rl::objectives::token_rewards;
+use rlhf_rl::rollout::align;
+use rlhf_rl::value::{values, ValueModel};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -65,15 +66,6 @@ impl Method for VanillaPgParams {
     }
 }
 
-/// Per-token rewards: -beta * (logp_t - ref_t) at every token, plus `score` at the last.
-pub fn token_rewards(score: f64, logp: &[f32], ref_logp: &[f32], beta: f64) -> Vec<f64> {
-    let n = logp.len();
-    logp.iter()
-        .zip(ref_logp)
-        .enumerate()
-        .map(|(t, (&a, &b))| -beta * (a as f64 - b as f64) + if t + 1 == n { score } else { 0.0 })
-        .collect()
-}
 
 /// G_t = sum_{t' >= t} r_t' (gamma = lambda = 1).
 pub fn returns_to_go(rewards: &[f64]) -> Vec<f64> {

@@ -11,12 +11,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
 use rlhf_lm::config::LlamaConfig;
 use rlhf_lm::llama::{random_weights, Llama, Trainable};
-use rlhf_methods::dpo::{self, pair_batch_loss, DpoConfig, PairLossParams};
+use rlhf_methods::dpo;
+use rlhf_rl::pref::{pair_batch_loss, DpoConfig, PairLossParams, RefCache, REF_CACHE};
 use rlhf_methods::kto::{self, kto_batch_loss, mismatched_partners, KtoConfig, KtoExample};
-use rlhf_methods::policy::{fresh_tiny, tiny_config};
-use rlhf_methods::pref_losses::{self as pl, KtoBatch, PairLossKind};
-use rlhf_methods::rm::PairIds;
-use rlhf_methods::trainer::OptimConfig;
+use rlhf_rl::policy::{fresh_tiny, tiny_config};
+use rlhf_rl::pref_losses::{self as pl, KtoBatch, PairLossKind};
+use rlhf_rl::pairs::PairIds;
+use rlhf_rl::trainer::OptimConfig;
 use serde_json::Value;
 
 const CPU: Device = Device::Cpu;
@@ -546,8 +547,8 @@ fn dpo_trains_and_logs_trl_metrics() {
     let r0 = first["rewards/margins"].as_f64().unwrap();
     assert!(r0.abs() < 1e-4, "policy = reference at step 1, margin {r0}");
     assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4);
-    let cache: dpo::RefCache =
-        serde_json::from_str(&std::fs::read_to_string(out.join(dpo::REF_CACHE)).unwrap()).unwrap();
+    let cache: RefCache =
+        serde_json::from_str(&std::fs::read_to_string(out.join(REF_CACHE)).unwrap()).unwrap();
     assert_eq!(cache.train.len(), 12);
     let last = m
         .iter()
@@ -575,7 +576,7 @@ fn reference_free_losses_skip_the_reference() {
             ..quick_dpo(&model, &pairs, &out, kind)
         };
         dpo::run(&cfg, false, &CPU).unwrap();
-        assert!(!out.join(dpo::REF_CACHE).exists());
+        assert!(!out.join(REF_CACHE).exists());
         let m = metrics(&out);
         assert!(m[0].contains_key("rewards/margins"));
         if kind == PairLossKind::Orpo {
@@ -615,9 +616,9 @@ fn dpo_resume_matches_uninterrupted() {
     // A run that lost everything after its step-3 checkpoint: resuming redoes steps 4-6.
     dpo::run(&cfg, false, &CPU).unwrap();
     std::fs::remove_dir_all(part.join("model")).unwrap();
-    let before = dpo::RefCache::load(&part.join(dpo::REF_CACHE)).unwrap();
+    let before = RefCache::load(&part.join(REF_CACHE)).unwrap();
     dpo::run(&cfg, true, &CPU).unwrap();
-    let after = dpo::RefCache::load(&part.join(dpo::REF_CACHE)).unwrap();
+    let after = RefCache::load(&part.join(REF_CACHE)).unwrap();
     for (a, b) in before.train.iter().zip(&after.train) {
         assert!((a[0] - b[0]).abs() < 1e-12 && (a[1] - b[1]).abs() < 1e-12);
     }
@@ -675,14 +676,14 @@ fn kto_trains_on_unpaired_pairs() {
         "{:?}",
         m[0]
     );
-    assert!(out.join(dpo::REF_CACHE).exists());
+    assert!(out.join(REF_CACHE).exists());
 }
 
 // ---- self-rewarding: the judge's score parser, EFT scores -------------------------------------
 
 #[test]
 fn judge_scores_parse_robustly() {
-    use rlhf_methods::self_reward::parse_score;
+    use rlhf_rl::judge::parse_score;
     let ok = [
         ("The response is relevant.\nScore: 4", 4.0),
         ("score :3", 3.0),
@@ -716,7 +717,7 @@ fn judge_scores_parse_robustly() {
 
 #[test]
 fn eft_scores_are_sextiles_with_ties_shared() {
-    use rlhf_methods::self_reward::sextile_scores;
+    use rlhf_rl::judge::sextile_scores;
     let gold: Vec<f64> = (0..12).map(|i| i as f64).collect();
     assert_eq!(
         sextile_scores(&gold),
@@ -728,7 +729,7 @@ fn eft_scores_are_sextiles_with_ties_shared() {
 
 #[test]
 fn judge_prompt_renders_with_prefill() {
-    use rlhf_methods::self_reward::{JudgeConfig, JudgePrompt, RUBRIC_TEMPLATE};
+    use rlhf_rl::judge::{JudgeConfig, JudgePrompt, RUBRIC_TEMPLATE};
     let testbed = JudgePrompt::resolve(&JudgeConfig::default(), true, None).unwrap();
     assert_eq!(
         testbed
@@ -793,7 +794,7 @@ fn online_dpo_rounds_with_annotators() {
         max_new_tokens: Some(6),
         labeler: LabelerKind::Annotators,
         dpo: round_dpo(),
-        eval: dpo::PolicyEval {
+        eval: rlhf_rl::pref::PolicyEval {
             task: Some("sentiment".into()),
             max_prompts: 8,
             ..Default::default()
@@ -810,8 +811,8 @@ fn online_dpo_rounds_with_annotators() {
         let d = r.dpo.as_ref().unwrap();
         assert_eq!(d.pairs, r.pairs);
     }
-    let cache: dpo::RefCache = serde_json::from_str(
-        &std::fs::read_to_string(out.join("round-2").join(dpo::REF_CACHE)).unwrap(),
+    let cache: RefCache = serde_json::from_str(
+        &std::fs::read_to_string(out.join("round-2").join(REF_CACHE)).unwrap(),
     )
     .unwrap();
     assert_eq!(
@@ -835,7 +836,8 @@ fn online_dpo_rounds_with_annotators() {
 /// judges its own 4 candidates per prompt (3 judgements each), best vs worst -> DPO.
 #[test]
 fn self_rewarding_round_on_the_testbed() {
-    use rlhf_methods::self_reward::{self, EftConfig, SelfRewardConfig};
+    use rlhf_rl::judge::EftConfig;
+    use rlhf_methods::online_dpo::{self as self_reward, SelfRewardConfig};
     let dir = scratch("selfreward");
     let model = tiny_policy(&dir);
     let mut cfg = SelfRewardConfig::default();
@@ -854,7 +856,7 @@ fn self_rewarding_round_on_the_testbed() {
         batch_size: 16,
         with_demonstrations: false,
     };
-    let s = self_reward::run(&cfg, false, &CPU).unwrap();
+    let s = self_reward::run_self_reward(&cfg, false, &CPU).unwrap();
     let r = &s.rounds[0];
     assert_eq!(r.candidates, 32);
     assert_eq!(r.judgements, Some(96));
@@ -868,5 +870,5 @@ fn self_rewarding_round_on_the_testbed() {
     // The policy is its own judge: a separate judge model is refused.
     let mut other = cfg.clone();
     other.0.judge.model = Some(dir.join("init"));
-    assert!(self_reward::run(&other, false, &CPU).is_err());
+    assert!(self_reward::run_self_reward(&other, false, &CPU).is_err());
 }

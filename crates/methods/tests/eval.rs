@@ -2,9 +2,9 @@
 
 use candle_core::Device;
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
-use rlhf_methods::best_of_n::kl_bound;
-use rlhf_methods::eval::{run_eval, winrate, EvalConfig};
-use rlhf_methods::policy::fresh_tiny;
+use rlhf_rl::best_of_n::kl_bound;
+use rlhf_rl::eval::{run_eval, winrate, EvalConfig};
+use rlhf_rl::policy::fresh_tiny;
 
 #[test]
 fn winrate_and_interval_by_hand() {

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor, Var};
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
-use rlhf_methods::kl::{k3, k3_tensor, sequence_kl, shaped_reward, KlConfig, KlController};
-use rlhf_methods::online::{split_groups, OnlineConfig};
-use rlhf_methods::policy::fresh_tiny;
-use rlhf_methods::reward_source::{
+use rlhf_rl::kl::{k3, k3_tensor, sequence_kl, shaped_reward, KlConfig, KlController};
+use rlhf_rl::online::{split_groups, OnlineConfig};
+use rlhf_rl::policy::fresh_tiny;
+use rlhf_rl::reward_source::{
     parse_scores, CommandSource, HttpSource, Query, RewardSource, Rewarder, SourceKind,
 };
-use rlhf_methods::rollout::{align, collect, Policies, Rollout, RolloutConfig, RolloutSample};
+use rlhf_rl::rollout::{align, collect, Policies, Rollout, RolloutConfig, RolloutSample};
 use rlhf_methods::{grpo, raft, reinforce, rloo, vanilla_pg};
 use rlhf_train::RunDir;
 
@@ -120,7 +120,7 @@ fn sequence_loss_by_hand() {
     )
     .unwrap();
     let adv = [0.5, -1.0];
-    let loss = reinforce::sequence_loss(logp.as_tensor(), &adv).unwrap();
+    let loss = rlhf_rl::objectives::sequence_loss(logp.as_tensor(), &adv).unwrap();
     // sums: -3, -1.5 -> -(0.5 * -3 + -1 * -1.5) / 2 = -(-1.5 + 1.5) / 2 = 0
     let v = loss.to_scalar::<f32>().unwrap() as f64;
     assert!(v.abs() < 1e-7, "{v}");
@@ -128,7 +128,7 @@ fn sequence_loss_by_hand() {
     let g = loss.backward().unwrap();
     let g = g.get(logp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
     assert_eq!(g, vec![vec![-0.25f32; 3], vec![0.5f32; 3]]);
-    let loss2 = reinforce::sequence_loss(logp.as_tensor(), &[1.0, 1.0]).unwrap();
+    let loss2 = rlhf_rl::objectives::sequence_loss(logp.as_tensor(), &[1.0, 1.0]).unwrap();
     assert!(close(loss2.to_scalar::<f32>().unwrap() as f64, 2.25, 1e-6));
 }
 
@@ -209,7 +209,7 @@ fn grpo_loss_by_hand() {
 /// minus the value baseline; the token-level loss and the value loss.
 #[test]
 fn vanilla_pg_returns_and_losses_by_hand() {
-    let r = vanilla_pg::token_rewards(2.0, &[-1.0, -0.5, -2.0], &[-1.5, -0.5, -1.0], 0.1);
+    let r = rlhf_rl::objectives::token_rewards(2.0, &[-1.0, -0.5, -2.0], &[-1.5, -0.5, -1.0], 0.1);
     // -0.1 * [0.5, 0, -1] + [0, 0, 2]
     assert_all_close(&r, &[-0.05, 0.0, 2.1], 1e-7);
     let g = vanilla_pg::returns_to_go(&r);
@@ -626,7 +626,7 @@ fn tiny_model(root: &Path) -> PathBuf {
     dir
 }
 
-fn tiny_config<M: rlhf_methods::online::Method>(
+fn tiny_config<M: rlhf_rl::online::Method>(
     model: &Path,
     out: &Path,
     k: usize,

@@ -15,9 +15,9 @@ use candle_core::Device;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{run_eval, EvalConfig, EvalReport};
-use crate::online::{Method, OnlineConfig, OnlineSummary};
-use crate::reward_source::SourceKind;
+use rlhf_rl::eval::{run_eval, EvalConfig, EvalReport};
+use rlhf_rl::online::{Method, OnlineConfig, OnlineSummary};
+use rlhf_rl::reward_source::SourceKind;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -163,27 +163,27 @@ fn run_one(
 ) -> Result<OnlineSummary> {
     let (base, k) = parse_method(name)?;
     match base {
-        "rloo" => crate::rloo::run(&configure(cfg, k, seed, dir), false, device),
-        "raft" => crate::raft::run(&configure(cfg, k, seed, dir), false, device),
+        "rloo" => rlhf_methods::rloo::run(&configure(cfg, k, seed, dir), false, device),
+        "raft" => rlhf_methods::raft::run(&configure(cfg, k, seed, dir), false, device),
         "grpo" => {
-            let mut c = configure::<crate::grpo::GrpoParams>(cfg, k, seed, dir);
+            let mut c = configure::<rlhf_methods::grpo::GrpoParams>(cfg, k, seed, dir);
             c.kl.beta = cfg.grpo_beta;
-            crate::grpo::run(&c, false, device)
+            rlhf_methods::grpo::run(&c, false, device)
         }
-        "reinforce" => crate::reinforce::run(&configure(cfg, k, seed, dir), false, device),
+        "reinforce" => rlhf_methods::reinforce::run(&configure(cfg, k, seed, dir), false, device),
         "vanilla-pg" => {
-            let mut c = configure::<crate::vanilla_pg::VanillaPgParams>(cfg, k, seed, dir);
+            let mut c = configure::<rlhf_methods::vanilla_pg::VanillaPgParams>(cfg, k, seed, dir);
             c.method.value_lr = cfg.value_lr;
-            crate::vanilla_pg::run(&c, false, device)
+            rlhf_methods::vanilla_pg::run(&c, false, device)
         }
         "ppo" | "ppo-plain" => {
-            let mut c = configure::<crate::ppo::PpoParams>(cfg, k, seed, dir);
+            let mut c = configure::<rlhf_methods::ppo::PpoParams>(cfg, k, seed, dir);
             if base == "ppo-plain" {
-                c.method = crate::ppo::PpoParams::plain();
+                c.method = rlhf_methods::ppo::PpoParams::plain();
                 c.reward.normalize = false;
             }
             c.method.value_lr = cfg.value_lr;
-            crate::ppo::run(&c, false, device)
+            rlhf_methods::ppo::run(&c, false, device)
         }
         _ => unreachable!("parsed"),
     }
@@ -258,8 +258,8 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
             reward_model: Some(cfg.reward_model.clone()),
             max_prompts: cfg.eval_prompts,
             max_new_tokens: cfg.max_new_tokens,
-            seed: crate::online::OnlineEvalConfig::default().seed,
-            batch_size: crate::rollout::RolloutConfig::default().batch_size,
+            seed: rlhf_rl::online::OnlineEvalConfig::default().seed,
+            batch_size: rlhf_rl::rollout::RolloutConfig::default().batch_size,
             output: cfg.out_dir.join("sft-eval.json"),
             ..EvalConfig::default()
         },

@@ -13,14 +13,14 @@ use rlhf_lm::generate::SamplingParams;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::best_of_n::{best_of_n, kl_bound};
-use crate::eval::{judge, sample, EvalReport, Generated, Judges};
-use crate::policy::{fresh_tiny, TrainableLm};
-use crate::preferences::{sample_and_label, write_pairs};
-use crate::reward::RewardModel;
-use crate::rm::{self, RmConfig};
-use crate::sft::{self, SftConfig};
-use crate::trainer::OptimConfig;
+use rlhf_rl::best_of_n::{best_of_n, kl_bound};
+use rlhf_rl::eval::{judge, sample, EvalReport, Generated, Judges};
+use rlhf_rl::policy::{fresh_tiny, TrainableLm};
+use rlhf_rl::preferences::{sample_and_label, write_pairs};
+use rlhf_rl::reward::RewardModel;
+use rlhf_methods::rm::{self, RmConfig};
+use rlhf_methods::sft::{self, SftConfig};
+use rlhf_rl::trainer::OptimConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -181,7 +181,7 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
             if c >= r {
                 p.clone()
             } else {
-                crate::preferences::LabelledPair {
+                rlhf_rl::preferences::LabelledPair {
                     chosen: p.rejected.clone(),
                     rejected: p.chosen.clone(),
                     ..p.clone()
@@ -233,7 +233,7 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     };
     let rm_summary = rm::run(&rm_cfg, false, device)?;
     let reward_model = RewardModel::load(&out.join("rm/model"), device)?;
-    let clean = rm::load_pair_ids(&sft_lm, &data.join("prefs_eval_clean.jsonl"), 64, false)?;
+    let clean = rlhf_rl::pairs::load_pair_ids(&sft_lm, &data.join("prefs_eval_clean.jsonl"), 64, false)?;
     let (_, rm_clean_accuracy) = rm::evaluate_pairs(&reward_model, &clean)?;
 
     step("evaluation against the SFT policy, judged by gold");
@@ -324,7 +324,7 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
 
     if cfg.rloo_steps > 0 {
         step("RLOO (k = 4) on the reward model, from the SFT policy");
-        let mut rl = crate::rloo::RlooConfig::default();
+        let mut rl = rlhf_methods::rloo::RlooConfig::default();
         rl.model = sft_dir.clone();
         rl.task = Some(cfg.task.clone());
         rl.task_seed = cfg.seed;
@@ -340,14 +340,14 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         rl.save_every = 0;
         rl.log_every = 10;
         rl.eval.prompts = 0; // judged below, against the same reference samples as every row
-        crate::rloo::run(&rl, false, device)?;
+        rlhf_methods::rloo::run(&rl, false, device)?;
         let (model, samples) = load_and_sample(&out.join("rloo/model"), cfg.seed + 104)?;
         add("rloo (k=4)", &samples, Some((&model, &sft_model)))?;
     }
 
     if cfg.ppo_steps > 0 {
         step("PPO (the PPO-max preset) on the reward model, from the SFT policy");
-        let mut pc = crate::ppo::PpoConfig::default();
+        let mut pc = rlhf_methods::ppo::PpoConfig::default();
         pc.model = sft_dir.clone();
         pc.task = Some(cfg.task.clone());
         pc.task_seed = cfg.seed;
@@ -361,7 +361,7 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         pc.save_every = 0;
         pc.log_every = 10;
         pc.eval.prompts = 0; // judged below, against the same reference samples as every row
-        crate::ppo::run(&pc, false, device)?;
+        rlhf_methods::ppo::run(&pc, false, device)?;
         let (model, samples) = load_and_sample(&out.join("ppo/model"), cfg.seed + 105)?;
         add("ppo (PPO-max)", &samples, Some((&model, &sft_model)))?;
     }

@@ -1,11 +1,7 @@
-//! Self-rewarding language models (Yuan et al. 2024; spec §5.8): the policy judges its own
-//! candidates with an LLM-as-a-judge prompt (an additive 0-5 rubric ending in "Score: n"), several
-//! sampled judgements are averaged, the best and the worst candidate of each prompt become a DPO
-//! pair (ties dropped), and DPO trains the next iterate with the current one as the reference.
-//!
-//! The loop is [`crate::online_dpo`] with the policy itself as the judge (`labeler = "judge"`, no
-//! `judge.model`); this file holds the judge: its prompt, the score parser, batched judging with
-//! parse accounting, and the evaluation-fine-tuning (EFT) data that teaches a model to judge.
+//! An LLM-as-a-judge labeller (self-rewarding, Yuan et al. 2024; spec §5.8): a judge prompt (an
+//! additive 0-5 rubric ending in "Score: n"), several sampled judgements averaged per candidate,
+//! the score parser with parse accounting, and the evaluation-fine-tuning (EFT) data that teaches a
+//! model to judge. Online DPO and self-rewarding label their pairs with it.
 //!
 //! Parsing is robust but strict about what counts: the last "score" (any case) followed by an
 //! optional `:`/`=`/`-` (or `is`, `of`, `would be`), optional markdown emphasis, and a number in
@@ -30,7 +26,10 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::sample;
-use crate::online_dpo::{LabelerKind, OnlineDpoConfig};
+use crate::fit::{fit, FitPlan};
+use crate::objectives::nll_share;
+use crate::pairs::load_rows;
+use crate::trainer::{OptimConfig, Trainer};
 
 /// The additive 0-5 rubric (our paraphrase of the paper's), for real instruction-following models.
 pub const RUBRIC_TEMPLATE: &str = "Review the user's question and the corresponding response below, \
@@ -415,60 +414,24 @@ pub fn eft_bootstrap(
         }
     }
     std::fs::write(&file, lines).map_err(|e| TrainError::io(&file, e))?;
-    let sft_cfg = crate::sft::SftConfig {
-        model: model.to_path_buf(),
-        train_file: file,
-        output_dir: out.to_path_buf(),
-        epochs: cfg.epochs,
-        batch_size: cfg.batch_size,
-        max_len: 96,
-        save_every: 0,
-        log_every: 10,
-        seed,
-        optim: crate::trainer::OptimConfig {
-            lr: cfg.lr,
-            schedule: rlhf_train::ScheduleKind::Cosine,
-            warmup_ratio: 0.05,
-            min_lr_ratio: 0.1,
-            ..Default::default()
-        },
+    // Supervised fine-tuning on the EFT file (completion-only NLL, token mean over the batch).
+    let optim = OptimConfig {
+        lr: cfg.lr,
+        schedule: rlhf_train::ScheduleKind::Cosine,
+        warmup_ratio: 0.05,
+        min_lr_ratio: 0.1,
         ..Default::default()
     };
-    crate::sft::run(&sft_cfg, false, device)?;
+    let mut lm = lm;
+    let rows = load_rows(&lm, &file, 96, false)?;
+    let mut plan = FitPlan::new("eft", cfg.epochs, cfg.batch_size, seed);
+    plan.grad_accum = optim.grad_accum;
+    let total = plan.total_steps(rows.len());
+    let resolved = serde_json::json!({ "eft": cfg, "model": model, "seed": seed, "optim": optim });
+    let mut trainer = Trainer::start(out, &resolved, &lm, &optim, total, false)?;
+    fit(&mut trainer, &lm, rows.len(), &plan, |lm, batch, part| nll_share(lm, &rows, batch, part, device), |_, _| Ok(()))?;
+    lm.generation.max_new_tokens.get_or_insert(64);
+    trainer.finish(&lm)?;
     Ok(out.join("model"))
 }
 
-/// `rlhf self-reward`: online DPO whose labeller is the policy judging itself, with the paper's
-/// defaults (4 candidates at temperature 0.7, top-p 0.9; 3 judgements averaged; beta 0.1).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SelfRewardConfig(pub OnlineDpoConfig);
-
-impl Default for SelfRewardConfig {
-    fn default() -> Self {
-        let mut c = OnlineDpoConfig {
-            labeler: LabelerKind::Judge,
-            samples_per_prompt: 4,
-            temperature: 0.7,
-            top_p: Some(0.9),
-            rounds: 2,
-            output_dir: PathBuf::from("runs/self-reward"),
-            ..OnlineDpoConfig::default()
-        };
-        c.judge.model = None;
-        SelfRewardConfig(c)
-    }
-}
-
-pub fn run(
-    cfg: &SelfRewardConfig,
-    resume: bool,
-    device: &Device,
-) -> Result<crate::online_dpo::OnlineDpoSummary> {
-    if cfg.0.labeler != LabelerKind::Judge || cfg.0.judge.model.is_some() {
-        return Err(TrainError::invalid(
-            "self-rewarding: the policy judges itself (labeler = \"judge\", no judge.model); use `rlhf online-dpo` for other labellers",
-        ));
-    }
-    crate::online_dpo::run(&cfg.0, resume, device)
-}

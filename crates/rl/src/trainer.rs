@@ -193,12 +193,4 @@ impl Trainer {
     }
 }
 
-/// The data order of an epoch: a permutation that depends only on (seed, epoch), so a resumed run
-/// visits the same examples in the same order.
-pub fn epoch_order(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut rng = StdRng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    order.shuffle(&mut rng);
-    order
-}
+pub use rlhf_train::rng::epoch_order;

@@ -3,7 +3,7 @@
 //! labels and near the noise ceiling on noisy ones, and best-of-16 beats SFT.
 
 use candle_core::Device;
-use rlhf_methods::quickstart::{format_table, run, QuickstartConfig};
+use rlhf_recipes::quickstart::{format_table, run, QuickstartConfig};
 
 #[test]
 fn quickstart_on_sentiment() {

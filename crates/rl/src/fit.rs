@@ -1,0 +1,159 @@
+//! The one in-memory training loop: epochs over a data set in a seeded order, batches split into
+//! micro-batches whose gradients are summed (gradient accumulation), one clipped AdamW step per
+//! batch on the scheduled learning rate, metrics, periodic evaluation and checkpoints, and resume
+//! from the step a checkpoint was taken at.
+//!
+//! A method supplies only its loss: `loss_of(lm, batch, micro)` gets the indices of the whole batch
+//! and of one micro-batch and returns the micro-batch's loss **already weighted by its share of the
+//! batch** (so the parts add up to the batch's loss) and metrics weighted the same way (they are
+//! summed over the parts). SFT, the reward model, DPO, KTO, online DPO's rounds and the judge's
+//! EFT bootstrap all train through here.
+
+use candle_core::Tensor;
+use rlhf_train::{Result, TrainError};
+
+use crate::policy::TrainableLm;
+use rlhf_train::rng::epoch_order;
+use crate::trainer::Trainer;
+
+/// How a data set is walked: epochs, batch size, the shuffling seed, and when to log, evaluate and
+/// checkpoint (every so many optimiser steps; 0 turns evaluation / checkpoints off).
+#[derive(Debug, Clone)]
+pub struct FitPlan {
+    /// Shown on the progress bar and in error messages.
+    pub label: String,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub log_every: u64,
+    pub eval_every: u64,
+    pub save_every: u64,
+    /// Micro-batches per optimiser step (`optim.grad_accum`).
+    pub grad_accum: usize,
+    /// The smallest micro-batch a loss accepts (KTO's batch KL needs 2).
+    pub min_micro: usize,
+}
+
+impl FitPlan {
+    pub fn new(label: &str, epochs: usize, batch_size: usize, seed: u64) -> Self {
+        FitPlan {
+            label: label.to_string(),
+            epochs,
+            batch_size: batch_size.max(1),
+            seed,
+            log_every: 10,
+            eval_every: 0,
+            save_every: 0,
+            grad_accum: 1,
+            min_micro: 1,
+        }
+    }
+
+    pub fn steps_per_epoch(&self, examples: usize) -> u64 {
+        examples.div_ceil(self.batch_size) as u64
+    }
+
+    /// Optimiser steps of the whole run (what the learning-rate schedule spans).
+    pub fn total_steps(&self, examples: usize) -> u64 {
+        self.steps_per_epoch(examples) * self.epochs as u64
+    }
+}
+
+/// The metrics of each optimiser step this process ran (a resumed run: since the resume), in order.
+pub type History = Vec<Vec<(&'static str, f64)>>;
+
+/// Train `lm` on `examples` items (indices into the caller's data) until the run's last step.
+/// `on_eval` runs every `plan.eval_every` steps (after the step's checkpoint decision is made, before
+/// it is written), e.g. to log held-out metrics.
+pub fn fit(
+    trainer: &mut Trainer,
+    lm: &TrainableLm,
+    examples: usize,
+    plan: &FitPlan,
+    mut loss_of: impl FnMut(&TrainableLm, &[usize], &[usize]) -> Result<(Tensor, Vec<(&'static str, f64)>)>,
+    mut on_eval: impl FnMut(&mut Trainer, &TrainableLm) -> Result<()>,
+) -> Result<History> {
+    if examples == 0 {
+        return Err(TrainError::invalid(format!("{}: no training examples", plan.label)));
+    }
+    let per_epoch = plan.steps_per_epoch(examples);
+    let total = plan.total_steps(examples);
+    let progress = rlhf_train::progress(total, &plan.label);
+    progress.set_position(trainer.step);
+    let mut history = History::new();
+    while trainer.step < total {
+        let epoch = trainer.step / per_epoch;
+        let order = epoch_order(examples, plan.seed, epoch);
+        let first = (trainer.step % per_epoch) as usize * plan.batch_size;
+        for batch in order[first..].chunks(plan.batch_size) {
+            let started = std::time::Instant::now();
+            let micro = batch
+                .len()
+                .div_ceil(plan.grad_accum.max(1))
+                .max(plan.min_micro)
+                .max(1);
+            let mut acc = trainer.accumulator();
+            let mut loss_sum = 0.0;
+            let mut sums: Vec<(&'static str, f64)> = Vec::new();
+            for part in batch.chunks(micro) {
+                let (loss, metrics) = loss_of(lm, batch, part)?;
+                let v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                if !v.is_finite() {
+                    return Err(TrainError::invalid(format!(
+                        "{}: the loss is {v} at optimiser step {}",
+                        plan.label,
+                        trainer.step + 1
+                    )));
+                }
+                loss_sum += v;
+                acc.add(loss.backward()?)?;
+                for (k, x) in metrics {
+                    match sums.iter_mut().find(|(n, _)| *n == k) {
+                        Some((_, s)) => *s += x,
+                        None => sums.push((k, x)),
+                    }
+                }
+            }
+            let stats = trainer.apply(acc.finish())?;
+            let mut m = vec![("loss", loss_sum)];
+            m.extend(sums);
+            history.push(m.clone());
+            let step = trainer.step;
+            if step % plan.log_every.max(1) == 0 || step == total {
+                m.push(("lr", stats.lr));
+                m.push(("grad_norm", stats.grad_norm));
+                m.push(("epoch", step as f64 / per_epoch as f64));
+                m.push(("time/step_s", started.elapsed().as_secs_f64()));
+                trainer.log(&m)?;
+            }
+            if plan.eval_every > 0 && step % plan.eval_every == 0 {
+                on_eval(trainer, lm)?;
+            }
+            if plan.save_every > 0 && step % plan.save_every == 0 && step < total {
+                trainer.checkpoint(lm, serde_json::json!({}))?;
+            }
+            progress.set_position(step);
+            progress.set_message(format!("loss {loss_sum:.4}"));
+            if trainer.step >= total {
+                break;
+            }
+        }
+    }
+    progress.finish_and_clear();
+    Ok(history)
+}
+
+/// Per-metric means over the last `n` steps of a history (what a run reports as its final
+/// training numbers).
+pub fn tail_mean(history: &History, n: usize) -> std::collections::BTreeMap<String, f64> {
+    let tail = &history[history.len().saturating_sub(n)..];
+    let mut sums: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    for step in tail {
+        for (k, v) in step {
+            let e = sums.entry(k.to_string()).or_insert((0.0, 0));
+            e.0 += v;
+            e.1 += 1;
+        }
+    }
+    sums.into_iter().map(|(k, (s, c))| (k, s / c as f64)).collect()
+}

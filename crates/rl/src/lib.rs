@@ -1,0 +1,36 @@
+//! The shared pieces every method stands on, written once, in the order data flows through them:
+//!
+//! - [`policy`]: the model being trained, its tokenizer and TRL-style encoding;
+//!   [`pairs`]: training rows and preference pairs as token ids;
+//! - [`rollout`]: the rollout engine (k samples per prompt, scored, reference log-probs);
+//!   [`reward`], [`reward_source`]: reward models and where scores come from (reward model, task
+//!   gold on explicit request, a command, an HTTP endpoint); [`judge`], [`preferences`]: labellers
+//!   (an LLM judge, simulated annotators);
+//! - [`kl`]: KL estimators, KL-shaped rewards and the KL controller;
+//! - [`objectives`], [`losses`], [`pref_losses`]: NLL, policy-gradient, pair and KTO losses;
+//!   [`value`]: the learned value model;
+//! - [`trainer`]: optimiser + schedule + clipping + run directory + checkpoints for any parameter
+//!   set; [`fit`]: the one in-memory epoch loop; [`online`]: the session every online method runs in;
+//!   [`pref`]: training on preference pairs with a pair loss;
+//! - [`eval`], [`best_of_n`]: win-rates against a reference policy.
+//!
+//! Nothing here imports a method (`rlhf-methods`), and methods import only from here.
+
+pub mod best_of_n;
+pub mod eval;
+pub mod fit;
+pub mod judge;
+pub mod kl;
+pub mod losses;
+pub mod objectives;
+pub mod online;
+pub mod pairs;
+pub mod policy;
+pub mod pref;
+pub mod pref_losses;
+pub mod preferences;
+pub mod reward;
+pub mod reward_source;
+pub mod rollout;
+pub mod trainer;
+pub mod value;

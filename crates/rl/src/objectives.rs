@@ -1,0 +1,75 @@
+//! Losses shared by several methods: completion NLL (SFT, RAFT, PPO's pre-training mix),
+//! the sequence-level policy-gradient loss (REINFORCE, RLOO), and per-token KL-shaped rewards.
+
+use candle_core::{Device, Tensor};
+use rlhf_lm::score::{completion_logprobs, CompletionBatch};
+use rlhf_train::Result;
+
+use crate::policy::TrainableLm;
+
+/// Summed NLL of the completion tokens of `rows` (differentiable).
+pub fn nll_sum(
+    lm: &TrainableLm,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    device: &Device,
+) -> Result<candle_core::Tensor> {
+    let model = lm.model(device)?;
+    let batch = CompletionBatch::new(rows, lm.pad_id, device)?;
+    Ok(completion_logprobs(&model, &batch, 1.0)?.sum_all()?.neg()?)
+}
+
+/// The NLL of the micro-batch `part` of `batch` (indices into `rows`) as its share of the batch's
+/// token-mean NLL: the parts of a batch add up to the whole batch's mean, so the update does not
+/// depend on how the batch is split (gradient accumulation).
+pub fn nll_share(
+    lm: &TrainableLm,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    batch: &[usize],
+    part: &[usize],
+    device: &Device,
+) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
+    let n_tokens: usize = batch.iter().map(|&i| rows[i].1.len()).sum();
+    let part_rows: Vec<_> = part.iter().map(|&i| rows[i].clone()).collect();
+    Ok(((nll_sum(lm, &part_rows, device)? / n_tokens.max(1) as f64)?, Vec::new()))
+}
+
+/// Evaluation loss (mean NLL per completion token) without gradients.
+pub fn eval_loss(
+    lm: &TrainableLm,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+    device: &Device,
+) -> Result<f64> {
+    let frozen = rlhf_lm::llama::Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
+    let (mut total, mut count) = (0f64, 0usize);
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let batch = CompletionBatch::new(chunk, lm.pad_id, device)?;
+        let lp = completion_logprobs(&frozen, &batch, 1.0)?;
+        total -= lp.sum_all()?.to_scalar::<f32>()? as f64;
+        count += chunk.iter().map(|(_, c)| c.len()).sum::<usize>();
+    }
+    Ok(total / count.max(1) as f64)
+}
+
+/// The sequence-level policy-gradient loss -mean_i(A_i * sum_t logp_i,t), from per-token
+/// log-probs `(b, t)` that are zero outside each row's completion. Also RLOO's loss.
+pub fn sequence_loss(logprobs: &Tensor, advantages: &[f64]) -> Result<Tensor> {
+    let seq = logprobs.sum(1)?; // (b,)
+    let adv = Tensor::from_vec(
+        advantages.iter().map(|&a| a as f32).collect::<Vec<_>>(),
+        advantages.len(),
+        logprobs.device(),
+    )?
+    .to_dtype(seq.dtype())?;
+    Ok((seq * adv)?.mean_all()?.neg()?)
+}
+
+/// Per-token rewards: -beta * (logp_t - ref_t) at every token, plus `score` at the last.
+pub fn token_rewards(score: f64, logp: &[f32], ref_logp: &[f32], beta: f64) -> Vec<f64> {
+    let n = logp.len();
+    logp.iter()
+        .zip(ref_logp)
+        .enumerate()
+        .map(|(t, (&a, &b))| -beta * (a as f64 - b as f64) + if t + 1 == n { score } else { 0.0 })
+        .collect()
+}

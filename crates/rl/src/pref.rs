@@ -1,0 +1,573 @@
+//! Training a policy on preference pairs with a pair loss (DPO, IPO, cDPO, SimPO, ORPO): shared by
+//! `rlhf dpo` and online DPO's rounds.
+//!
+//! Each step scores the chosen and the rejected completions of a batch in one forward pass (the
+//! rows `[chosen...; rejected...]`, as TRL's concatenated forward), sums their token log-probs and
+//! hands them to the loss in [`crate::pref_losses`]. The reference policy's log-probs (DPO, IPO,
+//! cDPO) are computed once, before the first step, with the frozen reference (`ref_model`, default
+//! the initial `model`), kept in memory and cached in the run directory (`ref_logps.json`), so a
+//! resumed run reuses them and no reference model is held during training. SimPO and ORPO are
+//! reference-free and never load or score one.
+//!
+//! Metrics (TRL's names): `loss`, `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`,
+//! `rewards/margins`, `logps/chosen`, `logps/rejected` (+ ORPO's `nll_loss`, `log_odds_ratio`,
+//! `log_odds_chosen`), `lr`, `grad_norm`, `epoch`; with an `eval_file` the same with `eval_`.
+//! With `[eval]` set (a testbed task or prompts), the final policy is evaluated against the
+//! reference policy and `eval.json` is written in the run directory.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rlhf_lm::llama::Llama;
+use rlhf_lm::score::{completion_logprobs, score_pairs, CompletionBatch};
+use rlhf_train::{Result, TrainError};
+use serde::{Deserialize, Serialize};
+
+use crate::eval::{run_eval, EvalConfig, EvalReport};
+use crate::policy::TrainableLm;
+use crate::pref_losses::{self as pl, PairLossKind, PrefLoss};
+use crate::pairs::PairIds;
+use crate::fit::{fit, tail_mean, FitPlan};
+use crate::trainer::{OptimConfig, Trainer};
+
+/// File in the run directory holding the cached reference log-probs.
+pub const REF_CACHE: &str = "ref_logps.json";
+
+/// The evaluation a training run ends with (`eval.json`): the final policy against the reference
+/// policy, judged by a testbed task's gold reward and/or a reward model (see `rlhf eval`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyEval {
+    /// A testbed task: its eval prompts and gold judge.
+    pub task: Option<String>,
+    pub task_seed: u64,
+    /// Prompts (`prompt` or `messages`) instead of the task's.
+    pub prompts_file: Option<PathBuf>,
+    /// A reward model to judge with (or to report the proxy reward with, when there is a task).
+    pub reward_model: Option<PathBuf>,
+    pub max_prompts: usize,
+    /// Default: the task's longest sensible response + 2 (testbed), else 64.
+    pub max_new_tokens: Option<usize>,
+    pub seed: u64,
+    pub batch_size: usize,
+}
+
+impl Default for PolicyEval {
+    fn default() -> Self {
+        PolicyEval {
+            task: None,
+            task_seed: 0,
+            prompts_file: None,
+            reward_model: None,
+            max_prompts: 200,
+            max_new_tokens: None,
+            // The online methods' evaluation seed and batch size: the same SFT reference samples.
+            seed: 12_345,
+            batch_size: 64,
+        }
+    }
+}
+
+impl PolicyEval {
+    pub fn enabled(&self) -> bool {
+        self.task.is_some() || self.prompts_file.is_some()
+    }
+
+    /// Evaluate `policy` against `reference`; writes `output` (eval.json).
+    pub fn run(
+        &self,
+        policy: &Path,
+        reference: &Path,
+        output: &Path,
+        device: &Device,
+    ) -> Result<EvalReport> {
+        let max_new_tokens = match (self.max_new_tokens, &self.task) {
+            (Some(n), _) => n,
+            (None, Some(name)) => {
+                rlhf_data::testbed::task_by_name(name, self.task_seed)
+                    .map_err(TrainError::Invalid)?
+                    .max_response_words()
+                    + 2
+            }
+            (None, None) => 64,
+        };
+        let cfg = EvalConfig {
+            policy: policy.to_path_buf(),
+            reference: Some(reference.to_path_buf()),
+            prompts_file: self.prompts_file.clone(),
+            task: self.task.clone(),
+            task_seed: self.task_seed,
+            reward_model: self.reward_model.clone(),
+            max_prompts: self.max_prompts,
+            max_new_tokens,
+            seed: self.seed,
+            batch_size: self.batch_size,
+            output: output.to_path_buf(),
+            ..EvalConfig::default()
+        };
+        Ok(run_eval(&cfg, device)?)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoConfig {
+    /// Policy to train (usually the SFT model): an HF directory or a .gguf file.
+    pub model: PathBuf,
+    /// Frozen reference policy (DPO/IPO/cDPO); default: `model` itself.
+    pub ref_model: Option<PathBuf>,
+    /// Pairs: `prompt` / `chosen` / `rejected` (text or messages), or implicit-prompt `chosen` /
+    /// `rejected` conversations.
+    pub train_file: PathBuf,
+    pub eval_file: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    pub loss: PairLossKind,
+    /// DPO/cDPO: beta; IPO: tau; SimPO: beta; ORPO: lambda. Default: 0.1 (SimPO 2.0).
+    pub beta: Option<f64>,
+    /// cDPO's label-flip probability eps.
+    pub label_smoothing: f64,
+    /// IPO on per-token average log-ratios (TRL's IPO, as the IPO authors confirmed) instead of
+    /// the paper's summed ones.
+    pub ipo_length_normalize: bool,
+    /// SimPO's target margin gamma.
+    pub simpo_gamma: f64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Longest row (prompt + completion) in tokens; longer completions are cut.
+    pub max_len: usize,
+    /// Rows per forward pass when precomputing reference log-probs.
+    pub ref_batch_size: usize,
+    pub eval_every: u64,
+    pub save_every: u64,
+    pub log_every: u64,
+    pub seed: u64,
+    pub skip_bad_lines: bool,
+    pub optim: OptimConfig,
+    pub eval: PolicyEval,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        DpoConfig {
+            model: PathBuf::new(),
+            ref_model: None,
+            train_file: PathBuf::new(),
+            eval_file: None,
+            output_dir: PathBuf::from("runs/dpo"),
+            loss: PairLossKind::Dpo,
+            beta: None,
+            label_smoothing: 0.1,
+            ipo_length_normalize: true,
+            simpo_gamma: 0.5,
+            epochs: 1,
+            batch_size: 8,
+            max_len: 512,
+            ref_batch_size: 32,
+            eval_every: 0,
+            save_every: 200,
+            log_every: 10,
+            seed: 0,
+            skip_bad_lines: false,
+            optim: OptimConfig {
+                lr: 1e-6,
+                ..OptimConfig::default()
+            },
+            eval: PolicyEval::default(),
+        }
+    }
+}
+
+impl DpoConfig {
+    pub fn beta(&self) -> f64 {
+        self.beta.unwrap_or(self.loss.default_beta())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.model.as_os_str().is_empty() {
+            return Err(TrainError::invalid(
+                "`model` (the policy to train) is required",
+            ));
+        }
+        let beta = self.beta();
+        if !(beta > 0.0 && beta.is_finite()) {
+            return Err(TrainError::invalid(format!("beta must be > 0, got {beta}")));
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(TrainError::invalid(format!(
+                "label_smoothing must be in [0, 0.5), got {}",
+                self.label_smoothing
+            )));
+        }
+        if self.epochs == 0 || self.batch_size == 0 {
+            return Err(TrainError::invalid("epochs and batch_size must be >= 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Everything a pair loss needs besides the policy: its kind and hyper-parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct PairLossParams {
+    pub kind: PairLossKind,
+    pub beta: f64,
+    pub label_smoothing: f64,
+    pub ipo_length_normalize: bool,
+    pub simpo_gamma: f64,
+}
+
+impl PairLossParams {
+    pub fn from_config(cfg: &DpoConfig) -> Self {
+        PairLossParams {
+            kind: cfg.loss,
+            beta: cfg.beta(),
+            label_smoothing: cfg.label_smoothing,
+            ipo_length_normalize: cfg.ipo_length_normalize,
+            simpo_gamma: cfg.simpo_gamma,
+        }
+    }
+}
+
+/// Reference log-prob sums, `[chosen, rejected]` per pair, cached in the run directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefCache {
+    pub reference: String,
+    pub train: Vec<[f64; 2]>,
+    pub eval: Vec<[f64; 2]>,
+}
+
+impl RefCache {
+    pub fn load(path: &Path) -> Option<RefCache> {
+        let text = std::fs::read_to_string(path).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string(self).expect("serialisable");
+        rlhf_train::run::write_atomic(path, text.as_bytes())
+    }
+}
+
+/// The frozen reference model: `path`, or the current weights of `lm` (call before training).
+pub fn reference_model(lm: &TrainableLm, path: Option<&Path>, device: &Device) -> Result<Llama> {
+    match path {
+        Some(p) => {
+            let r = rlhf_lm::Pretrained::load(p, device)?;
+            if r.tokenizer.inner().get_vocab(true) != lm.tokenizer.inner().get_vocab(true) {
+                return Err(TrainError::invalid(format!(
+                    "{}: the reference model's tokenizer differs from the policy's",
+                    p.display()
+                )));
+            }
+            Ok(r.model(device)?)
+        }
+        None => Ok(Llama::from_weights(&lm.config, &lm.snapshot()?, device)?),
+    }
+}
+
+/// Summed completion log-probs of `rows` under a frozen model.
+pub fn sequence_logps(
+    model: &Llama,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    pad: u32,
+    batch_size: usize,
+) -> Result<Vec<f64>> {
+    Ok(score_pairs(model, rows, pad, batch_size, 1.0)?
+        .iter()
+        .map(|r| r.iter().map(|&x| x as f64).sum())
+        .collect())
+}
+
+/// Reference `[chosen, rejected]` sums for each pair.
+pub fn pair_reference_logps(
+    reference: &Llama,
+    pairs: &[PairIds],
+    pad: u32,
+    batch_size: usize,
+) -> Result<Vec<[f64; 2]>> {
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = pairs
+        .iter()
+        .flat_map(|p| {
+            [
+                (p.prompt.clone(), p.chosen.clone()),
+                (p.prompt.clone(), p.rejected.clone()),
+            ]
+        })
+        .collect();
+    let s = sequence_logps(reference, &rows, pad, batch_size)?;
+    Ok(s.chunks(2).map(|c| [c[0], c[1]]).collect())
+}
+
+/// One batch of pairs through `model` (trainable for a training step, detached for evaluation):
+/// the loss and TRL's metrics. `refs`: the reference `[chosen, rejected]` sums (ignored by the
+/// reference-free losses).
+pub fn pair_batch_loss(
+    model: &Llama,
+    pad: u32,
+    pairs: &[PairIds],
+    refs: Option<&[[f64; 2]]>,
+    p: &PairLossParams,
+    device: &Device,
+) -> Result<(PrefLoss, Vec<(&'static str, f64)>)> {
+    let b = pairs.len();
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = pairs
+        .iter()
+        .map(|x| (x.prompt.clone(), x.chosen.clone()))
+        .chain(pairs.iter().map(|x| (x.prompt.clone(), x.rejected.clone())))
+        .collect();
+    let batch = CompletionBatch::new(&rows, pad, device)?;
+    let lp = completion_logprobs(model, &batch, 1.0)?;
+    let sums = lp.sum(1)?;
+    let (pc, pr) = (sums.narrow(0, 0, b)?, sums.narrow(0, b, b)?);
+    let lens: Vec<f32> = batch.spans.iter().map(|s| s.len() as f32).collect();
+    let dtype = sums.dtype();
+    let lens = Tensor::from_vec(lens, 2 * b, device)?.to_dtype(dtype)?;
+    let (len_c, len_r) = (lens.narrow(0, 0, b)?, lens.narrow(0, b, b)?);
+    let refs_t = || -> Result<(Tensor, Tensor)> {
+        let r = refs.ok_or_else(|| {
+            TrainError::invalid(format!("{} needs reference log-probs", p.kind.name()))
+        })?;
+        let c: Vec<f32> = r.iter().map(|x| x[0] as f32).collect();
+        let j: Vec<f32> = r.iter().map(|x| x[1] as f32).collect();
+        Ok((
+            Tensor::from_vec(c, b, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(j, b, device)?.to_dtype(dtype)?,
+        ))
+    };
+    let out = match p.kind {
+        PairLossKind::Dpo => {
+            let (rc, rr) = refs_t()?;
+            pl::dpo(&pc, &pr, &rc, &rr, p.beta)?
+        }
+        PairLossKind::Cdpo => {
+            let (rc, rr) = refs_t()?;
+            pl::cdpo(&pc, &pr, &rc, &rr, p.beta, p.label_smoothing)?
+        }
+        PairLossKind::Ipo => {
+            let (rc, rr) = refs_t()?;
+            pl::ipo(
+                &pc,
+                &pr,
+                &rc,
+                &rr,
+                &len_c,
+                &len_r,
+                p.beta,
+                p.ipo_length_normalize,
+            )?
+        }
+        PairLossKind::Simpo => pl::simpo(&pc, &pr, &len_c, &len_r, p.beta, p.simpo_gamma)?,
+        PairLossKind::Orpo => {
+            // NLL of the chosen completions, averaged over their tokens.
+            let n_tokens: usize = batch.spans[..b].iter().map(|s| s.len()).sum();
+            let nll = (pc.sum_all()?.neg()? / n_tokens.max(1) as f64)?;
+            pl::orpo(&pc, &pr, &len_c, &len_r, &nll, p.beta)?
+        }
+    };
+    let (logged_c, logged_r) = match p.kind {
+        PairLossKind::Simpo | PairLossKind::Orpo => ((&pc / &len_c)?, (&pr / &len_r)?),
+        _ => (pc.clone(), pr.clone()),
+    };
+    let metrics = pl::pair_metrics(&out, &logged_c.detach(), &logged_r.detach())?;
+    Ok((out, metrics))
+}
+
+/// Held-out loss and metrics (no gradients), averaged over chunks by size.
+pub fn evaluate_pairs(
+    lm: &TrainableLm,
+    pairs: &[PairIds],
+    refs: Option<&[[f64; 2]]>,
+    p: &PairLossParams,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<(&'static str, f64)>> {
+    let frozen = Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
+    let mut parts = Vec::new();
+    for (i, chunk) in pairs.chunks(batch_size.max(1)).enumerate() {
+        let start = i * batch_size.max(1);
+        let r = refs.map(|r| &r[start..start + chunk.len()]);
+        let (out, mut m) = pair_batch_loss(&frozen, lm.pad_id, chunk, r, p, device)?;
+        m.insert(0, ("loss", scalar(&out.loss)?));
+        parts.push((chunk.len() as f64 / pairs.len() as f64, m));
+    }
+    Ok(pl::weighted_metrics(&parts))
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Named metrics, for summaries.
+pub type Metrics = std::collections::BTreeMap<String, f64>;
+
+/// Prefix every metric name with `eval_`.
+pub fn eval_names(m: &[(&'static str, f64)]) -> Metrics {
+    m.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DpoSummary {
+    pub loss: String,
+    pub beta: f64,
+    pub steps: u64,
+    pub pairs: usize,
+    /// Means over the last (up to) 20 steps.
+    pub final_train: Metrics,
+    pub eval_pairs: Option<Metrics>,
+    pub model: PathBuf,
+    pub eval: Option<EvalReport>,
+}
+
+/// Train on tokenised pairs (online DPO passes its sampled ids here directly). `lm` must hold the
+/// initial weights (a resumed run loads its checkpoint after the reference log-probs are taken).
+pub fn train_on_pairs(
+    cfg: &DpoConfig,
+    mut lm: TrainableLm,
+    train: Vec<PairIds>,
+    eval: Option<Vec<PairIds>>,
+    resume: bool,
+    device: &Device,
+) -> Result<DpoSummary> {
+    cfg.validate()?;
+    if train.is_empty() {
+        return Err(TrainError::invalid("no preference pairs to train on"));
+    }
+    let params = PairLossParams::from_config(cfg);
+    let reference_name = cfg
+        .ref_model
+        .as_ref()
+        .unwrap_or(&cfg.model)
+        .display()
+        .to_string();
+    // Reference log-probs: from the cache of a resumed run, else computed now, once.
+    let cache_path = cfg.output_dir.join(REF_CACHE);
+    let n_eval = eval.as_ref().map_or(0, |e| e.len());
+    let refs: Option<RefCache> = if params.kind.needs_reference() {
+        let cached = RefCache::load(&cache_path).filter(|c| {
+            resume
+                && c.reference == reference_name
+                && c.train.len() == train.len()
+                && c.eval.len() == n_eval
+        });
+        Some(match cached {
+            Some(c) => c,
+            None => {
+                let started = std::time::Instant::now();
+                let reference = reference_model(&lm, cfg.ref_model.as_deref(), device)?;
+                let t = pair_reference_logps(&reference, &train, lm.pad_id, cfg.ref_batch_size)?;
+                let e = match &eval {
+                    Some(e) => pair_reference_logps(&reference, e, lm.pad_id, cfg.ref_batch_size)?,
+                    None => Vec::new(),
+                };
+                eprintln!(
+                    "reference log-probs of {} pairs in {:.1} s",
+                    train.len() + n_eval,
+                    started.elapsed().as_secs_f64()
+                );
+                RefCache {
+                    reference: reference_name,
+                    train: t,
+                    eval: e,
+                }
+            }
+        })
+    } else {
+        None
+    };
+    let plan = FitPlan {
+        log_every: cfg.log_every,
+        eval_every: if eval.is_some() { cfg.eval_every } else { 0 },
+        save_every: cfg.save_every,
+        grad_accum: cfg.optim.grad_accum,
+        ..FitPlan::new(params.kind.name(), cfg.epochs, cfg.batch_size, cfg.seed)
+    };
+    let total = plan.total_steps(train.len());
+    let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
+    if let Some(r) = &refs {
+        r.save(&trainer.run.path().join(REF_CACHE))?;
+    }
+    let history = fit(
+        &mut trainer,
+        &lm,
+        train.len(),
+        &plan,
+        |lm, batch, part| {
+            let pairs: Vec<PairIds> = part.iter().map(|&i| train[i].clone()).collect();
+            let r: Option<Vec<[f64; 2]>> = refs
+                .as_ref()
+                .map(|c| part.iter().map(|&i| c.train[i]).collect());
+            let model = lm.model(device)?;
+            let (out, m) =
+                pair_batch_loss(&model, lm.pad_id, &pairs, r.as_deref(), &params, device)?;
+            let w = part.len() as f64 / batch.len() as f64;
+            Ok(((out.loss * w)?, m.into_iter().map(|(k, v)| (k, w * v)).collect()))
+        },
+        |trainer, lm| {
+            let e = eval.as_ref().expect("eval_every is 0 without eval");
+            let r = refs.as_ref().map(|c| c.eval.as_slice());
+            let em = evaluate_pairs(lm, e, r, &params, cfg.ref_batch_size, device)?;
+            log_named(trainer, &eval_names(&em))
+        },
+    )?;
+    let eval_pairs = match &eval {
+        Some(e) => {
+            let r = refs.as_ref().map(|c| c.eval.as_slice());
+            let em = eval_names(&evaluate_pairs(
+                &lm,
+                e,
+                r,
+                &params,
+                cfg.ref_batch_size,
+                device,
+            )?);
+            log_named(&mut trainer, &em)?;
+            Some(em)
+        }
+        None => None,
+    };
+    lm.generation.max_new_tokens.get_or_insert(64);
+    let model = trainer.finish(&lm)?;
+    let report = if cfg.eval.enabled() {
+        let reference = cfg.ref_model.as_ref().unwrap_or(&cfg.model);
+        let r = cfg.eval.run(
+            &model,
+            reference,
+            &trainer.run.path().join("eval.json"),
+            device,
+        )?;
+        log_report(&mut trainer, &r)?;
+        Some(r)
+    } else {
+        None
+    };
+    Ok(DpoSummary {
+        loss: params.kind.name().into(),
+        beta: params.beta,
+        steps: trainer.step,
+        pairs: train.len(),
+        final_train: tail_mean(&history, 20),
+        eval_pairs,
+        model,
+        eval: report,
+    })
+}
+
+/// Log metrics whose names are owned strings.
+pub fn log_named(trainer: &mut Trainer, m: &Metrics) -> Result<()> {
+    let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    trainer.log(&refs)
+}
+
+/// The final evaluation's numbers as metrics (`eval/winrate`, ...).
+pub fn log_report(trainer: &mut Trainer, r: &EvalReport) -> Result<()> {
+    let mut m = vec![("eval/winrate", r.winrate), ("eval/mean_len", r.mean_len)];
+    if let Some(g) = r.gold_mean {
+        m.push(("eval/gold_mean", g));
+    }
+    if let Some(k) = r.kl_to_ref {
+        m.push(("eval/kl_to_ref", k));
+    }
+    if let Some(p) = r.proxy_mean {
+        m.push(("eval/proxy_mean", p));
+    }
+    trainer.log(&m)
+}
+
