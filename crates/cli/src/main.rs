@@ -1,10 +1,13 @@
-//! The `rlhf` command.
+//! The `rlhf` command. Model commands and pipelines are declared here; every training method's
+//! command (name, help line, flags, `--print-config`) is generated from `rlhf_methods::registry`.
 
-mod config;
 mod model_cmds;
 mod train_cmds;
 
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::{Arg, ArgAction, ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use rlhf_rl::registry::Registered;
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +19,9 @@ struct Cli {
     /// CPU threads (default: all cores; `generate` with small batches defaults to 1 on <= 2 cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where tensors live: `cpu` (the default) or `cuda:N` (builds with the `cuda` feature).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,76 +34,138 @@ enum Command {
     Score(model_cmds::ScoreArgs),
     /// Architecture, size, tokenizer and chat template of a model.
     Info(model_cmds::InfoArgs),
-    /// Supervised fine-tuning on prompt/completion or chat data.
-    Sft(train_cmds::RunArgs),
-    /// Train a reward model on preference pairs (Bradley-Terry; optional LM regulariser).
-    Rm(train_cmds::RunArgs),
     /// Win-rate of a policy against a reference (gold and/or reward-model judge); writes eval.json.
     Eval(train_cmds::RunArgs),
     /// Write a built-in testbed task's data files and tokenizer.
     Testbed(train_cmds::TestbedArgs),
     /// The main job on the built-in testbed: task -> SFT -> reward model -> RLOO -> evaluation.
     Quickstart(train_cmds::RunArgs),
-    /// Online RL: REINFORCE with a moving-average baseline (sequence-level, KL-shaped reward).
-    Reinforce(train_cmds::RunArgs),
-    /// Online RL: RLOO_k (k samples per prompt, leave-one-out baseline, no ratio or clip).
-    Rloo(train_cmds::RunArgs),
-    /// Online RL: token-level policy gradient with a learned value baseline (lambda = 1, no clip).
-    VanillaPg(train_cmds::RunArgs),
-    /// Online RL: RAFT_k (keep the best of k samples by reward, NLL step on it).
-    Raft(train_cmds::RunArgs),
-    /// Online RL: GRPO (group-normalised advantages, k3 KL in the loss, clipped ratio).
-    Grpo(train_cmds::RunArgs),
     /// Run every online method on a testbed task with the same sample budget over seeds; writes a
     /// Table-1-style markdown table.
     CompareOnline(train_cmds::RunArgs),
-    /// Offline preference optimisation on pairs: DPO, IPO, cDPO, SimPO, ORPO (`--loss`).
-    Dpo(train_cmds::DpoArgs),
-    /// KTO on unpaired data (prompt / completion / label), or on pairs split in two.
-    Kto(train_cmds::RunArgs),
-    /// Online / iterative DPO: sample pairs from the current policy, label them (reward model,
-    /// simulated annotators or a judge), DPO against the previous iterate; repeat.
-    OnlineDpo(train_cmds::RunArgs),
-    /// Self-rewarding: the policy judges its own candidates (0-5 rubric), best vs worst -> DPO.
-    SelfReward(train_cmds::RunArgs),
-    /// Online RL: token-level PPO with a critic and GAE; the PPO-max recipe by default, every
-    /// component a switch, collapse monitors and a trip-wire (docs/ppo.md).
-    Ppo(train_cmds::RunArgs),
+}
+
+/// `cpu` or `cuda:N`.
+fn parse_device(spec: &str) -> Result<Device> {
+    match spec.trim() {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ordinal: usize = match s.strip_prefix("cuda").unwrap_or("") {
+                "" => 0,
+                rest => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("--device {s}: expected cuda or cuda:N"))?,
+            };
+            if !cfg!(feature = "cuda") {
+                bail!("--device {s}: this build has no CUDA support (build with `--features cuda`)");
+            }
+            Device::new_cuda(ordinal).with_context(|| format!("--device {s}"))
+        }
+        s => bail!("--device {s}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+/// A registered method's subcommand: `--config`, `--set`, `--resume`, `--print-config` and its
+/// shorthand flags.
+fn method_command(m: &'static dyn Registered) -> clap::Command {
+    let mut c = clap::Command::new(m.name())
+        .about(m.about())
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(std::path::PathBuf))
+                .help("TOML configuration file (see --print-config for every key)"),
+        )
+        .arg(
+            Arg::new("set")
+                .long("set")
+                .value_name("KEY=VALUE")
+                .action(ArgAction::Append)
+                .help("Override a configuration key: --set optim.lr=1e-4 (repeatable)"),
+        )
+        .arg(
+            Arg::new("resume")
+                .long("resume")
+                .action(ArgAction::SetTrue)
+                .help("Continue the run in output_dir from its latest checkpoint"),
+        )
+        .arg(
+            Arg::new("print-config")
+                .long("print-config")
+                .action(ArgAction::SetTrue)
+                .help("Print the fully defaulted configuration as TOML, a comment per key, and exit"),
+        );
+    for (flag, key, help) in m.shorthands() {
+        c = c.arg(
+            Arg::new(*flag)
+                .long(*flag)
+                .value_name("VALUE")
+                .help(format!("{help} (the same as --set {key}=VALUE)")),
+        );
+    }
+    c
+}
+
+fn run_method(m: &'static dyn Registered, a: &ArgMatches, device: &Device) -> Result<()> {
+    if a.get_flag("print-config") {
+        print!("{}", m.print_config()?);
+        return Ok(());
+    }
+    let file = a.get_one::<std::path::PathBuf>("config");
+    let mut sets: Vec<String> = a
+        .get_many::<String>("set")
+        .map(|v| v.cloned().collect())
+        .unwrap_or_default();
+    for (flag, key, _) in m.shorthands() {
+        if let Some(v) = a.get_one::<String>(flag) {
+            sets.push(format!("{key}={v}"));
+        }
+    }
+    let summary = m
+        .run(file.map(|p| p.as_path()), &sets, a.get_flag("resume"), device)
+        .context(m.name())?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
 }
 
 fn main() {
-    let cli = Cli::parse();
+    if let Err(e) = real_main() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let mut cmd = Cli::command();
+    for m in rlhf_methods::registry() {
+        cmd = cmd.subcommand(method_command(m));
+    }
+    let matches = cmd.get_matches();
+    let device = parse_device(matches.get_one::<String>("device").map_or("cpu", |s| s.as_str()))?;
+    let threads_arg = matches.get_one::<usize>("threads").copied();
+    if let Some((name, sub)) = matches.subcommand() {
+        if let Some(m) = rlhf_methods::method(name) {
+            rlhf_lm::set_threads(threads_arg.unwrap_or_else(rlhf_lm::available_cores));
+            return run_method(m, sub, &device);
+        }
+    }
+    let cli = Cli::from_arg_matches(&matches)?;
     let threads = cli.threads.unwrap_or_else(|| match &cli.command {
         Command::Generate(a) if rlhf_lm::available_cores() <= 2 && a.batch_size <= 8 => 1,
         // The testbed's tiny model: synchronising two threads costs more than it gains.
-        Command::Quickstart(_) => 1,
-        Command::CompareOnline(_) => 1,
+        Command::Quickstart(_) | Command::CompareOnline(_) => 1,
         _ => rlhf_lm::available_cores(),
     });
     rlhf_lm::set_threads(threads);
-    let result = match cli.command {
-        Command::Generate(a) => model_cmds::generate(a),
-        Command::Score(a) => model_cmds::score(a),
-        Command::Info(a) => model_cmds::info(a),
-        Command::Sft(a) => train_cmds::sft(a),
-        Command::Rm(a) => train_cmds::rm(a),
-        Command::Eval(a) => train_cmds::eval(a),
+    match cli.command {
+        Command::Generate(a) => model_cmds::generate(a, &device),
+        Command::Score(a) => model_cmds::score(a, &device),
+        Command::Info(a) => model_cmds::info(a, &device),
+        Command::Eval(a) => train_cmds::eval(a, &device),
         Command::Testbed(a) => train_cmds::testbed(a),
-        Command::Quickstart(a) => train_cmds::quickstart(a),
-        Command::Reinforce(a) => train_cmds::reinforce(a),
-        Command::Rloo(a) => train_cmds::rloo(a),
-        Command::VanillaPg(a) => train_cmds::vanilla_pg(a),
-        Command::Raft(a) => train_cmds::raft(a),
-        Command::Grpo(a) => train_cmds::grpo(a),
-        Command::CompareOnline(a) => train_cmds::compare_online(a),
-        Command::Dpo(a) => train_cmds::dpo(a),
-        Command::Kto(a) => train_cmds::kto(a),
-        Command::OnlineDpo(a) => train_cmds::online_dpo(a),
-        Command::SelfReward(a) => train_cmds::self_reward(a),
-        Command::Ppo(a) => train_cmds::ppo(a),
-    };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+        Command::Quickstart(a) => train_cmds::quickstart(a, &device),
+        Command::CompareOnline(a) => train_cmds::compare_online(a, &device),
     }
 }

@@ -73,8 +73,8 @@ pub struct InfoArgs {
     pub model: PathBuf,
 }
 
-fn load(path: &std::path::Path) -> Result<Pretrained> {
-    Ok(Pretrained::load(path, &Device::Cpu)?)
+fn load(path: &std::path::Path, device: &Device) -> Result<Pretrained> {
+    Ok(Pretrained::load(path, device)?)
 }
 
 /// The prompt text a line or argument stands for, rendered with the chat template where asked.
@@ -106,8 +106,8 @@ fn prompt_text(
     }
 }
 
-pub fn generate(a: GenerateArgs) -> Result<()> {
-    let model = load(&a.model)?;
+pub fn generate(a: GenerateArgs, device: &Device) -> Result<()> {
+    let model = load(&a.model, device)?;
     let mut prompts: Vec<String> = Vec::new();
     if let Some(p) = a.prompt.clone() {
         if p.is_empty() {
@@ -155,7 +155,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         stop_strings: a.stop.clone(),
         eos_token_ids: model.eos_token_ids(),
     };
-    let llama = model.model(&Device::Cpu)?;
+    let llama = model.model(device)?;
     let ids: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| model.tokenizer.encode(p, true))
@@ -187,8 +187,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn score(a: ScoreArgs) -> Result<()> {
-    let model = load(&a.model)?;
+pub fn score(a: ScoreArgs, device: &Device) -> Result<()> {
+    let model = load(&a.model, device)?;
     let lines = jsonl::read(&a.data)?;
     let mut pairs = Vec::with_capacity(lines.len());
     for line in &lines {
@@ -210,7 +210,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
             .with_context(|| format!("{}:{}", a.data.display(), line.line))?;
         pairs.push(pair);
     }
-    let llama = model.model(&Device::Cpu)?;
+    let llama = model.model(device)?;
     let scored = score_pairs(&llama, &pairs, model.pad_id(), a.batch_size, 1.0)?;
     let mut sink: Box<dyn Write> = match &a.out {
         Some(p) => Box::new(std::io::BufWriter::new(
@@ -227,8 +227,8 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn info(a: InfoArgs) -> Result<()> {
-    let model = load(&a.model)?;
+pub fn info(a: InfoArgs, device: &Device) -> Result<()> {
+    let model = load(&a.model, device)?;
     let c = &model.config;
     println!("source:        {}", model.source.display());
     println!(

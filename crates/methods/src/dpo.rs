@@ -14,6 +14,7 @@
 //! With `[eval]` set (a testbed task or prompts), the final policy is evaluated against the
 //! reference policy and `eval.json` is written in the run directory.
 
+use rlhf_rl::registry::{Entry, Family};
 use std::path::Path;
 
 use candle_core::Device;
@@ -80,3 +81,12 @@ pub fn testbed_config(
         ..DpoConfig::default()
     }
 }
+
+/// `rlhf dpo`.
+pub static ENTRY: Entry<DpoConfig, DpoSummary> = Entry {
+    name: "dpo",
+    about: "Offline preference optimisation on pairs: DPO, IPO, cDPO, SimPO, ORPO (`--loss`).",
+    family: Family::Offline,
+    shorthands: &[("loss", "loss", "The pair loss: dpo | ipo | cdpo | simpo | orpo")],
+    run,
+};

@@ -18,6 +18,7 @@
 //! Dividing by the group's std weights prompts whose samples barely differ as much as prompts
 //! whose samples differ a lot; a group with identical rewards gives zero advantages.
 
+use rlhf_rl::registry::{Entry, Family};
 use candle_core::{Device, Tensor};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
@@ -28,7 +29,7 @@ use rlhf_rl::online::{
 };
 use rlhf_rl::rollout::align;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpoParams {
     /// The ratio is clipped to [1 - clip_eps, 1 + clip_eps].
@@ -198,3 +199,12 @@ pub fn run(cfg: &GrpoConfig, resume: bool, device: &Device) -> Result<OnlineSumm
     }
     s.finish()
 }
+
+/// `rlhf grpo`.
+pub static ENTRY: Entry<GrpoConfig, OnlineSummary> = Entry {
+    name: "grpo",
+    about: "Online RL: GRPO (group-normalised advantages, k3 KL in the loss, clipped ratio).",
+    family: Family::Online,
+    shorthands: &[],
+    run,
+};

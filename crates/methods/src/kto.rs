@@ -11,6 +11,7 @@
 //! Metrics (TRL's names): `loss`, `kl` (the batch's `z0`), `rewards/chosen`, `rewards/rejected`,
 //! `rewards/margins`, `logps/chosen`, `logps/rejected`, `lr`, `grad_norm`, `epoch`.
 
+use rlhf_rl::registry::{Entry, Family};
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -28,7 +29,7 @@ use rlhf_rl::pref_losses::{self as pl, KtoBatch};
 use rlhf_rl::fit::{fit, tail_mean, FitPlan};
 use rlhf_rl::trainer::{OptimConfig, Trainer};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct KtoConfig {
     pub model: PathBuf,
@@ -209,7 +210,7 @@ pub fn mismatched_partners(prompts: &[&str]) -> Vec<usize> {
         .collect()
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 struct KtoRefCache {
     reference: String,
     /// `[matched, mismatched]` reference sums per example.
@@ -283,7 +284,7 @@ pub fn kto_batch_loss(
     Ok((out, m))
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct KtoSummary {
     pub steps: u64,
     pub examples: usize,
@@ -481,3 +482,12 @@ pub fn testbed_config(
         ..KtoConfig::default()
     }
 }
+
+/// `rlhf kto`.
+pub static ENTRY: Entry<KtoConfig, KtoSummary> = Entry {
+    name: "kto",
+    about: "KTO on unpaired data (prompt / completion / label), or on pairs split in two.",
+    family: Family::Offline,
+    shorthands: &[],
+    run,
+};

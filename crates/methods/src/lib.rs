@@ -17,3 +17,29 @@ pub mod rloo;
 pub mod rm;
 pub mod sft;
 pub mod vanilla_pg;
+
+use rlhf_rl::registry::Registered;
+
+/// Every method, in the order `rlhf --help` lists them. Adding a method: its file declares an
+/// `ENTRY`, and it is listed here (the command line, its help and `compare-online` follow).
+pub fn registry() -> [&'static dyn Registered; 12] {
+    [
+        &sft::ENTRY,
+        &rm::ENTRY,
+        &dpo::ENTRY,
+        &kto::ENTRY,
+        &online_dpo::ENTRY,
+        &online_dpo::SELF_REWARD_ENTRY,
+        &reinforce::ENTRY,
+        &rloo::ENTRY,
+        &vanilla_pg::ENTRY,
+        &raft::ENTRY,
+        &grpo::ENTRY,
+        &ppo::ENTRY,
+    ]
+}
+
+/// The registered method called `name`.
+pub fn method(name: &str) -> Option<&'static dyn Registered> {
+    registry().into_iter().find(|m| m.name() == name)
+}

@@ -20,6 +20,7 @@
 //! policy. `--resume` skips finished rounds and resumes the unfinished one from its checkpoint
 //! (sampling and labelling are deterministic in the seed, so they are redone identically).
 
+use rlhf_rl::registry::{Entry, Family};
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -39,7 +40,7 @@ use rlhf_rl::judge::{
     eft_bootstrap, judge_candidates, EftConfig, Judge, JudgeConfig, JudgePrompt,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LabelerKind {
     RewardModel,
@@ -47,7 +48,7 @@ pub enum LabelerKind {
     Judge,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OnlineDpoConfig {
     /// The initial policy (usually the SFT model).
@@ -205,7 +206,7 @@ fn load_prompt_items(
 }
 
 /// What one round's labelling produced.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RoundStats {
     pub round: usize,
     pub policy: PathBuf,
@@ -229,7 +230,7 @@ pub struct RoundStats {
     pub dpo: Option<DpoSummary>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OnlineDpoSummary {
     pub rounds: Vec<RoundStats>,
     pub model: PathBuf,
@@ -608,7 +609,7 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
 
 /// `rlhf self-reward`: online DPO whose labeller is the policy judging itself, with the paper's
 /// defaults (4 candidates at temperature 0.7, top-p 0.9; 3 judgements averaged; beta 0.1).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct SelfRewardConfig(pub OnlineDpoConfig);
 
@@ -640,3 +641,21 @@ pub fn run_self_reward(
     }
     run(&cfg.0, resume, device)
 }
+
+/// `rlhf online-dpo`.
+pub static ENTRY: Entry<OnlineDpoConfig, OnlineDpoSummary> = Entry {
+    name: "online-dpo",
+    about: "Online / iterative DPO: sample pairs from the current policy, label them (reward model, simulated annotators or a judge), DPO against the previous iterate; repeat.",
+    family: Family::Iterative,
+    shorthands: &[],
+    run,
+};
+
+/// `rlhf self-reward`.
+pub static SELF_REWARD_ENTRY: Entry<SelfRewardConfig, OnlineDpoSummary> = Entry {
+    name: "self-reward",
+    about: "Self-rewarding: the policy judges its own candidates (0-5 rubric), best vs worst -> DPO; iterate.",
+    family: Family::Iterative,
+    shorthands: &[],
+    run: run_self_reward,
+};

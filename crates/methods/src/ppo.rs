@@ -30,6 +30,7 @@
 //! The math is in pure functions ([`gae`], [`clipped_surrogate`], [`clipped_value_loss`],
 //! [`RunningMoments`], [`token_rewards`]) with tensor twins for training.
 
+use rlhf_rl::registry::{Entry, Family};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -49,7 +50,7 @@ use rlhf_rl::value::{values, ValueModel};
 // ---- configuration ---------------------------------------------------------------------------------
 
 /// How the score is rescaled before it enters the token rewards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RewardScaling {
     /// The score as the reward source gives it.
@@ -61,7 +62,7 @@ pub enum RewardScaling {
 }
 
 /// Advantage whitening (zero mean, unit std over completion tokens).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Whiten {
     None,
@@ -71,7 +72,7 @@ pub enum Whiten {
     Minibatch,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TripAction {
     /// Restore the last good weights, write the final model and eval.json, and end the run.
@@ -80,7 +81,7 @@ pub enum TripAction {
     Rollback,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct TripwireConfig {
     /// Mean sequence KL(pi || pi_ref) of a rollout batch above this trips.
@@ -137,7 +138,7 @@ impl TripwireConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PpoParams {
     /// Passes over each rollout batch.
@@ -280,7 +281,7 @@ impl Method for PpoParams {
 /// mean' = mean + d * n_b / n'
 /// M2'   = M2 + M2_b + d^2 * n * n_b / n'          var = M2 / n
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default, schemars::JsonSchema)]
 pub struct RunningMoments {
     pub n: f64,
     pub mean: f64,
@@ -494,7 +495,7 @@ pub fn logprobs_and_entropy(
 // ---- the loop -------------------------------------------------------------------------------------
 
 /// The method's checkpoint state.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 struct PpoState {
     moments: RunningMoments,
     rollbacks: usize,
@@ -979,3 +980,12 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
     }
     s.finish()
 }
+
+/// `rlhf ppo`.
+pub static ENTRY: Entry<PpoConfig, OnlineSummary> = Entry {
+    name: "ppo",
+    about: "Online RL: token-level PPO with a critic and GAE; the PPO-max recipe by default, collapse monitors and a trip-wire.",
+    family: Family::Online,
+    shorthands: &[],
+    run,
+};

@@ -10,6 +10,7 @@
 //!
 //! The loss is SFT's token-mean NLL; the discarded k - 1 samples only cost sampling.
 
+use rlhf_rl::registry::{Entry, Family};
 use candle_core::Device;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
@@ -19,7 +20,7 @@ use rlhf_rl::online::{
 };
 use rlhf_rl::trainer::epoch_order;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftParams {
     /// Optimiser steps per rollout batch, each on its share of the kept completions.
@@ -109,3 +110,12 @@ pub fn run(cfg: &RaftConfig, resume: bool, device: &Device) -> Result<OnlineSumm
     }
     s.finish()
 }
+
+/// `rlhf raft`.
+pub static ENTRY: Entry<RaftConfig, OnlineSummary> = Entry {
+    name: "raft",
+    about: "Online RL: RAFT_k (keep the best of k samples by reward, NLL step on it).",
+    family: Family::Online,
+    shorthands: &[],
+    run,
+};

@@ -11,6 +11,7 @@
 //! the first batch has b = 0. The paper samples one completion per prompt (k = 1, the default);
 //! with k > 1 the samples are simply more REINFORCE samples.
 
+use rlhf_rl::registry::{Entry, Family};
 use candle_core::Device;
 use rlhf_rl::objectives::sequence_loss;
 use rlhf_train::Result;
@@ -20,7 +21,7 @@ use rlhf_rl::online::{
     advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
 };
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReinforceParams {
     /// Optimiser steps per rollout batch, each on its own share of the batch (the paper: 2).
@@ -47,7 +48,7 @@ impl Method for ReinforceParams {
 }
 
 /// The mean of all rewards seen so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MovingAverage {
     pub sum: f64,
     pub count: u64,
@@ -119,3 +120,12 @@ pub fn run(cfg: &ReinforceConfig, resume: bool, device: &Device) -> Result<Onlin
     }
     s.finish()
 }
+
+/// `rlhf reinforce`.
+pub static ENTRY: Entry<ReinforceConfig, OnlineSummary> = Entry {
+    name: "reinforce",
+    about: "Online RL: REINFORCE with a moving-average baseline (sequence-level, KL-shaped reward).",
+    family: Family::Online,
+    shorthands: &[],
+    run,
+};

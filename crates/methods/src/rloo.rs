@@ -12,6 +12,7 @@
 //! reuses the batch again without any correction for the policy having moved (off-policy; keep 1
 //! unless you mean it).
 
+use rlhf_rl::registry::{Entry, Family};
 use candle_core::Device;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
@@ -21,7 +22,7 @@ use rlhf_rl::online::{
 };
 use rlhf_rl::objectives::sequence_loss;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RlooParams {
     /// Optimiser steps per rollout batch, each on its own share of the prompts' groups.
@@ -113,3 +114,12 @@ pub fn run(cfg: &RlooConfig, resume: bool, device: &Device) -> Result<OnlineSumm
     }
     s.finish()
 }
+
+/// `rlhf rloo`.
+pub static ENTRY: Entry<RlooConfig, OnlineSummary> = Entry {
+    name: "rloo",
+    about: "Online RL: RLOO_k (k samples per prompt, leave-one-out baseline, no ratio or clip).",
+    family: Family::Online,
+    shorthands: &[],
+    run,
+};

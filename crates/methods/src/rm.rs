@@ -4,6 +4,7 @@
 //! head). After training, optional normalisation statistics: mean/std of the reward on samples of
 //! the reference policy, saved with the model so later stages see ~N(0, 1) rewards.
 
+use rlhf_rl::registry::{Entry, Family};
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, D};
@@ -22,7 +23,7 @@ use rlhf_rl::fit::{fit, tail_mean, FitPlan};
 use rlhf_rl::pairs::{load_pair_ids, PairIds};
 use rlhf_rl::trainer::{OptimConfig, Trainer};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RmConfig {
     /// Initial model (usually the SFT model); a scalar head is added if it has none.
@@ -169,7 +170,7 @@ fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RmSummary {
     pub steps: u64,
     pub train_accuracy: f64,
@@ -299,3 +300,12 @@ fn normalization(
     let _ = D::Minus1;
     Ok(RewardNorm::from_scores(&raw))
 }
+
+/// `rlhf rm`.
+pub static ENTRY: Entry<RmConfig, RmSummary> = Entry {
+    name: "rm",
+    about: "Train a reward model on preference pairs (Bradley-Terry; optional LM regulariser).",
+    family: Family::Offline,
+    shorthands: &[],
+    run,
+};

@@ -2,6 +2,7 @@
 //! masked), averaged over the completion tokens of the batch, as TRL's SFTTrainer with
 //! `completion_only_loss`. EOS is appended to every completion so the model learns to stop.
 
+use rlhf_rl::registry::{Entry, Family};
 use std::path::PathBuf;
 
 use candle_core::Device;
@@ -13,7 +14,7 @@ use rlhf_rl::trainer::{OptimConfig, Trainer};
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SftConfig {
     /// Model to fine-tune: an HF directory or a .gguf file.
@@ -57,7 +58,7 @@ impl Default for SftConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SftSummary {
     pub steps: u64,
     pub final_train_loss: f64,
@@ -113,3 +114,12 @@ pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary>
         eval_loss,
     })
 }
+
+/// `rlhf sft`.
+pub static ENTRY: Entry<SftConfig, SftSummary> = Entry {
+    name: "sft",
+    about: "Supervised fine-tuning on prompt/completion or chat data (completion-only NLL).",
+    family: Family::Offline,
+    shorthands: &[],
+    run,
+};

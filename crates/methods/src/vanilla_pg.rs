@@ -13,6 +13,7 @@
 //! The value model starts from the reward model when the reward source is one (as AlpacaFarm
 //! does), else from the initial policy with a fresh head; `method.value_model` overrides.
 
+use rlhf_rl::registry::{Entry, Family};
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
@@ -27,7 +28,7 @@ use rlhf_rl::objectives::token_rewards;
 use rlhf_rl::rollout::align;
 use rlhf_rl::value::{values, ValueModel};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct VanillaPgParams {
     /// Optimiser steps per rollout batch (policy and value alike).
@@ -215,3 +216,12 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
     }
     s.finish()
 }
+
+/// `rlhf vanilla-pg`.
+pub static ENTRY: Entry<VanillaPgConfig, OnlineSummary> = Entry {
+    name: "vanilla-pg",
+    about: "Online RL: token-level policy gradient with a learned value baseline (lambda = 1, no clip).",
+    family: Family::Online,
+    shorthands: &[],
+    run,
+};

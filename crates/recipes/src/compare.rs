@@ -19,7 +19,7 @@ use rlhf_rl::eval::{run_eval, EvalConfig, EvalReport};
 use rlhf_rl::online::{Method, OnlineConfig, OnlineSummary};
 use rlhf_rl::reward_source::SourceKind;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CompareConfig {
     pub task: String,
@@ -87,7 +87,7 @@ impl Default for CompareConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RunResult {
     pub method: String,
     pub seed: u64,
@@ -95,7 +95,7 @@ pub struct RunResult {
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MethodRow {
     pub method: String,
     pub seeds: usize,
@@ -109,7 +109,7 @@ pub struct MethodRow {
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CompareReport {
     pub config: CompareConfig,
     pub sft: EvalReport,

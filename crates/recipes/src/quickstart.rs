@@ -22,7 +22,7 @@ use rlhf_methods::rm::{self, RmConfig};
 use rlhf_methods::sft::{self, SftConfig};
 use rlhf_rl::trainer::OptimConfig;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuickstartConfig {
     pub task: String,
@@ -71,13 +71,13 @@ impl Default for QuickstartConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Row {
     pub name: String,
     pub report: EvalReport,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct QuickstartReport {
     pub task: String,
     pub sft: sft::SftSummary,

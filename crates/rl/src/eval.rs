@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::reward::RewardModel;
 
 /// One sampled completion with everything the judges need.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Generated {
     pub prompt: String,
     pub prompt_ids: Vec<u32>,
@@ -56,7 +56,7 @@ pub fn sample(
     Ok(out)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct EvalReport {
     /// (wins + 0.5 ties) / n of the policy against the reference, by `judge`.
     pub winrate: f64,
@@ -191,7 +191,7 @@ pub fn judge(
 
 /// `rlhf eval`: sample the policy (optionally best-of-n by a reward model) and a reference on the
 /// same prompts, judge, write `eval.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     pub policy: std::path::PathBuf,

@@ -50,7 +50,7 @@ then conclude with the score on its own line in the form \"Score: <total points>
 pub const TESTBED_TEMPLATE: &str = "{prompt} {response} .";
 pub const TESTBED_PREFILL: &str = "score :";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct JudgeConfig {
     /// A separate judge model; none: the current policy judges itself (self-rewarding).
@@ -236,7 +236,7 @@ pub fn parse_score(text: &str) -> Option<f64> {
 }
 
 /// The judgements of a batch of candidates.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Judged {
     /// Per candidate: the mean of its parsed judgements, `None` when none parsed.
     pub scores: Vec<Option<f64>>,
@@ -323,7 +323,7 @@ pub fn judge_candidates(
 
 /// EFT: teach a testbed model to judge before the self-rewarding loop (the paper's M1 is SFT on
 /// instruction data plus judge data).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct EftConfig {
     /// Judge examples to build (0: no EFT; the model judges as it is). Testbed only.

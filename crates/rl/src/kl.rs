@@ -41,7 +41,7 @@ pub fn k3_tensor(logp: &Tensor, ref_logp: &Tensor) -> Result<Tensor> {
     Ok(((d.exp()? - &d)? - 1.0)?)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct KlConfig {
     /// KL coefficient (the initial one when `target` is set). RLOO/REINFORCE/vanilla PG/RAFT:

@@ -30,6 +30,7 @@ pub mod pref;
 pub mod pref_losses;
 pub mod preferences;
 pub mod reward;
+pub mod registry;
 pub mod reward_source;
 pub mod rollout;
 pub mod trainer;

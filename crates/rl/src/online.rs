@@ -44,7 +44,7 @@ use crate::trainer::{epoch_order, OptimConfig, StepStats, Trainer};
 
 /// A method's own parameters (the `[method]` table) and how it changes the shared defaults.
 pub trait Method:
-    Default + Clone + std::fmt::Debug + Serialize + DeserializeOwned + Send + Sync
+    Default + Clone + std::fmt::Debug + Serialize + DeserializeOwned + schemars::JsonSchema + Send + Sync
 {
     const NAME: &'static str;
     /// Change the shared defaults (k, beta, ...) for this method.
@@ -57,7 +57,7 @@ pub trait Method:
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OnlineEvalConfig {
     /// Eval prompts (the task's eval split, or `eval_prompts_file`); 0 skips evaluation.
@@ -81,12 +81,13 @@ impl Default for OnlineEvalConfig {
 }
 
 /// The configuration of an online method: shared keys plus the method's `[method]` table.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(
     deny_unknown_fields,
     default,
     bound(serialize = "M: Serialize", deserialize = "M: Method")
 )]
+#[schemars(bound = "M: Method")]
 pub struct OnlineConfig<M> {
     /// The initial policy (usually the SFT model): an HF directory or a .gguf file.
     pub model: PathBuf,
@@ -173,7 +174,7 @@ impl<M: Method> OnlineConfig<M> {
 }
 
 /// What a finished run reports (and `rlhf <method>` prints).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct OnlineSummary {
     pub method: String,
     pub iterations: u64,

@@ -35,7 +35,7 @@ pub const REF_CACHE: &str = "ref_logps.json";
 
 /// The evaluation a training run ends with (`eval.json`): the final policy against the reference
 /// policy, judged by a testbed task's gold reward and/or a reward model (see `rlhf eval`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicyEval {
     /// A testbed task: its eval prompts and gold judge.
@@ -109,7 +109,7 @@ impl PolicyEval {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DpoConfig {
     /// Policy to train (usually the SFT model): an HF directory or a .gguf file.
@@ -228,7 +228,7 @@ impl PairLossParams {
 }
 
 /// Reference log-prob sums, `[chosen, rejected]` per pair, cached in the run directory.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RefCache {
     pub reference: String,
     pub train: Vec<[f64; 2]>,
@@ -403,7 +403,7 @@ pub fn eval_names(m: &[(&'static str, f64)]) -> Metrics {
     m.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect()
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DpoSummary {
     pub loss: String,
     pub beta: f64,

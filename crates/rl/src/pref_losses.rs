@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::losses::neg_log_sigmoid;
 
 /// The pair losses `rlhf dpo --loss` offers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PairLossKind {
     Dpo,

@@ -19,7 +19,7 @@ pub const HEAD: &str = "score.weight";
 pub const NORM_FILE: &str = "reward_normalization.json";
 
 /// Scores are reported as (raw - mean) / std, so the reference policy's samples score ~N(0, 1).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RewardNorm {
     pub mean: f64,
     pub std: f64,

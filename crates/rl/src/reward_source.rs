@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::reward::{RewardModel, RewardNorm};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     /// A trained reward model (`model`).
@@ -44,7 +44,7 @@ pub enum SourceKind {
     Http,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardConfig {
     pub source: SourceKind,

@@ -25,7 +25,7 @@ use crate::eval::sample;
 use crate::kl::sequence_kl;
 use crate::reward_source::{Query, Rewarder};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RolloutConfig {
     /// Completions per prompt (RLOO's k, GRPO's group size, RAFT's candidates).
@@ -97,7 +97,7 @@ impl RolloutConfig {
 }
 
 /// One sampled completion with everything the estimators need.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RolloutSample {
     pub prompt: String,
     pub prompt_ids: Vec<u32>,
@@ -129,7 +129,7 @@ impl RolloutSample {
 }
 
 /// A rollout batch: `samples[i * k + j]` is sample j of prompt i.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Rollout {
     pub k: usize,
     pub samples: Vec<RolloutSample>,

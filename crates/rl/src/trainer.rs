@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::TrainableLm;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
     pub lr: f64,

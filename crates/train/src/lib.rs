@@ -10,6 +10,7 @@
 //! - [`mod@progress`]: progress bars that stay quiet when stderr is not a terminal.
 
 pub mod clip;
+pub mod config;
 pub mod error;
 pub mod optim;
 pub mod progress;

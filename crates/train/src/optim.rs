@@ -24,7 +24,7 @@ use crate::error::{Result, TrainError};
 
 /// Optimiser hyper-parameters. `lr` is the base learning rate (a schedule scales it; the value
 /// actually used is the one passed to [`AdamW::step`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdamWConfig {
     pub lr: f64,
