@@ -164,8 +164,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
         })?;
         let info = &content.tensor_infos[name];
         let tensor = info
-            .read(&mut reader, content.tensor_data_offset, &Device::Cpu)
-            .and_then(|q| q.dequantize(&Device::Cpu))
+            .read(&mut reader, content.tensor_data_offset, device)
+            .and_then(|q| q.dequantize(device))
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| LmError::bad_file(path, format!("tensor `{name}`: {e}")))?;
         let is_qk = hf.ends_with("self_attn.q_proj.weight")

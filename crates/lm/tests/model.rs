@@ -155,7 +155,7 @@ fn gradients_match_finite_differences() {
             .unwrap();
         let base = w64[name].flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for idx in [0, base.len() / 3, base.len() - 1] {
-            let mut shifted = |delta: f64| {
+            let shifted = |delta: f64| {
                 let mut v = base.clone();
                 v[idx] += delta;
                 let mut w = w64.clone();

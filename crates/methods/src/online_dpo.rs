@@ -20,6 +20,7 @@
 //! policy. `--resume` skips finished rounds and resumes the unfinished one from its checkpoint
 //! (sampling and labelling are deterministic in the seed, so they are redone identically).
 
+use rlhf_train::rng::stream_seed;
 use rlhf_rl::registry::{Entry, Family};
 use std::path::{Path, PathBuf};
 
@@ -358,7 +359,7 @@ fn label_round(
         }
         LabelerKind::Annotators => {
             let task = task.expect("validated");
-            let mut annotator = Annotator::for_task(task, cfg.noise, round_seed ^ 0xA11);
+            let mut annotator = Annotator::for_task(task, cfg.noise, stream_seed(round_seed, "annot"));
             let mut out = Vec::new();
             for (g, group) in groups.iter().enumerate() {
                 let a = 0;
@@ -399,7 +400,7 @@ fn label_round(
                 .enumerate()
                 .map(|(i, c)| (raw_of(i).clone(), c.completion.clone()))
                 .collect();
-            let judged = judge_candidates(&judge, &jp, &cfg.judge, &items, round_seed ^ 0x10D6E)?;
+            let judged = judge_candidates(&judge, &jp, &cfg.judge, &items, stream_seed(round_seed, "judge"))?;
             stats.judgements = Some(judged.judgements);
             stats.parsed = Some(judged.parsed);
             stats.parse_rate = Some(judged.parse_rate());

@@ -10,6 +10,7 @@
 //!
 //! The loss is SFT's token-mean NLL; the discarded k - 1 samples only cost sampling.
 
+use rlhf_train::rng::stream_seed;
 use rlhf_rl::registry::{Entry, Family};
 use candle_core::Device;
 use rlhf_train::{Result, TrainError};
@@ -72,7 +73,7 @@ pub fn run(cfg: &RaftConfig, resume: bool, device: &Device) -> Result<OnlineSumm
         let rewards = rollout.shaped_rewards(s.kl.beta);
         let kept = best_of_groups(&rewards, rollout.k);
         // 2. NLL steps on the kept completions (token mean over each minibatch).
-        let order = epoch_order(kept.len(), cfg.seed ^ 0x7261, s.iteration());
+        let order = epoch_order(kept.len(), stream_seed(cfg.seed, "ra"), s.iteration());
         let (mut losses, mut last) = (Vec::new(), None);
         for mb in split_groups(&order, 1, cfg.method.minibatches) {
             let mb: Vec<usize> = mb.iter().map(|&j| kept[j]).collect();

@@ -73,6 +73,21 @@ pub struct EvalReport {
 }
 
 impl EvalReport {
+    /// The report as metrics, named `eval/<field of eval.json>` (the same names for every method).
+    pub fn metrics(&self) -> Vec<(&'static str, f64)> {
+        let mut m = vec![("eval/winrate", self.winrate), ("eval/mean_len", self.mean_len)];
+        if let Some(g) = self.gold_mean {
+            m.push(("eval/gold_mean", g));
+        }
+        if let Some(p) = self.proxy_mean {
+            m.push(("eval/proxy_mean", p));
+        }
+        if let Some(k) = self.kl_to_ref {
+            m.push(("eval/kl_to_ref", k));
+        }
+        m
+    }
+
     pub fn write(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("serialisable");
         std::fs::write(path, text).map_err(|e| LmError::io(path, e))

@@ -21,6 +21,7 @@
 //! batch, and the run directory's step (metrics, checkpoints) counts optimiser steps.
 //! Everything random is a function of (`seed`, iteration), so a resumed run continues exactly.
 
+use rlhf_train::rng::{step_seed, stream_seed};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -335,7 +336,7 @@ impl<M: Method> Session<M> {
         let params = self
             .cfg
             .rollout
-            .sampling(self.cfg.seed ^ 0x6e6f_726d, self.lm.eos_ids.clone());
+            .sampling(stream_seed(self.cfg.seed, "norm"), self.lm.eos_ids.clone());
         let samples = sample(
             &self.reference,
             &self.lm.tokenizer,
@@ -394,11 +395,7 @@ impl<M: Method> Session<M> {
             pad_id: self.lm.pad_id,
             eos_ids: &self.lm.eos_ids,
         };
-        let seed = self
-            .cfg
-            .seed
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(iteration.wrapping_mul(1_000_003));
+        let seed = step_seed(self.cfg.seed, iteration);
         collect(
             &models,
             &self.prompts_for(iteration),
@@ -414,7 +411,7 @@ impl<M: Method> Session<M> {
         let groups = rollout.num_groups();
         let order = epoch_order(
             groups,
-            self.cfg.seed ^ 0x6d62,
+            stream_seed(self.cfg.seed, "mb"),
             self.iteration() * 1000 + epoch,
         );
         split_groups(&order, rollout.k, parts)
@@ -521,17 +518,7 @@ impl<M: Method> Session<M> {
     }
 
     fn log_eval(&mut self, r: &EvalReport) -> Result<()> {
-        let mut m = vec![("eval/winrate", r.winrate), ("eval/length", r.mean_len)];
-        if let Some(g) = r.gold_mean {
-            m.push(("eval/gold", g));
-        }
-        if let Some(p) = r.proxy_mean {
-            m.push(("eval/proxy", p));
-        }
-        if let Some(k) = r.kl_to_ref {
-            m.push(("eval/kl", k));
-        }
-        self.trainer.log(&m)
+        self.trainer.log(&r.metrics())
     }
 
     /// Win-rate of the current policy against the reference policy on the eval prompts (judged

@@ -41,6 +41,15 @@ impl TrainableLm {
         Self::from_pretrained(Pretrained::load(path, device)?)
     }
 
+    /// Where the parameters live.
+    pub fn device(&self) -> Device {
+        self.params
+            .vars
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .expect("a model has parameters")
+    }
+
     /// A model whose forward pass records gradients for the parameters.
     pub fn model(&self, device: &Device) -> Result<Llama> {
         Llama::from_weights(&self.config, &self.params.tensors(), device)

@@ -558,16 +558,6 @@ pub fn log_named(trainer: &mut Trainer, m: &Metrics) -> Result<()> {
 
 /// The final evaluation's numbers as metrics (`eval/winrate`, ...).
 pub fn log_report(trainer: &mut Trainer, r: &EvalReport) -> Result<()> {
-    let mut m = vec![("eval/winrate", r.winrate), ("eval/mean_len", r.mean_len)];
-    if let Some(g) = r.gold_mean {
-        m.push(("eval/gold_mean", g));
-    }
-    if let Some(k) = r.kl_to_ref {
-        m.push(("eval/kl_to_ref", k));
-    }
-    if let Some(p) = r.proxy_mean {
-        m.push(("eval/proxy_mean", p));
-    }
-    trainer.log(&m)
+    trainer.log(&r.metrics())
 }
 

@@ -16,7 +16,7 @@
 //! | ORPO | `NLL(chosen) - l log s(log odds(c) - log odds(r))`, odds from the mean log-prob | `l p/|y|` |
 //! | KTO | `l_D (1 - s(b (r - z0)))` desirable, `l_U (1 - s(b (z0 - r)))` undesirable, `r = p - ref` | `b r` |
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
@@ -269,9 +269,7 @@ pub fn kto(
     // z = beta * sign * (r - kl); the loss 1 - sigmoid(z) = sigmoid(-z) = exp(-softplus(z)).
     let per_row = |f: &dyn Fn(bool) -> f64| -> Result<Tensor> {
         let v: Vec<f64> = batch.labels.iter().map(|&l| f(l)).collect();
-        Ok(Tensor::from_vec(v, b, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?)
+        Ok(Tensor::from_vec(v, b, device)?.to_dtype(dtype)?)
     };
     let sign = per_row(&|l| if l { beta } else { -beta })?;
     let weight = per_row(&|l| {

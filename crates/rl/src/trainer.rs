@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::{backprop::GradStore, Device, Var};
+use candle_core::{backprop::GradStore, Var};
 use rlhf_train::{
     clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule, MetricsLogger, Result, RunDir,
     ScheduleKind,
@@ -105,8 +105,9 @@ impl Trainer {
             let run = RunDir::open_for_resume(dir)?;
             match run.latest_checkpoint()? {
                 Some(ck) => {
-                    lm.load_weights(&ck.load_model(&Device::Cpu)?)?;
-                    opt.load_state(&ck.load_optimizer(&Device::Cpu)?)?;
+                    let device = lm.device();
+                    lm.load_weights(&ck.load_model(&device)?)?;
+                    opt.load_state(&ck.load_optimizer(&device)?)?;
                     let metrics = MetricsLogger::resume(&run, ck.step)?;
                     eprintln!("resuming from {} (step {})", ck.dir.display(), ck.step);
                     (run, metrics, ck.step, Some(ck.state))
