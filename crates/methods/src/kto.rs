@@ -32,6 +32,7 @@ use rlhf_rl::trainer::{OptimConfig, Trainer};
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct KtoConfig {
+    /// Policy to train (usually the SFT model): an HF directory or a .gguf file.
     pub model: PathBuf,
     /// Frozen reference policy; default: `model` itself.
     pub ref_model: Option<PathBuf>,
@@ -42,22 +43,35 @@ pub struct KtoConfig {
     pub pairs_file: Option<PathBuf>,
     /// Held-out unpaired examples.
     pub eval_file: Option<PathBuf>,
+    /// The run directory (config, metrics, checkpoints, final model).
     pub output_dir: PathBuf,
+    /// KTO's beta (scale of the implied reward).
     pub beta: f64,
     /// lambda_D and lambda_U. The KTO paper advises lambda_D n_D / (lambda_U n_U) in [1, 3/2].
     pub desirable_weight: f64,
+    /// Weight of the undesirable examples' loss (lambda_U).
     pub undesirable_weight: f64,
+    /// Passes over the training data.
     pub epochs: usize,
     /// At least 2: the reference point is estimated within the batch.
     pub batch_size: usize,
+    /// Longest row (prompt + completion) in tokens; longer rows are cut.
     pub max_len: usize,
+    /// Rows per batch when computing the reference log-probs once.
     pub ref_batch_size: usize,
+    /// Evaluate on `eval_file` every this many optimiser steps (0: only at the end).
     pub eval_every: u64,
+    /// Checkpoint every this many optimiser steps (0: never; the final model is always written).
     pub save_every: u64,
+    /// Log metrics every this many optimiser steps.
     pub log_every: u64,
+    /// Seed of every random stream of the run (data order, sampling, initialisation).
     pub seed: u64,
+    /// Skip (and count) malformed data lines instead of stopping at the first one.
     pub skip_bad_lines: bool,
+    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
     pub optim: OptimConfig,
+    /// The evaluation the run ends with (eval.json); off unless a task or prompts file is set.
     pub eval: PolicyEval,
 }
 

@@ -56,12 +56,15 @@ pub struct OnlineDpoConfig {
     pub model: PathBuf,
     /// A testbed task: train prompts, eval prompts and gold (annotators, evaluation).
     pub task: Option<String>,
+    /// Seed of the testbed task (its prompts and annotators).
     pub task_seed: u64,
     /// Prompts (`prompt` or `messages`) instead of the task's.
     pub prompts_file: Option<PathBuf>,
     /// Render plain-text prompts as a user message with the policy's chat template.
     pub chat: bool,
+    /// The run directory (config, metrics, checkpoints, final model).
     pub output_dir: PathBuf,
+    /// Rounds of sample -> label -> DPO; each round's policy is the next round's reference.
     pub rounds: usize,
     /// Prompts per round, taken in order (round t continues where round t-1 stopped, cycling).
     pub prompts_per_round: usize,
@@ -69,10 +72,15 @@ pub struct OnlineDpoConfig {
     pub samples_per_prompt: usize,
     /// Default: the task's longest sensible response + 2 (testbed), else 128.
     pub max_new_tokens: Option<usize>,
+    /// Sampling temperature of the candidates.
     pub temperature: f64,
+    /// Nucleus sampling of the candidates (unset: off).
     pub top_p: Option<f64>,
+    /// Longer prompts keep their last tokens.
     pub max_prompt_len: usize,
+    /// Prompts per generation batch.
     pub batch_size: usize,
+    /// Who labels the candidates: reward_model | annotators (the testbed's simulated ones) | judge (an LLM judge, `[judge]`).
     pub labeler: LabelerKind,
     /// `labeler = "reward_model"`: the scorer.
     pub reward: RewardConfig,
@@ -82,12 +90,14 @@ pub struct OnlineDpoConfig {
     pub judge: JudgeConfig,
     /// Teach a testbed model to judge first (self-rewarding on the testbed).
     pub eft: EftConfig,
+    /// Seed of every random stream of the run (data order, sampling, initialisation).
     pub seed: u64,
     /// The training of each round: loss, beta, epochs, batch size, optimiser... (`model`,
     /// `ref_model`, `train_file` and `output_dir` are set per round; leave them unset).
     pub dpo: DpoConfig,
     /// The final model against the first round's starting policy (or `eval_reference`).
     pub eval: PolicyEval,
+    /// The policy the final evaluation compares against (default: the initial `model`).
     pub eval_reference: Option<PathBuf>,
     /// Also evaluate every round's model (`round-<t>/eval.json`).
     pub eval_every_round: bool,

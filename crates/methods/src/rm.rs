@@ -30,10 +30,15 @@ pub struct RmConfig {
     pub model: PathBuf,
     /// Pairs: `prompt` / `chosen` / `rejected` (plain or messages), optional `margin`.
     pub train_file: PathBuf,
+    /// Held-out data in the same format as `train_file`, for an evaluation loss.
     pub eval_file: Option<PathBuf>,
+    /// The run directory (config, metrics, checkpoints, final model).
     pub output_dir: PathBuf,
+    /// Passes over the training data.
     pub epochs: usize,
+    /// Examples per optimiser step (split into `optim.grad_accum` micro-batches).
     pub batch_size: usize,
+    /// Longest row (prompt + completion) in tokens; longer rows are cut.
     pub max_len: usize,
     /// Multiplies each pair's `margin` field (Llama 2's margin loss); 0 ignores margins.
     pub margin_scale: f64,
@@ -41,13 +46,21 @@ pub struct RmConfig {
     pub lm_coef: f64,
     /// Prompts to sample the reference policy (`model`) on for normalisation statistics.
     pub normalize_prompts: Option<PathBuf>,
+    /// Reference samples scored to measure the reward's mean and std (with `normalize_prompts`).
     pub normalize_samples: usize,
+    /// Length limit of those reference samples.
     pub normalize_max_new_tokens: usize,
+    /// Evaluate on `eval_file` every this many optimiser steps (0: only at the end).
     pub eval_every: u64,
+    /// Checkpoint every this many optimiser steps (0: never; the final model is always written).
     pub save_every: u64,
+    /// Log metrics every this many optimiser steps.
     pub log_every: u64,
+    /// Seed of every random stream of the run (data order, sampling, initialisation).
     pub seed: u64,
+    /// Skip (and count) malformed data lines instead of stopping at the first one.
     pub skip_bad_lines: bool,
+    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
     pub optim: OptimConfig,
 }
 

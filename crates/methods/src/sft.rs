@@ -21,17 +21,27 @@ pub struct SftConfig {
     pub model: PathBuf,
     /// JSONL/Parquet with `prompt`/`completion` or `messages`.
     pub train_file: PathBuf,
+    /// Held-out data in the same format as `train_file`, for an evaluation loss.
     pub eval_file: Option<PathBuf>,
+    /// The run directory (config, metrics, checkpoints, final model).
     pub output_dir: PathBuf,
+    /// Passes over the training data.
     pub epochs: usize,
+    /// Examples per optimiser step (split into `optim.grad_accum` micro-batches).
     pub batch_size: usize,
     /// Longest row (prompt + completion) in tokens; longer rows are cut.
     pub max_len: usize,
+    /// Evaluate on `eval_file` every this many optimiser steps (0: only at the end).
     pub eval_every: u64,
+    /// Checkpoint every this many optimiser steps (0: never; the final model is always written).
     pub save_every: u64,
+    /// Log metrics every this many optimiser steps.
     pub log_every: u64,
+    /// Seed of every random stream of the run (data order, sampling, initialisation).
     pub seed: u64,
+    /// Skip (and count) malformed data lines instead of stopping at the first one.
     pub skip_bad_lines: bool,
+    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
     pub optim: OptimConfig,
 }
 

@@ -35,6 +35,7 @@ pub struct VanillaPgParams {
     pub minibatches: usize,
     /// Value model initialisation (default: the reward model, else the initial policy).
     pub value_model: Option<PathBuf>,
+    /// Learning rate of the value model (its own AdamW).
     pub value_lr: f64,
 }
 

@@ -67,6 +67,7 @@ pub struct OnlineEvalConfig {
     pub every: u64,
     /// Default: the rollout's.
     pub max_new_tokens: Option<usize>,
+    /// Sampling seed of the evaluation (the same reference samples for every method).
     pub seed: u64,
 }
 
@@ -97,25 +98,35 @@ pub struct OnlineConfig<M> {
     /// A testbed task: its train prompts, eval prompts and gold reward (for evaluation, and for
     /// `reward.source = "gold"`).
     pub task: Option<String>,
+    /// Seed of the testbed task (its prompts and annotators).
     pub task_seed: u64,
     /// Prompts to train on (`prompt` or `messages` JSONL/Parquet), instead of the task's.
     pub prompts_file: Option<PathBuf>,
+    /// Evaluation prompts (`prompt` or `messages`), instead of the task's eval split.
     pub eval_prompts_file: Option<PathBuf>,
+    /// The run directory (config, metrics, checkpoints, final model).
     pub output_dir: PathBuf,
     /// Rollout batches (iterations).
     pub steps: u64,
     /// Prompts per rollout batch (each sampled `rollout.k` times).
     pub prompts_per_step: usize,
+    /// Seed of every random stream of the run (data order, sampling, initialisation).
     pub seed: u64,
     /// Log every this many iterations.
     pub log_every: u64,
     /// Checkpoint every this many iterations (0: never; the final model is always written).
     pub save_every: u64,
+    /// Sampling: samples per prompt (k), lengths, temperature, generation batch.
     pub rollout: RolloutConfig,
+    /// Where rewards come from (reward model, gold on explicit request, a command, an HTTP endpoint) and their normalisation.
     pub reward: RewardConfig,
+    /// The KL penalty to the reference policy: fixed or adaptive beta.
     pub kl: KlConfig,
+    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
     pub optim: OptimConfig,
+    /// Win-rate evaluation against the reference policy (eval.json).
     pub eval: OnlineEvalConfig,
+    /// The method's own parameters.
     pub method: M,
 }
 

@@ -40,15 +40,19 @@ pub const REF_CACHE: &str = "ref_logps.json";
 pub struct PolicyEval {
     /// A testbed task: its eval prompts and gold judge.
     pub task: Option<String>,
+    /// Seed of the testbed task (its prompts and annotators).
     pub task_seed: u64,
     /// Prompts (`prompt` or `messages`) instead of the task's.
     pub prompts_file: Option<PathBuf>,
     /// A reward model to judge with (or to report the proxy reward with, when there is a task).
     pub reward_model: Option<PathBuf>,
+    /// Evaluate on at most this many prompts.
     pub max_prompts: usize,
     /// Default: the task's longest sensible response + 2 (testbed), else 64.
     pub max_new_tokens: Option<usize>,
+    /// Sampling seed (the online methods' evaluation seed, so every method meets the same reference samples).
     pub seed: u64,
+    /// Prompts per generation batch.
     pub batch_size: usize,
 }
 
@@ -119,8 +123,11 @@ pub struct DpoConfig {
     /// Pairs: `prompt` / `chosen` / `rejected` (text or messages), or implicit-prompt `chosen` /
     /// `rejected` conversations.
     pub train_file: PathBuf,
+    /// Held-out data in the same format as `train_file`, for an evaluation loss.
     pub eval_file: Option<PathBuf>,
+    /// The run directory (config, metrics, checkpoints, final model).
     pub output_dir: PathBuf,
+    /// The pair loss: dpo | ipo | cdpo | simpo | orpo.
     pub loss: PairLossKind,
     /// DPO/cDPO: beta; IPO: tau; SimPO: beta; ORPO: lambda. Default: 0.1 (SimPO 2.0).
     pub beta: Option<f64>,
@@ -131,18 +138,27 @@ pub struct DpoConfig {
     pub ipo_length_normalize: bool,
     /// SimPO's target margin gamma.
     pub simpo_gamma: f64,
+    /// Passes over the training data.
     pub epochs: usize,
+    /// Examples per optimiser step (split into `optim.grad_accum` micro-batches).
     pub batch_size: usize,
     /// Longest row (prompt + completion) in tokens; longer completions are cut.
     pub max_len: usize,
     /// Rows per forward pass when precomputing reference log-probs.
     pub ref_batch_size: usize,
+    /// Evaluate on `eval_file` every this many optimiser steps (0: only at the end).
     pub eval_every: u64,
+    /// Checkpoint every this many optimiser steps (0: never; the final model is always written).
     pub save_every: u64,
+    /// Log metrics every this many optimiser steps.
     pub log_every: u64,
+    /// Seed of every random stream of the run (data order, sampling, initialisation).
     pub seed: u64,
+    /// Skip (and count) malformed data lines instead of stopping at the first one.
     pub skip_bad_lines: bool,
+    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
     pub optim: OptimConfig,
+    /// The evaluation the run ends with (eval.json); off unless a task or prompts file is set.
     pub eval: PolicyEval,
 }
 

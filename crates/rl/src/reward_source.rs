@@ -47,6 +47,7 @@ pub enum SourceKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardConfig {
+    /// model (a reward model) | gold (the testbed task's gold reward; explicit opt-in) | command | http.
     pub source: SourceKind,
     /// Reward model directory (`source = "model"`).
     pub model: Option<PathBuf>,
@@ -408,6 +409,33 @@ pub struct Rewarder {
 }
 
 impl Rewarder {
+    /// Swap in another reward model mid-run (a reward model retrained on the policy's own samples,
+    /// as RLP does). Only a reward-model source can be swapped; the normalisation is reset to the
+    /// new model's saved statistics (re-measure it when the run normalises rewards).
+    pub fn replace_reward_model(
+        &mut self,
+        rm: RewardModel,
+        path: PathBuf,
+        policy_tokenizer: &rlhf_lm::Tokenizer,
+    ) -> Result<()> {
+        if self.source.reward_model().is_none() {
+            return Err(TrainError::invalid(format!(
+                "cannot swap the reward model of {}: only reward.source = \"model\" can be retrained",
+                self.source.describe()
+            )));
+        }
+        let same_tokenizer =
+            rm.tokenizer.inner().get_vocab(true) == policy_tokenizer.inner().get_vocab(true);
+        self.norm = rm.norm;
+        self.source = Box::new(ModelSource {
+            rm,
+            path,
+            same_tokenizer,
+            batch_size: self.batch_size,
+        });
+        Ok(())
+    }
+
     /// Build the configured source. `task`: the testbed task (for `gold`); `policy_tokenizer`: to
     /// decide whether a reward model can take the policy's token ids as they are.
     pub fn from_config(

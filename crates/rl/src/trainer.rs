@@ -16,14 +16,21 @@ use crate::policy::TrainableLm;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
+    /// Peak learning rate.
     pub lr: f64,
+    /// Decoupled weight decay (norms and biases are not decayed).
     pub weight_decay: f64,
+    /// AdamW's first-moment decay.
     pub beta1: f64,
+    /// AdamW's second-moment decay.
     pub beta2: f64,
+    /// AdamW's denominator epsilon.
     pub eps: f64,
+    /// Learning-rate schedule after warm-up: constant | linear | cosine.
     pub schedule: ScheduleKind,
     /// Linear warm-up over this fraction of the run's optimiser steps.
     pub warmup_ratio: f64,
+    /// Floor of the linear/cosine decay as a fraction of `lr`.
     pub min_lr_ratio: f64,
     /// Global gradient-norm clip; 0 turns it off.
     pub max_grad_norm: f64,
