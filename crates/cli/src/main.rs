@@ -58,7 +58,9 @@ fn parse_device(spec: &str) -> Result<Device> {
                     .with_context(|| format!("--device {s}: expected cuda or cuda:N"))?,
             };
             if !cfg!(feature = "cuda") {
-                bail!("--device {s}: this build has no CUDA support (build with `--features cuda`)");
+                bail!(
+                    "--device {s}: this build has no CUDA support (build with `--features cuda`)"
+                );
             }
             Device::new_cuda(ordinal).with_context(|| format!("--device {s}"))
         }
@@ -95,7 +97,9 @@ fn method_command(m: &'static dyn Registered) -> clap::Command {
             Arg::new("print-config")
                 .long("print-config")
                 .action(ArgAction::SetTrue)
-                .help("Print the fully defaulted configuration as TOML, a comment per key, and exit"),
+                .help(
+                    "Print the fully defaulted configuration as TOML, a comment per key, and exit",
+                ),
         );
     for (flag, key, help) in m.shorthands() {
         c = c.arg(
@@ -124,7 +128,12 @@ fn run_method(m: &'static dyn Registered, a: &ArgMatches, device: &Device) -> Re
         }
     }
     let summary = m
-        .run(file.map(|p| p.as_path()), &sets, a.get_flag("resume"), device)
+        .run(
+            file.map(|p| p.as_path()),
+            &sets,
+            a.get_flag("resume"),
+            device,
+        )
         .context(m.name())?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -143,7 +152,11 @@ fn real_main() -> Result<()> {
         cmd = cmd.subcommand(method_command(m));
     }
     let matches = cmd.get_matches();
-    let device = parse_device(matches.get_one::<String>("device").map_or("cpu", |s| s.as_str()))?;
+    let device = parse_device(
+        matches
+            .get_one::<String>("device")
+            .map_or("cpu", |s| s.as_str()),
+    )?;
     let threads_arg = matches.get_one::<usize>("threads").copied();
     if let Some((name, sub)) = matches.subcommand() {
         if let Some(m) = rlhf_methods::method(name) {

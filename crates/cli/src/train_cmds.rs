@@ -83,4 +83,3 @@ pub fn compare_online(a: RunArgs, device: &Device) -> Result<()> {
     println!("{}", rlhf_recipes::compare::format_table(&report));
     Ok(())
 }
-

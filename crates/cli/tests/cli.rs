@@ -169,3 +169,52 @@ fn smollm2_answers_the_capital_of_france() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "The capital of France is Paris.");
 }
+
+#[test]
+fn print_config_shows_every_default_with_its_comment() {
+    let (ok, out, err) = run(rlhf().args(["rloo", "--print-config"]));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("# Rollout batches (iterations).\nsteps = 100\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("\n[method]\n") && out.contains("minibatches = 2"),
+        "{out}"
+    );
+    // Unset optional keys are shown commented out, with their comment.
+    assert!(
+        out.contains("# The frozen reference policy; default: `model`.\n# reference = (unset)\n"),
+        "{out}"
+    );
+    let (ok, out, _) = run(rlhf().args(["dpo", "--print-config"]));
+    assert!(ok && out.contains("loss = \"dpo\""), "{out}");
+}
+
+#[test]
+fn device_option_is_checked() {
+    let (ok, _, err) = run(rlhf()
+        .args(["--device", "tpu", "info", "--model"])
+        .arg(tiny_model()));
+    assert!(
+        !ok && err.contains("--device tpu: expected cpu, cuda or cuda:N"),
+        "{err}"
+    );
+    let (ok, out, err) = run(rlhf()
+        .args(["--device", "cpu", "info", "--model"])
+        .arg(tiny_model()));
+    assert!(ok, "{err}{out}");
+    if !cfg!(feature = "cuda") {
+        let (ok, _, err) = run(rlhf()
+            .args(["--device", "cuda:0", "info", "--model"])
+            .arg(tiny_model()));
+        assert!(!ok && err.contains("no CUDA support"), "{err}");
+    }
+}
+
+#[test]
+fn method_shorthand_flags_set_their_key() {
+    // `--loss` is `--set loss=...`: an unknown loss is refused by the configuration.
+    let (ok, _, err) = run(rlhf().args(["dpo", "--loss", "nope", "--set", "model=x"]));
+    assert!(!ok && err.contains("nope"), "{err}");
+}

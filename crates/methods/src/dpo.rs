@@ -87,6 +87,10 @@ pub static ENTRY: Entry<DpoConfig, DpoSummary> = Entry {
     name: "dpo",
     about: "Offline preference optimisation on pairs: DPO, IPO, cDPO, SimPO, ORPO (`--loss`).",
     family: Family::Offline,
-    shorthands: &[("loss", "loss", "The pair loss: dpo | ipo | cdpo | simpo | orpo")],
+    shorthands: &[(
+        "loss",
+        "loss",
+        "The pair loss: dpo | ipo | cdpo | simpo | orpo",
+    )],
     run,
 };

@@ -18,8 +18,8 @@
 //! Dividing by the group's std weights prompts whose samples barely differ as much as prompts
 //! whose samples differ a lot; a group with identical rewards gives zero advantages.
 
-use rlhf_rl::registry::{Entry, Family};
 use candle_core::{Device, Tensor};
+use rlhf_rl::registry::{Entry, Family};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 

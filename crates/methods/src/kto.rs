@@ -21,12 +21,12 @@ use rlhf_lm::score::{completion_logprobs, CompletionBatch};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
+use rlhf_rl::fit::{fit, tail_mean, FitPlan};
+use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::pref::{
     eval_names, log_named, log_report, reference_model, sequence_logps, PolicyEval, REF_CACHE,
 };
-use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::pref_losses::{self as pl, KtoBatch};
-use rlhf_rl::fit::{fit, tail_mean, FitPlan};
 use rlhf_rl::trainer::{OptimConfig, Trainer};
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -421,7 +421,10 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
             let r: Vec<[f64; 2]> = part.iter().map(|&i| refs.train[i]).collect();
             let (out, m) = kto_batch_loss(&model, &frozen, lm.pad_id, &ex, &r, cfg, device)?;
             let w = part.len() as f64 / batch.len() as f64;
-            Ok(((out.loss * w)?, m.into_iter().map(|(k, v)| (k, w * v)).collect()))
+            Ok((
+                (out.loss * w)?,
+                m.into_iter().map(|(k, v)| (k, w * v)).collect(),
+            ))
         },
         |trainer, lm| {
             let e = eval.as_ref().expect("eval_every is 0 without eval");

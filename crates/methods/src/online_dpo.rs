@@ -20,8 +20,8 @@
 //! policy. `--resume` skips finished rounds and resumes the unfinished one from its checkpoint
 //! (sampling and labelling are deterministic in the seed, so they are redone identically).
 
-use rlhf_train::rng::stream_seed;
 use rlhf_rl::registry::{Entry, Family};
+use rlhf_train::rng::stream_seed;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -32,14 +32,12 @@ use rlhf_lm::Message;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use rlhf_rl::pref::{DpoConfig, DpoSummary, PolicyEval};
 use rlhf_rl::eval::{sample, EvalReport, Generated};
-use rlhf_rl::policy::TrainableLm;
-use rlhf_rl::reward_source::{Query, RewardConfig, Rewarder};
+use rlhf_rl::judge::{eft_bootstrap, judge_candidates, EftConfig, Judge, JudgeConfig, JudgePrompt};
 use rlhf_rl::pairs::PairIds;
-use rlhf_rl::judge::{
-    eft_bootstrap, judge_candidates, EftConfig, Judge, JudgeConfig, JudgePrompt,
-};
+use rlhf_rl::policy::TrainableLm;
+use rlhf_rl::pref::{DpoConfig, DpoSummary, PolicyEval};
+use rlhf_rl::reward_source::{Query, RewardConfig, Rewarder};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -369,7 +367,8 @@ fn label_round(
         }
         LabelerKind::Annotators => {
             let task = task.expect("validated");
-            let mut annotator = Annotator::for_task(task, cfg.noise, stream_seed(round_seed, "annot"));
+            let mut annotator =
+                Annotator::for_task(task, cfg.noise, stream_seed(round_seed, "annot"));
             let mut out = Vec::new();
             for (g, group) in groups.iter().enumerate() {
                 let a = 0;
@@ -410,7 +409,13 @@ fn label_round(
                 .enumerate()
                 .map(|(i, c)| (raw_of(i).clone(), c.completion.clone()))
                 .collect();
-            let judged = judge_candidates(&judge, &jp, &cfg.judge, &items, stream_seed(round_seed, "judge"))?;
+            let judged = judge_candidates(
+                &judge,
+                &jp,
+                &cfg.judge,
+                &items,
+                stream_seed(round_seed, "judge"),
+            )?;
             stats.judgements = Some(judged.judgements);
             stats.parsed = Some(judged.parsed);
             stats.parse_rate = Some(judged.parse_rate());
@@ -589,7 +594,8 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
             ..cfg.dpo.clone()
         };
         let resume_round = resume && dir.join(rlhf_train::run::CHECKPOINTS_DIR).exists();
-        let summary = rlhf_rl::pref::train_on_pairs(&dpo_cfg, lm, pairs, None, resume_round, device)?;
+        let summary =
+            rlhf_rl::pref::train_on_pairs(&dpo_cfg, lm, pairs, None, resume_round, device)?;
         policy = summary.model.clone();
         stats.dpo = Some(summary);
         finish_round(&done, &log_path, &stats)?;

@@ -904,7 +904,8 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
                         let rows: Vec<(Vec<u32>, Vec<u32>)> =
                             ptx_idx.iter().map(|&j| ptx[j].clone()).collect();
                         let n: usize = rows.iter().map(|(_, c)| c.len()).sum();
-                        let nll = (rlhf_rl::objectives::nll_sum(lm, &rows, device)? / n.max(1) as f64)?;
+                        let nll =
+                            (rlhf_rl::objectives::nll_sum(lm, &rows, device)? / n.max(1) as f64)?;
                         ptx_losses.push(nll.to_scalar::<f32>()? as f64);
                         loss = (loss + (nll * m.ptx_coef)?)?;
                     }

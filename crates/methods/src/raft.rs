@@ -10,9 +10,9 @@
 //!
 //! The loss is SFT's token-mean NLL; the discarded k - 1 samples only cost sampling.
 
-use rlhf_train::rng::stream_seed;
-use rlhf_rl::registry::{Entry, Family};
 use candle_core::Device;
+use rlhf_rl::registry::{Entry, Family};
+use rlhf_train::rng::stream_seed;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 

@@ -11,9 +11,9 @@
 //! the first batch has b = 0. The paper samples one completion per prompt (k = 1, the default);
 //! with k > 1 the samples are simply more REINFORCE samples.
 
-use rlhf_rl::registry::{Entry, Family};
 use candle_core::Device;
 use rlhf_rl::objectives::sequence_loss;
+use rlhf_rl::registry::{Entry, Family};
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
@@ -74,7 +74,6 @@ pub fn advantages(rewards: &[f64], baseline: f64) -> Vec<f64> {
     rewards.iter().map(|r| r - baseline).collect()
 }
 
-
 pub fn run(cfg: &ReinforceConfig, resume: bool, device: &Device) -> Result<OnlineSummary> {
     let mut s = Session::start(cfg, resume, device)?;
     let mut baseline: MovingAverage = match &s.resumed_method_state {
@@ -124,7 +123,8 @@ pub fn run(cfg: &ReinforceConfig, resume: bool, device: &Device) -> Result<Onlin
 /// `rlhf reinforce`.
 pub static ENTRY: Entry<ReinforceConfig, OnlineSummary> = Entry {
     name: "reinforce",
-    about: "Online RL: REINFORCE with a moving-average baseline (sequence-level, KL-shaped reward).",
+    about:
+        "Online RL: REINFORCE with a moving-average baseline (sequence-level, KL-shaped reward).",
     family: Family::Online,
     shorthands: &[],
     run,

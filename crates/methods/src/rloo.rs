@@ -12,15 +12,15 @@
 //! reuses the batch again without any correction for the policy having moved (off-policy; keep 1
 //! unless you mean it).
 
-use rlhf_rl::registry::{Entry, Family};
 use candle_core::Device;
+use rlhf_rl::registry::{Entry, Family};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
+use rlhf_rl::objectives::sequence_loss;
 use rlhf_rl::online::{
     advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
 };
-use rlhf_rl::objectives::sequence_loss;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]

@@ -16,11 +16,11 @@ use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
 use rlhf_rl::eval::sample;
+use rlhf_rl::fit::{fit, tail_mean, FitPlan};
 use rlhf_rl::losses::neg_log_sigmoid;
+use rlhf_rl::pairs::{load_pair_ids, PairIds};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward::{self, last_token_index, RewardModel, RewardNorm, HEAD};
-use rlhf_rl::fit::{fit, tail_mean, FitPlan};
-use rlhf_rl::pairs::{load_pair_ids, PairIds};
 use rlhf_rl::trainer::{OptimConfig, Trainer};
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -261,7 +261,10 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
     reward::save(&lm, norm, &trainer.run.path().join("model"))?;
     Ok(RmSummary {
         steps: trainer.step,
-        train_accuracy: tail_mean(&history, 20).get("accuracy").copied().unwrap_or(f64::NAN),
+        train_accuracy: tail_mean(&history, 20)
+            .get("accuracy")
+            .copied()
+            .unwrap_or(f64::NAN),
         eval_accuracy,
         eval_loss,
         norm,

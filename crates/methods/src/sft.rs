@@ -103,7 +103,12 @@ pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary>
         &plan,
         |lm, batch, part| nll_share(lm, &train, batch, part, device),
         |trainer, lm| {
-            let l = eval_loss(lm, eval.as_ref().expect("eval_every is 0 without eval"), eval_batch, device)?;
+            let l = eval_loss(
+                lm,
+                eval.as_ref().expect("eval_every is 0 without eval"),
+                eval_batch,
+                device,
+            )?;
             trainer.log(&[("eval_loss", l)])
         },
     )?;

@@ -20,11 +20,11 @@ use candle_core::{Device, Tensor};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
+use rlhf_rl::objectives::token_rewards;
 use rlhf_rl::online::{
     advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
 };
 use rlhf_rl::reward_source::SourceKind;
-use rlhf_rl::objectives::token_rewards;
 use rlhf_rl::rollout::align;
 use rlhf_rl::value::{values, ValueModel};
 
@@ -67,7 +67,6 @@ impl Method for VanillaPgParams {
         Ok(())
     }
 }
-
 
 /// G_t = sum_{t' >= t} r_t' (gamma = lambda = 1).
 pub fn returns_to_go(rewards: &[f64]) -> Vec<f64> {

@@ -12,11 +12,11 @@ use rlhf_data::testbed::{task_by_name, tokenizer_for};
 use rlhf_lm::config::LlamaConfig;
 use rlhf_lm::llama::{random_weights, Llama, Trainable};
 use rlhf_methods::dpo;
-use rlhf_rl::pref::{pair_batch_loss, DpoConfig, PairLossParams, RefCache, REF_CACHE};
 use rlhf_methods::kto::{self, kto_batch_loss, mismatched_partners, KtoConfig, KtoExample};
-use rlhf_rl::policy::{fresh_tiny, tiny_config};
-use rlhf_rl::pref_losses::{self as pl, KtoBatch, PairLossKind};
 use rlhf_rl::pairs::PairIds;
+use rlhf_rl::policy::{fresh_tiny, tiny_config};
+use rlhf_rl::pref::{pair_batch_loss, DpoConfig, PairLossParams, RefCache, REF_CACHE};
+use rlhf_rl::pref_losses::{self as pl, KtoBatch, PairLossKind};
 use rlhf_rl::trainer::OptimConfig;
 use serde_json::Value;
 
@@ -836,8 +836,8 @@ fn online_dpo_rounds_with_annotators() {
 /// judges its own 4 candidates per prompt (3 judgements each), best vs worst -> DPO.
 #[test]
 fn self_rewarding_round_on_the_testbed() {
-    use rlhf_rl::judge::EftConfig;
     use rlhf_methods::online_dpo::{self as self_reward, SelfRewardConfig};
+    use rlhf_rl::judge::EftConfig;
     let dir = scratch("selfreward");
     let model = tiny_policy(&dir);
     let mut cfg = SelfRewardConfig::default();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor, Var};
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
+use rlhf_methods::{grpo, raft, reinforce, rloo, vanilla_pg};
 use rlhf_rl::kl::{k3, k3_tensor, sequence_kl, shaped_reward, KlConfig, KlController};
 use rlhf_rl::online::{split_groups, OnlineConfig};
 use rlhf_rl::policy::fresh_tiny;
@@ -20,7 +21,6 @@ use rlhf_rl::reward_source::{
     parse_scores, CommandSource, HttpSource, Query, RewardSource, Rewarder, SourceKind,
 };
 use rlhf_rl::rollout::{align, collect, Policies, Rollout, RolloutConfig, RolloutSample};
-use rlhf_methods::{grpo, raft, reinforce, rloo, vanilla_pg};
 use rlhf_train::RunDir;
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
@@ -626,11 +626,7 @@ fn tiny_model(root: &Path) -> PathBuf {
     dir
 }
 
-fn tiny_config<M: rlhf_rl::online::Method>(
-    model: &Path,
-    out: &Path,
-    k: usize,
-) -> OnlineConfig<M> {
+fn tiny_config<M: rlhf_rl::online::Method>(model: &Path, out: &Path, k: usize) -> OnlineConfig<M> {
     let mut c = OnlineConfig::<M>::default();
     c.model = model.to_path_buf();
     c.task = Some("sentiment".into());

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
-use rlhf_rl::online::OnlineConfig;
-use rlhf_rl::policy::fresh_tiny;
 use rlhf_methods::ppo::{
     self, clipped_surrogate, clipped_value_loss, explained_variance, gae, normalize_scores,
     quantile, surrogate_loss, token_rewards, value_loss_tensor, whiten, PpoConfig, PpoParams,
     RewardScaling, RunningMoments, TripAction, Whiten,
 };
+use rlhf_rl::online::OnlineConfig;
+use rlhf_rl::policy::fresh_tiny;
 use rlhf_rl::reward_source::SourceKind;
 
 fn close(a: f64, b: f64, tol: f64) -> bool {

@@ -30,7 +30,9 @@ fn undocumented_keys(text: &str) -> Vec<String> {
         if is_header {
             table = line.trim_matches(|c| c == '[' || c == ']').to_string();
         }
-        if (is_key || is_header) && !(i > 0 && lines[i - 1].starts_with("# ") && !lines[i - 1].ends_with("= (unset)")) {
+        if (is_key || is_header)
+            && !(i > 0 && lines[i - 1].starts_with("# ") && !lines[i - 1].ends_with("= (unset)"))
+        {
             missing.push(format!("{table}: {line}"));
         }
     }
@@ -61,11 +63,18 @@ fn print_config_documents_every_key_and_parses_back() {
         let with_seed = m.resolved_toml(Some(&path), &["seed=7".into()]).unwrap();
         assert!(with_seed.contains("seed = 7"), "{}: {with_seed}", m.name());
     }
-    assert!(all_missing.is_empty(), "undocumented keys:\n{}", all_missing.join("\n"));
+    assert!(
+        all_missing.is_empty(),
+        "undocumented keys:\n{}",
+        all_missing.join("\n")
+    );
 }
 
 #[test]
 fn undocumented_keys_are_found() {
     let text = "# doc\na = 1\nb = 2\n\n[t]\n# doc\nc = 3\n# d = (unset)\n";
-    assert_eq!(undocumented_keys(text), vec![": b = 2", "t: [t]", "t: # d = (unset)"]);
+    assert_eq!(
+        undocumented_keys(text),
+        vec![": b = 2", "t: [t]", "t: # d = (unset)"]
+    );
 }

@@ -4,13 +4,13 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
+use rlhf_methods::rm::pair_loss;
+use rlhf_methods::sft::{self, SftConfig};
 use rlhf_rl::losses::neg_log_sigmoid;
+use rlhf_rl::objectives::nll_sum;
+use rlhf_rl::pairs::PairIds;
 use rlhf_rl::policy::{fresh_tiny, TrainableLm};
 use rlhf_rl::reward::{add_head, RewardModel};
-use rlhf_methods::rm::pair_loss;
-use rlhf_rl::pairs::PairIds;
-use rlhf_methods::sft::{self, SftConfig};
-use rlhf_rl::objectives::nll_sum;
 use rlhf_rl::trainer::OptimConfig;
 
 fn scratch(tag: &str) -> PathBuf {

@@ -13,13 +13,13 @@ use rlhf_lm::generate::SamplingParams;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
+use rlhf_methods::rm::{self, RmConfig};
+use rlhf_methods::sft::{self, SftConfig};
 use rlhf_rl::best_of_n::{best_of_n, kl_bound};
 use rlhf_rl::eval::{judge, sample, EvalReport, Generated, Judges};
 use rlhf_rl::policy::{fresh_tiny, TrainableLm};
 use rlhf_rl::preferences::{sample_and_label, write_pairs};
 use rlhf_rl::reward::RewardModel;
-use rlhf_methods::rm::{self, RmConfig};
-use rlhf_methods::sft::{self, SftConfig};
 use rlhf_rl::trainer::OptimConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -233,7 +233,8 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     };
     let rm_summary = rm::run(&rm_cfg, false, device)?;
     let reward_model = RewardModel::load(&out.join("rm/model"), device)?;
-    let clean = rlhf_rl::pairs::load_pair_ids(&sft_lm, &data.join("prefs_eval_clean.jsonl"), 64, false)?;
+    let clean =
+        rlhf_rl::pairs::load_pair_ids(&sft_lm, &data.join("prefs_eval_clean.jsonl"), 64, false)?;
     let (_, rm_clean_accuracy) = rm::evaluate_pairs(&reward_model, &clean)?;
 
     step("evaluation against the SFT policy, judged by gold");

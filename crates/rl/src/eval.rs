@@ -75,7 +75,10 @@ pub struct EvalReport {
 impl EvalReport {
     /// The report as metrics, named `eval/<field of eval.json>` (the same names for every method).
     pub fn metrics(&self) -> Vec<(&'static str, f64)> {
-        let mut m = vec![("eval/winrate", self.winrate), ("eval/mean_len", self.mean_len)];
+        let mut m = vec![
+            ("eval/winrate", self.winrate),
+            ("eval/mean_len", self.mean_len),
+        ];
         if let Some(g) = self.gold_mean {
             m.push(("eval/gold_mean", g));
         }

@@ -13,8 +13,8 @@ use candle_core::Tensor;
 use rlhf_train::{Result, TrainError};
 
 use crate::policy::TrainableLm;
-use rlhf_train::rng::epoch_order;
 use crate::trainer::Trainer;
+use rlhf_train::rng::epoch_order;
 
 /// How a data set is walked: epochs, batch size, the shuffling seed, and when to log, evaluate and
 /// checkpoint (every so many optimiser steps; 0 turns evaluation / checkpoints off).
@@ -70,11 +70,18 @@ pub fn fit(
     lm: &TrainableLm,
     examples: usize,
     plan: &FitPlan,
-    mut loss_of: impl FnMut(&TrainableLm, &[usize], &[usize]) -> Result<(Tensor, Vec<(&'static str, f64)>)>,
+    mut loss_of: impl FnMut(
+        &TrainableLm,
+        &[usize],
+        &[usize],
+    ) -> Result<(Tensor, Vec<(&'static str, f64)>)>,
     mut on_eval: impl FnMut(&mut Trainer, &TrainableLm) -> Result<()>,
 ) -> Result<History> {
     if examples == 0 {
-        return Err(TrainError::invalid(format!("{}: no training examples", plan.label)));
+        return Err(TrainError::invalid(format!(
+            "{}: no training examples",
+            plan.label
+        )));
     }
     let per_epoch = plan.steps_per_epoch(examples);
     let total = plan.total_steps(examples);
@@ -155,5 +162,7 @@ pub fn tail_mean(history: &History, n: usize) -> std::collections::BTreeMap<Stri
             e.1 += 1;
         }
     }
-    sums.into_iter().map(|(k, (s, c))| (k, s / c as f64)).collect()
+    sums.into_iter()
+        .map(|(k, (s, c))| (k, s / c as f64))
+        .collect()
 }

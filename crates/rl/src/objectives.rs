@@ -30,7 +30,10 @@ pub fn nll_share(
 ) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
     let n_tokens: usize = batch.iter().map(|&i| rows[i].1.len()).sum();
     let part_rows: Vec<_> = part.iter().map(|&i| rows[i].clone()).collect();
-    Ok(((nll_sum(lm, &part_rows, device)? / n_tokens.max(1) as f64)?, Vec::new()))
+    Ok((
+        (nll_sum(lm, &part_rows, device)? / n_tokens.max(1) as f64)?,
+        Vec::new(),
+    ))
 }
 
 /// Evaluation loss (mean NLL per completion token) without gradients.

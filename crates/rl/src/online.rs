@@ -45,7 +45,14 @@ use crate::trainer::{epoch_order, OptimConfig, StepStats, Trainer};
 
 /// A method's own parameters (the `[method]` table) and how it changes the shared defaults.
 pub trait Method:
-    Default + Clone + std::fmt::Debug + Serialize + DeserializeOwned + schemars::JsonSchema + Send + Sync
+    Default
+    + Clone
+    + std::fmt::Debug
+    + Serialize
+    + DeserializeOwned
+    + schemars::JsonSchema
+    + Send
+    + Sync
 {
     const NAME: &'static str;
     /// Change the shared defaults (k, beta, ...) for this method.

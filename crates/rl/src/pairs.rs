@@ -81,4 +81,3 @@ pub fn load_pair_ids(
         })
         .collect()
 }
-

@@ -24,10 +24,10 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{run_eval, EvalConfig, EvalReport};
+use crate::fit::{fit, tail_mean, FitPlan};
+use crate::pairs::PairIds;
 use crate::policy::TrainableLm;
 use crate::pref_losses::{self as pl, PairLossKind, PrefLoss};
-use crate::pairs::PairIds;
-use crate::fit::{fit, tail_mean, FitPlan};
 use crate::trainer::{OptimConfig, Trainer};
 
 /// File in the run directory holding the cached reference log-probs.
@@ -514,7 +514,10 @@ pub fn train_on_pairs(
             let (out, m) =
                 pair_batch_loss(&model, lm.pad_id, &pairs, r.as_deref(), &params, device)?;
             let w = part.len() as f64 / batch.len() as f64;
-            Ok(((out.loss * w)?, m.into_iter().map(|(k, v)| (k, w * v)).collect()))
+            Ok((
+                (out.loss * w)?,
+                m.into_iter().map(|(k, v)| (k, w * v)).collect(),
+            ))
         },
         |trainer, lm| {
             let e = eval.as_ref().expect("eval_every is 0 without eval");
@@ -576,4 +579,3 @@ pub fn log_named(trainer: &mut Trainer, m: &Metrics) -> Result<()> {
 pub fn log_report(trainer: &mut Trainer, r: &EvalReport) -> Result<()> {
     trainer.log(&r.metrics())
 }
-

@@ -50,7 +50,12 @@ impl ValueModel {
             return Ok(lm);
         }
         let mut w = lm.params.snapshot()?;
-        add_head(&mut w, lm.config.hidden_size, rlhf_train::rng::stream_seed(seed, "valu"), device)?;
+        add_head(
+            &mut w,
+            lm.config.hidden_size,
+            rlhf_train::rng::stream_seed(seed, "valu"),
+            device,
+        )?;
         Ok(TrainableLm {
             params: rlhf_lm::llama::Trainable::new(&w)?,
             ..lm

@@ -34,7 +34,9 @@ pub fn resolve<T: Serialize + DeserializeOwned + Default>(
     }
     for set in sets {
         let Some((key, raw)) = set.split_once('=') else {
-            return Err(TrainError::invalid(format!("--set {set}: expected key=value")));
+            return Err(TrainError::invalid(format!(
+                "--set {set}: expected key=value"
+            )));
         };
         let value = parse_value(raw);
         set_dotted(&mut table, key.trim(), value)
@@ -109,7 +111,10 @@ fn resolve_ref<'a>(schema: &'a Json, defs: &'a Json) -> &'a Json {
                 None => break,
             }
         } else if let Some(Json::Array(parts)) = s.get("allOf").or_else(|| s.get("anyOf")) {
-            match parts.iter().find(|p| p.get("type") != Some(&Json::String("null".into()))) {
+            match parts
+                .iter()
+                .find(|p| p.get("type") != Some(&Json::String("null".into())))
+            {
                 Some(p) => s = p,
                 None => break,
             }
@@ -138,7 +143,9 @@ fn comment(out: &mut String, text: &str) {
 
 /// The keys' order: as declared in the schema, then any others.
 fn ordered_keys(table: &Table, props: Option<&serde_json::Map<String, Json>>) -> Vec<String> {
-    let mut keys: Vec<String> = props.map(|p| p.keys().cloned().collect()).unwrap_or_default();
+    let mut keys: Vec<String> = props
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
     for k in table.keys() {
         if !keys.contains(k) {
             keys.push(k.clone());
@@ -172,7 +179,11 @@ fn write_table(out: &mut String, prefix: &str, table: &Table, schema: &Json, def
         }
     }
     for (key, t, field, doc) in nested {
-        let name = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
+        let name = if prefix.is_empty() {
+            key
+        } else {
+            format!("{prefix}.{key}")
+        };
         out.push('\n');
         if let Some(d) = &doc {
             comment(out, d);

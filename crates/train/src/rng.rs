@@ -43,7 +43,8 @@ pub fn stream_seed(seed: u64, name: &str) -> u64 {
 
 /// The seed of the `index`-th draw (iteration, round) of a per-step stream.
 pub fn step_seed(seed: u64, index: u64) -> u64 {
-    seed.wrapping_mul(GOLDEN).wrapping_add(index.wrapping_mul(1_000_003))
+    seed.wrapping_mul(GOLDEN)
+        .wrapping_add(index.wrapping_mul(1_000_003))
 }
 
 const ALGORITHM: &str = "chacha8";
