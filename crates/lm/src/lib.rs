@@ -4,6 +4,7 @@
 pub mod batch;
 pub mod chat;
 pub mod config;
+pub mod episode;
 pub mod error;
 pub mod fused;
 pub mod generate;
@@ -17,6 +18,7 @@ pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};
 pub use config::{Family, LlamaConfig};
+pub use episode::{Episode, Role, Span};
 pub use error::{LmError, Result};
 pub use pretrained::Pretrained;
 pub use tokenizer::Tokenizer;

@@ -4,10 +4,15 @@
 //! Tokenisation follows TRL: the prompt is encoded with the tokenizer's special tokens, the
 //! completion without, and the two id lists are concatenated (never re-tokenised as one string,
 //! which can merge tokens across the boundary).
+//!
+//! Rows are [`Episode`]s: spans with roles, flattened into one sequence and scored in one forward
+//! pass, with per-role masks over the targets. A (prompt, completion) pair is the one-span case
+//! (`[Prompt, Assistant]`), so [`CompletionBatch`] is built from an [`EpisodeBatch`].
 
 use candle_core::{Device, Tensor, D};
 
 use crate::batch::TokenBatch;
+use crate::episode::{Episode, Role};
 use crate::error::{LmError, Result};
 use crate::llama::Llama;
 use crate::tokenizer::Tokenizer;
@@ -78,7 +83,98 @@ pub fn next_token_logprobs(model: &Llama, batch: &TokenBatch, temperature: f64) 
     gather_logprobs(&logits, &batch.ids.narrow(1, 1, t - 1)?, temperature)
 }
 
-/// A right-padded batch of prompt + completion rows, with a mask over the completion tokens.
+/// A right-padded batch of episodes with per-role masks over the targets.
+/// Target index j of a row predicts token j + 1 (the layout of [`next_token_logprobs`]).
+pub struct EpisodeBatch {
+    /// ids, positions and attention mask, (b, t), right-padded.
+    pub tokens: TokenBatch,
+    /// (b, t - 1) f32: 1 where the target is a real token (any role), 0 where it is padding.
+    pub target_mask: Tensor,
+    /// (b, t - 1) f32: 1 where the target is an assistant token.
+    pub assistant_mask: Tensor,
+    /// (b, t - 1) f32: 1 where the target is a user token.
+    pub user_mask: Tensor,
+    /// Host copy: per row, the role of each target index (length = that row's tokens - 1).
+    pub roles: Vec<Vec<Role>>,
+}
+
+impl EpisodeBatch {
+    pub fn new(episodes: &[Episode], pad: u32, device: &Device) -> Result<Self> {
+        if episodes.is_empty() {
+            return Err(LmError::Invalid("no episodes to score".into()));
+        }
+        for (i, e) in episodes.iter().enumerate() {
+            e.validate()
+                .map_err(|err| LmError::Invalid(format!("episode {i}: {err}")))?;
+        }
+        let rows: Vec<Vec<u32>> = episodes.iter().map(Episode::ids).collect();
+        let tokens = TokenBatch::right_padded(&rows, pad, device)?;
+        let roles: Vec<Vec<Role>> = episodes.iter().map(Episode::target_roles).collect();
+        let b = episodes.len();
+        // A batch of one-token rows still gets a one-column mask (all zeros).
+        let width = tokens.dims().1.saturating_sub(1).max(1);
+        let mask_of = |keep: &dyn Fn(Role) -> bool| -> Result<Tensor> {
+            let mut m = vec![0f32; b * width];
+            for (r, row) in roles.iter().enumerate() {
+                for (j, &role) in row.iter().enumerate() {
+                    if keep(role) {
+                        m[r * width + j] = 1.0;
+                    }
+                }
+            }
+            Ok(Tensor::from_vec(m, (b, width), device)?)
+        };
+        Ok(EpisodeBatch {
+            target_mask: mask_of(&|_| true)?,
+            assistant_mask: mask_of(&|r| r == Role::Assistant)?,
+            user_mask: mask_of(&|r| r == Role::User)?,
+            tokens,
+            roles,
+        })
+    }
+
+    /// Per-token values of each row's `role` targets (in order) placed at their target indices,
+    /// zero elsewhere: `(b, t - 1)` f32, aligned with [`episode_logprobs`]. E.g. the log-probs
+    /// the sampler reported for the assistant turns.
+    pub fn scatter(&self, role: Role, rows: &[&[f32]]) -> Result<Tensor> {
+        let (b, width) = self.target_mask.dims2()?;
+        if rows.len() != b {
+            return Err(LmError::Invalid(format!(
+                "scatter: {} rows for a batch of {b}",
+                rows.len()
+            )));
+        }
+        let mut out = vec![0f32; b * width];
+        for (r, (roles, values)) in self.roles.iter().zip(rows).enumerate() {
+            let at: Vec<usize> = (0..roles.len()).filter(|&j| roles[j] == role).collect();
+            if at.len() != values.len() {
+                return Err(LmError::Invalid(format!(
+                    "scatter: row {r} has {} values for {} {role:?} tokens",
+                    values.len(),
+                    at.len()
+                )));
+            }
+            for (j, &v) in at.into_iter().zip(values.iter()) {
+                out[r * width + j] = v;
+            }
+        }
+        Ok(Tensor::from_vec(
+            out,
+            (b, width),
+            self.target_mask.device(),
+        )?)
+    }
+}
+
+/// Per-token log-probs of every real target of every episode, (b, t - 1), zero where the target
+/// is padding. Select roles with the batch's masks (`assistant_mask`, `user_mask`).
+pub fn episode_logprobs(model: &Llama, batch: &EpisodeBatch, temperature: f64) -> Result<Tensor> {
+    let lp = next_token_logprobs(model, &batch.tokens, temperature)?;
+    Ok(lp.broadcast_mul(&batch.target_mask.to_dtype(lp.dtype())?)?)
+}
+
+/// A right-padded batch of prompt + completion rows, with a mask over the completion tokens:
+/// the one-span case of [`EpisodeBatch`] (each row is `[Prompt, Assistant]`).
 pub struct CompletionBatch {
     pub tokens: TokenBatch,
     /// (b, t - 1) f32: 1 where the target at that index is a completion token.
@@ -97,27 +193,18 @@ impl CompletionBatch {
         if let Some(i) = pairs.iter().position(|(p, _)| p.is_empty()) {
             return Err(LmError::Invalid(format!("pair {i}: empty prompt")));
         }
-        let rows: Vec<Vec<u32>> = pairs
+        let episodes: Vec<Episode> = pairs
             .iter()
-            .map(|(p, c)| [p.as_slice(), c.as_slice()].concat())
+            .map(|(p, c)| Episode::single_turn(p.clone(), c.clone()))
             .collect();
-        let t = rows.iter().map(|r| r.len()).max().unwrap_or(0).max(2);
-        let tokens = TokenBatch::right_padded(&rows, pad, device)?;
-        let (_, t_batch) = tokens.dims();
-        debug_assert!(t_batch <= t);
-        let width = t_batch.saturating_sub(1).max(1);
-        let mut mask = vec![0f32; pairs.len() * width];
-        let mut spans = Vec::with_capacity(pairs.len());
-        for (r, (p, c)) in pairs.iter().enumerate() {
-            let span = (p.len() - 1)..(p.len() - 1 + c.len());
-            for i in span.clone() {
-                mask[r * width + i] = 1.0;
-            }
-            spans.push(span);
-        }
+        let batch = EpisodeBatch::new(&episodes, pad, device)?;
+        let spans = pairs
+            .iter()
+            .map(|(p, c)| (p.len() - 1)..(p.len() - 1 + c.len()))
+            .collect();
         Ok(CompletionBatch {
-            tokens,
-            completion_mask: Tensor::from_vec(mask, (pairs.len(), width), device)?,
+            tokens: batch.tokens,
+            completion_mask: batch.assistant_mask,
             spans,
         })
     }

@@ -1,5 +1,7 @@
 //! Losses shared by several methods: completion NLL (SFT, RAFT, PPO's pre-training mix),
 //! the sequence-level policy-gradient loss (REINFORCE, RLOO), and per-token KL-shaped rewards.
+//! The `masked_*` forms take an episode batch's role masks, so multi-turn episodes train the
+//! policy on assistant tokens only and, where a method asks for it, model the user's tokens.
 
 use candle_core::{Device, Tensor};
 use rlhf_lm::score::{completion_logprobs, CompletionBatch};
@@ -65,6 +67,38 @@ pub fn sequence_loss(logprobs: &Tensor, advantages: &[f64]) -> Result<Tensor> {
     )?
     .to_dtype(seq.dtype())?;
     Ok((seq * adv)?.mean_all()?.neg()?)
+}
+
+/// [`sequence_loss`] over the tokens of `mask` only: -mean_i(A_i * sum_t m_i,t * logp_i,t).
+/// logprobs, mask: `(b, t - 1)` (e.g. an episode batch's `assistant_mask`); advantages: `b`.
+pub fn masked_sequence_loss(
+    logprobs: &Tensor,
+    mask: &Tensor,
+    advantages: &[f64],
+) -> Result<Tensor> {
+    let masked = logprobs.broadcast_mul(&mask.to_dtype(logprobs.dtype())?)?;
+    sequence_loss(&masked, advantages)
+}
+
+/// Token-level policy gradient over the tokens of `mask`:
+/// -sum_i,t(m_i,t * A_i,t * logp_i,t) / sum_i,t m_i,t. logprobs, mask, advantages: `(b, t - 1)`.
+pub fn masked_token_loss(logprobs: &Tensor, mask: &Tensor, advantages: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(logprobs.dtype())?;
+    let n_tokens = mask
+        .sum_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_scalar::<f64>()?;
+    let weighted = (logprobs * advantages.to_dtype(logprobs.dtype())?)?.broadcast_mul(&mask)?;
+    Ok((weighted.sum_all()?.neg()? / n_tokens.max(1.0))?)
+}
+
+/// Summed NLL of the tokens of `mask`: -sum_i,t(m_i,t * logp_i,t). logprobs, mask: `(b, t - 1)`
+/// (e.g. an episode batch's `user_mask`, to model the user's turns).
+pub fn masked_nll(logprobs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    Ok(logprobs
+        .broadcast_mul(&mask.to_dtype(logprobs.dtype())?)?
+        .sum_all()?
+        .neg()?)
 }
 
 /// Per-token rewards: -beta * (logp_t - ref_t) at every token, plus `score` at the last.

@@ -11,13 +11,15 @@
 //! Per-token numbers (`logprobs`, `ref_logprobs`, and whatever a method adds, e.g. values) are
 //! plain vectors over the completion's tokens; [`align`] places them into the `(b, t - 1)` layout of
 //! a [`CompletionBatch`] of the same rows, where `completion_logprobs` gives the policy's
-//! differentiable log-probs.
+//! differentiable log-probs. A sample is also an [`Episode`] (one prompt span, one assistant span),
+//! and `CompletionBatch` is that one-span case of `EpisodeBatch`, so single-turn and multi-turn rows
+//! share one scoring path.
 
 use candle_core::{Device, Tensor};
 use rlhf_lm::generate::SamplingParams;
 use rlhf_lm::llama::Llama;
 use rlhf_lm::score::{score_pairs, CompletionBatch};
-use rlhf_lm::Tokenizer;
+use rlhf_lm::{Episode, Tokenizer};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
@@ -125,6 +127,10 @@ impl RolloutSample {
     }
     pub fn is_empty(&self) -> bool {
         self.completion_ids.is_empty()
+    }
+    /// The sample as an episode: one prompt span and one assistant span.
+    pub fn episode(&self) -> Episode {
+        Episode::single_turn(self.prompt_ids.clone(), self.completion_ids.clone())
     }
 }
 
@@ -272,6 +278,10 @@ impl Rollout {
     /// The padded batch (with its completion mask) of the samples at `idx`.
     pub fn batch(&self, idx: &[usize], pad: u32, device: &Device) -> Result<CompletionBatch> {
         Ok(CompletionBatch::new(&self.rows(idx), pad, device)?)
+    }
+    /// The samples at `idx` as single-turn episodes.
+    pub fn episodes(&self, idx: &[usize]) -> Vec<Episode> {
+        idx.iter().map(|&i| self.samples[i].episode()).collect()
     }
     /// Completion tokens in the batch.
     pub fn num_tokens(&self) -> usize {
