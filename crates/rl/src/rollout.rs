@@ -32,10 +32,13 @@ use crate::reward_source::{Query, Rewarder};
 pub struct RolloutConfig {
     /// Completions per prompt (RLOO's k, GRPO's group size, RAFT's candidates).
     pub k: usize,
+    /// Longest completion in tokens (a completion that reaches it without EOS is unfinished).
     pub max_new_tokens: usize,
     /// Sampling temperature; log-probs (policy, reference, training) are taken at the same one.
     pub temperature: f64,
+    /// Sample among the k most likely tokens only (unset: off).
     pub top_k: Option<usize>,
+    /// Nucleus sampling: the smallest set of tokens with this much probability (unset: off).
     pub top_p: Option<f64>,
     /// Taken off the score of a completion that hit `max_new_tokens` without EOS.
     pub missing_eos_penalty: Option<f64>,
