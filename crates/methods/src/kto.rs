@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use rlhf_rl::fit::{fit, tail_mean, FitPlan};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::pref::{
-    eval_names, log_named, log_report, reference_model, sequence_logps, PolicyEval, REF_CACHE,
+    cached_reference_logps, eval_names, log_named, log_report, PolicyEval, REF_CACHE,
 };
 use rlhf_rl::pref_losses::{self as pl, KtoBatch};
 use rlhf_rl::trainer::{OptimConfig, Trainer};
@@ -224,31 +224,16 @@ pub fn mismatched_partners(prompts: &[&str]) -> Vec<usize> {
         .collect()
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-struct KtoRefCache {
-    reference: String,
-    /// `[matched, mismatched]` reference sums per example.
-    train: Vec<[f64; 2]>,
-    eval: Vec<[f64; 2]>,
-}
-
-fn reference_logps(
-    reference: &Llama,
-    ex: &[KtoExample],
-    pad: u32,
-    bs: usize,
-) -> Result<Vec<[f64; 2]>> {
-    let rows: Vec<(Vec<u32>, Vec<u32>)> = ex
-        .iter()
+/// The two rows each example is scored as: its completion and its mismatched partner's.
+fn example_rows(ex: &[KtoExample]) -> Vec<(Vec<u32>, Vec<u32>)> {
+    ex.iter()
         .flat_map(|e| {
             [
                 (e.prompt.clone(), e.completion.clone()),
                 (e.prompt.clone(), e.kl_completion.clone()),
             ]
         })
-        .collect();
-    let s = sequence_logps(reference, &rows, pad, bs)?;
-    Ok(s.chunks(2).map(|c| [c[0], c[1]]).collect())
+        .collect()
 }
 
 /// One KTO batch: policy log-probs of the matched rows through `model` (trainable or not), of the
@@ -360,37 +345,18 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
             "note: desirable_weight * {n_d} / (undesirable_weight * {n_u}) = {balance:.2}; the KTO paper advises 1 to 1.5"
         );
     }
-    let reference_name = cfg
-        .ref_model
-        .as_ref()
-        .unwrap_or(&cfg.model)
-        .display()
-        .to_string();
-    let cache_path = cfg.output_dir.join(REF_CACHE);
-    let n_eval = eval.as_ref().map_or(0, |e| e.len());
-    let cached: Option<KtoRefCache> = std::fs::read_to_string(&cache_path)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .filter(|c: &KtoRefCache| {
-            resume
-                && c.reference == reference_name
-                && c.train.len() == train.len()
-                && c.eval.len() == n_eval
-        });
-    let refs = match cached {
-        Some(c) => c,
-        None => {
-            let reference = reference_model(&lm, cfg.ref_model.as_deref(), device)?;
-            KtoRefCache {
-                reference: reference_name,
-                train: reference_logps(&reference, &train, lm.pad_id, cfg.ref_batch_size)?,
-                eval: match &eval {
-                    Some(e) => reference_logps(&reference, e, lm.pad_id, cfg.ref_batch_size)?,
-                    None => Vec::new(),
-                },
-            }
-        }
-    };
+    // 2. Reference sums of the matched and mismatched rows, computed once (or from the cache).
+    let refs = cached_reference_logps(
+        &lm,
+        cfg.ref_model.as_deref(),
+        &cfg.model,
+        &cfg.output_dir,
+        resume,
+        &example_rows(&train),
+        &eval.as_deref().map(example_rows).unwrap_or_default(),
+        cfg.ref_batch_size,
+        device,
+    )?;
     // 3. Epochs of KTO steps; the batch KL term uses each example's mismatched completion under
     //    the current weights without a gradient, as TRL does.
     let plan = FitPlan {
@@ -403,12 +369,7 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
     };
     let total = plan.total_steps(train.len());
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
-    rlhf_train::run::write_atomic(
-        &trainer.run.path().join(REF_CACHE),
-        serde_json::to_string(&refs)
-            .expect("serialisable")
-            .as_bytes(),
-    )?;
+    refs.save(&trainer.run.path().join(REF_CACHE))?;
     let history = fit(
         &mut trainer,
         &lm,

@@ -292,14 +292,9 @@ pub fn sequence_logps(
         .collect())
 }
 
-/// Reference `[chosen, rejected]` sums for each pair.
-pub fn pair_reference_logps(
-    reference: &Llama,
-    pairs: &[PairIds],
-    pad: u32,
-    batch_size: usize,
-) -> Result<Vec<[f64; 2]>> {
-    let rows: Vec<(Vec<u32>, Vec<u32>)> = pairs
+/// The two rows of each pair, `(prompt, chosen)` then `(prompt, rejected)`, for scoring.
+pub fn pair_rows(pairs: &[PairIds]) -> Vec<(Vec<u32>, Vec<u32>)> {
+    pairs
         .iter()
         .flat_map(|p| {
             [
@@ -307,9 +302,59 @@ pub fn pair_reference_logps(
                 (p.prompt.clone(), p.rejected.clone()),
             ]
         })
-        .collect();
-    let s = sequence_logps(reference, &rows, pad, batch_size)?;
+        .collect()
+}
+
+/// Reference log-prob sums of items scored as two rows each (`rows[2i]`, `rows[2i + 1]`: a pair's
+/// chosen and rejected, or a KTO example's completion and its mismatched partner).
+pub fn two_row_reference_logps(
+    reference: &Llama,
+    rows: &[(Vec<u32>, Vec<u32>)],
+    pad: u32,
+    batch_size: usize,
+) -> Result<Vec<[f64; 2]>> {
+    let s = sequence_logps(reference, rows, pad, batch_size)?;
     Ok(s.chunks(2).map(|c| [c[0], c[1]]).collect())
+}
+
+/// The reference's `[a, b]` sums for the train and eval items (two rows each): taken from the
+/// run directory's cache when resuming with the same reference and data sizes, else computed now,
+/// once, with the frozen reference (`ref_model`, default: the initial weights of `lm`). The
+/// caller saves the result in the run directory once it exists.
+#[allow(clippy::too_many_arguments)]
+pub fn cached_reference_logps(
+    lm: &TrainableLm,
+    ref_model: Option<&Path>,
+    model: &Path,
+    output_dir: &Path,
+    resume: bool,
+    train_rows: &[(Vec<u32>, Vec<u32>)],
+    eval_rows: &[(Vec<u32>, Vec<u32>)],
+    batch_size: usize,
+    device: &Device,
+) -> Result<RefCache> {
+    let reference_name = ref_model.unwrap_or(model).display().to_string();
+    let (n_train, n_eval) = (train_rows.len() / 2, eval_rows.len() / 2);
+    let cached = RefCache::load(&output_dir.join(REF_CACHE)).filter(|c| {
+        resume && c.reference == reference_name && c.train.len() == n_train && c.eval.len() == n_eval
+    });
+    if let Some(c) = cached {
+        return Ok(c);
+    }
+    let started = std::time::Instant::now();
+    let reference = reference_model(lm, ref_model, device)?;
+    let train = two_row_reference_logps(&reference, train_rows, lm.pad_id, batch_size)?;
+    let eval = two_row_reference_logps(&reference, eval_rows, lm.pad_id, batch_size)?;
+    eprintln!(
+        "reference log-probs of {} items in {:.1} s",
+        n_train + n_eval,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(RefCache {
+        reference: reference_name,
+        train,
+        eval,
+    })
 }
 
 /// One batch of pairs through `model` (trainable for a training step, detached for evaluation):
@@ -447,44 +492,19 @@ pub fn train_on_pairs(
         return Err(TrainError::invalid("no preference pairs to train on"));
     }
     let params = PairLossParams::from_config(cfg);
-    let reference_name = cfg
-        .ref_model
-        .as_ref()
-        .unwrap_or(&cfg.model)
-        .display()
-        .to_string();
     // Reference log-probs: from the cache of a resumed run, else computed now, once.
-    let cache_path = cfg.output_dir.join(REF_CACHE);
-    let n_eval = eval.as_ref().map_or(0, |e| e.len());
     let refs: Option<RefCache> = if params.kind.needs_reference() {
-        let cached = RefCache::load(&cache_path).filter(|c| {
-            resume
-                && c.reference == reference_name
-                && c.train.len() == train.len()
-                && c.eval.len() == n_eval
-        });
-        Some(match cached {
-            Some(c) => c,
-            None => {
-                let started = std::time::Instant::now();
-                let reference = reference_model(&lm, cfg.ref_model.as_deref(), device)?;
-                let t = pair_reference_logps(&reference, &train, lm.pad_id, cfg.ref_batch_size)?;
-                let e = match &eval {
-                    Some(e) => pair_reference_logps(&reference, e, lm.pad_id, cfg.ref_batch_size)?,
-                    None => Vec::new(),
-                };
-                eprintln!(
-                    "reference log-probs of {} pairs in {:.1} s",
-                    train.len() + n_eval,
-                    started.elapsed().as_secs_f64()
-                );
-                RefCache {
-                    reference: reference_name,
-                    train: t,
-                    eval: e,
-                }
-            }
-        })
+        Some(cached_reference_logps(
+            &lm,
+            cfg.ref_model.as_deref(),
+            &cfg.model,
+            &cfg.output_dir,
+            resume,
+            &pair_rows(&train),
+            &eval.as_deref().map(pair_rows).unwrap_or_default(),
+            cfg.ref_batch_size,
+            device,
+        )?)
     } else {
         None
     };
