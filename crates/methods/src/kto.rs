@@ -427,40 +427,6 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
     })
 }
 
-/// KTO's counterpart of [`rlhf_rl::pref::testbed_config`]: the same pairs split into desirable and
-/// undesirable examples, the same schedule at lr 1e-4 (2e-4 collapses on some seeds).
-pub fn testbed_config(
-    task: &str,
-    sft_model: &Path,
-    pairs: &Path,
-    output_dir: &Path,
-    seed: u64,
-) -> KtoConfig {
-    KtoConfig {
-        model: sft_model.to_path_buf(),
-        pairs_file: Some(pairs.to_path_buf()),
-        output_dir: output_dir.to_path_buf(),
-        epochs: 2,
-        batch_size: 32,
-        max_len: 64,
-        save_every: 0,
-        log_every: 10,
-        seed,
-        optim: OptimConfig {
-            lr: 1e-4,
-            ..OptimConfig::default()
-        },
-        // As `rlhf compare-online` evaluates (16 new tokens, eval seed 12345, batches of 64):
-        // the same SFT reference samples, so the rows compare.
-        eval: PolicyEval {
-            task: Some(task.to_string()),
-            max_new_tokens: Some(16),
-            ..PolicyEval::default()
-        },
-        ..KtoConfig::default()
-    }
-}
-
 /// `rlhf kto`.
 pub static ENTRY: Entry<KtoConfig, KtoSummary> = Entry {
     name: "kto",
