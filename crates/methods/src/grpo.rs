@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use rlhf_rl::kl::k3_tensor;
 use rlhf_rl::online::{
-    advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
+    advantage_metrics, mean, policy_logprobs, BatchSteps, Method, OnlineConfig, OnlineSummary,
+    Session,
 };
 use rlhf_rl::rollout::align;
 
@@ -156,10 +157,10 @@ pub fn run(cfg: &GrpoConfig, resume: bool, device: &Device) -> Result<OnlineSumm
         let adv = advantages(&rollout.scores(), rollout.k, p.std_eps);
         // 2. Clipped-ratio steps with the k3 penalty, against the sampling policy's log-probs.
         let beta = s.kl.beta;
-        let (mut losses, mut clip, mut k3, mut last) = (vec![], vec![], vec![], None);
+        let (mut steps, mut clip, mut k3) = (BatchSteps::default(), vec![], vec![]);
         for epoch in 0..p.epochs as u64 {
             for mb in s.minibatches(&rollout, p.minibatches, epoch) {
-                let (l, st) = s.optimizer_step(&mb, |lm, part| {
+                steps.push(s.optimizer_step(&mb, |lm, part| {
                     let batch = rollout.batch(part, pad, device)?;
                     let logp = policy_logprobs(lm, &batch, temp, device)?;
                     let rows = |f: fn(&rlhf_rl::rollout::RolloutSample) -> &[f32]| -> Vec<&[f32]> {
@@ -180,20 +181,11 @@ pub fn run(cfg: &GrpoConfig, resume: bool, device: &Device) -> Result<OnlineSumm
                     clip.push(out.clip_fraction);
                     k3.push(out.kl_k3);
                     Ok((out.loss * (part.len() as f64 / mb.len() as f64))?)
-                })?;
-                losses.push(l);
-                last = Some(st);
+                })?);
             }
         }
-        let st = last.expect("at least one minibatch");
-        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
-        let mut m = vec![
-            ("loss", mean(&losses)),
-            ("lr", st.lr),
-            ("grad_norm", st.grad_norm),
-            ("clip_fraction", mean(&clip)),
-            ("kl_k3", mean(&k3)),
-        ];
+        let mut m = steps.metrics();
+        m.extend([("clip_fraction", mean(&clip)), ("kl_k3", mean(&k3))]);
         m.extend(advantage_metrics(&adv));
         s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
     }

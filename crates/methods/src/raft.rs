@@ -17,7 +17,8 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use rlhf_rl::online::{
-    advantage_metrics, policy_logprobs, split_groups, Method, OnlineConfig, OnlineSummary, Session,
+    advantage_metrics, mean, policy_logprobs, split_groups, BatchSteps, Method, OnlineConfig,
+    OnlineSummary, Session,
 };
 use rlhf_rl::trainer::epoch_order;
 
@@ -74,38 +75,32 @@ pub fn run(cfg: &RaftConfig, resume: bool, device: &Device) -> Result<OnlineSumm
         let kept = best_of_groups(&rewards, rollout.k);
         // 2. NLL steps on the kept completions (token mean over each minibatch).
         let order = epoch_order(kept.len(), stream_seed(cfg.seed, "ra"), s.iteration());
-        let (mut losses, mut last) = (Vec::new(), None);
+        let mut steps = BatchSteps::default();
         for mb in split_groups(&order, 1, cfg.method.minibatches) {
             let mb: Vec<usize> = mb.iter().map(|&j| kept[j]).collect();
             let n_tokens: usize = mb.iter().map(|&i| rollout.samples[i].len()).sum();
-            let (loss, st) = s.optimizer_step(&mb, |lm, part| {
+            steps.push(s.optimizer_step(&mb, |lm, part| {
                 let batch = rollout.batch(part, pad, device)?;
                 let logp = policy_logprobs(lm, &batch, temp, device)?;
                 Ok((logp.sum_all()?.neg()? / n_tokens.max(1) as f64)?)
-            })?;
-            losses.push(loss);
-            last = Some(st);
+            })?);
         }
-        let st = last.expect("at least one minibatch");
         let kept_r: Vec<f64> = kept.iter().map(|&i| rewards[i]).collect();
         let kept_len: Vec<f64> = kept
             .iter()
             .map(|&i| rollout.samples[i].len() as f64)
             .collect();
-        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
         // RAFT has no advantage; log the rewards centred on their group's mean instead.
         let centred: Vec<f64> = rewards
             .chunks(rollout.k)
             .flat_map(|g| g.iter().map(move |r| r - mean(g)))
             .collect();
-        let mut m = vec![
-            ("loss", mean(&losses)),
-            ("lr", st.lr),
-            ("grad_norm", st.grad_norm),
+        let mut m = steps.metrics();
+        m.extend([
             ("shaped_reward", mean(&rewards)),
             ("kept_reward", mean(&kept_r)),
             ("kept_length", mean(&kept_len)),
-        ];
+        ]);
         m.extend(advantage_metrics(&centred));
         s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
     }

@@ -12,14 +12,11 @@
 //! with k > 1 the samples are simply more REINFORCE samples.
 
 use candle_core::Device;
-use rlhf_rl::objectives::sequence_loss;
 use rlhf_rl::registry::{Entry, Family};
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
-use rlhf_rl::online::{
-    advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
-};
+use rlhf_rl::online::{advantage_metrics, mean, Method, OnlineConfig, OnlineSummary, Session};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -80,7 +77,6 @@ pub fn run(cfg: &ReinforceConfig, resume: bool, device: &Device) -> Result<Onlin
         Some(v) => serde_json::from_value(v["baseline"].clone()).unwrap_or_default(),
         None => MovingAverage::default(),
     };
-    let (pad, temp) = (s.lm.pad_id, cfg.rollout.temperature);
     while !s.done() {
         // 1. Sample and score; shape the reward with the KL to the reference.
         let rollout = s.rollout()?;
@@ -89,31 +85,12 @@ pub fn run(cfg: &ReinforceConfig, resume: bool, device: &Device) -> Result<Onlin
         let b = baseline.mean();
         let adv = advantages(&rewards, b);
         // 3. Gradient steps, each on its share of the batch.
-        let mut losses = Vec::new();
-        let mut last = None;
-        for mb in s.minibatches(&rollout, cfg.method.minibatches, 0) {
-            let (loss, st) = s.optimizer_step(&mb, |lm, part| {
-                let batch = rollout.batch(part, pad, device)?;
-                let logp = policy_logprobs(lm, &batch, temp, device)?;
-                let a: Vec<f64> = part.iter().map(|&i| adv[i]).collect();
-                Ok((sequence_loss(&logp, &a)? * (part.len() as f64 / mb.len() as f64))?)
-            })?;
-            losses.push(loss);
-            last = Some(st);
-        }
+        let steps = s.sequence_pg_steps(&rollout, &adv, cfg.method.minibatches, 1)?;
         // 4. Only now does the baseline see this batch.
         baseline.update(&rewards);
-        let st = last.expect("at least one minibatch");
-        let mut m = vec![
-            ("loss", losses.iter().sum::<f64>() / losses.len() as f64),
-            ("lr", st.lr),
-            ("grad_norm", st.grad_norm),
-            (
-                "shaped_reward",
-                rewards.iter().sum::<f64>() / rewards.len() as f64,
-            ),
-            ("baseline", b),
-        ];
+        let mut m = steps.metrics();
+        m.push(("shaped_reward", mean(&rewards)));
+        m.push(("baseline", b));
         m.extend(advantage_metrics(&adv));
         s.end_iteration(&rollout, &m, &serde_json::json!({ "baseline": baseline }))?;
     }

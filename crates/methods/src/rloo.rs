@@ -17,10 +17,7 @@ use rlhf_rl::registry::{Entry, Family};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use rlhf_rl::objectives::sequence_loss;
-use rlhf_rl::online::{
-    advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
-};
+use rlhf_rl::online::{advantage_metrics, mean, Method, OnlineConfig, OnlineSummary, Session};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -78,7 +75,6 @@ pub fn advantages(rewards: &[f64], k: usize) -> Vec<f64> {
 
 pub fn run(cfg: &RlooConfig, resume: bool, device: &Device) -> Result<OnlineSummary> {
     let mut s = Session::start(cfg, resume, device)?;
-    let (pad, temp) = (s.lm.pad_id, cfg.rollout.temperature);
     while !s.done() {
         // 1. k samples per prompt from the current policy, scored; KL-shaped rewards.
         let rollout = s.rollout()?;
@@ -86,29 +82,10 @@ pub fn run(cfg: &RlooConfig, resume: bool, device: &Device) -> Result<OnlineSumm
         // 2. Leave-one-out baseline within each prompt's group.
         let adv = advantages(&rewards, rollout.k);
         // 3. Plain policy-gradient steps over the batch (no ratio, no clip).
-        let (mut losses, mut last) = (Vec::new(), None);
-        for epoch in 0..cfg.method.epochs as u64 {
-            for mb in s.minibatches(&rollout, cfg.method.minibatches, epoch) {
-                let (loss, st) = s.optimizer_step(&mb, |lm, part| {
-                    let batch = rollout.batch(part, pad, device)?;
-                    let logp = policy_logprobs(lm, &batch, temp, device)?;
-                    let a: Vec<f64> = part.iter().map(|&i| adv[i]).collect();
-                    Ok((sequence_loss(&logp, &a)? * (part.len() as f64 / mb.len() as f64))?)
-                })?;
-                losses.push(loss);
-                last = Some(st);
-            }
-        }
-        let st = last.expect("at least one minibatch");
-        let mut m = vec![
-            ("loss", losses.iter().sum::<f64>() / losses.len() as f64),
-            ("lr", st.lr),
-            ("grad_norm", st.grad_norm),
-            (
-                "shaped_reward",
-                rewards.iter().sum::<f64>() / rewards.len() as f64,
-            ),
-        ];
+        let steps =
+            s.sequence_pg_steps(&rollout, &adv, cfg.method.minibatches, cfg.method.epochs)?;
+        let mut m = steps.metrics();
+        m.push(("shaped_reward", mean(&rewards)));
         m.extend(advantage_metrics(&adv));
         s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
     }

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use rlhf_rl::objectives::token_rewards;
 use rlhf_rl::online::{
-    advantage_metrics, policy_logprobs, Method, OnlineConfig, OnlineSummary, Session,
+    advantage_metrics, mean, policy_logprobs, BatchSteps, Method, OnlineConfig, OnlineSummary,
+    Session,
 };
 use rlhf_rl::reward_source::SourceKind;
 use rlhf_rl::rollout::align;
@@ -154,9 +155,9 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
                 .collect()
         };
         // 3. Policy and value steps on each minibatch.
-        let (mut losses, mut v_losses, mut v_norms, mut last) = (vec![], vec![], vec![], None);
+        let (mut steps, mut v_losses, mut v_norms) = (BatchSteps::default(), vec![], vec![]);
         for mb in s.minibatches(&rollout, cfg.method.minibatches, 0) {
-            let (loss, st) = s.optimizer_step(&mb, |lm, part| {
+            steps.push(s.optimizer_step(&mb, |lm, part| {
                 let batch = rollout.batch(part, pad, device)?;
                 let logp = policy_logprobs(lm, &batch, temp, device)?;
                 let a = f32s(&adv, part);
@@ -166,9 +167,7 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
                     device,
                 )?;
                 Ok((token_loss(&logp, &a)? * (part.len() as f64 / mb.len() as f64))?)
-            })?;
-            losses.push(loss);
-            last = Some(st);
+            })?);
             let mb_tokens: usize = mb.iter().map(|&i| rollout.samples[i].len()).sum();
             let micro = mb.len().div_ceil(cfg.optim.grad_accum.max(1)).max(1);
             let mut acc = value.accumulator();
@@ -190,13 +189,9 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
             v_norms.push(value.step(acc.finish())?);
             v_losses.push(v_loss);
         }
-        let st = last.expect("at least one minibatch");
         let flat: Vec<f64> = adv.iter().flatten().copied().collect();
-        let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
-        let mut m = vec![
-            ("loss", mean(&losses)),
-            ("lr", st.lr),
-            ("grad_norm", st.grad_norm),
+        let mut m = steps.metrics();
+        m.extend([
             ("value_loss", mean(&v_losses)),
             ("value_grad_norm", mean(&v_norms)),
             (
@@ -207,7 +202,7 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
                 "value",
                 mean(&v_old.iter().map(|v| v[0] as f64).collect::<Vec<_>>()),
             ),
-        ];
+        ]);
         m.extend(advantage_metrics(&flat));
         if s.checkpoint_due() {
             value.checkpoint(s.trainer.step)?;

@@ -24,7 +24,10 @@ fn command_of(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap();
     let first = text.lines().next().unwrap_or("");
     let words: Vec<&str> = first.trim_start_matches('#').split_whitespace().collect();
-    let at = words.iter().position(|w| *w == "--config").unwrap_or_else(|| panic!("{}: first line names no command", path.display()));
+    let at = words
+        .iter()
+        .position(|w| *w == "--config")
+        .unwrap_or_else(|| panic!("{}: first line names no command", path.display()));
     words[at - 1].to_string()
 }
 
@@ -36,7 +39,8 @@ fn committed_configs_resolve_for_their_commands() {
         let cmd = command_of(&f);
         match rlhf_methods::method(&cmd) {
             Some(m) => {
-                m.resolved_toml(Some(&f), &[]).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                m.resolved_toml(Some(&f), &[])
+                    .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             }
             None if cmd == "compare-online" => {
                 rlhf_train::config::resolve::<rlhf_recipes::compare::CompareConfig>(Some(&f), &[])
@@ -53,6 +57,10 @@ fn a_misspelt_key_in_a_config_file_is_named() {
     std::fs::create_dir_all(&dir).unwrap();
     let f = dir.join("dpo.toml");
     std::fs::write(&f, "# rlhf dpo --config dpo.toml\nepochz = 2\n").unwrap();
-    let err = rlhf_methods::method("dpo").unwrap().resolved_toml(Some(&f), &[]).unwrap_err().to_string();
+    let err = rlhf_methods::method("dpo")
+        .unwrap()
+        .resolved_toml(Some(&f), &[])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("dpo.toml") && err.contains("epochz"), "{err}");
 }

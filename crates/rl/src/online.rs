@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::{judge, sample, EvalReport, Generated, Judges};
 use crate::kl::{KlConfig, KlController};
+use crate::objectives::sequence_loss;
 use crate::policy::TrainableLm;
 use crate::reward::RewardNorm;
 use crate::reward_source::{Query, RewardConfig, Rewarder, SourceKind};
@@ -464,6 +465,35 @@ impl<M: Method> Session<M> {
         Ok((total, stats))
     }
 
+    /// Plain policy-gradient steps with one advantage per sample (REINFORCE, RLOO): `epochs` passes
+    /// over the batch, each in `minibatches` optimiser steps of whole groups, on
+    /// `-mean_i(A_i * sum_t log pi(y_i,t | x, y_i,<t))` (no ratio, no clip).
+    pub fn sequence_pg_steps(
+        &mut self,
+        rollout: &Rollout,
+        adv: &[f64],
+        minibatches: usize,
+        epochs: usize,
+    ) -> Result<BatchSteps> {
+        let (pad, temp, device) = (
+            self.lm.pad_id,
+            self.cfg.rollout.temperature,
+            self.device.clone(),
+        );
+        let mut steps = BatchSteps::default();
+        for epoch in 0..epochs.max(1) as u64 {
+            for mb in self.minibatches(rollout, minibatches, epoch) {
+                steps.push(self.optimizer_step(&mb, |lm, part| {
+                    let batch = rollout.batch(part, pad, &device)?;
+                    let logp = policy_logprobs(lm, &batch, temp, &device)?;
+                    let a: Vec<f64> = part.iter().map(|&i| adv[i]).collect();
+                    Ok((sequence_loss(&logp, &a)? * (part.len() as f64 / mb.len() as f64))?)
+                })?);
+            }
+        }
+        Ok(steps)
+    }
+
     /// Whether `end_iteration` will checkpoint now (methods with state outside the policy, such
     /// as a value model, save theirs first, at the same step).
     pub fn checkpoint_due(&self) -> bool {
@@ -689,6 +719,39 @@ pub fn split_groups(order: &[usize], k: usize, parts: usize) -> Vec<Vec<usize>> 
     }
     out.retain(|m: &Vec<usize>| !m.is_empty());
     out
+}
+
+/// The optimiser steps of one rollout batch: their losses, and the last step's learning rate and
+/// gradient norm (the first metrics every online method logs).
+#[derive(Default)]
+pub struct BatchSteps {
+    losses: Vec<f64>,
+    last: Option<StepStats>,
+}
+
+impl BatchSteps {
+    pub fn push(&mut self, (loss, stats): (f64, StepStats)) {
+        self.losses.push(loss);
+        self.last = Some(stats);
+    }
+
+    /// `loss` (mean over the steps), `lr`, `grad_norm` (of the last step).
+    pub fn metrics(&self) -> Vec<(&'static str, f64)> {
+        let st = self
+            .last
+            .as_ref()
+            .expect("at least one optimiser step per rollout batch");
+        vec![
+            ("loss", mean(&self.losses)),
+            ("lr", st.lr),
+            ("grad_norm", st.grad_norm),
+        ]
+    }
+}
+
+/// The mean of `xs` (0 for none).
+pub fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
 }
 
 /// The advantage statistics every method logs.

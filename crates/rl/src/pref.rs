@@ -336,7 +336,10 @@ pub fn cached_reference_logps(
     let reference_name = ref_model.unwrap_or(model).display().to_string();
     let (n_train, n_eval) = (train_rows.len() / 2, eval_rows.len() / 2);
     let cached = RefCache::load(&output_dir.join(REF_CACHE)).filter(|c| {
-        resume && c.reference == reference_name && c.train.len() == n_train && c.eval.len() == n_eval
+        resume
+            && c.reference == reference_name
+            && c.train.len() == n_train
+            && c.eval.len() == n_eval
     });
     if let Some(c) = cached {
         return Ok(c);
