@@ -17,6 +17,7 @@
 use rlhf_rl::registry::{Entry, Family};
 
 use candle_core::Device;
+use rlhf_rl::fit::load_with_eval;
 use rlhf_rl::pairs::load_pair_ids;
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::pref::{train_on_pairs, DpoConfig, DpoSummary};
@@ -26,12 +27,9 @@ use rlhf_train::Result;
 pub fn run(cfg: &DpoConfig, resume: bool, device: &Device) -> Result<DpoSummary> {
     cfg.validate()?;
     let lm = TrainableLm::load(&cfg.model, device)?;
-    let train = load_pair_ids(&lm, &cfg.train_file, cfg.max_len, cfg.skip_bad_lines)?;
-    let eval = cfg
-        .eval_file
-        .as_ref()
-        .map(|p| load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines))
-        .transpose()?;
+    let (train, eval) = load_with_eval(&cfg.train_file, cfg.eval_file.as_deref(), |p| {
+        load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines)
+    })?;
     train_on_pairs(cfg, lm, train, eval, resume, device)
 }
 

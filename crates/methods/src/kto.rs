@@ -360,12 +360,8 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
     // 3. Epochs of KTO steps; the batch KL term uses each example's mismatched completion under
     //    the current weights without a gradient, as TRL does.
     let plan = FitPlan {
-        log_every: cfg.log_every,
-        eval_every: if eval.is_some() { cfg.eval_every } else { 0 },
-        save_every: cfg.save_every,
-        grad_accum: cfg.optim.grad_accum,
         min_micro: 2,
-        ..FitPlan::new("kto", cfg.epochs, cfg.batch_size, cfg.seed)
+        ..rlhf_rl::fit_plan!("kto", cfg, eval.is_some())
     };
     let total = plan.total_steps(train.len());
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;

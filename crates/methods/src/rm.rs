@@ -16,7 +16,7 @@ use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
 use rlhf_rl::eval::sample;
-use rlhf_rl::fit::{fit, tail_mean, FitPlan};
+use rlhf_rl::fit::{fit, load_with_eval, tail_mean};
 use rlhf_rl::losses::neg_log_sigmoid;
 use rlhf_rl::pairs::{load_pair_ids, PairIds};
 use rlhf_rl::policy::TrainableLm;
@@ -205,20 +205,11 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
             ..lm
         }
     };
-    let train = load_pair_ids(&lm, &cfg.train_file, cfg.max_len, cfg.skip_bad_lines)?;
-    let eval = cfg
-        .eval_file
-        .as_ref()
-        .map(|p| load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines))
-        .transpose()?;
+    let (train, eval) = load_with_eval(&cfg.train_file, cfg.eval_file.as_deref(), |p| {
+        load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines)
+    })?;
     // 2. Epochs of Bradley-Terry steps (plus the optional LM term) on the pairs.
-    let plan = FitPlan {
-        log_every: cfg.log_every,
-        eval_every: if eval.is_some() { cfg.eval_every } else { 0 },
-        save_every: cfg.save_every,
-        grad_accum: cfg.optim.grad_accum,
-        ..FitPlan::new("reward model", cfg.epochs, cfg.batch_size, cfg.seed)
-    };
+    let plan = rlhf_rl::fit_plan!("reward model", cfg, eval.is_some());
     let total = plan.total_steps(train.len());
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
     let history = fit(

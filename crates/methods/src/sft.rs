@@ -6,7 +6,7 @@ use rlhf_rl::registry::{Entry, Family};
 use std::path::PathBuf;
 
 use candle_core::Device;
-use rlhf_rl::fit::{fit, FitPlan};
+use rlhf_rl::fit::{fit, load_with_eval};
 use rlhf_rl::objectives::{eval_loss, nll_share};
 use rlhf_rl::pairs::load_rows;
 use rlhf_rl::policy::TrainableLm;
@@ -79,20 +79,12 @@ pub struct SftSummary {
 pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary> {
     // 1. The model and the tokenised (prompt, completion + EOS) rows.
     let mut lm = TrainableLm::load(&cfg.model, device)?;
-    let train = load_rows(&lm, &cfg.train_file, cfg.max_len, cfg.skip_bad_lines)?;
-    let eval = match &cfg.eval_file {
-        Some(p) => Some(load_rows(&lm, p, cfg.max_len, cfg.skip_bad_lines)?),
-        None => None,
-    };
+    let (train, eval) = load_with_eval(&cfg.train_file, cfg.eval_file.as_deref(), |p| {
+        load_rows(&lm, p, cfg.max_len, cfg.skip_bad_lines)
+    })?;
     let eval_batch = cfg.batch_size.max(1) * 2;
     // 2. The run: optimiser, schedule, run directory (or its latest checkpoint).
-    let plan = FitPlan {
-        log_every: cfg.log_every,
-        eval_every: if eval.is_some() { cfg.eval_every } else { 0 },
-        save_every: cfg.save_every,
-        grad_accum: cfg.optim.grad_accum,
-        ..FitPlan::new("sft", cfg.epochs, cfg.batch_size, cfg.seed)
-    };
+    let plan = rlhf_rl::fit_plan!("sft", cfg, eval.is_some());
     let total = plan.total_steps(train.len());
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
     // 3. Epochs of token-mean NLL steps on the completion tokens.

@@ -59,6 +59,31 @@ impl FitPlan {
     }
 }
 
+/// The [`FitPlan`] of an offline method's configuration, from the keys they all share (`epochs`,
+/// `batch_size`, `seed`, `log_every`, `eval_every`, `save_every`, `optim.grad_accum`); held-out
+/// evaluation only when there is held-out data.
+#[macro_export]
+macro_rules! fit_plan {
+    ($label:expr, $cfg:expr, $has_eval:expr) => {
+        $crate::fit::FitPlan {
+            log_every: $cfg.log_every,
+            eval_every: if $has_eval { $cfg.eval_every } else { 0 },
+            save_every: $cfg.save_every,
+            grad_accum: $cfg.optim.grad_accum,
+            ..$crate::fit::FitPlan::new($label, $cfg.epochs, $cfg.batch_size, $cfg.seed)
+        }
+    };
+}
+
+/// A training file and an optional held-out file, loaded the same way.
+pub fn load_with_eval<T>(
+    train: &std::path::Path,
+    eval: Option<&std::path::Path>,
+    load: impl Fn(&std::path::Path) -> Result<T>,
+) -> Result<(T, Option<T>)> {
+    Ok((load(train)?, eval.map(&load).transpose()?))
+}
+
 /// The metrics of each optimiser step this process ran (a resumed run: since the resume), in order.
 pub type History = Vec<Vec<(&'static str, f64)>>;
 

@@ -24,7 +24,7 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{run_eval, EvalConfig, EvalReport};
-use crate::fit::{fit, tail_mean, FitPlan};
+use crate::fit::{fit, tail_mean};
 use crate::pairs::PairIds;
 use crate::policy::TrainableLm;
 use crate::pref_losses::{self as pl, PairLossKind, PrefLoss};
@@ -511,13 +511,7 @@ pub fn train_on_pairs(
     } else {
         None
     };
-    let plan = FitPlan {
-        log_every: cfg.log_every,
-        eval_every: if eval.is_some() { cfg.eval_every } else { 0 },
-        save_every: cfg.save_every,
-        grad_accum: cfg.optim.grad_accum,
-        ..FitPlan::new(params.kind.name(), cfg.epochs, cfg.batch_size, cfg.seed)
-    };
+    let plan = crate::fit_plan!(params.kind.name(), cfg, eval.is_some());
     let total = plan.total_steps(train.len());
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
     if let Some(r) = &refs {
