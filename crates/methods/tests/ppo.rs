@@ -8,15 +8,15 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
-use rlhf_rl::online::{OnlineConfig, Session};
-use rlhf_rl::value::ValueModel;
-use rlhf_rl::policy::fresh_tiny;
 use rlhf_methods::ppo::{
     self, clipped_surrogate, clipped_value_loss, explained_variance, gae, normalize_scores,
     quantile, surrogate_loss, token_rewards, value_loss_tensor, whiten, PpoConfig, PpoParams,
     RewardScaling, RunningMoments, TripAction, Whiten,
 };
+use rlhf_rl::online::{OnlineConfig, Session};
+use rlhf_rl::policy::fresh_tiny;
 use rlhf_rl::reward_source::SourceKind;
+use rlhf_rl::value::ValueModel;
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * (1.0 + b.abs())
@@ -558,8 +558,14 @@ fn rollback_restores_optimiser_moments_beta_and_reward_moments() {
     snap.restore(&mut s, &mut value, &mut moments).unwrap();
     assert!(state_equal(&p_w, &s.lm.snapshot().unwrap()));
     assert!(state_equal(&v_w, &value.lm.snapshot().unwrap()));
-    assert!(state_equal(&p_opt, &s.trainer.optimizer_state().unwrap()), "policy AdamW");
-    assert!(state_equal(&v_opt, &value.optimizer_state().unwrap()), "critic AdamW");
+    assert!(
+        state_equal(&p_opt, &s.trainer.optimizer_state().unwrap()),
+        "policy AdamW"
+    );
+    assert!(
+        state_equal(&v_opt, &value.optimizer_state().unwrap()),
+        "critic AdamW"
+    );
     assert_eq!(s.kl.beta, 0.07);
     assert_eq!((moments.n, moments.mean, moments.m2), (2.0, 2.0, 2.0));
     // The restored copies are independent of the live state: a step after the restore leaves
@@ -607,6 +613,9 @@ fn rollback_in_a_run_restores_beta_and_reward_moments() {
         rows[1]["reward_running_mean"].as_f64().unwrap(),
         rows[1]["reward"].as_f64().unwrap(),
     );
-    assert!(close(mean, reward, 1e-9), "running mean {mean} vs batch mean {reward}");
+    assert!(
+        close(mean, reward, 1e-9),
+        "running mean {mean} vs batch mean {reward}"
+    );
     std::fs::remove_dir_all(root).ok();
 }

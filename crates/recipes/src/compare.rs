@@ -210,7 +210,9 @@ fn run_one(
             c.method.value_lr = cfg.value_lr;
             rlhf_methods::vanilla_pg::run(&c, false, device)
         }
-        "ppo" | "ppo-plain" => rlhf_methods::ppo::run(&ppo_config(cfg, name, seed, dir)?, false, device),
+        "ppo" | "ppo-plain" => {
+            rlhf_methods::ppo::run(&ppo_config(cfg, name, seed, dir)?, false, device)
+        }
         _ => unreachable!("parsed"),
     }
 }

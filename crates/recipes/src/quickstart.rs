@@ -127,7 +127,11 @@ pub fn clean_accuracy(gold: &[(f64, f64)], scores: &[(f64, f64)]) -> Result<Clea
         right += usize::from(sa > sb);
     }
     Ok(CleanAccuracy {
-        accuracy: if pairs == 0 { f64::NAN } else { right as f64 / pairs as f64 },
+        accuracy: if pairs == 0 {
+            f64::NAN
+        } else {
+            right as f64 / pairs as f64
+        },
         pairs,
         ties_excluded: gold.len() - pairs,
     })
@@ -280,7 +284,8 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     let rm_summary = rm::run(&rm_cfg, false, device)?;
     let reward_model = RewardModel::load(&out.join("rm/model"), device)?;
     // The reward model's scores of both responses of every eval pair, judged against gold.
-    let eval_ids = rlhf_rl::pairs::load_pair_ids(&sft_lm, &data.join("prefs_eval.jsonl"), 64, false)?;
+    let eval_ids =
+        rlhf_rl::pairs::load_pair_ids(&sft_lm, &data.join("prefs_eval.jsonl"), 64, false)?;
     if eval_ids.len() != eval_pairs.len() {
         return Err(TrainError::invalid(format!(
             "prefs_eval.jsonl: read back {} pairs, wrote {}",
@@ -289,7 +294,10 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         )));
     }
     let side = |f: fn(&rlhf_rl::pairs::PairIds) -> &Vec<u32>| -> Vec<(Vec<u32>, Vec<u32>)> {
-        eval_ids.iter().map(|p| (p.prompt.clone(), f(p).clone())).collect()
+        eval_ids
+            .iter()
+            .map(|p| (p.prompt.clone(), f(p).clone()))
+            .collect()
     };
     let (sc, sr) = (
         reward_model.score_raw(&side(|p| &p.chosen), 32)?,

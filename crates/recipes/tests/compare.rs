@@ -30,10 +30,7 @@ fn ppo_critic_pretraining_is_charged_to_the_budget() {
     let p = ppo_config(&cfg(), "ppo-plain", 0, Path::new("out")).unwrap();
     assert_eq!((p.steps, p.method.critic_pretrain_iterations), (10, 0));
     // A budget the pre-training alone would use up is refused.
-    let small = CompareConfig {
-        steps: 4,
-        ..cfg()
-    };
+    let small = CompareConfig { steps: 4, ..cfg() };
     let err = ppo_config(&small, "ppo", 0, Path::new("out"))
         .unwrap_err()
         .to_string();

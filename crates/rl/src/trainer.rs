@@ -161,7 +161,9 @@ impl Trainer {
     }
 
     /// A deep copy of the optimiser's state (AdamW moments and step counts).
-    pub fn optimizer_state(&self) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+    pub fn optimizer_state(
+        &self,
+    ) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
         self.opt.state()
     }
 
