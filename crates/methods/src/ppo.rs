@@ -24,8 +24,9 @@
 //! samples, response length, KL to the reference, the reward's mean and 95th percentile, clip
 //! fractions, approx-KL, value loss and explained variance. A trip-wire (`[method.tripwire]`)
 //! checks KL, length and perplexity on each rollout batch, before the policy learns from it, and
-//! stops the run or rolls the policy and critic back to the last snapshot whose following rollout
-//! passed, writing the reason to `<run>/tripwire.json`.
+//! stops the run or rolls back to the last snapshot whose following rollout passed (the weights
+//! and AdamW moments of policy and critic, the KL coefficient and the running reward moments),
+//! writing the reason to `<run>/tripwire.json`.
 //!
 //! The math is in pure functions ([`gae`], [`clipped_surrogate`], [`clipped_value_loss`],
 //! [`RunningMoments`], [`token_rewards`]) with tensor twins for training.
@@ -75,9 +76,9 @@ pub enum Whiten {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TripAction {
-    /// Restore the last good weights, write the final model and eval.json, and end the run.
+    /// Restore the last good state (see [`Snapshot`]), write the final model and eval.json, and end the run.
     Stop,
-    /// Restore the last good weights and carry on (at most `max_rollbacks` times, then stop).
+    /// Restore the last good state and carry on (at most `max_rollbacks` times, then stop).
     Rollback,
 }
 
@@ -492,6 +493,13 @@ pub fn logprobs_and_entropy(
     Ok((logp, (entropy * mask)?))
 }
 
+/// The approx-KL monitor's term for one token sampled from the rollout policy: k3 of
+/// KL(pi_old || pi_new), `(r - 1) - ln r` with `r = pi_new / pi_old` (Schulman's estimator, never
+/// negative, unbiased under pi_old).
+pub fn approx_kl_token(old_logp: f64, new_logp: f64) -> f64 {
+    rlhf_rl::kl::k3(old_logp, new_logp)
+}
+
 // ---- the loop -------------------------------------------------------------------------------------
 
 /// The method's checkpoint state.
@@ -668,19 +676,53 @@ fn pretrain_rollout(s: &Session<PpoParams>, i: u64) -> Result<Rollout> {
     )
 }
 
-/// Weights to roll back to.
-struct Snapshot {
+/// What a trip-wire rollback returns to: the weights and AdamW moments of the policy and the
+/// critic, the KL coefficient and the running reward moments, as they were after `iteration`.
+/// (The optimiser step count and learning-rate schedule go on: rolled-back iterations still
+/// count toward `steps`.)
+pub struct Snapshot {
     policy: HashMap<String, Tensor>,
     value: HashMap<String, Tensor>,
-    iteration: u64,
+    policy_opt: HashMap<String, Tensor>,
+    value_opt: HashMap<String, Tensor>,
+    beta: f64,
+    moments: RunningMoments,
+    pub iteration: u64,
 }
 
-fn snapshot(s: &Session<PpoParams>, value: &ValueModel) -> Result<Snapshot> {
-    Ok(Snapshot {
-        policy: s.lm.snapshot()?,
-        value: value.lm.snapshot()?,
-        iteration: s.iteration(),
-    })
+impl Snapshot {
+    /// Deep copies of the current state.
+    pub fn take(
+        s: &Session<PpoParams>,
+        value: &ValueModel,
+        moments: &RunningMoments,
+    ) -> Result<Snapshot> {
+        Ok(Snapshot {
+            policy: s.lm.snapshot()?,
+            value: value.lm.snapshot()?,
+            policy_opt: s.trainer.optimizer_state()?,
+            value_opt: value.optimizer_state()?,
+            beta: s.kl.beta,
+            moments: *moments,
+            iteration: s.iteration(),
+        })
+    }
+
+    /// Put everything [`Snapshot::take`] copied back.
+    pub fn restore(
+        &self,
+        s: &mut Session<PpoParams>,
+        value: &mut ValueModel,
+        moments: &mut RunningMoments,
+    ) -> Result<()> {
+        s.lm.load_weights(&self.policy)?;
+        value.lm.load_weights(&self.value)?;
+        s.trainer.restore_optimizer_state(&self.policy_opt)?;
+        value.restore_optimizer_state(&self.value_opt)?;
+        s.kl.beta = self.beta;
+        *moments = self.moments;
+        Ok(())
+    }
 }
 
 pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSummary> {
@@ -768,7 +810,7 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
         (e, _) => e,
     };
     let mut good: Option<Snapshot> = if tw.enabled() {
-        Some(snapshot(&s, &value)?)
+        Some(Snapshot::take(&s, &value, &state.moments)?)
     } else {
         None
     };
@@ -803,12 +845,11 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
                     pending = None;
                     let to = good.as_ref().expect("set when enabled");
                     let it = s.iteration();
-                    s.lm.load_weights(&to.policy)?;
-                    value.lm.load_weights(&to.value)?;
+                    to.restore(&mut s, &mut value, &mut state.moments)?;
                     let stop = tw.action == TripAction::Stop || state.rollbacks >= tw.max_rollbacks;
                     let what = if stop { "stopped" } else { "rolled back" };
                     let msg = format!(
-                        "trip-wire at iteration {it}: {why}; {what} (weights restored to iteration {})",
+                        "trip-wire at iteration {it}: {why}; {what} (weights, optimiser moments, KL coefficient and reward statistics restored to iteration {})",
                         to.iteration
                     );
                     eprintln!("{msg}");
@@ -884,14 +925,14 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
                     let a = aligned(&batch, &a_rows, device)?;
                     let mask = &batch.completion_mask;
                     let mut loss = surrogate_loss(&logp, &old, &a, mask, m.clip_range, mb_tokens)?;
-                    // Monitors: clip fraction and approx-KL (k3 of old vs new) over these tokens.
+                    // Monitors: clip fraction and approx-KL (k3 of KL(old || new)) over these tokens.
                     let new_rows = rlhf_lm::score::per_row(&logp.detach(), &batch)?;
                     for ((new, old), adv) in new_rows.iter().zip(&old_rows).zip(&a_rows) {
                         for ((&n, &o), &av) in new.iter().zip(old).zip(adv) {
                             let ratio = (n as f64 - o as f64).exp();
                             clipped +=
                                 usize::from(clipped_surrogate(ratio, av as f64, m.clip_range).1);
-                            approx_kl += rlhf_rl::kl::k3(n as f64, o as f64);
+                            approx_kl += approx_kl_token(o as f64, n as f64);
                             tokens_seen += 1;
                         }
                     }
@@ -976,7 +1017,7 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
         s.end_iteration(&rollout, &metrics, &method_state)?;
         if tw.enabled() && s.iteration() % snapshot_every == 0 {
             // Good once the next rollout of these weights passes the trip-wire.
-            pending = Some(snapshot(&s, &value)?);
+            pending = Some(Snapshot::take(&s, &value, &state.moments)?);
         }
     }
     s.finish()

@@ -3,6 +3,7 @@
 //! the tensor losses against the scalar ones, and short runs on the tiny model (run layout and
 //! monitors, resume, the trip-wire).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor, Var};
@@ -12,9 +13,10 @@ use rlhf_methods::ppo::{
     quantile, surrogate_loss, token_rewards, value_loss_tensor, whiten, PpoConfig, PpoParams,
     RewardScaling, RunningMoments, TripAction, Whiten,
 };
-use rlhf_rl::online::OnlineConfig;
+use rlhf_rl::online::{OnlineConfig, Session};
 use rlhf_rl::policy::fresh_tiny;
 use rlhf_rl::reward_source::SourceKind;
+use rlhf_rl::value::ValueModel;
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * (1.0 + b.abs())
@@ -466,4 +468,154 @@ fn tripwire_stops_or_rolls_back() {
     )
     .unwrap();
     assert_eq!(trip["action"], "stopped");
+}
+
+// ---- approx-KL monitor ---------------------------------------------------------------------------------
+
+/// k3 of KL(old || new) on a token drawn from the old policy: r = pi_new / pi_old,
+/// (r - 1) - ln r. old logp -1.0, new -1.5: r = e^-0.5 = 0.6065306597, term 0.1065306597.
+/// (The swapped form, (1/r - 1) + ln r = e^0.5 - 1.5 = 0.1487212707, estimates chi^2 - KL.)
+#[test]
+fn approx_kl_is_k3_of_old_versus_new() {
+    assert!(close(ppo::approx_kl_token(-1.0, -1.5), 0.1065306597, 1e-9));
+    // old -2.0, new -1.0: r = e, (e - 1) - 1 = 0.7182818285.
+    assert!(close(ppo::approx_kl_token(-2.0, -1.0), 0.7182818285, 1e-9));
+    assert_eq!(ppo::approx_kl_token(-0.7, -0.7), 0.0);
+}
+
+// ---- trip-wire rollback state --------------------------------------------------------------------------
+
+fn state_equal(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> bool {
+    a.len() == b.len()
+        && a.iter().all(|(k, t)| {
+            b.get(k).is_some_and(|u| {
+                t.dims() == u.dims()
+                    && t.to_dtype(candle_core::DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f64>()
+                        .unwrap()
+                        == u.to_dtype(candle_core::DType::F64)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f64>()
+                            .unwrap()
+            })
+        })
+}
+
+/// One optimiser step of the policy and one of the critic on a simple loss (sum of squared
+/// weights), so every AdamW moment moves.
+fn step_both(s: &mut Session<PpoParams>, value: &mut ValueModel) {
+    s.optimizer_step(&[0], |lm, _| {
+        let mut l = Tensor::new(0f32, &Device::Cpu).unwrap();
+        for (_, v) in &lm.params.vars {
+            l = (l + v.as_tensor().sqr()?.sum_all()?)?;
+        }
+        Ok(l)
+    })
+    .unwrap();
+    let mut acc = value.accumulator();
+    let mut l = Tensor::new(0f32, &Device::Cpu).unwrap();
+    for (_, v) in &value.lm.params.vars {
+        l = (l + v.as_tensor().sqr().unwrap().sum_all().unwrap()).unwrap();
+    }
+    acc.add(l.backward().unwrap()).unwrap();
+    value.step(acc.finish()).unwrap();
+}
+
+/// A rollback restores the AdamW moments of the policy and the critic, the KL coefficient and the
+/// running reward moments to their values at the snapshot, not only the weights.
+#[test]
+fn rollback_restores_optimiser_moments_beta_and_reward_moments() {
+    let root = scratch("restore");
+    let model = tiny_model(&root);
+    let mut c = tiny_config(&model, &root.join("run"));
+    c.reward.normalize = false;
+    let dev = Device::Cpu;
+    let mut s = Session::<PpoParams>::start(&c, false, &dev).unwrap();
+    let mut value =
+        ValueModel::start(&model, &root.join("run/value"), None, 1e-3, 1.0, 0, &dev).unwrap();
+    let mut moments = RunningMoments::default();
+    // Non-trivial state at the snapshot.
+    step_both(&mut s, &mut value);
+    moments.update(&[1.0, 3.0]);
+    s.kl.beta = 0.07;
+    let snap = ppo::Snapshot::take(&s, &value, &moments).unwrap();
+    let (p_opt, v_opt) = (
+        s.trainer.optimizer_state().unwrap(),
+        value.optimizer_state().unwrap(),
+    );
+    let (p_w, v_w) = (s.lm.snapshot().unwrap(), value.lm.snapshot().unwrap());
+    // Everything moves on.
+    step_both(&mut s, &mut value);
+    moments.update(&[10.0]);
+    s.kl.beta = 0.5;
+    assert!(!state_equal(&p_opt, &s.trainer.optimizer_state().unwrap()));
+    assert!(!state_equal(&v_opt, &value.optimizer_state().unwrap()));
+    snap.restore(&mut s, &mut value, &mut moments).unwrap();
+    assert!(state_equal(&p_w, &s.lm.snapshot().unwrap()));
+    assert!(state_equal(&v_w, &value.lm.snapshot().unwrap()));
+    assert!(
+        state_equal(&p_opt, &s.trainer.optimizer_state().unwrap()),
+        "policy AdamW"
+    );
+    assert!(
+        state_equal(&v_opt, &value.optimizer_state().unwrap()),
+        "critic AdamW"
+    );
+    assert_eq!(s.kl.beta, 0.07);
+    assert_eq!((moments.n, moments.mean, moments.m2), (2.0, 2.0, 2.0));
+    // The restored copies are independent of the live state: a step after the restore leaves
+    // the snapshot as it was, and restoring again gives the same state.
+    step_both(&mut s, &mut value);
+    snap.restore(&mut s, &mut value, &mut moments).unwrap();
+    assert!(state_equal(&p_opt, &s.trainer.optimizer_state().unwrap()));
+    assert!(state_equal(&v_opt, &value.optimizer_state().unwrap()));
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// In a run: the first batch (policy = reference, KL ~ 0) passes, the update moves the policy
+/// past `max_kl`, and the second batch trips the wire; the rollback restores the initial
+/// snapshot, so the batch after it is learnt from with the initial beta (the adaptive controller
+/// had lowered it) and running reward moments holding that batch alone.
+#[test]
+fn rollback_in_a_run_restores_beta_and_reward_moments() {
+    let root = scratch("rollback-state");
+    let model = tiny_model(&root);
+    let mut c = tiny_config(&model, &root.join("run"));
+    c.steps = 2;
+    // A large step, so the policy clearly moves away from the reference.
+    c.optim.lr = 1e-2;
+    c.prompts_per_step = 16;
+    c.reward.normalize = false;
+    c.method.critic_pretrain_iterations = 0;
+    c.kl.beta = 0.1;
+    c.kl.target = Some(1.0);
+    c.kl.horizon = 100.0;
+    c.method.tripwire.max_kl = Some(1e-3);
+    c.method.tripwire.action = TripAction::Rollback;
+    c.method.tripwire.max_rollbacks = 1;
+    ppo::run(&c, false, &Device::Cpu).unwrap();
+    let m = metrics(&root.join("run/metrics.jsonl"));
+    let trips = m
+        .iter()
+        .filter(|v| v["tripwire/tripped"].as_f64() == Some(1.0))
+        .count();
+    let rows: Vec<_> = m.iter().filter(|v| v.get("reward").is_some()).collect();
+    assert_eq!((trips, rows.len()), (1, 2), "{m:?}");
+    // Without the rollback the second batch would see beta 0.1 * (1 - 0.2 * 16 / 100) = 0.0968.
+    assert_eq!(rows[0]["beta"].as_f64(), Some(0.1));
+    assert_eq!(rows[1]["beta"].as_f64(), Some(0.1));
+    let (mean, reward) = (
+        rows[1]["reward_running_mean"].as_f64().unwrap(),
+        rows[1]["reward"].as_f64().unwrap(),
+    );
+    assert!(
+        close(mean, reward, 1e-9),
+        "running mean {mean} vs batch mean {reward}"
+    );
+    std::fs::remove_dir_all(root).ok();
 }

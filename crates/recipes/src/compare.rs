@@ -5,9 +5,10 @@
 //! SFT policy and response length. Writes `<out_dir>/compare.json` and a markdown table.
 //!
 //! Methods are named `rloo-k4`, `rloo-k2`, `raft-k4`, `raft-k2`, `grpo-k4`, `reinforce`,
-//! `vanilla-pg`, `ppo` (the PPO-max preset) and `ppo-plain` (PPO without reward normalisation
-//! or critic pre-training) (`-kN` sets `rollout.k`; REINFORCE, vanilla PG and PPO take one sample
-//! per prompt).
+//! `vanilla-pg`, `ppo` (the PPO-max preset) and `ppo-plain` (PPO without the PPO-max reward
+//! normalisation + clipping or critic pre-training) (`-kN` sets `rollout.k`; REINFORCE, vanilla PG
+//! and PPO take one sample per prompt). PPO's critic pre-training rollouts count toward its
+//! budget (see [`ppo_config`]).
 
 use std::path::{Path, PathBuf};
 
@@ -154,6 +155,39 @@ fn configure<M: Method>(cfg: &CompareConfig, k: usize, seed: u64, dir: &Path) ->
     c
 }
 
+/// The configuration of a `ppo` or `ppo-plain` run. PPO's critic pre-training samples
+/// `critic_pretrain_iterations` rollout batches of `samples_per_step` completions before its
+/// first update; they are charged to its budget: it runs that many fewer PPO iterations, and
+/// pre-training never stops early (`critic_pretrain_tol = 0`), so every method draws exactly
+/// `samples_per_step x steps` completions. `ppo-plain` turns off the PPO-max reward
+/// normalisation + clipping and critic pre-training, and nothing else.
+pub fn ppo_config(
+    cfg: &CompareConfig,
+    name: &str,
+    seed: u64,
+    dir: &Path,
+) -> Result<rlhf_methods::ppo::PpoConfig> {
+    let (base, k) = parse_method(name)?;
+    if base != "ppo" && base != "ppo-plain" {
+        return Err(TrainError::invalid(format!("`{name}` is not a PPO method")));
+    }
+    let mut c = configure::<rlhf_methods::ppo::PpoParams>(cfg, k, seed, dir);
+    if base == "ppo-plain" {
+        c.method = rlhf_methods::ppo::PpoParams::plain();
+    }
+    c.method.value_lr = cfg.value_lr;
+    c.method.critic_pretrain_tol = 0.0;
+    let pretrain = c.method.critic_pretrain_iterations as u64;
+    if pretrain >= cfg.steps {
+        return Err(TrainError::invalid(format!(
+            "{name}: critic pre-training ({pretrain} rollout batches) would use the whole budget of {} iterations; raise steps",
+            cfg.steps
+        )));
+    }
+    c.steps = cfg.steps - pretrain;
+    Ok(c)
+}
+
 fn run_one(
     cfg: &CompareConfig,
     name: &str,
@@ -177,13 +211,7 @@ fn run_one(
             rlhf_methods::vanilla_pg::run(&c, false, device)
         }
         "ppo" | "ppo-plain" => {
-            let mut c = configure::<rlhf_methods::ppo::PpoParams>(cfg, k, seed, dir);
-            if base == "ppo-plain" {
-                c.method = rlhf_methods::ppo::PpoParams::plain();
-                c.reward.normalize = false;
-            }
-            c.method.value_lr = cfg.value_lr;
-            rlhf_methods::ppo::run(&c, false, device)
+            rlhf_methods::ppo::run(&ppo_config(cfg, name, seed, dir)?, false, device)
         }
         _ => unreachable!("parsed"),
     }
@@ -245,7 +273,9 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
         ));
     }
     for m in &cfg.methods {
-        parse_method(m)?;
+        if parse_method(m)?.0.starts_with("ppo") {
+            ppo_config(cfg, m, 0, &cfg.out_dir)?;
+        }
     }
     std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     // The SFT row: the SFT policy against itself, with the reference samples every run uses.
@@ -387,7 +417,8 @@ pub fn format_markdown(r: &CompareReport) -> String {
          samples for every row), mean over seeds {:?} with a Student-t 95% interval over seeds; KL = mean \
          sequence-level KL(pi || pi_SFT) of the policy's eval samples; length in tokens. Every method \
          starts from the same SFT policy and trains on the {} for {} iterations of {} samples \
-         ({} completions per run). lr {}, beta {} (GRPO: k3 weight {}).\n\n",
+         ({} completions per run; PPO's critic pre-training rollouts count toward them, so PPO runs \
+         fewer policy iterations). lr {}, beta {} (GRPO: k3 weight {}).\n\n",
         c.task,
         c.eval_prompts,
         c.seeds,

@@ -82,13 +82,59 @@ pub struct QuickstartReport {
     pub task: String,
     pub sft: sft::SftSummary,
     pub rm: rm::RmSummary,
-    /// Held-out pairwise accuracy of the reward model against clean gold labels.
+    /// Held-out pairwise accuracy of the reward model against clean gold labels (over the
+    /// `rm_clean_pairs` pairs whose gold rewards differ).
     pub rm_clean_accuracy: f64,
+    pub rm_clean_pairs: usize,
+    /// Held-out pairs left out of the clean accuracy because their gold rewards tie.
+    pub rm_clean_ties_excluded: usize,
     /// The best accuracy any model can expect on the noisy held-out labels: the mean probability
     /// that the simulated annotator labels the gold-better response as chosen.
     pub noisy_label_ceiling: f64,
     pub train_pairs: usize,
     pub rows: Vec<Row>,
+}
+
+/// The reward model's accuracy against gold labels, and what it left out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CleanAccuracy {
+    /// Correct / `pairs` (NaN when no pair is left).
+    pub accuracy: f64,
+    /// Pairs judged: those whose gold rewards differ.
+    pub pairs: usize,
+    /// Pairs whose gold rewards tie: neither answer is right, so they are not counted.
+    pub ties_excluded: usize,
+}
+
+/// Pair `i` has gold rewards `gold[i]` and reward-model scores `scores[i]` for the same two
+/// responses (in the same order); the reward model is right when it strictly prefers the
+/// gold-better one. Pairs tied on gold are excluded.
+pub fn clean_accuracy(gold: &[(f64, f64)], scores: &[(f64, f64)]) -> Result<CleanAccuracy> {
+    if gold.len() != scores.len() {
+        return Err(TrainError::invalid(format!(
+            "clean accuracy: {} gold pairs but {} scored pairs",
+            gold.len(),
+            scores.len()
+        )));
+    }
+    let (mut right, mut pairs) = (0usize, 0usize);
+    for (&(ga, gb), &(sa, sb)) in gold.iter().zip(scores) {
+        if ga == gb {
+            continue;
+        }
+        let (sa, sb) = if ga > gb { (sa, sb) } else { (sb, sa) };
+        pairs += 1;
+        right += usize::from(sa > sb);
+    }
+    Ok(CleanAccuracy {
+        accuracy: if pairs == 0 {
+            f64::NAN
+        } else {
+            right as f64 / pairs as f64
+        },
+        pairs,
+        ties_excluded: gold.len() - pairs,
+    })
 }
 
 fn step(name: &str) {
@@ -170,15 +216,21 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         &mut noisy,
         &sampling(cfg.seed + 4),
     )?;
-    // The same eval pairs relabelled by gold alone (no flips, no Bradley-Terry sampling).
+    // The same eval pairs relabelled by gold alone (no flips, no Bradley-Terry sampling); pairs
+    // whose gold rewards tie have no right answer and are left out.
+    let gold_of = |p: &rlhf_rl::preferences::LabelledPair| {
+        (
+            task.gold(&p.prompt, p.chosen.trim()),
+            task.gold(&p.prompt, p.rejected.trim()),
+        )
+    };
+    let eval_gold: Vec<(f64, f64)> = eval_pairs.iter().map(gold_of).collect();
     let clean_pairs: Vec<_> = eval_pairs
         .iter()
-        .map(|p| {
-            let (c, r) = (
-                task.gold(&p.prompt, p.chosen.trim()),
-                task.gold(&p.prompt, p.rejected.trim()),
-            );
-            if c >= r {
+        .zip(&eval_gold)
+        .filter(|(_, (c, r))| c != r)
+        .map(|(p, (c, r))| {
+            if c > r {
                 p.clone()
             } else {
                 rlhf_rl::preferences::LabelledPair {
@@ -190,18 +242,16 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         })
         .collect();
     let ceiling = {
+        // Over every noisy eval pair (ties included: the noisy accuracy counts them too).
         let probe = Annotator::for_task(task, cfg.noise, 0);
-        let q: f64 = clean_pairs
+        let q: f64 = eval_gold
             .iter()
-            .map(|p| {
-                let better = probe.p_prefer(
-                    task.gold(&p.prompt, p.chosen.trim()),
-                    task.gold(&p.prompt, p.rejected.trim()),
-                );
+            .map(|&(a, b)| {
+                let better = probe.p_prefer(a.max(b), a.min(b));
                 (1.0 - cfg.noise) * better + cfg.noise * (1.0 - better)
             })
             .sum();
-        q / clean_pairs.len().max(1) as f64
+        q / eval_gold.len().max(1) as f64
     };
     let data = out.join("data");
     write_pairs(&data.join("prefs_train.jsonl"), &train_pairs)?;
@@ -233,9 +283,28 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     };
     let rm_summary = rm::run(&rm_cfg, false, device)?;
     let reward_model = RewardModel::load(&out.join("rm/model"), device)?;
-    let clean =
-        rlhf_rl::pairs::load_pair_ids(&sft_lm, &data.join("prefs_eval_clean.jsonl"), 64, false)?;
-    let (_, rm_clean_accuracy) = rm::evaluate_pairs(&reward_model, &clean)?;
+    // The reward model's scores of both responses of every eval pair, judged against gold.
+    let eval_ids =
+        rlhf_rl::pairs::load_pair_ids(&sft_lm, &data.join("prefs_eval.jsonl"), 64, false)?;
+    if eval_ids.len() != eval_pairs.len() {
+        return Err(TrainError::invalid(format!(
+            "prefs_eval.jsonl: read back {} pairs, wrote {}",
+            eval_ids.len(),
+            eval_pairs.len()
+        )));
+    }
+    let side = |f: fn(&rlhf_rl::pairs::PairIds) -> &Vec<u32>| -> Vec<(Vec<u32>, Vec<u32>)> {
+        eval_ids
+            .iter()
+            .map(|p| (p.prompt.clone(), f(p).clone()))
+            .collect()
+    };
+    let (sc, sr) = (
+        reward_model.score_raw(&side(|p| &p.chosen), 32)?,
+        reward_model.score_raw(&side(|p| &p.rejected), 32)?,
+    );
+    let rm_scores: Vec<(f64, f64)> = sc.into_iter().zip(sr).collect();
+    let clean = clean_accuracy(&eval_gold, &rm_scores)?;
 
     step("evaluation against the SFT policy, judged by gold");
     let prompts: Vec<(String, Vec<u32>)> = eval_prompts
@@ -375,7 +444,9 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         task: task.name().into(),
         sft: sft_summary,
         rm: rm_summary,
-        rm_clean_accuracy,
+        rm_clean_accuracy: clean.accuracy,
+        rm_clean_pairs: clean.pairs,
+        rm_clean_ties_excluded: clean.ties_excluded,
         noisy_label_ceiling: ceiling,
         train_pairs: train_pairs.len(),
         rows,
@@ -415,11 +486,13 @@ pub fn format_table(r: &QuickstartReport) -> String {
         ));
     }
     s.push_str(&format!(
-        "\nreward model ({} noisy pairs): held-out accuracy {:.3} on noisy labels (noise ceiling {:.3}), {:.3} on clean gold labels\n",
+        "\nreward model ({} noisy pairs): held-out accuracy {:.3} on noisy labels (noise ceiling {:.3}), {:.3} on clean gold labels ({} pairs; {} gold ties left out)\n",
         r.train_pairs,
         r.rm.eval_accuracy.unwrap_or(f64::NAN),
         r.noisy_label_ceiling,
-        r.rm_clean_accuracy
+        r.rm_clean_accuracy,
+        r.rm_clean_pairs,
+        r.rm_clean_ties_excluded
     ));
     s.push_str(&format!(
         "SFT: {} steps, final train loss {:.3}\n",

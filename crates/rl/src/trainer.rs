@@ -168,6 +168,22 @@ impl Trainer {
         Ok(StepStats { lr, grad_norm })
     }
 
+    /// A deep copy of the optimiser's state (AdamW moments and step counts).
+    pub fn optimizer_state(
+        &self,
+    ) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+        self.opt.state()
+    }
+
+    /// Put back what [`Trainer::optimizer_state`] returned (a trip-wire rollback); the step and
+    /// the learning-rate schedule are left as they are.
+    pub fn restore_optimizer_state(
+        &mut self,
+        state: &std::collections::HashMap<String, candle_core::Tensor>,
+    ) -> Result<()> {
+        self.opt.load_state(state)
+    }
+
     pub fn log(&mut self, metrics: &[(&str, f64)]) -> Result<()> {
         self.metrics.log(self.step, metrics)
     }

@@ -153,6 +153,19 @@ impl ValueModel {
         Ok(norm)
     }
 
+    /// A deep copy of the critic's optimiser state (AdamW moments and step counts).
+    pub fn optimizer_state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        self.opt.state()
+    }
+
+    /// Put back what [`ValueModel::optimizer_state`] returned (a trip-wire rollback).
+    pub fn restore_optimizer_state(
+        &mut self,
+        state: &std::collections::HashMap<String, Tensor>,
+    ) -> Result<()> {
+        self.opt.load_state(state)
+    }
+
     /// Save the value model at `step` (call before the policy's checkpoint of the same step).
     pub fn checkpoint(&self, step: u64) -> Result<()> {
         self.run.save_checkpoint(
