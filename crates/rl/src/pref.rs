@@ -50,6 +50,9 @@ pub struct PolicyEval {
     pub max_new_tokens: Option<usize>,
     pub seed: u64,
     pub batch_size: usize,
+    /// Sampling temperature (AlpacaFarm: 0.7); KL is then between the temperature-scaled
+    /// distributions. Default 1.0.
+    pub temperature: f64,
 }
 
 impl Default for PolicyEval {
@@ -64,6 +67,7 @@ impl Default for PolicyEval {
             // The online methods' evaluation seed and batch size: the same SFT reference samples.
             seed: 12_345,
             batch_size: 64,
+            temperature: 1.0,
         }
     }
 }
@@ -102,6 +106,7 @@ impl PolicyEval {
             max_new_tokens,
             seed: self.seed,
             batch_size: self.batch_size,
+            temperature: self.temperature,
             output: output.to_path_buf(),
             ..EvalConfig::default()
         };
