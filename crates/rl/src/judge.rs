@@ -400,7 +400,10 @@ pub fn win_scores(
             }
         }
         let denom = (k.max(2) - 1) as f64;
-        scores.extend(wins.iter().map(|w| (5.0 * w / denom).round().clamp(0.0, 5.0) as u8));
+        scores.extend(
+            wins.iter()
+                .map(|w| (5.0 * w / denom).round().clamp(0.0, 5.0) as u8),
+        );
     }
     (scores, asked)
 }
@@ -486,9 +489,15 @@ pub fn eft_bootstrap(
     let total = plan.total_steps(rows.len());
     let resolved = serde_json::json!({ "eft": cfg, "model": model, "seed": seed, "optim": optim });
     let mut trainer = Trainer::start(out, &resolved, &lm, &optim, total, false)?;
-    fit(&mut trainer, &lm, rows.len(), &plan, |lm, batch, part| nll_share(lm, &rows, batch, part, device), |_, _| Ok(()))?;
+    fit(
+        &mut trainer,
+        &lm,
+        rows.len(),
+        &plan,
+        |lm, batch, part| nll_share(lm, &rows, batch, part, device),
+        |_, _| Ok(()),
+    )?;
     lm.generation.max_new_tokens.get_or_insert(64);
     trainer.finish(&lm)?;
     Ok(out.join("model"))
 }
-

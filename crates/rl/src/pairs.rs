@@ -82,4 +82,3 @@ pub fn load_pair_ids(
         })
         .collect()
 }
-

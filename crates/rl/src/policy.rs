@@ -172,9 +172,7 @@ pub fn truncate_shared(
     if prompt.len() + longest <= max_len {
         return;
     }
-    let keep_prompt = prompt
-        .len()
-        .min(max_len - longest.min(max_len / 2).max(1));
+    let keep_prompt = prompt.len().min(max_len - longest.min(max_len / 2).max(1));
     prompt.drain(..prompt.len() - keep_prompt);
     let room = max_len - prompt.len();
     if longest <= room {

@@ -60,12 +60,22 @@ fn chat_completion_ends_at_its_first_eos() {
         &Default::default(),
     )
     .unwrap();
-    let raw = lm.tokenizer.encode(&loaded.items[0].completion, false).unwrap();
-    let first = raw.iter().position(|&t| t == eos).expect("rendered reply holds EOS");
+    let raw = lm
+        .tokenizer
+        .encode(&loaded.items[0].completion, false)
+        .unwrap();
+    let first = raw
+        .iter()
+        .position(|&t| t == eos)
+        .expect("rendered reply holds EOS");
 
     let rows = load_rows(&lm, &sft, 256, false).unwrap();
     let (p, c) = &rows[0];
-    assert_eq!(c, &raw[..=first].to_vec(), "cut after the first EOS, nothing appended");
+    assert_eq!(
+        c,
+        &raw[..=first].to_vec(),
+        "cut after the first EOS, nothing appended"
+    );
     assert_eq!(c.iter().filter(|&&t| t == eos).count(), 1);
 
     let pair = &load_pair_ids(&lm, &pairs, 256, false).unwrap()[0];
@@ -83,17 +93,28 @@ fn chat_completion_ends_at_its_first_eos() {
         [pair.prompt.as_slice(), pair.rejected.as_slice()].concat(),
     ];
     let batch = TokenBatch::right_padded(&full, lm.pad_id, &CPU).unwrap();
-    let last = last_token_index(&batch, &CPU).unwrap().to_vec1::<u32>().unwrap();
+    let last = last_token_index(&batch, &CPU)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
     for (row, &i) in full.iter().zip(&last) {
         assert_eq!(i as usize, row.len() - 1);
         assert_eq!(row[i as usize], eos);
     }
 
     // Tokens after the first EOS are dropped.
-    let (_, c) = lm.encode("hello", " hi friend </s> hi friend </s>", true, 256).unwrap();
+    let (_, c) = lm
+        .encode("hello", " hi friend </s> hi friend </s>", true, 256)
+        .unwrap();
     let plain = lm.tokenizer.encode(" hi friend </s>", false).unwrap();
     assert_eq!(c, plain);
-    assert!(lm.tokenizer.encode(" hi friend </s> hi friend </s>", false).unwrap().len() > plain.len());
+    assert!(
+        lm.tokenizer
+            .encode(" hi friend </s> hi friend </s>", false)
+            .unwrap()
+            .len()
+            > plain.len()
+    );
     // A plain-text completion without EOS gets exactly one appended.
     let (_, c) = lm.encode("hello", " hi", true, 256).unwrap();
     assert_eq!(c.last(), Some(&eos));
@@ -141,7 +162,10 @@ fn loaded_pairs_fit_max_len_under_one_prompt() {
     let eos = lm.eos_ids[0];
     let (prompt, response) = task.demonstrations()[0].clone();
     let words: Vec<&str> = response.split_whitespace().collect();
-    let long = std::iter::repeat_n(words.clone(), 6).flatten().collect::<Vec<_>>().join(" ");
+    let long = std::iter::repeat_n(words.clone(), 6)
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(" ");
     let short = words[0].to_string();
     let file = dir.join("pairs.jsonl");
     std::fs::write(
@@ -152,10 +176,17 @@ fn loaded_pairs_fit_max_len_under_one_prompt() {
         ),
     )
     .unwrap();
-    let (full_p, full_c) = lm.encode(&prompt, &format!(" {short}"), true, 10_000).unwrap();
-    let (_, full_r) = lm.encode(&prompt, &format!(" {long}"), true, 10_000).unwrap();
+    let (full_p, full_c) = lm
+        .encode(&prompt, &format!(" {short}"), true, 10_000)
+        .unwrap();
+    let (_, full_r) = lm
+        .encode(&prompt, &format!(" {long}"), true, 10_000)
+        .unwrap();
     let max_len = full_p.len() + full_c.len() + 2;
-    assert!(full_p.len() + full_r.len() > max_len, "the rejected side must need cutting");
+    assert!(
+        full_p.len() + full_r.len() > max_len,
+        "the rejected side must need cutting"
+    );
     let pair = &load_pair_ids(&lm, &file, max_len, false).unwrap()[0];
     assert!(pair.prompt.len() + pair.chosen.len() <= max_len);
     assert!(
@@ -233,8 +264,17 @@ fn eft_bootstrap_learns_from_annotator_labels_not_gold() {
         let (la, lb) = (a.split_whitespace().count(), b.split_whitespace().count());
         la > lb || (la == lb && a < b)
     };
-    let model = eft_bootstrap(&cfg, &jp, &task, &mut prefer, &dir.join("init"), &dir.join("eft"), 7, &CPU)
-        .unwrap();
+    let model = eft_bootstrap(
+        &cfg,
+        &jp,
+        &task,
+        &mut prefer,
+        &dir.join("init"),
+        &dir.join("eft"),
+        7,
+        &CPU,
+    )
+    .unwrap();
     assert!(model.join("config.json").exists());
     assert_eq!(task.calls.load(Ordering::SeqCst), 0, "gold was read");
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("eft/eft.jsonl"))
@@ -252,7 +292,10 @@ fn eft_bootstrap_learns_from_annotator_labels_not_gold() {
             .map(|l| {
                 let text = l["prompt"].as_str().unwrap();
                 let rest = text.strip_prefix(prompt).unwrap().trim_start();
-                rest.strip_suffix(". score :").unwrap().trim_end().to_string()
+                rest.strip_suffix(". score :")
+                    .unwrap()
+                    .trim_end()
+                    .to_string()
             })
             .collect();
         for (i, l) in group.iter().enumerate() {
@@ -275,10 +318,17 @@ fn eft_bootstrap_learns_from_annotator_labels_not_gold() {
                 }
             }
             let score: u8 = l["completion"].as_str().unwrap().trim().parse().unwrap();
-            assert_eq!(score, (wins as f64).round() as u8, "group {g} candidate {i}: {replies:?}");
+            assert_eq!(
+                score,
+                (wins as f64).round() as u8,
+                "group {g} candidate {i}: {replies:?}"
+            );
         }
     }
-    assert_eq!(asked, distinct_pairs, "one comparison per distinct pair in a group");
+    assert_eq!(
+        asked, distinct_pairs,
+        "one comparison per distinct pair in a group"
+    );
     assert!(asked > 0);
 }
 
@@ -302,7 +352,13 @@ fn win_scores_by_hand() {
 
 /// log softmax(logits / t)[target] for each completion token of (prompt, completion), by hand on
 /// the host in f64.
-fn scaled_logprobs(model: &Llama, pad: u32, prompt: &[u32], completion: &[u32], t: f64) -> Vec<f64> {
+fn scaled_logprobs(
+    model: &Llama,
+    pad: u32,
+    prompt: &[u32],
+    completion: &[u32],
+    t: f64,
+) -> Vec<f64> {
     let row = [prompt, completion].concat();
     let batch = TokenBatch::right_padded(&[row.clone()], pad, &CPU).unwrap();
     let hidden = model
@@ -398,7 +454,10 @@ fn eval_kl_is_taken_at_the_sampling_temperature() {
         // The unscaled (T = 1) estimate on the T-samples is a different number when T != 1.
         if t != 1.0 {
             let at_one = hand_kl(&pi_m, &rf_m, pi.pad_id, &samples, 1.0);
-            assert!((at_one - expected).abs() > 1e-2, "{at_one} vs {expected}: test cannot tell");
+            assert!(
+                (at_one - expected).abs() > 1e-2,
+                "{at_one} vs {expected}: test cannot tell"
+            );
         }
         kls.push(got);
     }
