@@ -437,11 +437,23 @@ fn label_round(
     };
     let pairs: Vec<PairIds> = picked
         .iter()
-        .map(|&(w, l)| PairIds {
-            prompt: cands[w].prompt_ids.clone(),
-            chosen: cands[w].completion_ids.clone(),
-            rejected: cands[l].completion_ids.clone(),
-            margin: 0.0,
+        .map(|&(w, l)| {
+            let mut pair = PairIds {
+                prompt: cands[w].prompt_ids.clone(),
+                chosen: cands[w].completion_ids.clone(),
+                rejected: cands[l].completion_ids.clone(),
+                margin: 0.0,
+            };
+            // One shared prompt, both sides within `dpo.max_len` (a no-op when the rollout
+            // limits already fit).
+            rlhf_rl::policy::truncate_shared(
+                &mut pair.prompt,
+                &mut pair.chosen,
+                &mut pair.rejected,
+                cfg.dpo.max_len,
+                &lm.eos_ids,
+            );
+            pair
         })
         .collect();
     let texts: Vec<rlhf_rl::preferences::LabelledPair> = picked
@@ -517,10 +529,16 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
                 "== EFT: teaching the policy to judge ({} examples)",
                 cfg.eft.examples
             );
+            let task = task.expect("validated");
+            // The judge learns from the simulated annotators' pairwise labels (the user's
+            // side of the testbed), never from the gold reward itself.
+            let mut annotator = Annotator::for_task(task, cfg.noise, cfg.seed ^ 0xEF7A);
+            let mut prefer = |p: &str, a: &str, b: &str| annotator.prefer(task, p, a, b);
             eft_bootstrap(
                 &cfg.eft,
                 &jp,
-                task.expect("validated"),
+                task,
+                &mut prefer,
                 &cfg.model,
                 &eft_dir,
                 cfg.seed,

@@ -855,6 +855,7 @@ fn self_rewarding_round_on_the_testbed() {
         lr: 3e-3,
         batch_size: 16,
         with_demonstrations: false,
+        candidates: 6,
     };
     let s = self_reward::run_self_reward(&cfg, false, &CPU).unwrap();
     let r = &s.rounds[0];

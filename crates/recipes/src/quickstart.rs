@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use rlhf_methods::rm::{self, RmConfig};
 use rlhf_methods::sft::{self, SftConfig};
 use rlhf_rl::best_of_n::{best_of_n, kl_bound};
-use rlhf_rl::eval::{judge, sample, EvalReport, Generated, Judges};
+use rlhf_rl::eval::{judge, sample, EvalReport, Generated, Judges, KlModels};
 use rlhf_rl::policy::{fresh_tiny, TrainableLm};
 use rlhf_rl::preferences::{sample_and_label, write_pairs};
 use rlhf_rl::reward::RewardModel;
@@ -337,7 +337,13 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
             policy,
             &reference,
             &judges,
-            kl.map(|(a, b)| (a, b, sft_lm.pad_id)),
+            // Every quickstart sample is drawn at temperature 1.
+            kl.map(|(a, b)| KlModels {
+                policy: a,
+                reference: b,
+                pad_id: sft_lm.pad_id,
+                temperature: 1.0,
+            }),
         )?;
         // eval/<first word of the row name>.json: untrained, sft, best-of-16, rloo, ppo.
         let stem = name.split_whitespace().next().unwrap_or(name);

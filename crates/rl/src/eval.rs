@@ -65,7 +65,11 @@ pub struct EvalReport {
     pub gold_mean: Option<f64>,
     pub reference_gold_mean: Option<f64>,
     pub proxy_mean: Option<f64>,
-    /// Mean over samples of sum_t [log pi(y_t) - log pi_ref(y_t)] (the k1 estimator).
+    /// Mean over the policy's samples of sum_t [log pi_T(y_t) - log pi_ref_T(y_t)] (the k1
+    /// estimator of KL(pi_T || pi_ref_T)), where pi_T and pi_ref_T are the temperature-scaled
+    /// distributions (softmax(logits / T)) at the evaluation temperature T: the distributions the
+    /// samples are drawn from. At T = 1 this is KL(pi || pi_ref). `top_p` / `top_k` truncation is
+    /// not accounted for.
     pub kl_to_ref: Option<f64>,
     /// Mean completion length in tokens.
     pub mean_len: f64,
@@ -131,13 +135,48 @@ pub struct Judges<'a> {
     pub reward_model: Option<&'a RewardModel>,
 }
 
+/// The models the KL column is measured with: the policy that drew the samples, the reference,
+/// the pad id, and the temperature the samples were drawn at (both models are scored with their
+/// logits divided by it).
+#[derive(Clone, Copy)]
+pub struct KlModels<'a> {
+    pub policy: &'a Llama,
+    pub reference: &'a Llama,
+    pub pad_id: u32,
+    pub temperature: f64,
+}
+
+/// The k1 estimate of KL(pi_T || pi_ref_T) on the policy's samples: the mean over samples of the
+/// summed per-token log-ratio, both models scored at `temperature` (see [`EvalReport::kl_to_ref`]).
+pub fn kl_estimate(samples: &[Generated], m: &KlModels) -> Result<f64> {
+    if !(m.temperature > 0.0 && m.temperature.is_finite()) {
+        return Err(LmError::Invalid(format!(
+            "the KL estimate needs a positive, finite sampling temperature (got {})",
+            m.temperature
+        )));
+    }
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = samples
+        .iter()
+        .map(|x| (x.prompt_ids.clone(), x.completion_ids.clone()))
+        .collect();
+    let lp = score_pairs(m.policy, &rows, m.pad_id, 32, m.temperature)?;
+    let lr = score_pairs(m.reference, &rows, m.pad_id, 32, m.temperature)?;
+    let per: Vec<f64> = lp
+        .iter()
+        .zip(&lr)
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y) as f64).sum())
+        .collect();
+    Ok(mean(&per))
+}
+
 /// Judge `policy` completions against `reference` completions (same prompts, same order).
-/// `kl_models`: (policy, reference) to compute KL of the policy's samples, at temperature 1.
+/// `kl_models`: to estimate KL of the policy's samples to the reference at the sampling
+/// temperature.
 pub fn judge(
     policy: &[Generated],
     reference: &[Generated],
     judges: &Judges,
-    kl_models: Option<(&Llama, &Llama, u32)>,
+    kl_models: Option<KlModels>,
 ) -> Result<EvalReport> {
     if policy.len() != reference.len() || policy.is_empty() {
         return Err(LmError::Invalid(format!(
@@ -175,20 +214,7 @@ pub fn judge(
         }
     };
     let (wr, ci) = winrate(&scores_p, &scores_r);
-    let kl = match kl_models {
-        Some((pi, pi_ref, pad)) => {
-            let rows = rows(policy);
-            let lp = score_pairs(pi, &rows, pad, 32, 1.0)?;
-            let lr = score_pairs(pi_ref, &rows, pad, 32, 1.0)?;
-            let per: Vec<f64> = lp
-                .iter()
-                .zip(&lr)
-                .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y) as f64).sum())
-                .collect();
-            Some(mean(&per))
-        }
-        None => None,
-    };
+    let kl = kl_models.map(|m| kl_estimate(policy, &m)).transpose()?;
     Ok(EvalReport {
         winrate: wr,
         winrate_ci95: ci,
@@ -227,7 +253,9 @@ pub struct EvalConfig {
     pub best_of_n: usize,
     pub max_prompts: usize,
     pub max_new_tokens: usize,
-    /// 1.0 by default, so the KL estimate is of the policy itself.
+    /// Sampling temperature of both policy and reference (AlpacaFarm evaluates at 0.7); the KL
+    /// column is then KL between the temperature-scaled distributions (0: greedy, KL at 1).
+    /// Default 1.0.
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub seed: u64,
@@ -259,6 +287,12 @@ impl Default for EvalConfig {
 
 pub fn run_eval(cfg: &EvalConfig, device: &candle_core::Device) -> Result<EvalReport> {
     use rlhf_data::loaders::{load_prompt_completion, load_prompts, LoadOptions};
+    if !(cfg.temperature >= 0.0 && cfg.temperature.is_finite()) {
+        return Err(LmError::Invalid(format!(
+            "eval: `temperature` must be >= 0 and finite (got {})",
+            cfg.temperature
+        )));
+    }
     let policy = rlhf_lm::Pretrained::load(&cfg.policy, device)?;
     let task = match &cfg.task {
         Some(name) => {
@@ -393,7 +427,12 @@ pub fn run_eval(cfg: &EvalConfig, device: &candle_core::Device) -> Result<EvalRe
         reward_model: reward_model.as_ref(),
     };
     let kl_models = match (&reference_model, cfg.best_of_n > 1) {
-        (Some(m), false) => Some((&pi, m, policy.pad_id())),
+        (Some(m), false) => Some(KlModels {
+            policy: &pi,
+            reference: m,
+            pad_id: policy.pad_id(),
+            temperature: params.logprob_temperature(),
+        }),
         _ => None,
     };
     let mut report = judge(&policy_samples, &reference_samples, &judges, kl_models)?;

@@ -11,9 +11,11 @@
 //!
 //! On the built-in testbed a tiny model knows no rubric, so, as the paper's M1 is SFT on
 //! instruction data plus EFT judge data, `[eft]` first fine-tunes the model on the task's
-//! demonstrations plus judge examples whose scores are the gold reward's sextiles over SFT samples
-//! (short template `{prompt} {response} .`, reply prefilled with `score :`). No gold reaches the
-//! self-rewarding loop itself.
+//! demonstrations plus judge examples (short template `{prompt} {response} .`, reply prefilled with
+//! `score :`). Their scores come from what a user would have, never from the gold reward: each
+//! prompt gets `candidates` SFT samples, every two of them are compared by the simulated
+//! annotators (noisy pairwise labels), and a candidate's score is the share of the others it beat,
+//! on 0-5 ([`win_scores`]). The self-rewarding loop itself sees no labels at all.
 
 use std::path::{Path, PathBuf};
 
@@ -333,6 +335,9 @@ pub struct EftConfig {
     pub batch_size: usize,
     /// Also train on the task's demonstrations (so the policy keeps its instruction data).
     pub with_demonstrations: bool,
+    /// Samples per prompt compared with each other by the annotators (>= 2; `examples` is
+    /// rounded up to a multiple of it). 6: a candidate's wins over the other 5 are its score.
+    pub candidates: usize,
 }
 
 impl Default for EftConfig {
@@ -343,19 +348,20 @@ impl Default for EftConfig {
             lr: 1e-3,
             batch_size: 32,
             with_demonstrations: true,
+            candidates: 6,
         }
     }
 }
 
-/// Scores 0-5 by sextile of the gold reward (ties share a score), so every score is used.
-pub fn sextile_scores(gold: &[f64]) -> Vec<u8> {
-    let n = gold.len();
+/// Scores 0-5 by sextile of `values` (ties share a score), so every score is used.
+pub fn sextile_scores(values: &[f64]) -> Vec<u8> {
+    let n = values.len();
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| gold[a].total_cmp(&gold[b]));
+    order.sort_by(|&a, &b| values[a].total_cmp(&values[b]));
     let mut out = vec![0u8; n];
     let mut first = 0;
     for (rank, &i) in order.iter().enumerate() {
-        if rank > 0 && gold[i] != gold[order[rank - 1]] {
+        if rank > 0 && values[i] != values[order[rank - 1]] {
             first = rank;
         }
         out[i] = ((6 * first) / n.max(1)).min(5) as u8;
@@ -363,26 +369,75 @@ pub fn sextile_scores(gold: &[f64]) -> Vec<u8> {
     out
 }
 
+/// Judge scores 0-5 from a round robin within groups of candidates for the same prompt: every two
+/// candidates of a group are compared once with `prefer(prompt, a, b)` (true: `a` wins), identical
+/// texts tie (half a win each, no comparison asked), and a candidate's score is
+/// `round(5 * wins / (k - 1))` for a group of `k`. With `k = 6` the score is its number of wins.
+/// In a complete round robin the win count orders candidates as a Bradley-Terry fit does.
+/// Returns the scores in the candidates' order and the number of comparisons asked.
+pub fn win_scores(
+    groups: &[(&str, Vec<&str>)],
+    prefer: &mut dyn FnMut(&str, &str, &str) -> bool,
+) -> (Vec<u8>, usize) {
+    let mut scores = Vec::new();
+    let mut asked = 0;
+    for (prompt, cands) in groups {
+        let k = cands.len();
+        let mut wins = vec![0.0f64; k];
+        for i in 0..k {
+            for j in i + 1..k {
+                if cands[i] == cands[j] {
+                    wins[i] += 0.5;
+                    wins[j] += 0.5;
+                } else {
+                    asked += 1;
+                    if prefer(prompt, cands[i], cands[j]) {
+                        wins[i] += 1.0;
+                    } else {
+                        wins[j] += 1.0;
+                    }
+                }
+            }
+        }
+        let denom = (k.max(2) - 1) as f64;
+        scores.extend(
+            wins.iter()
+                .map(|w| (5.0 * w / denom).round().clamp(0.0, 5.0) as u8),
+        );
+    }
+    (scores, asked)
+}
+
 /// Build the EFT file (`prompt` = judge prompt with prefill, `completion` = ` n`, plus the
-/// demonstrations) from `policy` samples on the task's train prompts; returns the SFT'd model.
+/// demonstrations) from `policy` samples on the task's train prompts, scored by [`win_scores`]
+/// over `prefer`'s pairwise labels (on the testbed: the simulated annotators'; `task.gold` is
+/// never read here); returns the SFT'd model.
+#[allow(clippy::too_many_arguments)]
 pub fn eft_bootstrap(
     cfg: &EftConfig,
     judge_prompt: &JudgePrompt,
     task: &dyn Task,
+    prefer: &mut dyn FnMut(&str, &str, &str) -> bool,
     model: &Path,
     out: &Path,
     seed: u64,
     device: &Device,
 ) -> Result<PathBuf> {
+    if cfg.candidates < 2 {
+        return Err(TrainError::invalid(format!(
+            "eft.candidates must be >= 2 (got {}): scores come from comparing candidates",
+            cfg.candidates
+        )));
+    }
+    let k = cfg.candidates;
+    let n_groups = cfg.examples.div_ceil(k);
     let lm = crate::policy::TrainableLm::load(model, device)?;
     let policy = lm.model(device)?.detached();
-    let prompts: Vec<(String, Vec<u32>)> = task
-        .train_prompts()
-        .iter()
-        .cycle()
-        .take(cfg.examples)
-        .map(|p| Ok((p.clone(), lm.encode_prompt(p, 256)?)))
-        .collect::<Result<_>>()?;
+    let mut prompts: Vec<(String, Vec<u32>)> = Vec::with_capacity(n_groups * k);
+    for p in task.train_prompts().iter().cycle().take(n_groups) {
+        let ids = lm.encode_prompt(p, 256)?;
+        prompts.extend(std::iter::repeat_n((p.clone(), ids), k));
+    }
     let params = SamplingParams {
         max_new_tokens: task.max_response_words() + 2,
         temperature: 1.0,
@@ -391,11 +446,16 @@ pub fn eft_bootstrap(
         ..Default::default()
     };
     let samples = sample(&policy, &lm.tokenizer, lm.pad_id, &prompts, &params, 64)?;
-    let gold: Vec<f64> = samples
-        .iter()
-        .map(|g| task.gold(&g.prompt, &g.completion))
+    let groups: Vec<(&str, Vec<&str>)> = samples
+        .chunks(k)
+        .map(|g| {
+            (
+                g[0].prompt.as_str(),
+                g.iter().map(|x| x.completion.as_str()).collect(),
+            )
+        })
         .collect();
-    let scores = sextile_scores(&gold);
+    let (scores, _) = win_scores(&groups, prefer);
     std::fs::create_dir_all(out).map_err(|e| TrainError::io(out, e))?;
     let file = out.join("eft.jsonl");
     let mut lines = String::new();

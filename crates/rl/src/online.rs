@@ -35,7 +35,7 @@ use rlhf_train::{Result, TrainError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{judge, sample, EvalReport, Generated, Judges};
+use crate::eval::{judge, sample, EvalReport, Generated, Judges, KlModels};
 use crate::kl::{KlConfig, KlController};
 use crate::objectives::sequence_loss;
 use crate::policy::TrainableLm;
@@ -77,6 +77,22 @@ pub struct OnlineEvalConfig {
     pub max_new_tokens: Option<usize>,
     /// Sampling seed of the evaluation (the same reference samples for every method).
     pub seed: u64,
+    /// Sampling temperature of policy and reference at evaluation (AlpacaFarm: 0.7), no top-k /
+    /// top-p. `eval/kl` is then the KL between the temperature-scaled distributions (the ones
+    /// sampled from). Default 1.0.
+    pub temperature: f64,
+}
+
+impl OnlineEvalConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return Err(TrainError::invalid(format!(
+                "eval.temperature must be positive and finite (got {})",
+                self.temperature
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for OnlineEvalConfig {
@@ -86,6 +102,7 @@ impl Default for OnlineEvalConfig {
             every: 0,
             max_new_tokens: None,
             seed: 12_345,
+            temperature: 1.0,
         }
     }
 }
@@ -189,6 +206,7 @@ impl<M: Method> OnlineConfig<M> {
         }
         self.rollout.validate()?;
         self.kl.validate()?;
+        self.eval.validate()?;
         M::validate(self)
     }
 }
@@ -579,7 +597,8 @@ impl<M: Method> Session<M> {
             .cfg
             .rollout
             .sampling(self.cfg.eval.seed, self.lm.eos_ids.clone());
-        params.temperature = 1.0;
+        self.cfg.eval.validate()?;
+        params.temperature = self.cfg.eval.temperature;
         params.top_k = None;
         params.top_p = None;
         if let Some(n) = self.cfg.eval.max_new_tokens {
@@ -610,7 +629,12 @@ impl<M: Method> Session<M> {
             &params,
             bs,
         )?;
-        let kl_models = Some((&pi, &self.reference, self.lm.pad_id));
+        let kl_models = Some(KlModels {
+            policy: &pi,
+            reference: &self.reference,
+            pad_id: self.lm.pad_id,
+            temperature: params.temperature,
+        });
         let rm = self.rewarder.source.reward_model();
         let report = match &self.task {
             Some(task) => {

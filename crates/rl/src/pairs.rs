@@ -1,5 +1,6 @@
 //! Training data as token ids: prompt/completion rows and preference pairs, tokenised TRL's way
-//! (prompt with special tokens, completion without, EOS appended) and cut to `max_len`.
+//! (prompt with special tokens, completion without, ended at its first EOS or given one) and cut
+//! to `max_len`; a pair's two completions share one prompt and are cut together.
 
 use rlhf_data::loaders::{load_pairs, load_prompt_completion, LoadOptions};
 use rlhf_train::{Result, TrainError};
@@ -70,8 +71,8 @@ pub fn load_pair_ids(
         .items
         .iter()
         .map(|p| {
-            let (prompt, chosen) = lm.encode(&p.prompt, &p.chosen, true, max_len)?;
-            let (_, rejected) = lm.encode(&p.prompt, &p.rejected, true, max_len)?;
+            let (prompt, chosen, rejected) =
+                lm.encode_shared(&p.prompt, &p.chosen, &p.rejected, true, max_len)?;
             Ok(PairIds {
                 prompt,
                 chosen,

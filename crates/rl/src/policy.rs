@@ -84,8 +84,8 @@ impl TrainableLm {
     }
 
     /// Prompt and completion ids, TRL's way (prompt with special tokens, completion without),
-    /// with EOS appended to the completion when `add_eos`, and the completion cut so the whole
-    /// row fits `max_len` (the prompt is kept whole and its front cut only if it alone is too long).
+    /// ended at EOS (see [`TrainableLm::end_at_eos`]), and the completion cut so the whole row
+    /// fits `max_len` (the prompt is kept whole and its front cut only if it alone is too long).
     pub fn encode(
         &self,
         prompt: &str,
@@ -94,13 +94,46 @@ impl TrainableLm {
         max_len: usize,
     ) -> Result<(Vec<u32>, Vec<u32>)> {
         let (mut p, mut c) = rlhf_lm::score::encode_pair(&self.tokenizer, prompt, completion)?;
-        if add_eos {
-            if let Some(&eos) = self.eos_ids.first() {
-                c.push(eos);
-            }
-        }
+        self.end_at_eos(&mut c, add_eos);
         truncate_pair(&mut p, &mut c, max_len);
         Ok((p, c))
+    }
+
+    /// A preference pair under ONE prompt: the prompt encoded once, both completions ended at
+    /// EOS, then cut together by [`truncate_shared`] so prompt + chosen and prompt + rejected
+    /// each fit `max_len`.
+    pub fn encode_shared(
+        &self,
+        prompt: &str,
+        chosen: &str,
+        rejected: &str,
+        add_eos: bool,
+        max_len: usize,
+    ) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+        let (mut p, mut c) = rlhf_lm::score::encode_pair(&self.tokenizer, prompt, chosen)?;
+        let mut r = self.tokenizer.encode(rejected, false)?;
+        self.end_at_eos(&mut c, add_eos);
+        self.end_at_eos(&mut r, add_eos);
+        truncate_shared(&mut p, &mut c, &mut r, max_len, &self.eos_ids);
+        Ok((p, c, r))
+    }
+
+    /// No token after the first EOS is trained or scored: a completion is cut right after its
+    /// first EOS id (a chat-rendered reply already ends with the template's end-of-turn token,
+    /// often followed by a newline), and, when `add_eos`, EOS is appended only if it has none.
+    /// A rollout ends at its first EOS the same way, so a reward model reads its score at the
+    /// same position in training and in rollouts.
+    pub fn end_at_eos(&self, completion: &mut Vec<u32>, add_eos: bool) {
+        match completion.iter().position(|t| self.eos_ids.contains(t)) {
+            Some(i) => completion.truncate(i + 1),
+            None => {
+                if add_eos {
+                    if let Some(&eos) = self.eos_ids.first() {
+                        completion.push(eos);
+                    }
+                }
+            }
+        }
     }
 
     pub fn encode_prompt(&self, prompt: &str, max_len: usize) -> Result<Vec<u32>> {
@@ -126,6 +159,41 @@ pub fn truncate_pair(prompt: &mut Vec<u32>, completion: &mut Vec<u32>, max_len: 
         .min(max_len - completion.len().min(max_len / 2).max(1));
     prompt.drain(..prompt.len() - keep_prompt);
     completion.truncate(max_len - prompt.len());
+}
+
+/// Cut a preference pair so that prompt + chosen and prompt + rejected each fit `max_len`, with
+/// the same prompt ids for both (TRL's `truncate_tokens`): the prompt's front is cut only as far
+/// as the longer completion needs (keeping at least half of `max_len` for completions when the
+/// prompt is long), then both completions are cut to the room left. Where either completion is
+/// cut it loses its EOS, and then the other one's final EOS (an id in `eos_ids`) is dropped too, so
+/// truncation never leaves EOS on one side only. (TRL keeps the EOS of the side that fits; we
+/// drop it, so neither side's log-ratio has an end-of-sequence term the other lacks.) A
+/// completion that is only EOS keeps it (an empty completion would score nothing).
+pub fn truncate_shared(
+    prompt: &mut Vec<u32>,
+    chosen: &mut Vec<u32>,
+    rejected: &mut Vec<u32>,
+    max_len: usize,
+    eos_ids: &[u32],
+) {
+    let max_len = max_len.max(2);
+    let longest = chosen.len().max(rejected.len());
+    if prompt.len() + longest <= max_len {
+        return;
+    }
+    let keep_prompt = prompt.len().min(max_len - longest.min(max_len / 2).max(1));
+    prompt.drain(..prompt.len() - keep_prompt);
+    let room = max_len - prompt.len();
+    if longest <= room {
+        return;
+    }
+    chosen.truncate(room);
+    rejected.truncate(room);
+    for side in [chosen, rejected] {
+        if side.len() > 1 && side.last().is_some_and(|t| eos_ids.contains(t)) {
+            side.pop();
+        }
+    }
 }
 
 /// The built-in testbed's tiny model: the same architecture as the real ones, only small.

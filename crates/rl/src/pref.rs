@@ -54,6 +54,9 @@ pub struct PolicyEval {
     pub seed: u64,
     /// Prompts per generation batch.
     pub batch_size: usize,
+    /// Sampling temperature (AlpacaFarm: 0.7); KL is then between the temperature-scaled
+    /// distributions. Default 1.0.
+    pub temperature: f64,
 }
 
 impl Default for PolicyEval {
@@ -68,6 +71,7 @@ impl Default for PolicyEval {
             // The online methods' evaluation seed and batch size: the same SFT reference samples.
             seed: 12_345,
             batch_size: 64,
+            temperature: 1.0,
         }
     }
 }
@@ -106,6 +110,7 @@ impl PolicyEval {
             max_new_tokens,
             seed: self.seed,
             batch_size: self.batch_size,
+            temperature: self.temperature,
             output: output.to_path_buf(),
             ..EvalConfig::default()
         };
