@@ -91,7 +91,9 @@ pub struct TripwireConfig {
     pub max_length: Option<f64>,
     /// The policy's perplexity on its own samples below this trips (collapse lowers it).
     pub min_perplexity: Option<f64>,
+    /// What a tripped wire does: stop (write why and the last good model) | rollback (restore the last snapshot and continue).
     pub action: TripAction,
+    /// Rollbacks allowed before the run stops.
     pub max_rollbacks: usize,
     /// Snapshot the weights every this many iterations (0: `save_every`, or 10 when that is 0).
     pub snapshot_every: u64,
@@ -146,7 +148,9 @@ pub struct PpoParams {
     pub epochs: usize,
     /// Optimiser steps per pass (policy and critic alike).
     pub minibatches: usize,
+    /// Discount of the per-token rewards in GAE.
     pub gamma: f64,
+    /// GAE lambda (bias/variance trade-off of the advantages).
     pub lam: f64,
     /// The surrogate's epsilon.
     pub clip_range: f64,
@@ -154,6 +158,7 @@ pub struct PpoParams {
     pub value_clip: f64,
     /// Critic initialisation (default: the reward model, else the initial policy with a new head).
     pub value_model: Option<PathBuf>,
+    /// Learning rate of the critic (its own AdamW).
     pub value_lr: f64,
     /// Value-only rollout batches of the initial policy before any policy update (0: none).
     pub critic_pretrain_iterations: usize,
@@ -176,6 +181,7 @@ pub struct PpoParams {
     pub ptx_batch_size: usize,
     /// Entropy bonus (full-distribution entropy per token); 0 turns it off.
     pub entropy_coef: f64,
+    /// Collapse trip-wire: bounds on KL, length and perplexity, and what to do when one is crossed.
     pub tripwire: TripwireConfig,
 }
 

@@ -70,12 +70,15 @@ pub struct JudgeConfig {
     pub chat: Option<bool>,
     /// Sampled judgements per candidate, averaged (the paper: 3).
     pub judgements: usize,
+    /// Sampling temperature of the judgements.
     pub temperature: f64,
+    /// Nucleus sampling of the judgements (unset: off).
     pub top_p: Option<f64>,
     /// Default: 256 (rubric), 3 (testbed).
     pub max_new_tokens: Option<usize>,
     /// Longer judge prompts keep their last tokens.
     pub max_prompt_len: usize,
+    /// Judge prompts per generation batch.
     pub batch_size: usize,
 }
 
@@ -330,8 +333,11 @@ pub fn judge_candidates(
 pub struct EftConfig {
     /// Judge examples to build (0: no EFT; the model judges as it is). Testbed only.
     pub examples: usize,
+    /// Passes over the EFT data.
     pub epochs: usize,
+    /// Learning rate of the EFT fine-tuning.
     pub lr: f64,
+    /// Examples per EFT optimiser step.
     pub batch_size: usize,
     /// Also train on the task's demonstrations (so the policy keeps its instruction data).
     pub with_demonstrations: bool,
