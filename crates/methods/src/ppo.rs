@@ -91,7 +91,8 @@ pub struct TripwireConfig {
     pub max_length: Option<f64>,
     /// The policy's perplexity on its own samples below this trips (collapse lowers it).
     pub min_perplexity: Option<f64>,
-    /// What a tripped wire does: stop (write why and the last good model) | rollback (restore the last snapshot and continue).
+    /// What a tripped wire does: stop (restore the last good state, write the final model, end) |
+    /// rollback (restore it and carry on).
     pub action: TripAction,
     /// Rollbacks allowed before the run stops.
     pub max_rollbacks: usize,

@@ -4,11 +4,11 @@
 //! policy on the task's eval prompts (the same reference samples for every row), with KL to the
 //! SFT policy and response length. Writes `<out_dir>/compare.json` and a markdown table.
 //!
-//! Methods are named `rloo-k4`, `rloo-k2`, `raft-k4`, `raft-k2`, `grpo-k4`, `reinforce`,
-//! `vanilla-pg`, `ppo` (the PPO-max preset) and `ppo-plain` (PPO without the PPO-max reward
-//! normalisation + clipping or critic pre-training) (`-kN` sets `rollout.k`; REINFORCE, vanilla PG
-//! and PPO take one sample per prompt). PPO's critic pre-training rollouts count toward its
-//! budget (see [`ppo_config`]).
+//! A row is any online method of the registry (`rlhf_methods::registry`), with `-kN` for k
+//! samples per prompt (`rloo-k4`, `raft-k2`, `grpo-k4`, `reinforce`, `vanilla-pg`, `ppo`), or a
+//! variant of one (`ppo-plain`: PPO without the PPO-max reward normalisation + clipping or critic
+//! pre-training). Each runs through its registry entry with the shared settings as overrides
+//! ([`run_settings`]); PPO's critic pre-training rollouts count toward its budget.
 
 use std::path::{Path, PathBuf};
 
@@ -17,7 +17,8 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use rlhf_rl::eval::{run_eval, EvalConfig, EvalReport};
-use rlhf_rl::online::{Method, OnlineConfig, OnlineSummary};
+use rlhf_rl::online::OnlineSummary;
+use rlhf_rl::registry::{Family, Registered};
 use rlhf_rl::reward_source::SourceKind;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -118,74 +119,113 @@ pub struct CompareReport {
     pub runs: Vec<RunResult>,
 }
 
-/// `name` -> (method, k).
-fn parse_method(name: &str) -> Result<(&str, usize)> {
+/// Named variants of a registered method, as (variant, method, overrides): `ppo-plain` is `ppo`
+/// without the PPO-max components (reward normalisation + clipping, critic pre-training).
+const VARIANTS: &[(&str, &str, &[&str])] = &[(
+    "ppo-plain",
+    "ppo",
+    &[
+        "method.reward_scaling=none",
+        "method.reward_clip=0.0",
+        "method.critic_pretrain_iterations=0",
+    ],
+)];
+
+/// `name` -> (registered online method, k, the variant's overrides). `-kN` sets `rollout.k`.
+fn parse_method(name: &str) -> Result<(&'static dyn Registered, usize, Vec<String>)> {
     let (base, k) = match name.rsplit_once("-k") {
         Some((b, k)) if k.chars().all(|c| c.is_ascii_digit()) && !k.is_empty() => {
             (b, k.parse::<usize>().expect("digits"))
         }
         _ => (name, 1),
     };
-    match base {
-        "rloo" | "raft" | "grpo" | "reinforce" | "vanilla-pg" | "ppo" | "ppo-plain" => Ok((base, k)),
-        _ => Err(TrainError::invalid(format!(
-            "unknown method `{name}` (rloo-kN, raft-kN, grpo-kN, reinforce, vanilla-pg, ppo, ppo-plain)"
-        ))),
+    let (method, overrides) = match VARIANTS.iter().find(|v| v.0 == base) {
+        Some((_, m, o)) => (*m, o.iter().map(|s| s.to_string()).collect()),
+        None => (base, Vec::new()),
+    };
+    match rlhf_methods::method(method).filter(|m| m.family() == Family::Online) {
+        Some(m) => Ok((m, k, overrides)),
+        None => {
+            let online: Vec<&str> = rlhf_methods::registry()
+                .into_iter()
+                .filter(|m| m.family() == Family::Online)
+                .map(|m| m.name())
+                .chain(VARIANTS.iter().map(|v| v.0))
+                .collect();
+            Err(TrainError::invalid(format!(
+                "unknown online method `{name}` (one of {}, with -kN for k samples per prompt)",
+                online.join(", ")
+            )))
+        }
     }
 }
 
-fn configure<M: Method>(cfg: &CompareConfig, k: usize, seed: u64, dir: &Path) -> OnlineConfig<M> {
-    let mut c = OnlineConfig::<M>::default();
-    c.model = cfg.sft_model.clone();
-    c.task = Some(cfg.task.clone());
-    c.task_seed = cfg.task_seed;
-    c.output_dir = dir.to_path_buf();
-    c.steps = cfg.steps;
-    c.rollout.k = k;
-    c.prompts_per_step = (cfg.samples_per_step / k).max(1);
-    c.rollout.max_new_tokens = cfg.max_new_tokens;
-    c.seed = seed;
-    c.log_every = 1;
-    c.save_every = 0;
-    c.reward.source = cfg.reward_source;
-    c.reward.model = Some(cfg.reward_model.clone());
-    c.kl.beta = cfg.beta;
-    c.optim.lr = cfg.lr;
-    c.eval.prompts = cfg.eval_prompts;
-    c
-}
-
-/// The configuration of a `ppo` or `ppo-plain` run. PPO's critic pre-training samples
-/// `critic_pretrain_iterations` rollout batches of `samples_per_step` completions before its
-/// first update; they are charged to its budget: it runs that many fewer PPO iterations, and
-/// pre-training never stops early (`critic_pretrain_tol = 0`), so every method draws exactly
-/// `samples_per_step x steps` completions. `ppo-plain` turns off the PPO-max reward
-/// normalisation + clipping and critic pre-training, and nothing else.
-pub fn ppo_config(
+/// The registered method a comparison row runs and its configuration overrides: the shared
+/// settings (same SFT policy, reward, budget of `samples_per_step x steps` completions, eval),
+/// `grpo_beta` as GRPO's KL weight, `value_lr` for methods with a value model, the variant's
+/// overrides. A method that pre-trains a critic on rollouts of the initial policy
+/// (`method.critic_pretrain_iterations`, PPO) is charged for them: it runs that many fewer
+/// iterations, and pre-training never stops early (`critic_pretrain_tol = 0`), so every method
+/// draws exactly `samples_per_step x steps` completions.
+pub fn run_settings(
     cfg: &CompareConfig,
     name: &str,
     seed: u64,
     dir: &Path,
-) -> Result<rlhf_methods::ppo::PpoConfig> {
-    let (base, k) = parse_method(name)?;
-    if base != "ppo" && base != "ppo-plain" {
-        return Err(TrainError::invalid(format!("`{name}` is not a PPO method")));
+) -> Result<(&'static dyn Registered, Vec<String>)> {
+    let (m, k, overrides) = parse_method(name)?;
+    let mut sets: Vec<String> = vec![
+        format!("model={}", cfg.sft_model.display()),
+        format!("task={}", cfg.task),
+        format!("task_seed={}", cfg.task_seed),
+        format!("output_dir={}", dir.display()),
+        format!("rollout.k={k}"),
+        format!("prompts_per_step={}", (cfg.samples_per_step / k).max(1)),
+        format!("rollout.max_new_tokens={}", cfg.max_new_tokens),
+        format!("seed={seed}"),
+        "log_every=1".into(),
+        "save_every=0".into(),
+        format!(
+            "reward.source={}",
+            serde_json::to_value(cfg.reward_source)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        ),
+        format!("reward.model={}", cfg.reward_model.display()),
+        format!(
+            "kl.beta={}",
+            if m.name() == "grpo" {
+                cfg.grpo_beta
+            } else {
+                cfg.beta
+            }
+        ),
+        format!("optim.lr={}", cfg.lr),
+        format!("eval.prompts={}", cfg.eval_prompts),
+    ];
+    sets.extend(overrides);
+    let resolved: toml::Table = toml::from_str(&m.resolved_toml(None, &sets)?)
+        .map_err(|e| TrainError::invalid(format!("{name}: {e}")))?;
+    let method = resolved.get("method").and_then(|v| v.as_table());
+    if method.is_some_and(|t| t.contains_key("value_lr")) {
+        sets.push(format!("method.value_lr={}", cfg.value_lr));
     }
-    let mut c = configure::<rlhf_methods::ppo::PpoParams>(cfg, k, seed, dir);
-    if base == "ppo-plain" {
-        c.method = rlhf_methods::ppo::PpoParams::plain();
+    let pretrain = method
+        .and_then(|t| t.get("critic_pretrain_iterations"))
+        .and_then(|v| v.as_integer())
+        .unwrap_or(0) as u64;
+    if pretrain > 0 {
+        if pretrain >= cfg.steps {
+            return Err(TrainError::invalid(format!(
+                "{name}: critic pre-training ({pretrain} rollout batches) would use the whole budget of {} iterations; raise steps",
+                cfg.steps
+            )));
+        }
+        sets.push("method.critic_pretrain_tol=0.0".into());
     }
-    c.method.value_lr = cfg.value_lr;
-    c.method.critic_pretrain_tol = 0.0;
-    let pretrain = c.method.critic_pretrain_iterations as u64;
-    if pretrain >= cfg.steps {
-        return Err(TrainError::invalid(format!(
-            "{name}: critic pre-training ({pretrain} rollout batches) would use the whole budget of {} iterations; raise steps",
-            cfg.steps
-        )));
-    }
-    c.steps = cfg.steps - pretrain;
-    Ok(c)
+    sets.push(format!("steps={}", cfg.steps - pretrain));
+    Ok((m, sets))
 }
 
 fn run_one(
@@ -195,26 +235,10 @@ fn run_one(
     dir: &Path,
     device: &Device,
 ) -> Result<OnlineSummary> {
-    let (base, k) = parse_method(name)?;
-    match base {
-        "rloo" => rlhf_methods::rloo::run(&configure(cfg, k, seed, dir), false, device),
-        "raft" => rlhf_methods::raft::run(&configure(cfg, k, seed, dir), false, device),
-        "grpo" => {
-            let mut c = configure::<rlhf_methods::grpo::GrpoParams>(cfg, k, seed, dir);
-            c.kl.beta = cfg.grpo_beta;
-            rlhf_methods::grpo::run(&c, false, device)
-        }
-        "reinforce" => rlhf_methods::reinforce::run(&configure(cfg, k, seed, dir), false, device),
-        "vanilla-pg" => {
-            let mut c = configure::<rlhf_methods::vanilla_pg::VanillaPgParams>(cfg, k, seed, dir);
-            c.method.value_lr = cfg.value_lr;
-            rlhf_methods::vanilla_pg::run(&c, false, device)
-        }
-        "ppo" | "ppo-plain" => {
-            rlhf_methods::ppo::run(&ppo_config(cfg, name, seed, dir)?, false, device)
-        }
-        _ => unreachable!("parsed"),
-    }
+    let (m, sets) = run_settings(cfg, name, seed, dir)?;
+    let summary = m.run(None, &sets, false, device)?;
+    serde_json::from_value(summary)
+        .map_err(|e| TrainError::invalid(format!("{name}: summary: {e}")))
 }
 
 fn last_wall_time(metrics: &Path) -> Option<f64> {
@@ -272,10 +296,10 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
             "compare needs at least one method and one seed",
         ));
     }
+    // Every row's configuration is checked before the first run starts.
     for m in &cfg.methods {
-        if parse_method(m)?.0.starts_with("ppo") {
-            ppo_config(cfg, m, 0, &cfg.out_dir)?;
-        }
+        let (method, sets) = run_settings(cfg, m, 0, &cfg.out_dir)?;
+        method.resolved_toml(None, &sets)?;
     }
     std::fs::create_dir_all(&cfg.out_dir).map_err(|e| TrainError::io(&cfg.out_dir, e))?;
     // The SFT row: the SFT policy against itself, with the reference samples every run uses.

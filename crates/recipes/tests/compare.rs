@@ -1,9 +1,9 @@
-//! compare-online's PPO configurations: the sample budget and the `ppo-plain` ablation.
+//! compare-online's rows come from the registry: the sample budget (PPO's critic pre-training
+//! charged to it) and the `ppo-plain` variant.
 
 use std::path::Path;
 
-use rlhf_methods::ppo::RewardScaling;
-use rlhf_recipes::compare::{ppo_config, CompareConfig};
+use rlhf_recipes::compare::{run_settings, CompareConfig};
 
 fn cfg() -> CompareConfig {
     CompareConfig {
@@ -13,29 +13,66 @@ fn cfg() -> CompareConfig {
     }
 }
 
+/// The configuration a comparison row runs with, as a TOML table.
+fn resolved(c: &CompareConfig, name: &str, seed: u64) -> toml::Table {
+    let (m, sets) = run_settings(c, name, seed, Path::new("out")).unwrap();
+    toml::from_str(&m.resolved_toml(None, &sets).unwrap()).unwrap()
+}
+
+fn int(t: &toml::Table, path: &[&str]) -> i64 {
+    let mut v = &t[path[0]];
+    for k in &path[1..] {
+        v = &v[*k];
+    }
+    v.as_integer().unwrap_or_else(|| panic!("{path:?}: {v}"))
+}
+
 /// PPO's critic pre-training batches (rollouts of the initial policy) come out of its budget:
 /// 4 pre-training batches + 6 PPO iterations, of 64 samples each = 640 = 64 x 10, like every
 /// other method; pre-training never stops early, so the count is exact.
 #[test]
 fn ppo_critic_pretraining_is_charged_to_the_budget() {
-    let c = ppo_config(&cfg(), "ppo", 0, Path::new("out")).unwrap();
-    assert_eq!(c.method.critic_pretrain_iterations, 4);
-    assert_eq!(c.method.critic_pretrain_tol, 0.0);
-    assert_eq!(c.steps, 6);
-    assert_eq!(c.prompts_per_step * c.rollout.k, 64);
-    let samples = (c.steps + c.method.critic_pretrain_iterations as u64)
-        * (c.prompts_per_step * c.rollout.k) as u64;
-    assert_eq!(samples, 640);
+    let c = resolved(&cfg(), "ppo", 0);
+    assert_eq!(int(&c, &["method", "critic_pretrain_iterations"]), 4);
+    assert_eq!(c["method"]["critic_pretrain_tol"].as_float(), Some(0.0));
+    assert_eq!(int(&c, &["steps"]), 6);
+    let per_step = int(&c, &["prompts_per_step"]) * int(&c, &["rollout", "k"]);
+    assert_eq!(per_step, 64);
+    assert_eq!((6 + 4) * per_step, 640);
     // ppo-plain has no pre-training: all 10 iterations are PPO iterations.
-    let p = ppo_config(&cfg(), "ppo-plain", 0, Path::new("out")).unwrap();
-    assert_eq!((p.steps, p.method.critic_pretrain_iterations), (10, 0));
+    let p = resolved(&cfg(), "ppo-plain", 0);
+    assert_eq!(
+        (
+            int(&p, &["steps"]),
+            int(&p, &["method", "critic_pretrain_iterations"])
+        ),
+        (10, 0)
+    );
+    // Methods without a critic run every iteration, and k samples per prompt keep the budget.
+    let r = resolved(&cfg(), "rloo-k4", 0);
+    assert_eq!(
+        (
+            int(&r, &["steps"]),
+            int(&r, &["prompts_per_step"]),
+            int(&r, &["rollout", "k"])
+        ),
+        (10, 16, 4)
+    );
     // A budget the pre-training alone would use up is refused.
     let small = CompareConfig { steps: 4, ..cfg() };
-    let err = ppo_config(&small, "ppo", 0, Path::new("out"))
+    let err = run_settings(&small, "ppo", 0, Path::new("out"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("critic pre-training"), "{err}");
-    assert!(ppo_config(&small, "ppo-plain", 0, Path::new("out")).is_ok());
+    assert!(run_settings(&small, "ppo-plain", 0, Path::new("out")).is_ok());
+    // Unknown names list what there is.
+    let err = run_settings(&cfg(), "sft", 0, Path::new("out"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown online method `sft`") && err.contains("ppo-plain"),
+        "{err}"
+    );
 }
 
 /// `ppo-plain` is `ppo` with the PPO-max reward normalisation + clipping and critic pre-training
@@ -43,18 +80,25 @@ fn ppo_critic_pretraining_is_charged_to_the_budget() {
 /// reward source's normalisation included.
 #[test]
 fn ppo_plain_differs_only_in_the_ppo_max_components() {
-    let max = ppo_config(&cfg(), "ppo", 3, Path::new("out")).unwrap();
-    let plain = ppo_config(&cfg(), "ppo-plain", 3, Path::new("out")).unwrap();
-    assert_eq!(max.method.reward_scaling, RewardScaling::Normalize);
-    assert!(max.method.reward_clip > 0.0);
+    let max = resolved(&cfg(), "ppo", 3);
+    let plain = resolved(&cfg(), "ppo-plain", 3);
+    assert_eq!(max["method"]["reward_scaling"].as_str(), Some("normalize"));
+    assert!(max["method"]["reward_clip"].as_float().unwrap() > 0.0);
     let mut want = max.clone();
-    want.method.reward_scaling = RewardScaling::None;
-    want.method.reward_clip = 0.0;
-    want.method.critic_pretrain_iterations = 0;
-    want.steps = 10;
-    assert_eq!(
-        serde_json::to_value(&plain).unwrap(),
-        serde_json::to_value(&want).unwrap()
+    let m = want["method"].as_table_mut().unwrap();
+    m.insert("reward_scaling".into(), "none".into());
+    m.insert("reward_clip".into(), 0.0.into());
+    m.insert("critic_pretrain_iterations".into(), 0.into());
+    // Without pre-training the tolerance is left at its default.
+    m.insert(
+        "critic_pretrain_tol".into(),
+        plain["method"]["critic_pretrain_tol"].clone(),
     );
-    assert!(plain.reward.normalize);
+    want.insert("steps".into(), 10.into());
+    assert_eq!(plain, want);
+    assert_eq!(plain["reward"]["normalize"].as_bool(), Some(true));
+    // The shared settings reach every method.
+    let grpo = resolved(&cfg(), "grpo-k4", 3);
+    assert_eq!(grpo["kl"]["beta"].as_float(), Some(cfg().grpo_beta));
+    assert_eq!(max["method"]["value_lr"].as_float(), Some(cfg().value_lr));
 }

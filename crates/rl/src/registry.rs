@@ -48,6 +48,12 @@ pub trait Registered: Sync {
     ) -> Result<serde_json::Value>;
 }
 
+impl std::fmt::Debug for dyn Registered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "method `{}`", self.name())
+    }
+}
+
 /// A method's registration: its configuration type `C` and summary type `S` are those of `run`.
 pub struct Entry<C: 'static, S: 'static> {
     pub name: &'static str,
