@@ -1,13 +1,9 @@
 //! The `rlhf` binary end to end: model commands on a fixture model, and clear errors on bad input.
 
+mod common;
+use common::rlhf;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn rlhf() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
-    c.env("RLHF_NO_PROGRESS", "1");
-    c
-}
 
 fn tiny_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/tiny-llama")

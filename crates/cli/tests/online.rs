@@ -1,64 +1,16 @@
 //! The online commands from the outside: a TOML config, `--set` overrides, refused
 //! configurations, and a killed `rlhf grpo` run resumed to exactly the uninterrupted result.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::{metrics, scratch, train};
 
 use candle_core::Device;
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
 use rlhf_rl::policy::fresh_tiny;
 
-fn scratch() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rlhf-cli-online-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn rlhf(
-    root: &Path,
-    cmd: &str,
-    sets: &[String],
-    kill_at: Option<u64>,
-    resume: bool,
-) -> (bool, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
-    c.env("RLHF_NO_PROGRESS", "1")
-        .args(["--threads", "1", cmd, "--config"])
-        .arg(root.join("run.toml"));
-    for s in sets {
-        c.arg("--set").arg(s);
-    }
-    if let Some(k) = kill_at {
-        c.env("RLHF_TEST_KILL_AT_STEP", k.to_string());
-    }
-    if resume {
-        c.arg("--resume");
-    }
-    let o = c.output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
-
-fn metrics(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut()
-                .unwrap()
-                .retain(|k, _| k != "wall_time" && k != "tokens_per_s" && !k.starts_with("time/"));
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn online_commands_configure_refuse_and_resume() {
-    let root = scratch();
+    let root = scratch("online");
     let task = task_by_name("sentiment", 0).unwrap();
     fresh_tiny(tokenizer_for(task.as_ref()), 4, &Device::Cpu)
         .unwrap()
@@ -77,17 +29,17 @@ fn online_commands_configure_refuse_and_resume() {
     let out = |name: &str| format!("output_dir={}", root.join(name).display());
 
     // Refused before anything runs, with the reason.
-    let (ok, err) = rlhf(
+    let (ok, err) = train(
         &root,
-        "rloo",
+        &["--threads", "1", "rloo"],
         &[out("bad"), "rollout.k=1".into()],
         None,
         false,
     );
     assert!(!ok && err.contains("rollout.k >= 2"), "{err}");
-    let (ok, err) = rlhf(
+    let (ok, err) = train(
         &root,
-        "rloo",
+        &["--threads", "1", "rloo"],
         &[out("bad"), "method.minibatchs=2".into()],
         None,
         false,
@@ -97,12 +49,30 @@ fn online_commands_configure_refuse_and_resume() {
 
     // GRPO: 2 optimiser steps per rollout batch. Killed at step 5 (mid-way through the third
     // batch), resumed from its checkpoint at step 4: the same metrics and weights as a clean run.
-    let (ok, err) = rlhf(&root, "grpo", &[out("full")], None, false);
+    let (ok, err) = train(
+        &root,
+        &["--threads", "1", "grpo"],
+        &[out("full")],
+        None,
+        false,
+    );
     assert!(ok, "{err}");
-    let (ok, err) = rlhf(&root, "grpo", &[out("killed")], Some(5), false);
+    let (ok, err) = train(
+        &root,
+        &["--threads", "1", "grpo"],
+        &[out("killed")],
+        Some(5),
+        false,
+    );
     assert!(!ok && err.contains("killed at step 5"), "{err}");
     assert!(!root.join("killed/model").exists() && !root.join("killed/eval.json").exists());
-    let (ok, err) = rlhf(&root, "grpo", &[out("killed")], None, true);
+    let (ok, err) = train(
+        &root,
+        &["--threads", "1", "grpo"],
+        &[out("killed")],
+        None,
+        true,
+    );
     assert!(ok, "{err}");
     assert!(
         err.contains("resuming from") && err.contains("step-4"),

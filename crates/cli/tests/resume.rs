@@ -1,56 +1,15 @@
 //! A killed run resumes from its last checkpoint and ends exactly where an uninterrupted run does.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::{metrics, scratch, train};
 
 use candle_core::Device;
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
 use rlhf_rl::policy::fresh_tiny;
 
-fn scratch() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rlhf-resume-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn sft(root: &Path, out: &str, kill_at: Option<u64>, resume: bool) -> (bool, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
-    c.env("RLHF_NO_PROGRESS", "1")
-        .args(["sft", "--config"])
-        .arg(root.join("run.toml"));
-    c.arg("--set")
-        .arg(format!("output_dir={}", root.join(out).display()));
-    if let Some(k) = kill_at {
-        c.env("RLHF_TEST_KILL_AT_STEP", k.to_string());
-    }
-    if resume {
-        c.arg("--resume");
-    }
-    let o = c.output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
-
-fn metrics(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut()
-                .unwrap()
-                .retain(|k, _| k != "wall_time" && !k.starts_with("time/"));
-            v
-        })
-        .collect()
-}
-
 #[test]
 fn killed_sft_resumes_to_the_same_result() {
-    let root = scratch();
+    let root = scratch("resume");
     let task = task_by_name("sentiment", 1).unwrap();
     let lines: Vec<String> = task.demonstrations()[..40]
         .iter()
@@ -71,15 +30,33 @@ fn killed_sft_resumes_to_the_same_result() {
     )
     .unwrap();
 
-    let (ok, err) = sft(&root, "full", None, false);
+    let (ok, err) = train(
+        &root,
+        &["sft"],
+        &[format!("output_dir={}", root.join("full").display())],
+        None,
+        false,
+    );
     assert!(ok, "{err}");
-    let (ok, err) = sft(&root, "killed", Some(8), false);
+    let (ok, err) = train(
+        &root,
+        &["sft"],
+        &[format!("output_dir={}", root.join("killed").display())],
+        Some(8),
+        false,
+    );
     assert!(!ok && err.contains("killed at step 8"), "{err}");
     assert!(
         !root.join("killed/model").exists(),
         "no final model after a kill"
     );
-    let (ok, err) = sft(&root, "killed", None, true);
+    let (ok, err) = train(
+        &root,
+        &["sft"],
+        &[format!("output_dir={}", root.join("killed").display())],
+        None,
+        true,
+    );
     assert!(ok, "{err}");
     assert!(
         err.contains("resuming from") && err.contains("step-6"),

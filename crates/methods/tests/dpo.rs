@@ -4,6 +4,9 @@
 //! a tiny model (reference caching, reference-free losses, resume), the judge-score parser, and
 //! one round of online DPO and of self-rewarding on the testbed.
 
+mod common;
+use common::{scratch, tiny_model};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -450,13 +453,6 @@ fn loss_names_parse() {
 
 // ---- training loops end to end on the testbed's tiny model -------------------------------------
 
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rlhf-dpo-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// A tiny fresh model on disk and a small pair file.
 fn tiny_setup(dir: &Path) -> (PathBuf, PathBuf) {
     let task = task_by_name("sentiment", 0).unwrap();
@@ -751,16 +747,6 @@ fn judge_prompt_renders_with_prefill() {
 
 // ---- online DPO and self-rewarding, one round each on the testbed ------------------------------
 
-fn tiny_policy(dir: &Path) -> PathBuf {
-    let task = task_by_name("sentiment", 0).unwrap();
-    let model = dir.join("init");
-    fresh_tiny(tokenizer_for(task.as_ref()), 5, &CPU)
-        .unwrap()
-        .save(&model)
-        .unwrap();
-    model
-}
-
 fn round_dpo() -> DpoConfig {
     DpoConfig {
         output_dir: PathBuf::new(),
@@ -783,7 +769,7 @@ fn round_dpo() -> DpoConfig {
 fn online_dpo_rounds_with_annotators() {
     use rlhf_methods::online_dpo::{self, LabelerKind, OnlineDpoConfig};
     let dir = scratch("online");
-    let model = tiny_policy(&dir);
+    let model = tiny_model(&dir, 5);
     let out = dir.join("run");
     let cfg = OnlineDpoConfig {
         model: model.clone(),
@@ -839,7 +825,7 @@ fn self_rewarding_round_on_the_testbed() {
     use rlhf_methods::online_dpo::{self as self_reward, SelfRewardConfig};
     use rlhf_rl::judge::EftConfig;
     let dir = scratch("selfreward");
-    let model = tiny_policy(&dir);
+    let model = tiny_model(&dir, 5);
     let mut cfg = SelfRewardConfig::default();
     let c = &mut cfg.0;
     c.model = model;

@@ -4,14 +4,17 @@
 //! the tiny model: determinism across a resume, and a failing reward endpoint stopping a run with
 //! its last checkpoint intact.
 
+mod common;
+use common::{assert_all_close, close, metrics, scratch, tiny_model, CPU};
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
 use rlhf_methods::{grpo, raft, reinforce, rloo, vanilla_pg};
 use rlhf_rl::kl::{k3, k3_tensor, sequence_kl, shaped_reward, KlConfig, KlController};
@@ -22,28 +25,6 @@ use rlhf_rl::reward_source::{
 };
 use rlhf_rl::rollout::{align, collect, Policies, Rollout, RolloutConfig, RolloutSample};
 use rlhf_train::RunDir;
-
-fn close(a: f64, b: f64, tol: f64) -> bool {
-    (a - b).abs() <= tol * (1.0 + b.abs())
-}
-
-fn assert_all_close(got: &[f64], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
-    for (g, w) in got.iter().zip(want) {
-        assert!(close(*g, *w, tol), "{got:?} vs {want:?}");
-    }
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rlhf-online-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn cpu() -> Device {
-    Device::Cpu
-}
 
 // ---- estimators on fixed numbers -----------------------------------------------------------------
 
@@ -115,10 +96,9 @@ fn rloo_uses_the_kl_shaped_reward() {
 /// -mean_i(A_i * sum_t logp): value and gradient by hand.
 #[test]
 fn sequence_loss_by_hand() {
-    let logp = Var::from_tensor(
-        &Tensor::new(&[[-1.0f32, -2.0, 0.0], [-0.5, -0.5, -0.5]], &cpu()).unwrap(),
-    )
-    .unwrap();
+    let logp =
+        Var::from_tensor(&Tensor::new(&[[-1.0f32, -2.0, 0.0], [-0.5, -0.5, -0.5]], &CPU).unwrap())
+            .unwrap();
     let adv = [0.5, -1.0];
     let loss = rlhf_rl::objectives::sequence_loss(logp.as_tensor(), &adv).unwrap();
     // sums: -3, -1.5 -> -(0.5 * -3 + -1 * -1.5) / 2 = -(-1.5 + 1.5) / 2 = 0
@@ -173,7 +153,7 @@ fn grpo_advantages_divide_by_the_group_std() {
 /// The clipped-ratio objective plus the k3 penalty, token mean per sequence, mean over sequences.
 #[test]
 fn grpo_loss_by_hand() {
-    let d = cpu();
+    let d = CPU;
     // Two sequences; the second has one real token (mask 0 on the second position).
     let logp = Tensor::new(&[[-1.0f32, -2.0], [-0.5, 0.0]], &d).unwrap();
     let old = Tensor::new(&[[-1.5f32, -2.0], [-0.2, 0.0]], &d).unwrap();
@@ -217,7 +197,7 @@ fn vanilla_pg_returns_and_losses_by_hand() {
     let a = vanilla_pg::advantages(&g, &[1.0, 2.5, 0.1]);
     assert_all_close(&a, &[1.05, -0.4, 2.0], 1e-6);
 
-    let d = cpu();
+    let d = CPU;
     let logp =
         Var::from_tensor(&Tensor::new(&[[-1.0f32, -0.5, -2.0], [-1.0, 0.0, 0.0]], &d).unwrap())
             .unwrap();
@@ -294,7 +274,7 @@ impl RewardSource for Constant {
 
 #[test]
 fn rollout_groups_masks_penalty_and_reference_logprobs() {
-    let d = cpu();
+    let d = CPU;
     let task = task_by_name("sentiment", 0).unwrap();
     let lm = fresh_tiny(tokenizer_for(task.as_ref()), 1, &d).unwrap();
     let policy = lm.model(&d).unwrap().detached();
@@ -616,16 +596,6 @@ fn http_reward_source_scores_retries_and_fails_clearly() {
 
 // ---- short runs on the tiny model ----------------------------------------------------------------
 
-fn tiny_model(root: &Path) -> PathBuf {
-    let task = task_by_name("sentiment", 0).unwrap();
-    let dir = root.join("init");
-    fresh_tiny(tokenizer_for(task.as_ref()), 2, &cpu())
-        .unwrap()
-        .save(&dir)
-        .unwrap();
-    dir
-}
-
 fn tiny_config<M: rlhf_rl::online::Method>(model: &Path, out: &Path, k: usize) -> OnlineConfig<M> {
     let mut c = OnlineConfig::<M>::default();
     c.model = model.to_path_buf();
@@ -644,36 +614,22 @@ fn tiny_config<M: rlhf_rl::online::Method>(model: &Path, out: &Path, k: usize) -
     c
 }
 
-fn metrics(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut()
-                .unwrap()
-                .retain(|k, _| k != "wall_time" && k != "tokens_per_s" && !k.starts_with("time/"));
-            v
-        })
-        .collect()
-}
-
 /// A run stopped after two iterations and resumed ends exactly like an uninterrupted one
 /// (REINFORCE: its baseline is checkpoint state; vanilla PG: so is its value model).
 #[test]
 fn stopped_and_resumed_runs_match_uninterrupted_ones() {
     let root = scratch("resume");
-    let model = tiny_model(&root);
+    let model = tiny_model(&root, 2);
 
     let full: reinforce::ReinforceConfig = tiny_config(&model, &root.join("rf-full"), 2);
-    reinforce::run(&full, false, &cpu()).unwrap();
+    reinforce::run(&full, false, &CPU).unwrap();
     let mut short = full.clone();
     short.output_dir = root.join("rf-resumed");
     short.steps = 2;
-    reinforce::run(&short, false, &cpu()).unwrap();
+    reinforce::run(&short, false, &CPU).unwrap();
     let mut rest = short.clone();
     rest.steps = 4;
-    reinforce::run(&rest, true, &cpu()).unwrap();
+    reinforce::run(&rest, true, &CPU).unwrap();
     let (a, b) = (
         metrics(&root.join("rf-full/metrics.jsonl")),
         metrics(&root.join("rf-resumed/metrics.jsonl")),
@@ -699,14 +655,14 @@ fn stopped_and_resumed_runs_match_uninterrupted_ones() {
     assert!(root.join("rf-full/eval.json").is_file());
 
     let full: vanilla_pg::VanillaPgConfig = tiny_config(&model, &root.join("vpg-full"), 1);
-    vanilla_pg::run(&full, false, &cpu()).unwrap();
+    vanilla_pg::run(&full, false, &CPU).unwrap();
     let mut short = full.clone();
     short.output_dir = root.join("vpg-resumed");
     short.steps = 2;
-    vanilla_pg::run(&short, false, &cpu()).unwrap();
+    vanilla_pg::run(&short, false, &CPU).unwrap();
     let mut rest = short.clone();
     rest.steps = 4;
-    vanilla_pg::run(&rest, true, &cpu()).unwrap();
+    vanilla_pg::run(&rest, true, &CPU).unwrap();
     assert_eq!(
         metrics(&root.join("vpg-full/metrics.jsonl")),
         metrics(&root.join("vpg-resumed/metrics.jsonl"))
@@ -717,7 +673,7 @@ fn stopped_and_resumed_runs_match_uninterrupted_ones() {
 #[test]
 fn every_method_writes_the_run_layout() {
     let root = scratch("layout");
-    let model = tiny_model(&root);
+    let model = tiny_model(&root, 2);
     let check = |dir: &Path| {
         for f in [
             "config.toml",
@@ -752,15 +708,15 @@ fn every_method_writes_the_run_layout() {
     };
     let mut c: rloo::RlooConfig = tiny_config(&model, &root.join("rloo"), 2);
     c.steps = 2;
-    rloo::run(&c, false, &cpu()).unwrap();
+    rloo::run(&c, false, &CPU).unwrap();
     check(&root.join("rloo"));
     let mut c: raft::RaftConfig = tiny_config(&model, &root.join("raft"), 2);
     c.steps = 2;
-    raft::run(&c, false, &cpu()).unwrap();
+    raft::run(&c, false, &CPU).unwrap();
     check(&root.join("raft"));
     let mut c: grpo::GrpoConfig = tiny_config(&model, &root.join("grpo"), 2);
     c.steps = 2;
-    grpo::run(&c, false, &cpu()).unwrap();
+    grpo::run(&c, false, &CPU).unwrap();
     check(&root.join("grpo"));
     let m = metrics(&root.join("grpo/metrics.jsonl"));
     assert!(m.iter().any(|v| v["clip_fraction"].as_f64().is_some()));
@@ -770,24 +726,24 @@ fn every_method_writes_the_run_layout() {
 #[test]
 fn invalid_configurations_are_refused() {
     let root = scratch("invalid");
-    let model = tiny_model(&root);
+    let model = tiny_model(&root, 2);
     let c: rloo::RlooConfig = tiny_config(&model, &root.join("a"), 1);
-    let e = rloo::run(&c, false, &cpu()).unwrap_err().to_string();
+    let e = rloo::run(&c, false, &CPU).unwrap_err().to_string();
     assert!(e.contains("rollout.k >= 2"), "{e}");
     let c: grpo::GrpoConfig = tiny_config(&model, &root.join("b"), 1);
-    assert!(grpo::run(&c, false, &cpu())
+    assert!(grpo::run(&c, false, &CPU)
         .unwrap_err()
         .to_string()
         .contains("k must be >= 2"));
     let mut c: rloo::RlooConfig = tiny_config(&model, &root.join("c"), 2);
     c.reward.source = SourceKind::Model;
-    let e = rloo::run(&c, false, &cpu()).unwrap_err().to_string();
+    let e = rloo::run(&c, false, &CPU).unwrap_err().to_string();
     assert!(e.contains("reward.model"), "{e}");
     let mut c: rloo::RlooConfig = tiny_config(&model, &root.join("d"), 2);
     c.reward.source = SourceKind::Http;
     c.reward.url = Some("https://example.invalid/score".into());
     if !cfg!(feature = "https") {
-        let e = rloo::run(&c, false, &cpu()).unwrap_err().to_string();
+        let e = rloo::run(&c, false, &CPU).unwrap_err().to_string();
         assert!(e.contains("TLS"), "{e}");
     }
     assert!(!root.join("a/metrics.jsonl").exists());
@@ -798,7 +754,7 @@ fn invalid_configurations_are_refused() {
 #[test]
 fn failing_reward_endpoint_stops_the_run_with_its_checkpoint_intact() {
     let root = scratch("endpoint");
-    let model = tiny_model(&root);
+    let model = tiny_model(&root, 2);
     // Good for two rollout batches (one request each), then junk.
     let (url, hits) = serve(
         |n| if n < 2 { Reply::Ok } else { Reply::Junk },
@@ -812,7 +768,7 @@ fn failing_reward_endpoint_stops_the_run_with_its_checkpoint_intact() {
     c.reward.retries = 1;
     c.reward.retry_backoff_s = 0.01;
     c.reward.timeout_s = 10.0;
-    let e = rloo::run(&c, false, &cpu()).unwrap_err().to_string();
+    let e = rloo::run(&c, false, &CPU).unwrap_err().to_string();
     assert!(
         e.contains(&url) && e.contains("not JSON") && e.contains("2 attempts"),
         "{e}"
@@ -825,12 +781,12 @@ fn failing_reward_endpoint_stops_the_run_with_its_checkpoint_intact() {
         !root.join("run/model").exists(),
         "no final model from a failed run"
     );
-    let weights = ck.load_model(&cpu()).unwrap();
+    let weights = ck.load_model(&CPU).unwrap();
     assert!(weights.contains_key("model.embed_tokens.weight"));
     // The endpoint is back: resume from step 4 and finish.
     let (url2, _) = serve(|_| Reply::Ok, 8, Duration::from_secs(60));
     c.reward.url = Some(url2);
-    let summary = rloo::run(&c, true, &cpu()).unwrap();
+    let summary = rloo::run(&c, true, &CPU).unwrap();
     assert_eq!((summary.iterations, summary.optimizer_steps), (4, 8));
     // The eval (judged by gold: the task is set) ran and wrote eval.json.
     assert!(root.join("run/eval.json").is_file());

@@ -3,31 +3,21 @@
 //! the tensor losses against the scalar ones, and short runs on the tiny model (run layout and
 //! monitors, resume, the trip-wire).
 
+mod common;
+use common::{assert_all_close, close, metrics, scratch, tiny_model};
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor, Var};
-use rlhf_data::testbed::{task_by_name, tokenizer_for};
 use rlhf_methods::ppo::{
     self, clipped_surrogate, clipped_value_loss, explained_variance, gae, normalize_scores,
     quantile, surrogate_loss, token_rewards, value_loss_tensor, whiten, PpoConfig, PpoParams,
     RewardScaling, RunningMoments, TripAction, Whiten,
 };
 use rlhf_rl::online::{OnlineConfig, Session};
-use rlhf_rl::policy::fresh_tiny;
 use rlhf_rl::reward_source::SourceKind;
 use rlhf_rl::value::ValueModel;
-
-fn close(a: f64, b: f64, tol: f64) -> bool {
-    (a - b).abs() <= tol * (1.0 + b.abs())
-}
-
-fn assert_all_close(got: &[f64], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
-    for (g, w) in got.iter().zip(want) {
-        assert!(close(*g, *w, tol), "{got:?} vs {want:?}");
-    }
-}
 
 // ---- GAE ---------------------------------------------------------------------------------------------
 
@@ -300,23 +290,6 @@ fn the_default_is_the_ppo_max_preset() {
 
 // ---- short runs on the tiny model ----------------------------------------------------------------------
 
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rlhf-ppo-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn tiny_model(root: &Path) -> PathBuf {
-    let task = task_by_name("sentiment", 0).unwrap();
-    let dir = root.join("init");
-    fresh_tiny(tokenizer_for(task.as_ref()), 2, &Device::Cpu)
-        .unwrap()
-        .save(&dir)
-        .unwrap();
-    dir
-}
-
 fn tiny_config(model: &Path, out: &Path) -> PpoConfig {
     let mut c = OnlineConfig::<PpoParams>::default();
     c.model = model.to_path_buf();
@@ -336,26 +309,12 @@ fn tiny_config(model: &Path, out: &Path) -> PpoConfig {
     c
 }
 
-fn metrics(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut()
-                .unwrap()
-                .retain(|k, _| k != "wall_time" && k != "tokens_per_s" && !k.starts_with("time/"));
-            v
-        })
-        .collect()
-}
-
 /// PPO-max end to end: run layout, every monitor finite, critic pre-training logged; and a run
 /// stopped after two iterations and resumed matches an uninterrupted one.
 #[test]
 fn ppo_max_run_layout_monitors_and_resume() {
     let root = scratch("run");
-    let model = tiny_model(&root);
+    let model = tiny_model(&root, 2);
     let mut full = tiny_config(&model, &root.join("full"));
     full.method.entropy_coef = 0.01;
     full.method.whiten = Whiten::Minibatch;
@@ -420,7 +379,7 @@ fn ppo_max_run_layout_monitors_and_resume() {
 #[test]
 fn tripwire_stops_or_rolls_back() {
     let root = scratch("trip");
-    let model = tiny_model(&root);
+    let model = tiny_model(&root, 2);
     let mut c = tiny_config(&model, &root.join("stop"));
     c.method.critic_pretrain_iterations = 0;
     c.method.tripwire.max_length = Some(0.5);
@@ -531,7 +490,7 @@ fn step_both(s: &mut Session<PpoParams>, value: &mut ValueModel) {
 #[test]
 fn rollback_restores_optimiser_moments_beta_and_reward_moments() {
     let root = scratch("restore");
-    let model = tiny_model(&root);
+    let model = tiny_model(&root, 2);
     let mut c = tiny_config(&model, &root.join("run"));
     c.reward.normalize = false;
     let dev = Device::Cpu;
@@ -584,7 +543,7 @@ fn rollback_restores_optimiser_moments_beta_and_reward_moments() {
 #[test]
 fn rollback_in_a_run_restores_beta_and_reward_moments() {
     let root = scratch("rollback-state");
-    let model = tiny_model(&root);
+    let model = tiny_model(&root, 2);
     let mut c = tiny_config(&model, &root.join("run"));
     c.steps = 2;
     // A large step, so the policy clearly moves away from the reference.

@@ -1,35 +1,26 @@
 //! SFT and reward-model losses against hand-computed values, and determinism of whole runs.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{metrics, scratch, tiny_lm};
+
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use rlhf_data::testbed::{task_by_name, tokenizer_for};
+use rlhf_data::testbed::task_by_name;
 use rlhf_methods::rm::pair_loss;
 use rlhf_methods::sft::{self, SftConfig};
 use rlhf_rl::losses::neg_log_sigmoid;
 use rlhf_rl::objectives::nll_sum;
 use rlhf_rl::pairs::PairIds;
-use rlhf_rl::policy::{fresh_tiny, TrainableLm};
+use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward::{add_head, RewardModel};
 use rlhf_rl::trainer::OptimConfig;
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rlhf-methods-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn tiny_lm() -> TrainableLm {
-    let task = task_by_name("sentiment", 0).unwrap();
-    fresh_tiny(tokenizer_for(task.as_ref()), 0, &Device::Cpu).unwrap()
-}
 
 /// With every weight zero the logits are zero, so each completion token costs exactly ln(V);
 /// prompt tokens and padding cost nothing.
 #[test]
 fn sft_loss_is_masked_nll() {
-    let lm = tiny_lm();
+    let lm = tiny_lm(0);
     for (_, var) in &lm.params.vars {
         var.set(&var.zeros_like().unwrap()).unwrap();
     }
@@ -52,7 +43,7 @@ fn sft_loss_is_masked_nll() {
 /// The masked NLL equals minus the sum of the scored completion log-probs, row by row.
 #[test]
 fn sft_loss_equals_scored_logprobs() {
-    let lm = tiny_lm();
+    let lm = tiny_lm(0);
     let rows = vec![
         (vec![1u32, 10, 11], vec![20u32, 21, 2]),
         (vec![1, 30, 31, 32, 33], vec![40, 2]),
@@ -95,7 +86,7 @@ fn bradley_terry_loss_with_margin_by_hand() {
 /// The batched pair loss equals the hand formula applied to the reward model's own scores.
 #[test]
 fn pair_loss_matches_scores() {
-    let lm = tiny_lm();
+    let lm = tiny_lm(0);
     let mut w = lm.snapshot().unwrap();
     add_head(&mut w, lm.config.hidden_size, 5, &Device::Cpu).unwrap();
     let lm = TrainableLm {
@@ -184,20 +175,6 @@ fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
     }
 }
 
-fn metrics_without_time(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.remove("wall_time");
-            o.retain(|k, _| !k.starts_with("time/"));
-            v
-        })
-        .collect()
-}
-
 /// Same config + seed -> identical metrics and weights; and SFT lowers the loss.
 #[test]
 fn sft_is_deterministic_and_learns() {
@@ -210,7 +187,7 @@ fn sft_is_deterministic_and_learns() {
         .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let init = root.join("init");
-    tiny_lm().save(&init).unwrap();
+    tiny_lm(0).save(&init).unwrap();
     let a = sft::run(
         &sft_config(&root.join("a"), &data, &init),
         false,
@@ -225,8 +202,8 @@ fn sft_is_deterministic_and_learns() {
     .unwrap();
     assert_eq!(a.steps, 12);
     let (ma, mb) = (
-        metrics_without_time(&root.join("a/metrics.jsonl")),
-        metrics_without_time(&root.join("b/metrics.jsonl")),
+        metrics(&root.join("a/metrics.jsonl")),
+        metrics(&root.join("b/metrics.jsonl")),
     );
     assert_eq!(ma, mb);
     let first = ma[0]["loss"].as_f64().unwrap();

@@ -61,33 +61,19 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
-pub struct Trainer {
-    pub run: RunDir,
-    metrics: MetricsLogger,
+/// AdamW with its learning-rate schedule and global-norm clipping over one parameter set (a
+/// policy, a critic, a reward model): the one optimiser skeleton every trained model steps with.
+pub struct Optimizer {
     opt: AdamW,
     schedule: LrSchedule,
     base_lr: f64,
     max_grad_norm: f64,
     vars: Vec<Var>,
-    pub step: u64,
-    /// The method's own state from the checkpoint a resumed run started from.
-    pub resumed_state: Option<serde_json::Value>,
-    /// `RLHF_TEST_KILL_AT_STEP`: fail right after this step, leaving the run directory as a killed
-    /// process would (metrics past the last checkpoint, no final model). For resume tests.
-    kill_at: Option<u64>,
 }
 
-impl Trainer {
-    /// Open the run directory (fresh, or continuing from its latest checkpoint when `resume`),
-    /// restoring the model's weights, the optimiser state and the step.
-    pub fn start(
-        dir: &Path,
-        resolved_config: &impl Serialize,
-        lm: &TrainableLm,
-        optim: &OptimConfig,
-        total_steps: u64,
-        resume: bool,
-    ) -> Result<Self> {
+impl Optimizer {
+    /// An optimiser for `lm`'s parameters whose schedule spans `total_steps`.
+    pub fn new(lm: &TrainableLm, optim: &OptimConfig, total_steps: u64) -> Result<Self> {
         let vars: Vec<(String, Var)> = lm.params.vars.clone();
         let mut opt = AdamW::new(
             vars.clone(),
@@ -108,13 +94,77 @@ impl Trainer {
             min_lr_ratio: optim.min_lr_ratio,
         };
         schedule.validate()?;
+        Ok(Optimizer {
+            opt,
+            schedule,
+            base_lr: optim.lr,
+            max_grad_norm: optim.max_grad_norm,
+            vars: vars.into_iter().map(|(_, v)| v).collect(),
+        })
+    }
+
+    pub fn accumulator(&self) -> GradAccumulator {
+        GradAccumulator::new(&self.vars)
+    }
+
+    /// Clip, then step at the schedule's learning rate for optimiser step `step` (0-based).
+    pub fn apply(&mut self, mut grads: GradStore, step: u64) -> Result<StepStats> {
+        let grad_norm = if self.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, &self.vars, self.max_grad_norm)?
+        } else {
+            rlhf_train::grad_norm(&grads, &self.vars)?
+        };
+        let lr = self.schedule.lr_at(step, self.base_lr);
+        self.opt.step(&grads, lr)?;
+        Ok(StepStats { lr, grad_norm })
+    }
+
+    /// A deep copy of the state (AdamW moments and step counts), for checkpoints and rollbacks.
+    pub fn state(&self) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+        Ok(self.opt.state()?)
+    }
+
+    pub fn load_state(
+        &mut self,
+        state: &std::collections::HashMap<String, candle_core::Tensor>,
+    ) -> Result<()> {
+        Ok(self.opt.load_state(state)?)
+    }
+}
+
+/// A training run of one model: its [`Optimizer`], the run directory (metrics, checkpoints) and
+/// the optimiser step, restored from the latest checkpoint on resume.
+pub struct Trainer {
+    pub run: RunDir,
+    metrics: MetricsLogger,
+    optimizer: Optimizer,
+    pub step: u64,
+    /// The method's own state from the checkpoint a resumed run started from.
+    pub resumed_state: Option<serde_json::Value>,
+    /// `RLHF_TEST_KILL_AT_STEP`: fail right after this step, leaving the run directory as a killed
+    /// process would (metrics past the last checkpoint, no final model). For resume tests.
+    kill_at: Option<u64>,
+}
+
+impl Trainer {
+    /// Open the run directory (fresh, or continuing from its latest checkpoint when `resume`),
+    /// restoring the model's weights, the optimiser state and the step.
+    pub fn start(
+        dir: &Path,
+        resolved_config: &impl Serialize,
+        lm: &TrainableLm,
+        optim: &OptimConfig,
+        total_steps: u64,
+        resume: bool,
+    ) -> Result<Self> {
+        let mut optimizer = Optimizer::new(lm, optim, total_steps)?;
         let (run, metrics, step, resumed_state) = if resume {
             let run = RunDir::open_for_resume(dir)?;
             match run.latest_checkpoint()? {
                 Some(ck) => {
                     let device = lm.device();
                     lm.load_weights(&ck.load_model(&device)?)?;
-                    opt.load_state(&ck.load_optimizer(&device)?)?;
+                    optimizer.load_state(&ck.load_optimizer(&device)?)?;
                     let metrics = MetricsLogger::resume(&run, ck.step)?;
                     eprintln!("resuming from {} (step {})", ck.dir.display(), ck.step);
                     (run, metrics, ck.step, Some(ck.state))
@@ -132,11 +182,7 @@ impl Trainer {
         Ok(Trainer {
             run,
             metrics,
-            opt,
-            schedule,
-            base_lr: optim.lr,
-            max_grad_norm: optim.max_grad_norm,
-            vars: vars.into_iter().map(|(_, v)| v).collect(),
+            optimizer,
             step,
             resumed_state,
             kill_at: std::env::var("RLHF_TEST_KILL_AT_STEP")
@@ -146,18 +192,12 @@ impl Trainer {
     }
 
     pub fn accumulator(&self) -> GradAccumulator {
-        GradAccumulator::new(&self.vars)
+        self.optimizer.accumulator()
     }
 
     /// Clip, step the optimiser at the scheduled learning rate, advance the step.
-    pub fn apply(&mut self, mut grads: GradStore) -> Result<StepStats> {
-        let grad_norm = if self.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, &self.vars, self.max_grad_norm)?
-        } else {
-            rlhf_train::grad_norm(&grads, &self.vars)?
-        };
-        let lr = self.schedule.lr_at(self.step, self.base_lr);
-        self.opt.step(&grads, lr)?;
+    pub fn apply(&mut self, grads: GradStore) -> Result<StepStats> {
+        let stats = self.optimizer.apply(grads, self.step)?;
         self.step += 1;
         if self.kill_at == Some(self.step) {
             return Err(rlhf_train::TrainError::Invalid(format!(
@@ -165,14 +205,14 @@ impl Trainer {
                 self.step
             )));
         }
-        Ok(StepStats { lr, grad_norm })
+        Ok(stats)
     }
 
     /// A deep copy of the optimiser's state (AdamW moments and step counts).
     pub fn optimizer_state(
         &self,
     ) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
-        self.opt.state()
+        self.optimizer.state()
     }
 
     /// Put back what [`Trainer::optimizer_state`] returned (a trip-wire rollback); the step and
@@ -181,7 +221,7 @@ impl Trainer {
         &mut self,
         state: &std::collections::HashMap<String, candle_core::Tensor>,
     ) -> Result<()> {
-        self.opt.load_state(state)
+        self.optimizer.load_state(state)
     }
 
     pub fn log(&mut self, metrics: &[(&str, f64)]) -> Result<()> {
@@ -194,7 +234,7 @@ impl Trainer {
         self.run.save_checkpoint_with(
             self.step,
             &weights,
-            &self.opt.state()?,
+            &self.optimizer.state()?,
             &state,
             |dir: &Path| {
                 std::fs::write(

@@ -7,20 +7,19 @@
 
 use std::path::Path;
 
-use candle_core::{backprop::GradStore, Device, Tensor, Var};
+use candle_core::{backprop::GradStore, Device, Tensor};
 use rlhf_lm::llama::{Llama, ScalarHead};
 use rlhf_lm::score::CompletionBatch;
-use rlhf_train::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, Result, RunDir, TrainError};
+use rlhf_train::{GradAccumulator, Result, RunDir, TrainError};
 use serde::Serialize;
 
 use crate::policy::TrainableLm;
 use crate::reward::{add_head, HEAD};
+use crate::trainer::{OptimConfig, Optimizer};
 
 pub struct ValueModel {
     pub lm: TrainableLm,
-    opt: AdamW,
-    lr: f64,
-    max_grad_norm: f64,
+    optimizer: Optimizer,
     run: RunDir,
 }
 
@@ -73,13 +72,16 @@ impl ValueModel {
         device: &Device,
     ) -> Result<Self> {
         let lm = Self::load_init(init, seed, device)?;
-        let mut opt = AdamW::new(
-            lm.params.vars.clone(),
-            AdamWConfig {
-                lr,
-                ..AdamWConfig::default()
-            },
-        )?;
+        // A constant learning rate, no weight decay: the policy's optimiser skeleton.
+        let optim = OptimConfig {
+            lr,
+            weight_decay: 0.0,
+            schedule: rlhf_train::ScheduleKind::Constant,
+            warmup_ratio: 0.0,
+            max_grad_norm,
+            ..OptimConfig::default()
+        };
+        let mut optimizer = Optimizer::new(&lm, &optim, 1)?;
         let run = match resume_step {
             Some(step) if step > 0 => {
                 let run = RunDir::open_for_resume(dir)?;
@@ -92,7 +94,7 @@ impl ValueModel {
                 }
                 let weights = rlhf_train::load_safetensors(&ck.join("model.safetensors"), device)?;
                 lm.load_weights(&weights)?;
-                opt.load_state(&rlhf_train::load_safetensors(
+                optimizer.load_state(&rlhf_train::load_safetensors(
                     &ck.join("optimizer.safetensors"),
                     device,
                 )?)?;
@@ -107,13 +109,7 @@ impl ValueModel {
                 },
             )?,
         };
-        Ok(ValueModel {
-            lm,
-            opt,
-            lr,
-            max_grad_norm,
-            run,
-        })
+        Ok(ValueModel { lm, optimizer, run })
     }
 
     /// The trainable model and head (build once per loss).
@@ -137,25 +133,17 @@ impl ValueModel {
     }
 
     pub fn accumulator(&self) -> GradAccumulator {
-        let vars: Vec<Var> = self.lm.params.vars.iter().map(|(_, v)| v.clone()).collect();
-        GradAccumulator::new(&vars)
+        self.optimizer.accumulator()
     }
 
     /// Clip and step; returns the gradient norm before clipping.
-    pub fn step(&mut self, mut grads: GradStore) -> Result<f64> {
-        let vars: Vec<Var> = self.lm.params.vars.iter().map(|(_, v)| v.clone()).collect();
-        let norm = if self.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, &vars, self.max_grad_norm)?
-        } else {
-            rlhf_train::grad_norm(&grads, &vars)?
-        };
-        self.opt.step(&grads, self.lr)?;
-        Ok(norm)
+    pub fn step(&mut self, grads: GradStore) -> Result<f64> {
+        Ok(self.optimizer.apply(grads, 0)?.grad_norm)
     }
 
     /// A deep copy of the critic's optimiser state (AdamW moments and step counts).
     pub fn optimizer_state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
-        self.opt.state()
+        self.optimizer.state()
     }
 
     /// Put back what [`ValueModel::optimizer_state`] returned (a trip-wire rollback).
@@ -163,7 +151,7 @@ impl ValueModel {
         &mut self,
         state: &std::collections::HashMap<String, Tensor>,
     ) -> Result<()> {
-        self.opt.load_state(state)
+        self.optimizer.load_state(state)
     }
 
     /// Save the value model at `step` (call before the policy's checkpoint of the same step).
@@ -171,7 +159,7 @@ impl ValueModel {
         self.run.save_checkpoint(
             step,
             &self.lm.snapshot()?,
-            &self.opt.state()?,
+            &self.optimizer.state()?,
             &serde_json::json!({}),
         )?;
         Ok(())

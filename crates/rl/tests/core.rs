@@ -1,28 +1,16 @@
 //! The shared core: the one `fit` loop (accumulation that does not change the update, the
 //! micro-batch floor, resume-free history) and swapping the reward model inside a run.
 
+mod common;
+use common::{scratch, tiny_lm, CPU};
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
-use rlhf_data::testbed::{task_by_name, tokenizer_for};
+use candle_core::Tensor;
 use rlhf_rl::fit::{fit, tail_mean, FitPlan};
-use rlhf_rl::policy::{fresh_tiny, TrainableLm};
+use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward::{add_head, RewardModel};
 use rlhf_rl::reward_source::{Query, RewardConfig, Rewarder, SourceKind};
 use rlhf_rl::trainer::{OptimConfig, Trainer};
-
-const CPU: Device = Device::Cpu;
-
-fn tiny(seed: u64) -> TrainableLm {
-    let task = task_by_name("sentiment", 0).unwrap();
-    fresh_tiny(tokenizer_for(task.as_ref()), seed, &CPU).unwrap()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rlhf-rl-core-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 /// A loss whose value is known by hand: the sum over the micro-batch of (x_i * w)^2 where w is the
 /// first embedding entry, weighted by the micro-batch's share of the batch.
@@ -61,7 +49,7 @@ fn fit_walks_every_example_once_per_epoch_and_accumulation_keeps_the_update() {
         ..OptimConfig::default()
     };
     let run = |grad_accum: usize, name: &str| {
-        let lm = tiny(0);
+        let lm = tiny_lm(0);
         let plan = FitPlan {
             grad_accum,
             log_every: 1,
@@ -129,7 +117,7 @@ fn fit_walks_every_example_once_per_epoch_and_accumulation_keeps_the_update() {
 
 #[test]
 fn fit_respects_the_micro_batch_floor_and_rejects_non_finite_losses() {
-    let lm = tiny(0);
+    let lm = tiny_lm(0);
     let optim = OptimConfig::default();
     let plan = FitPlan {
         grad_accum: 4,
@@ -164,7 +152,7 @@ fn fit_respects_the_micro_batch_floor_and_rejects_non_finite_losses() {
         "4 micro-batches asked, but none smaller than 2"
     );
 
-    let lm = tiny(0);
+    let lm = tiny_lm(0);
     let mut trainer = Trainer::start(
         &scratch("nan"),
         &serde_json::json!({}),
@@ -193,7 +181,7 @@ fn fit_respects_the_micro_batch_floor_and_rejects_non_finite_losses() {
 fn the_reward_model_can_be_swapped_inside_a_run() {
     let dir = scratch("rm");
     let save_rm = |seed: u64, name: &str| {
-        let lm = tiny(seed);
+        let lm = tiny_lm(seed);
         let mut w = lm.params.snapshot().unwrap();
         add_head(&mut w, lm.config.hidden_size, seed, &CPU).unwrap();
         let lm = TrainableLm {
@@ -205,7 +193,7 @@ fn the_reward_model_can_be_swapped_inside_a_run() {
         path
     };
     let (a, b) = (save_rm(1, "a"), save_rm(2, "b"));
-    let policy = tiny(0);
+    let policy = tiny_lm(0);
     let cfg = RewardConfig {
         source: SourceKind::Model,
         model: Some(a.clone()),

@@ -2,10 +2,10 @@
 //! under one shared prompt, the EFT judge bootstrap learning from annotator labels only, and the
 //! evaluation KL at the sampling temperature.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{scratch, tiny_llama_fixture, CPU};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use candle_core::Device;
 use rlhf_data::testbed::{task_by_name, tokenizer_for, Task};
 use rlhf_lm::batch::TokenBatch;
 use rlhf_lm::generate::SamplingParams;
@@ -14,19 +14,6 @@ use rlhf_rl::eval::{judge, run_eval, sample, EvalConfig, Generated, Judges, KlMo
 use rlhf_rl::pairs::{load_pair_ids, load_rows};
 use rlhf_rl::policy::{fresh_tiny, truncate_shared, TrainableLm};
 use rlhf_rl::reward::last_token_index;
-
-const CPU: Device = Device::Cpu;
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rlhf-rl-fidelity-{tag}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/tiny-llama")
-}
 
 // ---- 2: one EOS, and the reward model reads at it ---------------------------------------------
 
@@ -37,7 +24,7 @@ fn fixture() -> PathBuf {
 #[test]
 fn chat_completion_ends_at_its_first_eos() {
     let dir = scratch("eos");
-    let lm = TrainableLm::load(&fixture(), &CPU).unwrap();
+    let lm = TrainableLm::load(&tiny_llama_fixture(), &CPU).unwrap();
     let eos = lm.eos_ids[0];
     let sft = dir.join("sft.jsonl");
     std::fs::write(

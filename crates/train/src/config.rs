@@ -257,7 +257,7 @@ mod tests {
         let text = documented_toml::<Outer>().unwrap();
         assert_eq!(
             text,
-            "# A test configuration.\n\n# Who it is.\nname = \"\"\nflag = false\n\n[inner]\n# Learning rate.\nlr = 0.0\nsteps = 0\n"
+            "# A test configuration.\n\nflag = false\n# Who it is.\nname = \"\"\n\n[inner]\n# Learning rate.\nlr = 0.0\nsteps = 0\n"
         );
         let back: Outer = toml::from_str(&text).unwrap();
         assert_eq!(back, Outer::default());

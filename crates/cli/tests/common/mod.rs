@@ -1,0 +1,65 @@
+//! Helpers shared by the command-line tests: the binary, a scratch directory, a run of a training
+//! command (optionally killed after a step, or resumed), and a metrics reader without the
+//! wall-clock columns. Each test file uses a subset.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The `rlhf` binary, progress bars off.
+pub fn rlhf() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rlhf"));
+    c.env("RLHF_NO_PROGRESS", "1");
+    c
+}
+
+/// An empty directory of its own for one test (`<tmp>/rlhf-cli-<tag>-<pid>`).
+pub fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rlhf-cli-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `rlhf <args> --config <root>/run.toml [--set ...]`, killed after optimiser step `kill_at`
+/// (`RLHF_TEST_KILL_AT_STEP`) or continuing with `--resume`: (success, stderr).
+pub fn train(
+    root: &Path,
+    args: &[&str],
+    sets: &[String],
+    kill_at: Option<u64>,
+    resume: bool,
+) -> (bool, String) {
+    let mut c = rlhf();
+    c.args(args).arg("--config").arg(root.join("run.toml"));
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    if let Some(k) = kill_at {
+        c.env("RLHF_TEST_KILL_AT_STEP", k.to_string());
+    }
+    if resume {
+        c.arg("--resume");
+    }
+    let o = c.output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// The rows of a `metrics.jsonl` without the columns that measure time (`wall_time`,
+/// `tokens_per_s`, `time/*`), so that two runs can be compared exactly.
+pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut()
+                .unwrap()
+                .retain(|k, _| k != "wall_time" && k != "tokens_per_s" && !k.starts_with("time/"));
+            v
+        })
+        .collect()
+}

@@ -1,0 +1,60 @@
+//! Helpers shared by this crate's tests: a scratch directory, the testbed's tiny model, a metrics
+//! reader without the wall-clock columns, and tolerance checks. Each test file uses a subset.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use rlhf_data::testbed::{task_by_name, tokenizer_for};
+use rlhf_rl::policy::{fresh_tiny, TrainableLm};
+
+pub const CPU: Device = Device::Cpu;
+
+/// An empty directory of its own for one test (`<tmp>/rlhf-methods-<tag>-<pid>`).
+pub fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rlhf-methods-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The built-in testbed's tiny model (sentiment vocabulary), freshly initialised from `seed`.
+pub fn tiny_lm(seed: u64) -> TrainableLm {
+    let task = task_by_name("sentiment", 0).unwrap();
+    fresh_tiny(tokenizer_for(task.as_ref()), seed, &CPU).unwrap()
+}
+
+/// [`tiny_lm`] saved as an HF directory at `<root>/init`.
+pub fn tiny_model(root: &Path, seed: u64) -> PathBuf {
+    let dir = root.join("init");
+    tiny_lm(seed).save(&dir).unwrap();
+    dir
+}
+
+/// The rows of a `metrics.jsonl` without the columns that measure time (`wall_time`,
+/// `tokens_per_s`, `time/*`), so that two runs can be compared exactly.
+pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut()
+                .unwrap()
+                .retain(|k, _| k != "wall_time" && k != "tokens_per_s" && !k.starts_with("time/"));
+            v
+        })
+        .collect()
+}
+
+/// |a - b| within `tol` relative to b (absolute near 0).
+pub fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+pub fn assert_all_close(got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{got:?} vs {want:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert!(close(*g, *w, tol), "{got:?} vs {want:?}");
+    }
+}
