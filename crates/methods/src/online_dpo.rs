@@ -532,7 +532,8 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
             let task = task.expect("validated");
             // The judge learns from the simulated annotators' pairwise labels (the user's
             // side of the testbed), never from the gold reward itself.
-            let mut annotator = Annotator::for_task(task, cfg.noise, cfg.seed ^ 0xEF7A);
+            let mut annotator =
+                Annotator::for_task(task, cfg.noise, stream_seed(cfg.seed, "eftannot"));
             let mut prefer = |p: &str, a: &str, b: &str| annotator.prefer(task, p, a, b);
             eft_bootstrap(
                 &cfg.eft,

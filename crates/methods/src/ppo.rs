@@ -32,6 +32,7 @@
 //! [`RunningMoments`], [`token_rewards`]) with tensor twins for training.
 
 use rlhf_rl::registry::{Entry, Family};
+use rlhf_train::rng::{stream_seed, GOLDEN};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -673,7 +674,7 @@ fn pretrain_rollout(s: &Session<PpoParams>, i: u64) -> Result<Rollout> {
         pad_id: s.lm.pad_id,
         eos_ids: &s.lm.eos_ids,
     };
-    let seed = s.cfg.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x7072_6574_7261_696e ^ i;
+    let seed = stream_seed(s.cfg.seed.wrapping_mul(GOLDEN), "pretrain") ^ i;
     collect(
         &models,
         &s.prompts_for((1 << 20) + i),

@@ -447,7 +447,7 @@ pub fn eft_bootstrap(
     let params = SamplingParams {
         max_new_tokens: task.max_response_words() + 2,
         temperature: 1.0,
-        seed: seed ^ 0xEF7,
+        seed: rlhf_train::rng::stream_seed(seed, "eft"),
         eos_token_ids: lm.eos_ids.clone(),
         ..Default::default()
     };
