@@ -27,8 +27,8 @@ use rlhf_train::Result;
 pub fn run(cfg: &DpoConfig, resume: bool, device: &Device) -> Result<DpoSummary> {
     cfg.validate()?;
     let lm = TrainableLm::load(&cfg.model, device)?;
-    let (train, eval) = load_with_eval(&cfg.train_file, cfg.eval_file.as_deref(), |p| {
-        load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines)
+    let (train, eval) = load_with_eval(&cfg.train_file, cfg.fit.eval_file.as_deref(), |p| {
+        load_pair_ids(&lm, p, cfg.fit.max_len, cfg.fit.skip_bad_lines)
     })?;
     train_on_pairs(cfg, lm, train, eval, resume, device)
 }

@@ -21,13 +21,14 @@ use rlhf_lm::score::{completion_logprobs, CompletionBatch};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
+use rlhf_rl::fit::FitConfig;
 use rlhf_rl::fit::{fit, tail_mean, FitPlan};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::pref::{
     cached_reference_logps, eval_names, log_named, log_report, PolicyEval, REF_CACHE,
 };
 use rlhf_rl::pref_losses::{self as pl, KtoBatch};
-use rlhf_rl::trainer::{OptimConfig, Trainer};
+use rlhf_rl::trainer::Trainer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -41,38 +42,19 @@ pub struct KtoConfig {
     /// Or pairs (`prompt` / `chosen` / `rejected`), each giving a desirable and an undesirable
     /// example.
     pub pairs_file: Option<PathBuf>,
-    /// Held-out unpaired examples.
-    pub eval_file: Option<PathBuf>,
-    /// The run directory (config, metrics, checkpoints, final model).
-    pub output_dir: PathBuf,
     /// KTO's beta (scale of the implied reward).
     pub beta: f64,
     /// lambda_D and lambda_U. The KTO paper advises lambda_D n_D / (lambda_U n_U) in [1, 3/2].
     pub desirable_weight: f64,
     /// Weight of the undesirable examples' loss (lambda_U).
     pub undesirable_weight: f64,
-    /// Passes over the training data.
-    pub epochs: usize,
-    /// At least 2: the reference point is estimated within the batch.
-    pub batch_size: usize,
-    /// Longest row (prompt + completion) in tokens; longer rows are cut.
-    pub max_len: usize,
     /// Rows per batch when computing the reference log-probs once.
     pub ref_batch_size: usize,
-    /// Evaluate on `eval_file` every this many optimiser steps (0: only at the end).
-    pub eval_every: u64,
-    /// Checkpoint every this many optimiser steps (0: never; the final model is always written).
-    pub save_every: u64,
-    /// Log metrics every this many optimiser steps.
-    pub log_every: u64,
-    /// Seed of every random stream of the run (data order, sampling, initialisation).
-    pub seed: u64,
-    /// Skip (and count) malformed data lines instead of stopping at the first one.
-    pub skip_bad_lines: bool,
-    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
-    pub optim: OptimConfig,
     /// The evaluation the run ends with (eval.json); off unless a task or prompts file is set.
     pub eval: PolicyEval,
+    /// Run directory, epochs, batch size, logging, checkpoints, seed, optimiser (shared keys).
+    #[serde(flatten)]
+    pub fit: FitConfig,
 }
 
 impl Default for KtoConfig {
@@ -82,25 +64,12 @@ impl Default for KtoConfig {
             ref_model: None,
             train_file: None,
             pairs_file: None,
-            eval_file: None,
-            output_dir: PathBuf::from("runs/kto"),
             beta: 0.1,
             desirable_weight: 1.0,
             undesirable_weight: 1.0,
-            epochs: 1,
-            batch_size: 8,
-            max_len: 512,
             ref_batch_size: 32,
-            eval_every: 0,
-            save_every: 200,
-            log_every: 10,
-            seed: 0,
-            skip_bad_lines: false,
-            optim: OptimConfig {
-                lr: 5e-6,
-                ..OptimConfig::default()
-            },
             eval: PolicyEval::default(),
+            fit: FitConfig::with("runs/kto", 5e-6),
         }
     }
 }
@@ -123,12 +92,12 @@ impl KtoConfig {
                 self.beta
             )));
         }
-        if self.batch_size < 2 {
+        if self.fit.batch_size < 2 {
             return Err(TrainError::invalid(
                 "KTO needs batch_size >= 2 (its reference point is estimated from mismatched pairs within the batch)",
             ));
         }
-        if self.epochs == 0 {
+        if self.fit.epochs == 0 {
             return Err(TrainError::invalid("epochs must be >= 1"));
         }
         if self.desirable_weight < 0.0 || self.undesirable_weight < 0.0 {
@@ -302,7 +271,7 @@ fn evaluate(
     device: &Device,
 ) -> Result<rlhf_rl::pref::Metrics> {
     let frozen = Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
-    let bs = cfg.batch_size;
+    let bs = cfg.fit.batch_size;
     let mut parts = Vec::new();
     for (i, chunk) in ex.chunks(bs).enumerate() {
         let r = &refs[i * bs..i * bs + chunk.len()];
@@ -328,13 +297,14 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
         &lm,
         cfg.train_file.as_deref(),
         cfg.pairs_file.as_deref(),
-        cfg.max_len,
-        cfg.skip_bad_lines,
+        cfg.fit.max_len,
+        cfg.fit.skip_bad_lines,
     )?;
     let eval = cfg
+        .fit
         .eval_file
         .as_deref()
-        .map(|p| load_examples(&lm, Some(p), None, cfg.max_len, cfg.skip_bad_lines))
+        .map(|p| load_examples(&lm, Some(p), None, cfg.fit.max_len, cfg.fit.skip_bad_lines))
         .transpose()?;
     let n_d = train.iter().filter(|e| e.label).count();
     let n_u = train.len() - n_d;
@@ -350,7 +320,7 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
         &lm,
         cfg.ref_model.as_deref(),
         &cfg.model,
-        &cfg.output_dir,
+        &cfg.fit.output_dir,
         resume,
         &example_rows(&train),
         &eval.as_deref().map(example_rows).unwrap_or_default(),
@@ -361,10 +331,10 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
     //    the current weights without a gradient, as TRL does.
     let plan = FitPlan {
         min_micro: 2,
-        ..rlhf_rl::fit_plan!("kto", cfg, eval.is_some())
+        ..cfg.fit.plan("kto", eval.is_some())
     };
     let total = plan.total_steps(train.len());
-    let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
+    let mut trainer = Trainer::start(&cfg.fit.output_dir, cfg, &lm, &cfg.fit.optim, total, resume)?;
     refs.save(&trainer.run.path().join(REF_CACHE))?;
     let history = fit(
         &mut trainer,

@@ -20,6 +20,7 @@
 //! policy. `--resume` skips finished rounds and resumes the unfinished one from its checkpoint
 //! (sampling and labelling are deterministic in the seed, so they are redone identically).
 
+use rlhf_rl::fit::FitConfig;
 use rlhf_rl::registry::{Entry, Family};
 use rlhf_train::rng::stream_seed;
 use std::path::{Path, PathBuf};
@@ -125,7 +126,10 @@ impl Default for OnlineDpoConfig {
             eft: EftConfig::default(),
             seed: 0,
             dpo: DpoConfig {
-                save_every: 0,
+                fit: FitConfig {
+                    save_every: 0,
+                    ..DpoConfig::default().fit
+                },
                 ..DpoConfig::default()
             },
             eval: PolicyEval::default(),
@@ -450,7 +454,7 @@ fn label_round(
                 &mut pair.prompt,
                 &mut pair.chosen,
                 &mut pair.rejected,
-                cfg.dpo.max_len,
+                cfg.dpo.fit.max_len,
                 &lm.eos_ids,
             );
             pair
@@ -602,13 +606,17 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
         }
         let dpo_cfg = DpoConfig {
             model: policy.clone(),
-            ref_model: None, // the round's starting policy: the previous iterate
-            output_dir: dir.clone(),
-            seed: cfg.dpo.seed.wrapping_add(t as u64),
+            ref_model: None,
             eval: if cfg.eval_every_round && cfg.eval.enabled() {
                 cfg.eval.clone()
             } else {
                 PolicyEval::default()
+            },
+            fit: FitConfig {
+                // the round's starting policy: the previous iterate
+                output_dir: dir.clone(),
+                seed: cfg.dpo.fit.seed.wrapping_add(t as u64),
+                ..cfg.dpo.clone().fit
             },
             ..cfg.dpo.clone()
         };

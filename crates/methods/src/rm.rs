@@ -16,12 +16,13 @@ use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
 use rlhf_rl::eval::sample;
+use rlhf_rl::fit::FitConfig;
 use rlhf_rl::fit::{fit, load_with_eval, tail_mean};
 use rlhf_rl::losses::neg_log_sigmoid;
 use rlhf_rl::pairs::{load_pair_ids, PairIds};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward::{self, last_token_index, RewardModel, RewardNorm, HEAD};
-use rlhf_rl::trainer::{OptimConfig, Trainer};
+use rlhf_rl::trainer::Trainer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -30,16 +31,6 @@ pub struct RmConfig {
     pub model: PathBuf,
     /// Pairs: `prompt` / `chosen` / `rejected` (plain or messages), optional `margin`.
     pub train_file: PathBuf,
-    /// Held-out data in the same format as `train_file`, for an evaluation loss.
-    pub eval_file: Option<PathBuf>,
-    /// The run directory (config, metrics, checkpoints, final model).
-    pub output_dir: PathBuf,
-    /// Passes over the training data.
-    pub epochs: usize,
-    /// Examples per optimiser step (split into `optim.grad_accum` micro-batches).
-    pub batch_size: usize,
-    /// Longest row (prompt + completion) in tokens; longer rows are cut.
-    pub max_len: usize,
     /// Multiplies each pair's `margin` field (Llama 2's margin loss); 0 ignores margins.
     pub margin_scale: f64,
     /// PPO-max's LM regulariser weight (NLL on the chosen response); 0 turns it off.
@@ -50,18 +41,9 @@ pub struct RmConfig {
     pub normalize_samples: usize,
     /// Length limit of those reference samples.
     pub normalize_max_new_tokens: usize,
-    /// Evaluate on `eval_file` every this many optimiser steps (0: only at the end).
-    pub eval_every: u64,
-    /// Checkpoint every this many optimiser steps (0: never; the final model is always written).
-    pub save_every: u64,
-    /// Log metrics every this many optimiser steps.
-    pub log_every: u64,
-    /// Seed of every random stream of the run (data order, sampling, initialisation).
-    pub seed: u64,
-    /// Skip (and count) malformed data lines instead of stopping at the first one.
-    pub skip_bad_lines: bool,
-    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
-    pub optim: OptimConfig,
+    /// Run directory, epochs, batch size, logging, checkpoints, seed, optimiser (shared keys).
+    #[serde(flatten)]
+    pub fit: FitConfig,
 }
 
 impl Default for RmConfig {
@@ -69,25 +51,12 @@ impl Default for RmConfig {
         RmConfig {
             model: PathBuf::new(),
             train_file: PathBuf::new(),
-            eval_file: None,
-            output_dir: PathBuf::from("runs/rm"),
-            epochs: 1,
-            batch_size: 8,
-            max_len: 512,
             margin_scale: 0.0,
             lm_coef: 0.0,
             normalize_prompts: None,
             normalize_samples: 256,
             normalize_max_new_tokens: 64,
-            eval_every: 0,
-            save_every: 200,
-            log_every: 10,
-            seed: 0,
-            skip_bad_lines: false,
-            optim: OptimConfig {
-                lr: 1e-5,
-                ..OptimConfig::default()
-            },
+            fit: FitConfig::with("runs/rm", 1e-5),
         }
     }
 }
@@ -199,19 +168,19 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
         lm
     } else {
         let mut weights = lm.params.snapshot()?;
-        reward::add_head(&mut weights, lm.config.hidden_size, cfg.seed, device)?;
+        reward::add_head(&mut weights, lm.config.hidden_size, cfg.fit.seed, device)?;
         TrainableLm {
             params: rlhf_lm::llama::Trainable::new(&weights)?,
             ..lm
         }
     };
-    let (train, eval) = load_with_eval(&cfg.train_file, cfg.eval_file.as_deref(), |p| {
-        load_pair_ids(&lm, p, cfg.max_len, cfg.skip_bad_lines)
+    let (train, eval) = load_with_eval(&cfg.train_file, cfg.fit.eval_file.as_deref(), |p| {
+        load_pair_ids(&lm, p, cfg.fit.max_len, cfg.fit.skip_bad_lines)
     })?;
     // 2. Epochs of Bradley-Terry steps (plus the optional LM term) on the pairs.
-    let plan = rlhf_rl::fit_plan!("reward model", cfg, eval.is_some());
+    let plan = cfg.fit.plan("reward model", eval.is_some());
     let total = plan.total_steps(train.len());
-    let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
+    let mut trainer = Trainer::start(&cfg.fit.output_dir, cfg, &lm, &cfg.fit.optim, total, resume)?;
     let history = fit(
         &mut trainer,
         &lm,
@@ -275,19 +244,19 @@ fn normalization(
         prompts_file,
         lm.chat_template.as_ref(),
         &LoadOptions {
-            skip_bad_lines: cfg.skip_bad_lines,
+            skip_bad_lines: cfg.fit.skip_bad_lines,
         },
     )?;
     let prompts: Vec<(String, Vec<u32>)> = prompts
         .items
         .into_iter()
         .take(cfg.normalize_samples.max(1))
-        .map(|p| Ok((p.clone(), lm.encode_prompt(&p, cfg.max_len)?)))
+        .map(|p| Ok((p.clone(), lm.encode_prompt(&p, cfg.fit.max_len)?)))
         .collect::<Result<_>>()?;
     let params = SamplingParams {
         max_new_tokens: cfg.normalize_max_new_tokens,
         temperature: 1.0,
-        seed: cfg.seed,
+        seed: cfg.fit.seed,
         eos_token_ids: lm.eos_ids.clone(),
         ..Default::default()
     };

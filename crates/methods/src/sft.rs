@@ -6,11 +6,12 @@ use rlhf_rl::registry::{Entry, Family};
 use std::path::PathBuf;
 
 use candle_core::Device;
+use rlhf_rl::fit::FitConfig;
 use rlhf_rl::fit::{fit, load_with_eval};
 use rlhf_rl::objectives::{eval_loss, nll_share};
 use rlhf_rl::pairs::load_rows;
 use rlhf_rl::policy::TrainableLm;
-use rlhf_rl::trainer::{OptimConfig, Trainer};
+use rlhf_rl::trainer::Trainer;
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
@@ -21,28 +22,9 @@ pub struct SftConfig {
     pub model: PathBuf,
     /// JSONL/Parquet with `prompt`/`completion` or `messages`.
     pub train_file: PathBuf,
-    /// Held-out data in the same format as `train_file`, for an evaluation loss.
-    pub eval_file: Option<PathBuf>,
-    /// The run directory (config, metrics, checkpoints, final model).
-    pub output_dir: PathBuf,
-    /// Passes over the training data.
-    pub epochs: usize,
-    /// Examples per optimiser step (split into `optim.grad_accum` micro-batches).
-    pub batch_size: usize,
-    /// Longest row (prompt + completion) in tokens; longer rows are cut.
-    pub max_len: usize,
-    /// Evaluate on `eval_file` every this many optimiser steps (0: only at the end).
-    pub eval_every: u64,
-    /// Checkpoint every this many optimiser steps (0: never; the final model is always written).
-    pub save_every: u64,
-    /// Log metrics every this many optimiser steps.
-    pub log_every: u64,
-    /// Seed of every random stream of the run (data order, sampling, initialisation).
-    pub seed: u64,
-    /// Skip (and count) malformed data lines instead of stopping at the first one.
-    pub skip_bad_lines: bool,
-    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
-    pub optim: OptimConfig,
+    /// Run directory, epochs, batch size, logging, checkpoints, seed, optimiser (shared keys).
+    #[serde(flatten)]
+    pub fit: FitConfig,
 }
 
 impl Default for SftConfig {
@@ -50,20 +32,7 @@ impl Default for SftConfig {
         SftConfig {
             model: PathBuf::new(),
             train_file: PathBuf::new(),
-            eval_file: None,
-            output_dir: PathBuf::from("runs/sft"),
-            epochs: 1,
-            batch_size: 8,
-            max_len: 512,
-            eval_every: 0,
-            save_every: 200,
-            log_every: 10,
-            seed: 0,
-            skip_bad_lines: false,
-            optim: OptimConfig {
-                lr: 2e-5,
-                ..OptimConfig::default()
-            },
+            fit: FitConfig::with("runs/sft", 2e-5),
         }
     }
 }
@@ -79,14 +48,14 @@ pub struct SftSummary {
 pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary> {
     // 1. The model and the tokenised (prompt, completion + EOS) rows.
     let mut lm = TrainableLm::load(&cfg.model, device)?;
-    let (train, eval) = load_with_eval(&cfg.train_file, cfg.eval_file.as_deref(), |p| {
-        load_rows(&lm, p, cfg.max_len, cfg.skip_bad_lines)
+    let (train, eval) = load_with_eval(&cfg.train_file, cfg.fit.eval_file.as_deref(), |p| {
+        load_rows(&lm, p, cfg.fit.max_len, cfg.fit.skip_bad_lines)
     })?;
-    let eval_batch = cfg.batch_size.max(1) * 2;
+    let eval_batch = cfg.fit.batch_size.max(1) * 2;
     // 2. The run: optimiser, schedule, run directory (or its latest checkpoint).
-    let plan = rlhf_rl::fit_plan!("sft", cfg, eval.is_some());
+    let plan = cfg.fit.plan("sft", eval.is_some());
     let total = plan.total_steps(train.len());
-    let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
+    let mut trainer = Trainer::start(&cfg.fit.output_dir, cfg, &lm, &cfg.fit.optim, total, resume)?;
     // 3. Epochs of token-mean NLL steps on the completion tokens.
     let history = fit(
         &mut trainer,

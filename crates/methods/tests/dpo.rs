@@ -16,6 +16,7 @@ use rlhf_lm::config::LlamaConfig;
 use rlhf_lm::llama::{random_weights, Llama, Trainable};
 use rlhf_methods::dpo;
 use rlhf_methods::kto::{self, kto_batch_loss, mismatched_partners, KtoConfig, KtoExample};
+use rlhf_rl::fit::FitConfig;
 use rlhf_rl::pairs::PairIds;
 use rlhf_rl::policy::{fresh_tiny, tiny_config};
 use rlhf_rl::pref::{pair_batch_loss, DpoConfig, PairLossParams, RefCache, REF_CACHE};
@@ -494,18 +495,21 @@ fn quick_dpo(model: &Path, pairs: &Path, out: &Path, loss: PairLossKind) -> DpoC
     DpoConfig {
         model: model.to_path_buf(),
         train_file: pairs.to_path_buf(),
-        eval_file: Some(pairs.to_path_buf()),
-        output_dir: out.to_path_buf(),
         loss,
-        epochs: 2,
-        batch_size: 4,
-        max_len: 32,
-        log_every: 1,
-        save_every: 3,
-        optim: OptimConfig {
-            lr: 3e-3,
-            warmup_ratio: 0.0,
-            ..OptimConfig::default()
+        fit: FitConfig {
+            eval_file: Some(pairs.to_path_buf()),
+            output_dir: out.to_path_buf(),
+            epochs: 2,
+            batch_size: 4,
+            max_len: 32,
+            log_every: 1,
+            save_every: 3,
+            optim: OptimConfig {
+                lr: 3e-3,
+                warmup_ratio: 0.0,
+                ..OptimConfig::default()
+            },
+            ..DpoConfig::default().fit
         },
         ..DpoConfig::default()
     }
@@ -568,7 +572,10 @@ fn reference_free_losses_skip_the_reference() {
         let out = dir.join(kind.name());
         let cfg = DpoConfig {
             ref_model: Some(dir.join("does-not-exist")),
-            epochs: 1,
+            fit: FitConfig {
+                epochs: 1,
+                ..quick_dpo(&model, &pairs, &out, kind).fit
+            },
             ..quick_dpo(&model, &pairs, &out, kind)
         };
         dpo::run(&cfg, false, &CPU).unwrap();
@@ -642,15 +649,18 @@ fn kto_trains_on_unpaired_pairs() {
     let cfg = KtoConfig {
         model,
         pairs_file: Some(pairs),
-        output_dir: out.clone(),
-        epochs: 2,
-        batch_size: 6,
-        max_len: 32,
-        log_every: 1,
-        optim: OptimConfig {
-            lr: 3e-3,
-            warmup_ratio: 0.0,
-            ..OptimConfig::default()
+        fit: FitConfig {
+            output_dir: out.clone(),
+            epochs: 2,
+            batch_size: 6,
+            max_len: 32,
+            log_every: 1,
+            optim: OptimConfig {
+                lr: 3e-3,
+                warmup_ratio: 0.0,
+                ..OptimConfig::default()
+            },
+            ..KtoConfig::default().fit
         },
         ..KtoConfig::default()
     };
@@ -749,15 +759,18 @@ fn judge_prompt_renders_with_prefill() {
 
 fn round_dpo() -> DpoConfig {
     DpoConfig {
-        output_dir: PathBuf::new(),
-        batch_size: 8,
-        max_len: 48,
-        log_every: 1,
-        save_every: 0,
-        optim: OptimConfig {
-            lr: 1e-3,
-            warmup_ratio: 0.0,
-            ..OptimConfig::default()
+        fit: FitConfig {
+            output_dir: PathBuf::new(),
+            batch_size: 8,
+            max_len: 48,
+            log_every: 1,
+            save_every: 0,
+            optim: OptimConfig {
+                lr: 1e-3,
+                warmup_ratio: 0.0,
+                ..OptimConfig::default()
+            },
+            ..DpoConfig::default().fit
         },
         ..DpoConfig::default()
     }

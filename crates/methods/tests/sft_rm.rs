@@ -9,6 +9,7 @@ use candle_core::{Device, Tensor};
 use rlhf_data::testbed::task_by_name;
 use rlhf_methods::rm::pair_loss;
 use rlhf_methods::sft::{self, SftConfig};
+use rlhf_rl::fit::FitConfig;
 use rlhf_rl::losses::neg_log_sigmoid;
 use rlhf_rl::objectives::nll_sum;
 use rlhf_rl::pairs::PairIds;
@@ -160,16 +161,19 @@ fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
     SftConfig {
         model: init.to_path_buf(),
         train_file: data.to_path_buf(),
-        output_dir: dir.to_path_buf(),
-        epochs: 2,
-        batch_size: 8,
-        max_len: 48,
-        save_every: 3,
-        log_every: 1,
-        seed: 7,
-        optim: OptimConfig {
-            lr: 1e-3,
-            ..OptimConfig::default()
+        fit: FitConfig {
+            output_dir: dir.to_path_buf(),
+            epochs: 2,
+            batch_size: 8,
+            max_len: 48,
+            save_every: 3,
+            log_every: 1,
+            seed: 7,
+            optim: OptimConfig {
+                lr: 1e-3,
+                ..OptimConfig::default()
+            },
+            ..SftConfig::default().fit
         },
         ..SftConfig::default()
     }

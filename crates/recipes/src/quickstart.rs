@@ -17,6 +17,7 @@ use rlhf_methods::rm::{self, RmConfig};
 use rlhf_methods::sft::{self, SftConfig};
 use rlhf_rl::best_of_n::{best_of_n, kl_bound};
 use rlhf_rl::eval::{judge, sample, EvalReport, Generated, Judges, KlModels};
+use rlhf_rl::fit::FitConfig;
 use rlhf_rl::policy::{fresh_tiny, TrainableLm};
 use rlhf_rl::preferences::{sample_and_label, write_pairs};
 use rlhf_rl::reward::RewardModel;
@@ -158,20 +159,23 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     let sft_cfg = SftConfig {
         model: init_dir.clone(),
         train_file: files.sft.clone(),
-        output_dir: out.join("sft"),
-        epochs: cfg.sft_epochs,
-        batch_size: 32,
-        max_len: 64,
-        save_every: 0,
-        log_every: 10,
-        seed: cfg.seed,
-        optim: OptimConfig {
-            lr: cfg.sft_lr,
-            schedule: rlhf_train::ScheduleKind::Cosine,
-            warmup_ratio: 0.05,
-            min_lr_ratio: 0.1,
-            weight_decay: 0.01,
-            ..OptimConfig::default()
+        fit: FitConfig {
+            output_dir: out.join("sft"),
+            epochs: cfg.sft_epochs,
+            batch_size: 32,
+            max_len: 64,
+            save_every: 0,
+            log_every: 10,
+            seed: cfg.seed,
+            optim: OptimConfig {
+                lr: cfg.sft_lr,
+                schedule: rlhf_train::ScheduleKind::Cosine,
+                warmup_ratio: 0.05,
+                min_lr_ratio: 0.1,
+                weight_decay: 0.01,
+                ..OptimConfig::default()
+            },
+            ..SftConfig::default().fit
         },
         ..SftConfig::default()
     };
@@ -262,22 +266,25 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     let rm_cfg = RmConfig {
         model: sft_dir.clone(),
         train_file: data.join("prefs_train.jsonl"),
-        eval_file: Some(data.join("prefs_eval.jsonl")),
-        output_dir: out.join("rm"),
-        epochs: cfg.rm_epochs,
-        batch_size: 32,
-        max_len: 64,
         normalize_prompts: Some(files.prompts_train.clone()),
         normalize_samples: 512,
         normalize_max_new_tokens: max_new,
-        save_every: 0,
-        log_every: 10,
-        seed: cfg.seed,
-        optim: OptimConfig {
-            lr: cfg.rm_lr,
-            schedule: rlhf_train::ScheduleKind::Cosine,
-            warmup_ratio: 0.05,
-            ..OptimConfig::default()
+        fit: FitConfig {
+            eval_file: Some(data.join("prefs_eval.jsonl")),
+            output_dir: out.join("rm"),
+            epochs: cfg.rm_epochs,
+            batch_size: 32,
+            max_len: 64,
+            save_every: 0,
+            log_every: 10,
+            seed: cfg.seed,
+            optim: OptimConfig {
+                lr: cfg.rm_lr,
+                schedule: rlhf_train::ScheduleKind::Cosine,
+                warmup_ratio: 0.05,
+                ..OptimConfig::default()
+            },
+            ..RmConfig::default().fit
         },
         ..RmConfig::default()
     };

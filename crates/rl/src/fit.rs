@@ -9,12 +9,88 @@
 //! summed over the parts). SFT, the reward model, DPO, KTO, online DPO's rounds and the judge's
 //! EFT bootstrap all train through here.
 
+use std::path::PathBuf;
+
 use candle_core::Tensor;
 use rlhf_train::{Result, TrainError};
+use serde::{Deserialize, Serialize};
 
 use crate::policy::TrainableLm;
-use crate::trainer::Trainer;
+use crate::trainer::{OptimConfig, Trainer};
 use rlhf_train::rng::epoch_order;
+
+/// The keys every offline training run shares. Each offline method's configuration flattens it
+/// in (`#[serde(flatten)]`), so they stay top-level keys of its TOML (`epochs = 2`,
+/// `[optim]`), and unknown keys are still refused by the method's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(default)]
+pub struct FitConfig {
+    /// Held-out data in the same format as `train_file`, for an evaluation loss.
+    pub eval_file: Option<PathBuf>,
+    /// The run directory (config, metrics, checkpoints, final model).
+    pub output_dir: PathBuf,
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// Examples per optimiser step (split into `optim.grad_accum` micro-batches).
+    pub batch_size: usize,
+    /// Longest row (prompt + completion) in tokens; longer rows are cut.
+    pub max_len: usize,
+    /// Evaluate on `eval_file` every this many optimiser steps (0: only at the end).
+    pub eval_every: u64,
+    /// Checkpoint every this many optimiser steps (0: never; the final model is always written).
+    pub save_every: u64,
+    /// Log metrics every this many optimiser steps.
+    pub log_every: u64,
+    /// Seed of every random stream of the run (data order, sampling, initialisation).
+    pub seed: u64,
+    /// Skip (and count) malformed data lines instead of stopping at the first one.
+    pub skip_bad_lines: bool,
+    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
+    pub optim: OptimConfig,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        FitConfig {
+            eval_file: None,
+            output_dir: PathBuf::from("runs/run"),
+            epochs: 1,
+            batch_size: 8,
+            max_len: 512,
+            eval_every: 0,
+            save_every: 200,
+            log_every: 10,
+            seed: 0,
+            skip_bad_lines: false,
+            optim: OptimConfig::default(),
+        }
+    }
+}
+
+impl FitConfig {
+    /// The defaults with a method's own run directory and learning rate.
+    pub fn with(output_dir: &str, lr: f64) -> Self {
+        FitConfig {
+            output_dir: PathBuf::from(output_dir),
+            optim: OptimConfig {
+                lr,
+                ..OptimConfig::default()
+            },
+            ..FitConfig::default()
+        }
+    }
+
+    /// How `fit` walks the data (held-out evaluation only when there is held-out data).
+    pub fn plan(&self, label: &str, has_eval: bool) -> FitPlan {
+        FitPlan {
+            log_every: self.log_every,
+            eval_every: if has_eval { self.eval_every } else { 0 },
+            save_every: self.save_every,
+            grad_accum: self.optim.grad_accum,
+            ..FitPlan::new(label, self.epochs, self.batch_size, self.seed)
+        }
+    }
+}
 
 /// How a data set is walked: epochs, batch size, the shuffling seed, and when to log, evaluate and
 /// checkpoint (every so many optimiser steps; 0 turns evaluation / checkpoints off).
@@ -57,22 +133,6 @@ impl FitPlan {
     pub fn total_steps(&self, examples: usize) -> u64 {
         self.steps_per_epoch(examples) * self.epochs as u64
     }
-}
-
-/// The [`FitPlan`] of an offline method's configuration, from the keys they all share (`epochs`,
-/// `batch_size`, `seed`, `log_every`, `eval_every`, `save_every`, `optim.grad_accum`); held-out
-/// evaluation only when there is held-out data.
-#[macro_export]
-macro_rules! fit_plan {
-    ($label:expr, $cfg:expr, $has_eval:expr) => {
-        $crate::fit::FitPlan {
-            log_every: $cfg.log_every,
-            eval_every: if $has_eval { $cfg.eval_every } else { 0 },
-            save_every: $cfg.save_every,
-            grad_accum: $cfg.optim.grad_accum,
-            ..$crate::fit::FitPlan::new($label, $cfg.epochs, $cfg.batch_size, $cfg.seed)
-        }
-    };
 }
 
 /// A training file and an optional held-out file, loaded the same way.

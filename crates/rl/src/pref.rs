@@ -24,11 +24,11 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{run_eval, EvalConfig, EvalReport};
-use crate::fit::{fit, tail_mean};
+use crate::fit::{fit, tail_mean, FitConfig};
 use crate::pairs::PairIds;
 use crate::policy::TrainableLm;
 use crate::pref_losses::{self as pl, PairLossKind, PrefLoss};
-use crate::trainer::{OptimConfig, Trainer};
+use crate::trainer::Trainer;
 
 /// File in the run directory holding the cached reference log-probs.
 pub const REF_CACHE: &str = "ref_logps.json";
@@ -128,10 +128,6 @@ pub struct DpoConfig {
     /// Pairs: `prompt` / `chosen` / `rejected` (text or messages), or implicit-prompt `chosen` /
     /// `rejected` conversations.
     pub train_file: PathBuf,
-    /// Held-out data in the same format as `train_file`, for an evaluation loss.
-    pub eval_file: Option<PathBuf>,
-    /// The run directory (config, metrics, checkpoints, final model).
-    pub output_dir: PathBuf,
     /// The pair loss: dpo | ipo | cdpo | simpo | orpo.
     pub loss: PairLossKind,
     /// DPO/cDPO: beta; IPO: tau; SimPO: beta; ORPO: lambda. Default: 0.1 (SimPO 2.0).
@@ -143,28 +139,13 @@ pub struct DpoConfig {
     pub ipo_length_normalize: bool,
     /// SimPO's target margin gamma.
     pub simpo_gamma: f64,
-    /// Passes over the training data.
-    pub epochs: usize,
-    /// Examples per optimiser step (split into `optim.grad_accum` micro-batches).
-    pub batch_size: usize,
-    /// Longest row (prompt + completion) in tokens; longer completions are cut.
-    pub max_len: usize,
     /// Rows per forward pass when precomputing reference log-probs.
     pub ref_batch_size: usize,
-    /// Evaluate on `eval_file` every this many optimiser steps (0: only at the end).
-    pub eval_every: u64,
-    /// Checkpoint every this many optimiser steps (0: never; the final model is always written).
-    pub save_every: u64,
-    /// Log metrics every this many optimiser steps.
-    pub log_every: u64,
-    /// Seed of every random stream of the run (data order, sampling, initialisation).
-    pub seed: u64,
-    /// Skip (and count) malformed data lines instead of stopping at the first one.
-    pub skip_bad_lines: bool,
-    /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
-    pub optim: OptimConfig,
     /// The evaluation the run ends with (eval.json); off unless a task or prompts file is set.
     pub eval: PolicyEval,
+    /// Run directory, epochs, batch size, logging, checkpoints, seed, optimiser (shared keys).
+    #[serde(flatten)]
+    pub fit: FitConfig,
 }
 
 impl Default for DpoConfig {
@@ -173,27 +154,14 @@ impl Default for DpoConfig {
             model: PathBuf::new(),
             ref_model: None,
             train_file: PathBuf::new(),
-            eval_file: None,
-            output_dir: PathBuf::from("runs/dpo"),
             loss: PairLossKind::Dpo,
             beta: None,
             label_smoothing: 0.1,
             ipo_length_normalize: true,
             simpo_gamma: 0.5,
-            epochs: 1,
-            batch_size: 8,
-            max_len: 512,
             ref_batch_size: 32,
-            eval_every: 0,
-            save_every: 200,
-            log_every: 10,
-            seed: 0,
-            skip_bad_lines: false,
-            optim: OptimConfig {
-                lr: 1e-6,
-                ..OptimConfig::default()
-            },
             eval: PolicyEval::default(),
+            fit: FitConfig::with("runs/dpo", 1e-6),
         }
     }
 }
@@ -219,7 +187,7 @@ impl DpoConfig {
                 self.label_smoothing
             )));
         }
-        if self.epochs == 0 || self.batch_size == 0 {
+        if self.fit.epochs == 0 || self.fit.batch_size == 0 {
             return Err(TrainError::invalid("epochs and batch_size must be >= 1"));
         }
         Ok(())
@@ -506,7 +474,7 @@ pub fn train_on_pairs(
             &lm,
             cfg.ref_model.as_deref(),
             &cfg.model,
-            &cfg.output_dir,
+            &cfg.fit.output_dir,
             resume,
             &pair_rows(&train),
             &eval.as_deref().map(pair_rows).unwrap_or_default(),
@@ -516,9 +484,9 @@ pub fn train_on_pairs(
     } else {
         None
     };
-    let plan = crate::fit_plan!(params.kind.name(), cfg, eval.is_some());
+    let plan = cfg.fit.plan(params.kind.name(), eval.is_some());
     let total = plan.total_steps(train.len());
-    let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
+    let mut trainer = Trainer::start(&cfg.fit.output_dir, cfg, &lm, &cfg.fit.optim, total, resume)?;
     if let Some(r) = &refs {
         r.save(&trainer.run.path().join(REF_CACHE))?;
     }
