@@ -28,7 +28,6 @@ use rlhf_rl::pref::{
     cached_reference_logps, eval_names, log_named, log_report, PolicyEval, REF_CACHE,
 };
 use rlhf_rl::pref_losses::{self as pl, KtoBatch};
-use rlhf_rl::trainer::Trainer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -333,8 +332,7 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
         min_micro: 2,
         ..cfg.fit.plan("kto", eval.is_some())
     };
-    let total = plan.total_steps(train.len());
-    let mut trainer = Trainer::start(&cfg.fit.output_dir, cfg, &lm, &cfg.fit.optim, total, resume)?;
+    let mut trainer = cfg.fit.start(&plan, train.len(), cfg, &lm, resume)?;
     refs.save(&trainer.run.path().join(REF_CACHE))?;
     let history = fit(
         &mut trainer,

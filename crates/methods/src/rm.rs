@@ -22,7 +22,6 @@ use rlhf_rl::losses::neg_log_sigmoid;
 use rlhf_rl::pairs::{load_pair_ids, PairIds};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward::{self, last_token_index, RewardModel, RewardNorm, HEAD};
-use rlhf_rl::trainer::Trainer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -179,8 +178,7 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
     })?;
     // 2. Epochs of Bradley-Terry steps (plus the optional LM term) on the pairs.
     let plan = cfg.fit.plan("reward model", eval.is_some());
-    let total = plan.total_steps(train.len());
-    let mut trainer = Trainer::start(&cfg.fit.output_dir, cfg, &lm, &cfg.fit.optim, total, resume)?;
+    let mut trainer = cfg.fit.start(&plan, train.len(), cfg, &lm, resume)?;
     let history = fit(
         &mut trainer,
         &lm,

@@ -11,7 +11,6 @@ use rlhf_rl::fit::{fit, load_with_eval};
 use rlhf_rl::objectives::{eval_loss, nll_share};
 use rlhf_rl::pairs::load_rows;
 use rlhf_rl::policy::TrainableLm;
-use rlhf_rl::trainer::Trainer;
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
@@ -54,8 +53,7 @@ pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary>
     let eval_batch = cfg.fit.batch_size.max(1) * 2;
     // 2. The run: optimiser, schedule, run directory (or its latest checkpoint).
     let plan = cfg.fit.plan("sft", eval.is_some());
-    let total = plan.total_steps(train.len());
-    let mut trainer = Trainer::start(&cfg.fit.output_dir, cfg, &lm, &cfg.fit.optim, total, resume)?;
+    let mut trainer = cfg.fit.start(&plan, train.len(), cfg, &lm, resume)?;
     // 3. Epochs of token-mean NLL steps on the completion tokens.
     let history = fit(
         &mut trainer,

@@ -80,6 +80,20 @@ impl FitConfig {
         }
     }
 
+    /// The run's [`Trainer`] (fresh, or from the latest checkpoint when `resume`) for `plan` over
+    /// `examples` items; `resolved` is the method's whole configuration, written to the run.
+    pub fn start(
+        &self,
+        plan: &FitPlan,
+        examples: usize,
+        resolved: &impl Serialize,
+        lm: &TrainableLm,
+        resume: bool,
+    ) -> Result<Trainer> {
+        let total = plan.total_steps(examples);
+        Trainer::start(&self.output_dir, resolved, lm, &self.optim, total, resume)
+    }
+
     /// How `fit` walks the data (held-out evaluation only when there is held-out data).
     pub fn plan(&self, label: &str, has_eval: bool) -> FitPlan {
         FitPlan {

@@ -485,8 +485,7 @@ pub fn train_on_pairs(
         None
     };
     let plan = cfg.fit.plan(params.kind.name(), eval.is_some());
-    let total = plan.total_steps(train.len());
-    let mut trainer = Trainer::start(&cfg.fit.output_dir, cfg, &lm, &cfg.fit.optim, total, resume)?;
+    let mut trainer = cfg.fit.start(&plan, train.len(), cfg, &lm, resume)?;
     if let Some(r) = &refs {
         r.save(&trainer.run.path().join(REF_CACHE))?;
     }
