@@ -22,6 +22,7 @@ use rlhf_rl::losses::neg_log_sigmoid;
 use rlhf_rl::pairs::{load_pair_ids, PairIds};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward::{self, last_token_index, RewardModel, RewardNorm, HEAD};
+use rlhf_rl::trainer::Trainer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -179,29 +180,24 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
     // 2. Epochs of Bradley-Terry steps (plus the optional LM term) on the pairs.
     let plan = cfg.fit.plan("reward model", eval.is_some());
     let mut trainer = cfg.fit.start(&plan, train.len(), cfg, &lm, resume)?;
-    let history = fit(
-        &mut trainer,
-        &lm,
-        train.len(),
-        &plan,
-        |lm, batch, part| {
-            let pairs: Vec<PairIds> = part.iter().map(|&i| train[i].clone()).collect();
-            let out = pair_loss(lm, &pairs, cfg.margin_scale, cfg.lm_coef, device)?;
-            let w = part.len() as f64 / batch.len() as f64;
-            let metrics = vec![
-                ("accuracy", w * out.accuracy),
-                ("rewards/chosen", w * out.chosen_mean),
-                ("rewards/rejected", w * out.rejected_mean),
-                ("rewards/margins", w * out.margin_mean),
-            ];
-            Ok(((out.loss * w)?, metrics))
-        },
-        |trainer, lm| {
-            let held_out = eval.as_ref().expect("eval_every is 0 without eval");
-            let (l, a) = evaluate_pairs(&RewardModel::from_trainable(lm, None, device)?, held_out)?;
-            trainer.log(&[("eval_loss", l), ("eval_accuracy", a)])
-        },
-    )?;
+    let loss = |lm: &TrainableLm, batch: &[usize], part: &[usize]| {
+        let pairs: Vec<PairIds> = part.iter().map(|&i| train[i].clone()).collect();
+        let out = pair_loss(lm, &pairs, cfg.margin_scale, cfg.lm_coef, device)?;
+        let w = part.len() as f64 / batch.len() as f64;
+        let metrics = vec![
+            ("accuracy", w * out.accuracy),
+            ("rewards/chosen", w * out.chosen_mean),
+            ("rewards/rejected", w * out.rejected_mean),
+            ("rewards/margins", w * out.margin_mean),
+        ];
+        Ok(((out.loss * w)?, metrics))
+    };
+    let held_out = |trainer: &mut Trainer, lm: &TrainableLm| {
+        let pairs = eval.as_ref().expect("eval_every is 0 without eval");
+        let (l, a) = evaluate_pairs(&RewardModel::from_trainable(lm, None, device)?, pairs)?;
+        trainer.log(&[("eval_loss", l), ("eval_accuracy", a)])
+    };
+    let history = fit(&mut trainer, &lm, train.len(), &plan, loss, held_out)?;
     // 3. Held-out accuracy, normalisation statistics, the model with its head.
     let rm = RewardModel::from_trainable(&lm, None, device)?;
     let (eval_loss, eval_accuracy) = match &eval {

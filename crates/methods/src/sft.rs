@@ -11,6 +11,7 @@ use rlhf_rl::fit::{fit, load_with_eval};
 use rlhf_rl::objectives::{eval_loss, nll_share};
 use rlhf_rl::pairs::load_rows;
 use rlhf_rl::policy::TrainableLm;
+use rlhf_rl::trainer::Trainer;
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
@@ -55,22 +56,14 @@ pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary>
     let plan = cfg.fit.plan("sft", eval.is_some());
     let mut trainer = cfg.fit.start(&plan, train.len(), cfg, &lm, resume)?;
     // 3. Epochs of token-mean NLL steps on the completion tokens.
-    let history = fit(
-        &mut trainer,
-        &lm,
-        train.len(),
-        &plan,
-        |lm, batch, part| nll_share(lm, &train, batch, part, device),
-        |trainer, lm| {
-            let l = eval_loss(
-                lm,
-                eval.as_ref().expect("eval_every is 0 without eval"),
-                eval_batch,
-                device,
-            )?;
-            trainer.log(&[("eval_loss", l)])
-        },
-    )?;
+    let loss = |lm: &TrainableLm, batch: &[usize], part: &[usize]| {
+        nll_share(lm, &train, batch, part, device)
+    };
+    let held_out = |trainer: &mut Trainer, lm: &TrainableLm| {
+        let rows = eval.as_ref().expect("eval_every is 0 without eval");
+        trainer.log(&[("eval_loss", eval_loss(lm, rows, eval_batch, device)?)])
+    };
+    let history = fit(&mut trainer, &lm, train.len(), &plan, loss, held_out)?;
     // 4. Held-out loss and the final model.
     let eval_loss = match &eval {
         Some(e) => {
