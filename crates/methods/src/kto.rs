@@ -24,9 +24,7 @@ use serde::{Deserialize, Serialize};
 use rlhf_rl::fit::FitConfig;
 use rlhf_rl::fit::{fit, tail_mean, FitPlan};
 use rlhf_rl::policy::TrainableLm;
-use rlhf_rl::pref::{
-    cached_reference_logps, eval_names, log_named, log_report, PolicyEval, REF_CACHE,
-};
+use rlhf_rl::pref::{cached_reference_logps, eval_names, log_named, PolicyEval, REF_CACHE};
 use rlhf_rl::pref_losses::{self as pl, KtoBatch};
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -365,21 +363,8 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
         }
         None => None,
     };
-    lm.generation.max_new_tokens.get_or_insert(64);
-    let model = trainer.finish(&lm)?;
-    let report = if cfg.eval.enabled() {
-        let reference = cfg.ref_model.as_ref().unwrap_or(&cfg.model);
-        let r = cfg.eval.run(
-            &model,
-            reference,
-            &trainer.run.path().join("eval.json"),
-            device,
-        )?;
-        log_report(&mut trainer, &r)?;
-        Some(r)
-    } else {
-        None
-    };
+    let reference = cfg.ref_model.as_ref().unwrap_or(&cfg.model);
+    let (model, report) = cfg.eval.finish(&mut trainer, &mut lm, reference, device)?;
     Ok(KtoSummary {
         steps: trainer.step,
         examples: train.len(),

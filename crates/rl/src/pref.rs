@@ -81,6 +81,26 @@ impl PolicyEval {
         self.task.is_some() || self.prompts_file.is_some()
     }
 
+    /// End a preference-training run: write the final model (`<run>/model`), then, when enabled,
+    /// evaluate it against `reference` (`<run>/eval.json`) and log the report.
+    pub fn finish(
+        &self,
+        trainer: &mut Trainer,
+        lm: &mut TrainableLm,
+        reference: &Path,
+        device: &Device,
+    ) -> Result<(PathBuf, Option<EvalReport>)> {
+        lm.generation.max_new_tokens.get_or_insert(64);
+        let model = trainer.finish(lm)?;
+        if !self.enabled() {
+            return Ok((model, None));
+        }
+        let eval_json = trainer.run.path().join("eval.json");
+        let report = self.run(&model, reference, &eval_json, device)?;
+        log_report(trainer, &report)?;
+        Ok((model, Some(report)))
+    }
+
     /// Evaluate `policy` against `reference`; writes `output` (eval.json).
     pub fn run(
         &self,
@@ -531,21 +551,8 @@ pub fn train_on_pairs(
         }
         None => None,
     };
-    lm.generation.max_new_tokens.get_or_insert(64);
-    let model = trainer.finish(&lm)?;
-    let report = if cfg.eval.enabled() {
-        let reference = cfg.ref_model.as_ref().unwrap_or(&cfg.model);
-        let r = cfg.eval.run(
-            &model,
-            reference,
-            &trainer.run.path().join("eval.json"),
-            device,
-        )?;
-        log_report(&mut trainer, &r)?;
-        Some(r)
-    } else {
-        None
-    };
+    let reference = cfg.ref_model.as_ref().unwrap_or(&cfg.model);
+    let (model, report) = cfg.eval.finish(&mut trainer, &mut lm, reference, device)?;
     Ok(DpoSummary {
         loss: params.kind.name().into(),
         beta: params.beta,
