@@ -33,12 +33,13 @@ use rlhf_lm::Message;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use rlhf_rl::eval::{sample, EvalReport, Generated};
+use rlhf_rl::eval::EvalReport;
 use rlhf_rl::judge::{eft_bootstrap, judge_candidates, EftConfig, Judge, JudgeConfig, JudgePrompt};
 use rlhf_rl::pairs::PairIds;
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::pref::{DpoConfig, DpoSummary, PolicyEval};
 use rlhf_rl::reward_source::{Query, RewardConfig, Rewarder};
+use rlhf_rl::sampling::{sample, Generated};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]

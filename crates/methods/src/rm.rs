@@ -15,13 +15,13 @@ use rlhf_lm::score::{gather_logprobs, CompletionBatch};
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
-use rlhf_rl::eval::sample;
 use rlhf_rl::fit::FitConfig;
 use rlhf_rl::fit::{fit, load_with_eval, tail_mean};
 use rlhf_rl::losses::neg_log_sigmoid;
 use rlhf_rl::pairs::{load_pair_ids, PairIds};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward::{self, last_token_index, RewardModel, RewardNorm, HEAD};
+use rlhf_rl::sampling::sample;
 use rlhf_rl::trainer::Trainer;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

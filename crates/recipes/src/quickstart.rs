@@ -16,11 +16,12 @@ use serde::{Deserialize, Serialize};
 use rlhf_methods::rm::{self, RmConfig};
 use rlhf_methods::sft::{self, SftConfig};
 use rlhf_rl::best_of_n::{best_of_n, kl_bound};
-use rlhf_rl::eval::{judge, sample, EvalReport, Generated, Judges, KlModels};
+use rlhf_rl::eval::{judge, EvalReport, Judges, KlModels};
 use rlhf_rl::fit::FitConfig;
 use rlhf_rl::policy::{fresh_tiny, TrainableLm};
 use rlhf_rl::preferences::{sample_and_label, write_pairs};
 use rlhf_rl::reward::RewardModel;
+use rlhf_rl::sampling::{sample, Generated};
 use rlhf_rl::trainer::OptimConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]

@@ -6,8 +6,8 @@ use rlhf_lm::llama::Llama;
 use rlhf_lm::Result;
 use rlhf_lm::Tokenizer;
 
-use crate::eval::{sample, Generated};
 use crate::reward::RewardModel;
+use crate::sampling::{sample, Generated};
 
 /// For each prompt, the best of `n` samples by reward-model score.
 pub fn best_of_n(

@@ -27,10 +27,10 @@ use rlhf_lm::{ChatTemplate, Message, Tokenizer};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::sample;
 use crate::fit::{fit, FitPlan};
 use crate::objectives::nll_share;
 use crate::pairs::load_rows;
+use crate::sampling::sample;
 use crate::trainer::{OptimConfig, Trainer};
 
 /// The additive 0-5 rubric (our paraphrase of the paper's), for real instruction-following models.

@@ -12,7 +12,8 @@
 //! - [`trainer`]: optimiser + schedule + clipping + run directory + checkpoints for any parameter
 //!   set; [`fit`]: the one in-memory epoch loop; [`online`]: the session every online method runs in;
 //!   [`pref`]: training on preference pairs with a pair loss;
-//! - [`eval`], [`best_of_n`]: win-rates against a reference policy.
+//! - [`sampling`]: batched sampling every consumer draws through; [`eval`], [`best_of_n`]:
+//!   win-rates against a reference policy.
 //!
 //! Nothing here imports a method (`rlhf-methods`), and methods import only from here.
 
@@ -33,5 +34,6 @@ pub mod registry;
 pub mod reward;
 pub mod reward_source;
 pub mod rollout;
+pub mod sampling;
 pub mod trainer;
 pub mod value;

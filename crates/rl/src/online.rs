@@ -35,13 +35,14 @@ use rlhf_train::{Result, TrainError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{judge, sample, EvalReport, Generated, Judges, KlModels};
+use crate::eval::{judge, EvalReport, Judges, KlModels};
 use crate::kl::{KlConfig, KlController};
 use crate::objectives::sequence_loss;
 use crate::policy::TrainableLm;
 use crate::reward::RewardNorm;
 use crate::reward_source::{Query, RewardConfig, Rewarder, SourceKind};
 use crate::rollout::{collect, summary, Policies, Rollout, RolloutConfig};
+use crate::sampling::{sample, Generated};
 use crate::trainer::{epoch_order, OptimConfig, StepStats, Trainer};
 
 /// A method's own parameters (the `[method]` table) and how it changes the shared defaults.

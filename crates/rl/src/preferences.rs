@@ -10,8 +10,8 @@ use rlhf_lm::generate::SamplingParams;
 use rlhf_lm::llama::Llama;
 use rlhf_lm::{LmError, Result};
 
-use crate::eval::sample;
 use crate::policy::TrainableLm;
+use crate::sampling::sample;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LabelledPair {

@@ -23,9 +23,9 @@ use rlhf_lm::{Episode, Tokenizer};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::sample;
 use crate::kl::sequence_kl;
 use crate::reward_source::{Query, Rewarder};
+use crate::sampling::sample;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]

@@ -10,10 +10,11 @@ use rlhf_data::testbed::{task_by_name, tokenizer_for, Task};
 use rlhf_lm::batch::TokenBatch;
 use rlhf_lm::generate::SamplingParams;
 use rlhf_lm::llama::Llama;
-use rlhf_rl::eval::{judge, run_eval, sample, EvalConfig, Generated, Judges, KlModels};
+use rlhf_rl::eval::{judge, run_eval, EvalConfig, Judges, KlModels};
 use rlhf_rl::pairs::{load_pair_ids, load_rows};
 use rlhf_rl::policy::{fresh_tiny, truncate_shared, TrainableLm};
 use rlhf_rl::reward::last_token_index;
+use rlhf_rl::sampling::{sample, Generated};
 
 // ---- 2: one EOS, and the reward model reads at it ---------------------------------------------
 
