@@ -362,23 +362,20 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
         });
         Ok(report)
     };
-    let untrained = sample(
-        &init_model,
-        &sft_lm.tokenizer,
-        sft_lm.pad_id,
-        &prompts,
-        &sampling(cfg.seed + 101),
-        64,
-    )?;
+    // One sample per eval prompt from `model`, seeded.
+    let sample_eval = |model: &rlhf_lm::llama::Llama, seed: u64| {
+        sample(
+            model,
+            &sft_lm.tokenizer,
+            sft_lm.pad_id,
+            &prompts,
+            &sampling(seed),
+            64,
+        )
+    };
+    let untrained = sample_eval(&init_model, cfg.seed + 101)?;
     add("untrained", &untrained, Some((&init_model, &sft_model)))?;
-    let sft_again = sample(
-        &sft_model,
-        &sft_lm.tokenizer,
-        sft_lm.pad_id,
-        &prompts,
-        &sampling(cfg.seed + 102),
-        64,
-    )?;
+    let sft_again = sample_eval(&sft_model, cfg.seed + 102)?;
     add("sft", &sft_again, Some((&sft_model, &sft_model)))?;
     let bon = best_of_n(
         &sft_model,
@@ -395,14 +392,7 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
     let load_and_sample =
         |dir: &std::path::Path, seed: u64| -> Result<(rlhf_lm::llama::Llama, Vec<Generated>)> {
             let model = TrainableLm::load(dir, device)?.model(device)?.detached();
-            let samples = sample(
-                &model,
-                &sft_lm.tokenizer,
-                sft_lm.pad_id,
-                &prompts,
-                &sampling(seed),
-                64,
-            )?;
+            let samples = sample_eval(&model, seed)?;
             Ok((model, samples))
         };
 

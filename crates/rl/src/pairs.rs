@@ -2,10 +2,26 @@
 //! (prompt with special tokens, completion without, ended at its first EOS or given one) and cut
 //! to `max_len`; a pair's two completions share one prompt and are cut together.
 
-use rlhf_data::loaders::{load_pairs, load_prompt_completion, LoadOptions};
+use rlhf_data::loaders::{load_pairs, load_prompt_completion, LoadOptions, Loaded};
 use rlhf_train::{Result, TrainError};
 
 use crate::policy::TrainableLm;
+
+/// The loaded items, after saying how many bad lines were skipped; an error naming the file when
+/// nothing is left.
+fn checked<T>(path: &std::path::Path, loaded: Loaded<T>, empty: &str) -> Result<Vec<T>> {
+    if !loaded.skipped.is_empty() {
+        eprintln!(
+            "{}: skipped {} bad lines",
+            path.display(),
+            loaded.skipped.len()
+        );
+    }
+    if loaded.items.is_empty() {
+        return Err(TrainError::bad_file(path, empty));
+    }
+    Ok(loaded.items)
+}
 
 /// Tokenised (prompt, completion + EOS) rows from a data file.
 pub fn load_rows(
@@ -19,18 +35,8 @@ pub fn load_rows(
         lm.chat_template.as_ref(),
         &LoadOptions { skip_bad_lines },
     )?;
-    if !loaded.skipped.is_empty() {
-        eprintln!(
-            "{}: skipped {} bad lines",
-            path.display(),
-            loaded.skipped.len()
-        );
-    }
-    if loaded.items.is_empty() {
-        return Err(rlhf_train::TrainError::bad_file(path, "no examples"));
-    }
-    Ok(loaded
-        .items
+    let items = checked(path, loaded, "no examples")?;
+    Ok(items
         .iter()
         .map(|ex| lm.encode(&ex.prompt, &ex.completion, true, max_len))
         .collect::<rlhf_lm::Result<_>>()?)
@@ -57,18 +63,7 @@ pub fn load_pair_ids(
             skip_bad_lines: skip,
         },
     )?;
-    if !loaded.skipped.is_empty() {
-        eprintln!(
-            "{}: skipped {} bad lines",
-            path.display(),
-            loaded.skipped.len()
-        );
-    }
-    if loaded.items.is_empty() {
-        return Err(TrainError::bad_file(path, "no preference pairs"));
-    }
-    loaded
-        .items
+    checked(path, loaded, "no preference pairs")?
         .iter()
         .map(|p| {
             let (prompt, chosen, rejected) =
