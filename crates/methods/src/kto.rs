@@ -27,6 +27,7 @@ use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::pref::{cached_reference_logps, eval_names, log_named, PolicyEval, REF_CACHE};
 use rlhf_rl::pref_losses::{self as pl, KtoBatch};
 
+/// The configuration of `rlhf kto`.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct KtoConfig {

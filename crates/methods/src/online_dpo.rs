@@ -49,6 +49,7 @@ pub enum LabelerKind {
     Judge,
 }
 
+/// The configuration of `rlhf online-dpo`: rounds of sampling, labelling and DPO.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct OnlineDpoConfig {

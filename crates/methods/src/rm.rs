@@ -24,6 +24,7 @@ use rlhf_rl::reward::{self, last_token_index, RewardModel, RewardNorm, HEAD};
 use rlhf_rl::sampling::sample;
 use rlhf_rl::trainer::Trainer;
 
+/// The configuration of `rlhf rm`.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RmConfig {

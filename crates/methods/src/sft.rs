@@ -15,6 +15,7 @@ use rlhf_rl::trainer::Trainer;
 use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
+/// The configuration of `rlhf sft`.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct SftConfig {

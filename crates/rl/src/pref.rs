@@ -138,6 +138,7 @@ impl PolicyEval {
     }
 }
 
+/// The configuration of `rlhf dpo` (and of each round of online DPO: its `[dpo]` table).
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct DpoConfig {
