@@ -22,7 +22,7 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use rlhf_rl::fit::FitConfig;
-use rlhf_rl::fit::{fit, tail_mean, FitPlan};
+use rlhf_rl::fit::{fit, tail_mean, weighted_share, FitPlan};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::pref::{cached_reference_logps, eval_names, log_named, PolicyEval, REF_CACHE};
 use rlhf_rl::pref_losses::{self as pl, KtoBatch};
@@ -344,11 +344,7 @@ pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary>
             let ex: Vec<KtoExample> = part.iter().map(|&i| train[i].clone()).collect();
             let r: Vec<[f64; 2]> = part.iter().map(|&i| refs.train[i]).collect();
             let (out, m) = kto_batch_loss(&model, &frozen, lm.pad_id, &ex, &r, cfg, device)?;
-            let w = part.len() as f64 / batch.len() as f64;
-            Ok((
-                (out.loss * w)?,
-                m.into_iter().map(|(k, v)| (k, w * v)).collect(),
-            ))
+            weighted_share(part, batch, out.loss, m)
         },
         |trainer, lm| {
             let e = eval.as_ref().expect("eval_every is 0 without eval");

@@ -46,7 +46,7 @@ use rlhf_rl::online::{
 };
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward_source::SourceKind;
-use rlhf_rl::rollout::{align, collect, Policies, Rollout};
+use rlhf_rl::rollout::{align, Rollout};
 use rlhf_rl::value::{values, ValueModel};
 
 // ---- configuration ---------------------------------------------------------------------------------
@@ -666,22 +666,8 @@ fn ptx_rows(cfg: &PpoConfig, s: &Session<PpoParams>) -> Result<Vec<(Vec<u32>, Ve
 /// A rollout of the initial policy for critic pre-training: prompts from far along the
 /// prompt stream (the same whatever `steps` is), a seed of their own.
 fn pretrain_rollout(s: &Session<PpoParams>, i: u64) -> Result<Rollout> {
-    let policy = s.policy_model()?;
-    let models = Policies {
-        policy: &policy,
-        reference: &s.reference,
-        tokenizer: &s.lm.tokenizer,
-        pad_id: s.lm.pad_id,
-        eos_ids: &s.lm.eos_ids,
-    };
     let seed = stream_seed(s.cfg.seed.wrapping_mul(GOLDEN), "pretrain") ^ i;
-    collect(
-        &models,
-        &s.prompts_for((1 << 20) + i),
-        &s.cfg.rollout,
-        &s.rewarder,
-        seed,
-    )
+    s.collect_rollout(&s.prompts_for((1 << 20) + i), seed)
 }
 
 /// What a trip-wire rollback returns to: the weights and AdamW moments of the policy and the

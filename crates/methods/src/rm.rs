@@ -16,7 +16,7 @@ use rlhf_train::Result;
 use serde::{Deserialize, Serialize};
 
 use rlhf_rl::fit::FitConfig;
-use rlhf_rl::fit::{fit, load_with_eval, tail_mean};
+use rlhf_rl::fit::{fit, load_with_eval, tail_mean, weighted_share};
 use rlhf_rl::losses::neg_log_sigmoid;
 use rlhf_rl::pairs::{load_pair_ids, PairIds};
 use rlhf_rl::policy::TrainableLm;
@@ -184,14 +184,13 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
     let loss = |lm: &TrainableLm, batch: &[usize], part: &[usize]| {
         let pairs: Vec<PairIds> = part.iter().map(|&i| train[i].clone()).collect();
         let out = pair_loss(lm, &pairs, cfg.margin_scale, cfg.lm_coef, device)?;
-        let w = part.len() as f64 / batch.len() as f64;
         let metrics = vec![
-            ("accuracy", w * out.accuracy),
-            ("rewards/chosen", w * out.chosen_mean),
-            ("rewards/rejected", w * out.rejected_mean),
-            ("rewards/margins", w * out.margin_mean),
+            ("accuracy", out.accuracy),
+            ("rewards/chosen", out.chosen_mean),
+            ("rewards/rejected", out.rejected_mean),
+            ("rewards/margins", out.margin_mean),
         ];
-        Ok(((out.loss * w)?, metrics))
+        weighted_share(part, batch, out.loss, metrics)
     };
     let held_out = |trainer: &mut Trainer, lm: &TrainableLm| {
         let pairs = eval.as_ref().expect("eval_every is 0 without eval");

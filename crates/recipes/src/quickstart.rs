@@ -5,7 +5,7 @@
 //! Every stage reads and writes ordinary files through the same loaders and run directories a user
 //! gets, under `<out_dir>/`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use rlhf_data::testbed::{task_by_name, tokenizer_for, write_task_files, Annotator, Task};
@@ -18,6 +18,7 @@ use rlhf_methods::sft::{self, SftConfig};
 use rlhf_rl::best_of_n::{best_of_n, kl_bound};
 use rlhf_rl::eval::{judge, EvalReport, Judges, KlModels};
 use rlhf_rl::fit::FitConfig;
+use rlhf_rl::online::{Method, OnlineConfig};
 use rlhf_rl::policy::{fresh_tiny, TrainableLm};
 use rlhf_rl::preferences::{sample_and_label, write_pairs};
 use rlhf_rl::reward::RewardModel;
@@ -141,6 +142,34 @@ pub fn clean_accuracy(gold: &[(f64, f64)], scores: &[(f64, f64)]) -> Result<Clea
 
 fn step(name: &str) {
     eprintln!("== {name}");
+}
+
+/// An online method's run for a quickstart row: from the SFT policy against the quickstart's reward
+/// model (β and lr of `rloo_*`), into `<out>/<dir>`, without its own evaluation (every row is
+/// judged afterwards against the same reference samples).
+fn online_row<M: Method>(
+    cfg: &QuickstartConfig,
+    sft_dir: &Path,
+    out: &Path,
+    dir: &str,
+    steps: u64,
+    max_new_tokens: usize,
+) -> OnlineConfig<M> {
+    let mut c = OnlineConfig::<M>::default();
+    c.model = sft_dir.to_path_buf();
+    c.task = Some(cfg.task.clone());
+    c.task_seed = cfg.seed;
+    c.output_dir = out.join(dir);
+    c.steps = steps;
+    c.rollout.max_new_tokens = max_new_tokens;
+    c.reward.model = Some(out.join("rm/model"));
+    c.kl.beta = cfg.rloo_beta;
+    c.optim.lr = cfg.rloo_lr;
+    c.seed = cfg.seed;
+    c.save_every = 0;
+    c.log_every = 10;
+    c.eval.prompts = 0;
+    c
 }
 
 pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> {
@@ -398,22 +427,10 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
 
     if cfg.rloo_steps > 0 {
         step("RLOO (k = 4) on the reward model, from the SFT policy");
-        let mut rl = rlhf_methods::rloo::RlooConfig::default();
-        rl.model = sft_dir.clone();
-        rl.task = Some(cfg.task.clone());
-        rl.task_seed = cfg.seed;
-        rl.output_dir = out.join("rloo");
-        rl.steps = cfg.rloo_steps;
+        let mut rl: rlhf_methods::rloo::RlooConfig =
+            online_row(cfg, &sft_dir, &out, "rloo", cfg.rloo_steps, max_new);
         rl.prompts_per_step = 16;
         rl.rollout.k = 4;
-        rl.rollout.max_new_tokens = max_new;
-        rl.reward.model = Some(out.join("rm/model"));
-        rl.kl.beta = cfg.rloo_beta;
-        rl.optim.lr = cfg.rloo_lr;
-        rl.seed = cfg.seed;
-        rl.save_every = 0;
-        rl.log_every = 10;
-        rl.eval.prompts = 0; // judged below, against the same reference samples as every row
         rlhf_methods::rloo::run(&rl, false, device)?;
         let (model, samples) = load_and_sample(&out.join("rloo/model"), cfg.seed + 104)?;
         add("rloo (k=4)", &samples, Some((&model, &sft_model)))?;
@@ -421,20 +438,8 @@ pub fn run(cfg: &QuickstartConfig, device: &Device) -> Result<QuickstartReport> 
 
     if cfg.ppo_steps > 0 {
         step("PPO (the PPO-max preset) on the reward model, from the SFT policy");
-        let mut pc = rlhf_methods::ppo::PpoConfig::default();
-        pc.model = sft_dir.clone();
-        pc.task = Some(cfg.task.clone());
-        pc.task_seed = cfg.seed;
-        pc.output_dir = out.join("ppo");
-        pc.steps = cfg.ppo_steps;
-        pc.rollout.max_new_tokens = max_new;
-        pc.reward.model = Some(out.join("rm/model"));
-        pc.kl.beta = cfg.rloo_beta;
-        pc.optim.lr = cfg.rloo_lr;
-        pc.seed = cfg.seed;
-        pc.save_every = 0;
-        pc.log_every = 10;
-        pc.eval.prompts = 0; // judged below, against the same reference samples as every row
+        let pc: rlhf_methods::ppo::PpoConfig =
+            online_row(cfg, &sft_dir, &out, "ppo", cfg.ppo_steps, max_new);
         rlhf_methods::ppo::run(&pc, false, device)?;
         let (model, samples) = load_and_sample(&out.join("ppo/model"), cfg.seed + 105)?;
         add("ppo (PPO-max)", &samples, Some((&model, &sft_model)))?;

@@ -158,6 +158,21 @@ pub fn load_with_eval<T>(
     Ok((load(train)?, eval.map(&load).transpose()?))
 }
 
+/// A micro-batch's loss and metrics weighted by its share of the batch (`part.len() /
+/// batch.len()`), as `fit`'s `loss_of` returns them for losses that are means over examples.
+pub fn weighted_share(
+    part: &[usize],
+    batch: &[usize],
+    loss: Tensor,
+    metrics: Vec<(&'static str, f64)>,
+) -> Result<(Tensor, Vec<(&'static str, f64)>)> {
+    let w = part.len() as f64 / batch.len() as f64;
+    Ok((
+        (loss * w)?,
+        metrics.into_iter().map(|(k, v)| (k, w * v)).collect(),
+    ))
+}
+
 /// The metrics of each optimiser step this process ran (a resumed run: since the resume), in order.
 pub type History = Vec<Vec<(&'static str, f64)>>;
 

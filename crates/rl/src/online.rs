@@ -425,6 +425,15 @@ impl<M: Method> Session<M> {
     pub fn rollout(&mut self) -> Result<Rollout> {
         self.iteration_started = Instant::now();
         let iteration = self.iteration();
+        self.collect_rollout(
+            &self.prompts_for(iteration),
+            step_seed(self.cfg.seed, iteration),
+        )
+    }
+
+    /// A rollout of the current policy on `prompts` (`rollout.k` samples each), sampled from
+    /// `seed`, scored, with the reference's log-probs.
+    pub fn collect_rollout(&self, prompts: &[(String, Vec<u32>)], seed: u64) -> Result<Rollout> {
         let policy = self.policy_model()?;
         let models = Policies {
             policy: &policy,
@@ -433,14 +442,7 @@ impl<M: Method> Session<M> {
             pad_id: self.lm.pad_id,
             eos_ids: &self.lm.eos_ids,
         };
-        let seed = step_seed(self.cfg.seed, iteration);
-        collect(
-            &models,
-            &self.prompts_for(iteration),
-            &self.cfg.rollout,
-            &self.rewarder,
-            seed,
-        )
+        collect(&models, prompts, &self.cfg.rollout, &self.rewarder, seed)
     }
 
     /// Groups of a rollout (indices of the k samples of each prompt) split into `parts`

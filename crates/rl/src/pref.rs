@@ -24,7 +24,7 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{run_eval, EvalConfig, EvalReport};
-use crate::fit::{fit, tail_mean, FitConfig};
+use crate::fit::{fit, tail_mean, weighted_share, FitConfig};
 use crate::pairs::PairIds;
 use crate::policy::TrainableLm;
 use crate::pref_losses::{self as pl, PairLossKind, PrefLoss};
@@ -523,11 +523,7 @@ pub fn train_on_pairs(
             let model = lm.model(device)?;
             let (out, m) =
                 pair_batch_loss(&model, lm.pad_id, &pairs, r.as_deref(), &params, device)?;
-            let w = part.len() as f64 / batch.len() as f64;
-            Ok((
-                (out.loss * w)?,
-                m.into_iter().map(|(k, v)| (k, w * v)).collect(),
-            ))
+            weighted_share(part, batch, out.loss, m)
         },
         |trainer, lm| {
             let e = eval.as_ref().expect("eval_every is 0 without eval");

@@ -6,7 +6,7 @@ use common::{scratch, tiny_lm, CPU};
 use std::path::PathBuf;
 
 use candle_core::Tensor;
-use rlhf_rl::fit::{fit, tail_mean, FitPlan};
+use rlhf_rl::fit::{fit, tail_mean, weighted_share, FitPlan};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward::{add_head, RewardModel};
 use rlhf_rl::reward_source::{Query, RewardConfig, Rewarder, SourceKind};
@@ -243,4 +243,18 @@ fn the_reward_model_can_be_swapped_inside_a_run() {
     assert!(g
         .replace_reward_model(RewardModel::load(&b, &CPU).unwrap(), b, &policy.tokenizer)
         .is_err());
+}
+
+#[test]
+fn a_micro_batch_is_weighted_by_its_share_of_the_batch() {
+    // One example of a batch of four: a quarter of its loss and of each metric.
+    let (loss, m) = weighted_share(
+        &[2],
+        &[0, 1, 2, 3],
+        Tensor::new(2.0f32, &CPU).unwrap(),
+        vec![("accuracy", 1.0), ("margin", -0.8)],
+    )
+    .unwrap();
+    assert_eq!(loss.to_scalar::<f32>().unwrap(), 0.5);
+    assert_eq!(m, vec![("accuracy", 0.25), ("margin", -0.2)]);
 }
