@@ -83,3 +83,10 @@ pub fn compare_online(a: RunArgs, device: &Device) -> Result<()> {
     println!("{}", rlhf_recipes::compare::format_table(&report));
     Ok(())
 }
+
+pub fn compare_rest(a: RunArgs, device: &Device) -> Result<()> {
+    let cfg: rlhf_recipes::rest_table::RestTableConfig = resolved(&a)?;
+    let table = rlhf_recipes::rest_table::run(&cfg, device).context("compare-rest")?;
+    println!("{}", rlhf_recipes::rest_table::format_markdown(&table));
+    Ok(())
+}

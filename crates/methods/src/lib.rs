@@ -4,7 +4,8 @@
 //!
 //! Offline: [`sft`], [`rm`] (reward model), [`dpo`] (DPO, IPO, cDPO, SimPO, ORPO), [`kto`].
 //! Online: [`reinforce`], [`rloo`], [`vanilla_pg`], [`raft`], [`grpo`], [`ppo`], and the iterative
-//! [`online_dpo`] (with self-rewarding as its self-judging preset).
+//! [`online_dpo`] (with self-rewarding as its self-judging preset) and [`rest`] (ReST, with
+//! ReST-EM as its preset).
 
 pub mod dpo;
 pub mod grpo;
@@ -13,6 +14,7 @@ pub mod online_dpo;
 pub mod ppo;
 pub mod raft;
 pub mod reinforce;
+pub mod rest;
 pub mod rloo;
 pub mod rm;
 pub mod sft;
@@ -22,7 +24,7 @@ use rlhf_rl::registry::Registered;
 
 /// Every method, in the order `rlhf --help` lists them. Adding a method: its file declares an
 /// `ENTRY`, and it is listed here (the command line, its help and `compare-online` follow).
-pub fn registry() -> [&'static dyn Registered; 12] {
+pub fn registry() -> [&'static dyn Registered; 14] {
     [
         &sft::ENTRY,
         &rm::ENTRY,
@@ -30,6 +32,8 @@ pub fn registry() -> [&'static dyn Registered; 12] {
         &kto::ENTRY,
         &online_dpo::ENTRY,
         &online_dpo::SELF_REWARD_ENTRY,
+        &rest::ENTRY,
+        &rest::EM_ENTRY,
         &reinforce::ENTRY,
         &rloo::ENTRY,
         &vanilla_pg::ENTRY,

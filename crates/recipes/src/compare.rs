@@ -248,7 +248,7 @@ fn last_wall_time(metrics: &Path) -> Option<f64> {
 }
 
 /// Two-sided 97.5% Student-t quantile for `df` degrees of freedom.
-fn t975(df: usize) -> f64 {
+pub fn t975(df: usize) -> f64 {
     const T: [f64; 10] = [
         12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
     ];
