@@ -126,21 +126,38 @@ fn killed_rest_resumes_mid_improve_and_mid_grow_to_the_same_result() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("killed after grow 2 chunk 1"), "{err}");
-    assert!(err.contains("resuming from") && err.contains("step-4"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("killed after grow 2 chunk 1"),
+        "{err}"
+    );
+    assert!(
+        err.contains("resuming from") && err.contains("step-4"),
+        "{err}"
+    );
     // 3. resumed to the end: grow 1 and its Improve steps are not redone, grow 2's chunks 0-1 are
     //    read back, not sampled or scored again
     let (ok, err) = train(&root, &["rest"], &[out("killed")], None, true);
     assert!(ok, "{err}");
     assert!(err.contains("grow 1: cached"), "{err}");
-    assert!(err.contains("grow 1 improve 0: done") && err.contains("grow 1 improve 1: done"), "{err}");
-    assert!(err.contains("grow 2: chunk 0 cached") && err.contains("grow 2: chunk 1 cached"), "{err}");
+    assert!(
+        err.contains("grow 1 improve 0: done") && err.contains("grow 1 improve 1: done"),
+        "{err}"
+    );
+    assert!(
+        err.contains("grow 2: chunk 0 cached") && err.contains("grow 2: chunk 1 cached"),
+        "{err}"
+    );
     assert!(!err.contains("grow 2: chunk 2 cached"), "{err}");
 
     let (full, killed) = (root.join("full"), root.join("killed"));
     assert_eq!(rest_stages(&full).len(), 5, "BC + 2 Grow x 2 Improve");
     assert_eq!(rest_stages(&full), rest_stages(&killed));
-    for stage in ["grow-1/improve-0", "grow-1/improve-1", "grow-2/improve-0", "grow-2/improve-1"] {
+    for stage in [
+        "grow-1/improve-0",
+        "grow-1/improve-1",
+        "grow-2/improve-0",
+        "grow-2/improve-1",
+    ] {
         assert_eq!(
             metrics(&full.join(stage).join("metrics.jsonl")),
             metrics(&killed.join(stage).join("metrics.jsonl")),

@@ -60,7 +60,7 @@ impl Default for RestTableConfig {
             rloo_k: 4,
             rloo_samples_per_step: 64,
             rloo_lr: 1e-4,
-            rloo_beta: 0.05,
+            rloo_beta: 0.1,
             rloo_max_new_tokens: 18,
             eval_prompts: 200,
             out_dir: "runs/compare-rest".into(),
@@ -75,7 +75,11 @@ impl Default for RestTableConfig {
 pub struct SeedResult {
     pub seed: u64,
     pub rest: RestSummary,
+    /// Each ReST stage's policy validated with samples at temperature 1 instead of ReST's own
+    /// validation decoding (what the online methods optimise and are evaluated with).
+    pub rest_sampled: Vec<Validation>,
     pub rloo_validation: Validation,
+    pub rloo_sampled: Validation,
     pub rloo_samples: u64,
     pub rloo_seconds: f64,
     pub rloo_eval: Option<EvalReport>,
@@ -112,8 +116,7 @@ fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 
 fn run_seed(cfg: &RestTableConfig, seed: u64, device: &Device) -> Result<SeedResult> {
     let registered = |name: &str| {
-        rlhf_methods::method(name)
-            .ok_or_else(|| TrainError::invalid(format!("no method `{name}`")))
+        rlhf_methods::method(name).ok_or_else(|| TrainError::invalid(format!("no method `{name}`")))
     };
     // 1. ReST.
     let rest_dir = cfg.out_dir.join("rest").join(format!("seed-{seed}"));
@@ -130,7 +133,10 @@ fn run_seed(cfg: &RestTableConfig, seed: u64, device: &Device) -> Result<SeedRes
     // 2. RLOO with as many sampled completions.
     let per_step = cfg.rloo_samples_per_step.max(cfg.rloo_k);
     let steps = (rest.samples as u64).div_ceil(per_step as u64).max(1);
-    let rloo_dir = cfg.out_dir.join(format!("rloo-k{}", cfg.rloo_k)).join(format!("seed-{seed}"));
+    let rloo_dir = cfg
+        .out_dir
+        .join(format!("rloo-k{}", cfg.rloo_k))
+        .join(format!("seed-{seed}"));
     let rloo_sets = vec![
         format!("model={}", cfg.sft_model.display()),
         format!("task={}", cfg.task),
@@ -166,11 +172,25 @@ fn run_seed(cfg: &RestTableConfig, seed: u64, device: &Device) -> Result<SeedRes
         .map_err(|e| TrainError::io(&rloo_summary_path, e))?;
         (s, secs)
     };
-    // 3. RLOO's policy validated as ReST validates its stages.
-    let rloo_validation = rest::validate_model(&rest_cfg, &rloo.model, device)?
-        .ok_or_else(|| TrainError::invalid("the ReST configuration has validation turned off"))?;
+    // 3. RLOO's policy validated as ReST validates its stages; every policy also with samples at
+    //    temperature 1.
+    let validate = |c: &RestConfig, model: &Path| {
+        rest::validate_model(c, model, device)?
+            .ok_or_else(|| TrainError::invalid("the ReST configuration has validation turned off"))
+    };
+    let rloo_validation = validate(&rest_cfg, &rloo.model)?;
+    let mut at_t1 = rest_cfg.clone();
+    at_t1.validation.temperature = 1.0;
+    let rest_sampled = rest
+        .stages
+        .iter()
+        .map(|st| validate(&at_t1, &st.model))
+        .collect::<Result<Vec<_>>>()?;
+    let rloo_sampled = validate(&at_t1, &rloo.model)?;
     Ok(SeedResult {
         seed,
+        rest_sampled,
+        rloo_sampled,
         rloo_samples: rloo.samples,
         rloo_eval: rloo.eval.clone(),
         rest,
@@ -228,7 +248,11 @@ fn cell((m, h): (f64, f64), digits: usize) -> String {
 fn stage_name(s: &rest::StageRecord) -> String {
     match s.improve {
         None => "BC (SFT)".into(),
-        Some(i) => format!("ReST G={} I={i} (τ = {})", s.grow, s.threshold.unwrap_or(f64::NAN)),
+        Some(i) => format!(
+            "ReST G={} I={i} (τ = {})",
+            s.grow,
+            s.threshold.unwrap_or(f64::NAN)
+        ),
     }
 }
 
@@ -236,18 +260,24 @@ fn stage_name(s: &rest::StageRecord) -> String {
 /// the final win-rates, and per-seed numbers.
 pub fn format_markdown(t: &RestTable) -> String {
     let c = &t.config;
-    let n_stages = t.seeds.iter().map(|s| s.rest.stages.len()).min().unwrap_or(0);
+    let n_stages = t
+        .seeds
+        .iter()
+        .map(|s| s.rest.stages.len())
+        .min()
+        .unwrap_or(0);
     let mut s = format!(
-        "Task `{}`; {} seed(s) {:?}; mean ± Student-t 95% half-width over seeds. Validation = greedy \
-         completions of the task's first validation prompts, scored by the reward model (proxy, the \
-         reward ReST filters and selects on) and by gold (chrF for `translate`; never seen by \
-         training). Samples = completions sampled for training (validation samples not counted); \
+        "Task `{}`; {} seed(s) {:?}; mean ± Student-t 95% half-width over seeds. Validation = completions \
+         of the task's first validation prompts (greedy: ReST's own validation, which chooses each \
+         Improve step's weights; T = 1: sampled, as the online methods train and are evaluated), \
+         scored by the reward model (proxy, the reward ReST filters and selects on) and by gold \
+         (chrF for `translate`; never seen by training or selection). Samples = completions sampled for training (validation samples not counted); \
          time = wall seconds from the start of the run to the end of the stage.\n\n",
         c.task,
         c.seeds.len(),
         c.seeds
     );
-    s.push_str("| stage | samples | kept rows | validation gold | validation proxy | length | time (s) |\n|---|---|---|---|---|---|---|\n");
+    s.push_str("| stage | samples | kept rows | gold (greedy) | proxy (greedy) | gold (T = 1) | proxy (T = 1) | time (s) |\n|---|---|---|---|---|---|---|---|\n");
     for k in 0..n_stages {
         let stages: Vec<&rest::StageRecord> = t.seeds.iter().map(|x| &x.rest.stages[k]).collect();
         let val = |f: &dyn Fn(&Validation) -> f64| -> Vec<f64> {
@@ -270,31 +300,42 @@ pub fn format_markdown(t: &RestTable) -> String {
                 grow_s + x.rest.stages[..=k].iter().map(|st| st.seconds).sum::<f64>()
             })
             .collect();
+        let sampled = |f: &dyn Fn(&Validation) -> f64| -> Vec<f64> {
+            t.seeds.iter().map(|x| f(&x.rest_sampled[k])).collect()
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
             stage_name(stages[0]),
             stages[0].samples,
             if stages[0].improve.is_some() {
-                format!("{:.0}", mean_ci(&stages.iter().map(|st| st.kept as f64).collect::<Vec<_>>()).0)
+                format!(
+                    "{:.0}",
+                    mean_ci(&stages.iter().map(|st| st.kept as f64).collect::<Vec<_>>()).0
+                )
             } else {
                 "-".into()
             },
             cell(mean_ci(&val(&|v| v.gold.unwrap_or(f64::NAN))), 4),
             cell(mean_ci(&val(&|v| v.reward)), 4),
-            cell(mean_ci(&val(&|v| v.length)), 1),
-            format!("{:.0}", mean_ci(&elapsed).0),
+            cell(mean_ci(&sampled(&|v| v.gold.unwrap_or(f64::NAN))), 4),
+            cell(mean_ci(&sampled(&|v| v.reward)), 4),
+            mean_ci(&elapsed).0,
         ));
     }
     let rv = |f: &dyn Fn(&Validation) -> f64| -> Vec<f64> {
         t.seeds.iter().map(|x| f(&x.rloo_validation)).collect()
     };
+    let rs = |f: &dyn Fn(&Validation) -> f64| -> Vec<f64> {
+        t.seeds.iter().map(|x| f(&x.rloo_sampled)).collect()
+    };
     s.push_str(&format!(
-        "| online RLOO k={} (equal samples) | {} | - | {} | {} | {} | {:.0} |\n\n",
+        "| online RLOO k={} (equal samples) | {} | - | {} | {} | {} | {} | {:.0} |\n\n",
         c.rloo_k,
         t.seeds.first().map_or(0, |x| x.rloo_samples),
         cell(mean_ci(&rv(&|v| v.gold.unwrap_or(f64::NAN))), 4),
         cell(mean_ci(&rv(&|v| v.reward)), 4),
-        cell(mean_ci(&rv(&|v| v.length)), 1),
+        cell(mean_ci(&rs(&|v| v.gold.unwrap_or(f64::NAN))), 4),
+        cell(mean_ci(&rs(&|v| v.reward)), 4),
         mean_ci(&t.seeds.iter().map(|x| x.rloo_seconds).collect::<Vec<_>>()).0,
     ));
     // Final win-rates against the SFT policy (eval.json of each run: sampled at temperature 1).
@@ -330,7 +371,12 @@ pub fn format_markdown(t: &RestTable) -> String {
             })
         };
         s.push_str(&format!("| {} | ", x.seed));
-        let cells: Vec<String> = x.rest.stages.iter().map(|st| f(st.validation.as_ref())).collect();
+        let cells: Vec<String> = x
+            .rest
+            .stages
+            .iter()
+            .map(|st| f(st.validation.as_ref()))
+            .collect();
         s.push_str(&cells.join(" | "));
         s.push_str(&format!(" | {} |\n", f(Some(&x.rloo_validation))));
     }
