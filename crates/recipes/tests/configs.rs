@@ -46,6 +46,13 @@ fn committed_configs_resolve_for_their_commands() {
                 rlhf_train::config::resolve::<rlhf_recipes::compare::CompareConfig>(Some(&f), &[])
                     .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             }
+            None if cmd == "compare-rest" => {
+                rlhf_train::config::resolve::<rlhf_recipes::rest_table::RestTableConfig>(
+                    Some(&f),
+                    &[],
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            }
             None => panic!("{}: unknown command `{cmd}`", f.display()),
         }
     }
