@@ -498,12 +498,7 @@ fn label_round(
 
 /// Mark a round done (`round.json`) and append it to `rounds.jsonl`.
 fn finish_round(done: &Path, log_path: &Path, stats: &RoundStats) -> Result<()> {
-    rlhf_train::run::write_atomic(
-        done,
-        serde_json::to_string_pretty(stats)
-            .expect("serialisable")
-            .as_bytes(),
-    )?;
+    rlhf_train::run::write_json(done, stats)?;
     let mut log = std::fs::read_to_string(log_path).unwrap_or_default();
     log.push_str(&serde_json::to_string(stats).expect("serialisable"));
     log.push('\n');
@@ -565,9 +560,7 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
         let dir = round_dir(out, t);
         let done = dir.join("round.json");
         if resume && done.exists() {
-            let text = std::fs::read_to_string(&done).map_err(|e| TrainError::io(&done, e))?;
-            let stats: RoundStats = serde_json::from_str(&text)
-                .map_err(|e| TrainError::bad_file(&done, e.to_string()))?;
+            let stats: RoundStats = rlhf_train::run::read_json(&done)?;
             eprintln!("round {t}: done ({} pairs)", stats.pairs);
             if stats.dpo.is_some() {
                 policy = dir.join("model");
@@ -644,12 +637,7 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
         model: policy,
         eval,
     };
-    let path = out.join("summary.json");
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&summary).expect("serialisable"),
-    )
-    .map_err(|e| TrainError::io(&path, e))?;
+    rlhf_train::run::write_json(&out.join("summary.json"), &summary)?;
     Ok(summary)
 }
 

@@ -53,7 +53,10 @@ use rlhf_data::testbed::{task_by_name, Task};
 use rlhf_lm::generate::SamplingParams;
 use rlhf_lm::score::{completion_logprobs, CompletionBatch};
 use rlhf_train::rng::{epoch_order, step_seed, stream_seed};
-use rlhf_train::run::{load_safetensors, save_safetensors, write_atomic, CHECKPOINTS_DIR};
+use rlhf_train::run::{
+    load_safetensors, read_json, read_jsonl, save_safetensors, write_atomic, write_json,
+    write_jsonl, CHECKPOINTS_DIR,
+};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
@@ -512,42 +515,6 @@ pub struct RestSummary {
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> TrainError + '_ {
     move |e| TrainError::io(path, e)
-}
-
-fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
-    write_atomic(
-        path,
-        serde_json::to_string_pretty(v)
-            .expect("serialisable")
-            .as_bytes(),
-    )
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::bad_file(path, e.to_string()))
-}
-
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(&serde_json::to_string(r).expect("serialisable"));
-        text.push('\n');
-    }
-    write_atomic(path, text.as_bytes())
-}
-
-/// Lines of a JSONL file this run wrote, an error naming the file and line on a bad one.
-fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(n, l)| {
-            serde_json::from_str(l)
-                .map_err(|e| TrainError::bad_file(path, format!("line {}: {e}", n + 1)))
-        })
-        .collect()
 }
 
 /// A raw (unnormalised) scored completion, as a Grow chunk caches it.

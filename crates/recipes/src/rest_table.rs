@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use rlhf_train::run::{read_json, write_json};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
@@ -109,11 +110,6 @@ fn rest_sets(cfg: &RestTableConfig, seed: u64, dir: &Path) -> Vec<String> {
     sets
 }
 
-fn read<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::bad_file(path, e.to_string()))
-}
-
 fn run_seed(cfg: &RestTableConfig, seed: u64, device: &Device) -> Result<SeedResult> {
     let registered = |name: &str| {
         rlhf_methods::method(name).ok_or_else(|| TrainError::invalid(format!("no method `{name}`")))
@@ -124,7 +120,7 @@ fn run_seed(cfg: &RestTableConfig, seed: u64, device: &Device) -> Result<SeedRes
     let rest_cfg: RestConfig = rlhf_train::config::resolve(cfg.rest_config.as_deref(), &sets)?;
     let summary_path = rest_dir.join("summary.json");
     let rest: RestSummary = if cfg.reuse && summary_path.is_file() {
-        read(&summary_path)?
+        read_json(&summary_path)?
     } else {
         eprintln!("== rest seed {seed}");
         let v = registered("rest")?.run(cfg.rest_config.as_deref(), &sets, false, device)?;
@@ -157,7 +153,7 @@ fn run_seed(cfg: &RestTableConfig, seed: u64, device: &Device) -> Result<SeedRes
     ];
     let rloo_summary_path = rloo_dir.join("summary.json");
     let (rloo, rloo_seconds): (OnlineSummary, f64) = if cfg.reuse && rloo_summary_path.is_file() {
-        read(&rloo_summary_path)?
+        read_json(&rloo_summary_path)?
     } else {
         eprintln!("== rloo-k{} seed {seed}: {steps} iterations", cfg.rloo_k);
         let started = std::time::Instant::now();
@@ -165,11 +161,7 @@ fn run_seed(cfg: &RestTableConfig, seed: u64, device: &Device) -> Result<SeedRes
         let s: OnlineSummary =
             serde_json::from_value(v).map_err(|e| TrainError::invalid(format!("rloo: {e}")))?;
         let secs = started.elapsed().as_secs_f64();
-        std::fs::write(
-            &rloo_summary_path,
-            serde_json::to_string_pretty(&(&s, secs)).expect("serialisable"),
-        )
-        .map_err(|e| TrainError::io(&rloo_summary_path, e))?;
+        write_json(&rloo_summary_path, &(&s, secs))?;
         (s, secs)
     };
     // 3. RLOO's policy validated as ReST validates its stages; every policy also with samples at
@@ -214,12 +206,7 @@ pub fn run(cfg: &RestTableConfig, device: &Device) -> Result<RestTable> {
         config: cfg.clone(),
         seeds,
     };
-    let json = cfg.out_dir.join("rest-table.json");
-    std::fs::write(
-        &json,
-        serde_json::to_string_pretty(&table).expect("serialisable"),
-    )
-    .map_err(|e| TrainError::io(&json, e))?;
+    write_json(&cfg.out_dir.join("rest-table.json"), &table)?;
     if let Some(path) = cfg.table.as_ref().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::write(path, format_markdown(&table)).map_err(|e| TrainError::io(path, e))?;
     }

@@ -104,6 +104,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     sync_dir(parent)
 }
 
+/// Write a value as pretty JSON, atomically ([`write_atomic`]).
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    write_atomic(path, text.as_bytes())
+}
+
+/// Read a JSON file, naming the file in every error.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = io(path, std::fs::read_to_string(path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::bad_file(path, e.to_string()))
+}
+
+/// Write rows as JSON lines, atomically ([`write_atomic`]).
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r).expect("JSON values serialise"));
+        text.push('\n');
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+/// Read JSON lines (blank lines skipped), naming the file and the line in every error.
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = io(path, std::fs::read_to_string(path))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| TrainError::bad_file(path, format!("line {}: {e}", n + 1)))
+        })
+        .collect()
+}
+
 /// Save tensors as safetensors (keeping their dtypes) and fsync the file.
 pub fn save_safetensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     candle_core::safetensors::save(tensors, path)
