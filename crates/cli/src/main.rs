@@ -43,6 +43,9 @@ enum Command {
     /// Run every online method on a testbed task with the same sample budget over seeds; writes a
     /// Table-1-style markdown table.
     CompareOnline(train_cmds::RunArgs),
+    /// RLP end to end on a testbed task: policy -> n samples per prompt -> reward model refreshed
+    /// on them (UML, SPG) -> policy again from SFT; win-rates and reward-model accuracies.
+    Rlp(train_cmds::RunArgs),
 }
 
 /// `cpu` or `cuda:N`.
@@ -168,7 +171,7 @@ fn real_main() -> Result<()> {
     let threads = cli.threads.unwrap_or_else(|| match &cli.command {
         Command::Generate(a) if rlhf_lm::available_cores() <= 2 && a.batch_size <= 8 => 1,
         // The testbed's tiny model: synchronising two threads costs more than it gains.
-        Command::Quickstart(_) | Command::CompareOnline(_) => 1,
+        Command::Quickstart(_) | Command::CompareOnline(_) | Command::Rlp(_) => 1,
         _ => rlhf_lm::available_cores(),
     });
     rlhf_lm::set_threads(threads);
@@ -180,5 +183,6 @@ fn real_main() -> Result<()> {
         Command::Testbed(a) => train_cmds::testbed(a),
         Command::Quickstart(a) => train_cmds::quickstart(a, &device),
         Command::CompareOnline(a) => train_cmds::compare_online(a, &device),
+        Command::Rlp(a) => train_cmds::rlp(a, &device),
     }
 }

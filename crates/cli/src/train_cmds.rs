@@ -83,3 +83,11 @@ pub fn compare_online(a: RunArgs, device: &Device) -> Result<()> {
     println!("{}", rlhf_recipes::compare::format_table(&report));
     Ok(())
 }
+
+pub fn rlp(a: RunArgs, device: &Device) -> Result<()> {
+    let cfg: rlhf_recipes::rlp::RlpConfig = resolved(&a)?;
+    let report = rlhf_recipes::rlp::run(&cfg, a.resume, device).context("rlp")?;
+    println!("{}", rlhf_recipes::rlp::format_report(&report));
+    println!("wrote {}", cfg.out_dir.join("report.json").display());
+    Ok(())
+}

@@ -4,7 +4,8 @@
 //!
 //! Offline: [`sft`], [`rm`] (reward model), [`dpo`] (DPO, IPO, cDPO, SimPO, ORPO), [`kto`].
 //! Online: [`reinforce`], [`rloo`], [`vanilla_pg`], [`raft`], [`grpo`], [`ppo`], and the iterative
-//! [`online_dpo`] (with self-rewarding as its self-judging preset).
+//! [`online_dpo`] (with self-rewarding as its self-judging preset). [`rlp`]: RLP's reward-model
+//! refresh on the policy's own samples (UML, SPG).
 
 pub mod dpo;
 pub mod grpo;
@@ -14,6 +15,7 @@ pub mod ppo;
 pub mod raft;
 pub mod reinforce;
 pub mod rloo;
+pub mod rlp;
 pub mod rm;
 pub mod sft;
 pub mod vanilla_pg;
@@ -22,7 +24,7 @@ use rlhf_rl::registry::Registered;
 
 /// Every method, in the order `rlhf --help` lists them. Adding a method: its file declares an
 /// `ENTRY`, and it is listed here (the command line, its help and `compare-online` follow).
-pub fn registry() -> [&'static dyn Registered; 12] {
+pub fn registry() -> [&'static dyn Registered; 13] {
     [
         &sft::ENTRY,
         &rm::ENTRY,
@@ -36,6 +38,7 @@ pub fn registry() -> [&'static dyn Registered; 12] {
         &raft::ENTRY,
         &grpo::ENTRY,
         &ppo::ENTRY,
+        &rlp::ENTRY,
     ]
 }
 

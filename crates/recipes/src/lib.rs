@@ -1,5 +1,7 @@
 //! Pipelines made of methods: the quickstart (task -> SFT -> reward model -> RLOO/PPO ->
-//! evaluation) and the comparison of online methods under one sample budget.
+//! evaluation), the comparison of online methods under one sample budget, and RLP's Algorithm 1
+//! (policy -> samples -> refreshed reward model -> policy again from SFT).
 
 pub mod compare;
 pub mod quickstart;
+pub mod rlp;
