@@ -189,10 +189,10 @@ pub struct SpgStats {
     pub all_equivalent: usize,
     pub low_confidence: usize,
     pub ties: usize,
-    /// Mean over prompts of |largest cluster| / n.
-    pub mean_confidence: f64,
-    /// Mean number of clusters per prompt.
-    pub mean_clusters: f64,
+    /// Mean over prompts of |largest cluster| / n (none for reward-ranked pairs: no clusters).
+    pub mean_confidence: Option<f64>,
+    /// Mean number of clusters per prompt (none for reward-ranked pairs).
+    pub mean_clusters: Option<f64>,
     /// Testbed: share of synthetic pairs whose chosen response has the higher gold (ties 1/2).
     pub gold_agreement: Option<f64>,
 }
@@ -315,6 +315,7 @@ pub fn synthetic_pairs(
     };
     let mut pairs = Vec::new();
     let mut agree = 0.0;
+    let (mut conf_sum, mut clusters_sum) = (0.0, 0.0);
     for (g, group) in groups.iter().enumerate() {
         let rows: Vec<(Vec<u32>, Vec<u32>)> = group
             .samples
@@ -324,8 +325,8 @@ pub fn synthetic_pairs(
         let rewards = scorer.score_raw(&rows, 64)?;
         let sel = match cfg.pairing {
             Pairing::Spg => {
-                stats.mean_confidence += spg::confidence(&clusters[g]);
-                stats.mean_clusters += clusters[g].len() as f64;
+                conf_sum += spg::confidence(&clusters[g]);
+                clusters_sum += clusters[g].len() as f64;
                 spg::select(
                     &clusters[g],
                     &rewards,
@@ -362,8 +363,10 @@ pub fn synthetic_pairs(
         }
     }
     let n = groups.len().max(1) as f64;
-    stats.mean_confidence /= n;
-    stats.mean_clusters /= n;
+    if cfg.pairing == Pairing::Spg {
+        stats.mean_confidence = Some(conf_sum / n);
+        stats.mean_clusters = Some(clusters_sum / n);
+    }
     stats.pairs = pairs.len();
     if task.is_some() && !pairs.is_empty() {
         stats.gold_agreement = Some(agree / pairs.len() as f64);
@@ -466,7 +469,7 @@ pub fn run(cfg: &RlpRmConfig, resume: bool, device: &Device) -> Result<RlpRmSumm
                 stats.low_confidence,
                 cfg.gamma,
                 stats.ties,
-                stats.mean_confidence,
+                stats.mean_confidence.unwrap_or(f64::NAN),
                 stats
                     .gold_agreement
                     .map_or(String::new(), |a| format!("; agreement with gold {a:.3}"))

@@ -494,11 +494,11 @@ pub fn format_report(r: &RlpReport) -> String {
     s.push_str("\nSynthetic pairs from the policy's samples against gold\n\n| pairing | pairs | agreement with gold | mean confidence |\n|---|---|---|---|\n");
     for a in &r.spg_ablation {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} |\n",
+            "| {} | {} | {} | {} |\n",
             a.name,
             a.stats.pairs,
             a.stats.gold_agreement.map_or("-".into(), |g| format!("{g:.3}")),
-            a.stats.mean_confidence
+            a.stats.mean_confidence.map_or("-".into(), |c| format!("{c:.3}"))
         ));
     }
     s
