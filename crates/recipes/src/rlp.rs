@@ -3,7 +3,7 @@
 //! 1. (given) the SFT policy, the reward model r_φ and the human pairs D it was trained on
 //!    (`rlhf quickstart` builds all three on the testbed);
 //! 2. `policy/`: an online method of the registry (`policy_method`, PPO by default) from SFT
-//!    against r_φ;
+//!    against r_φ, rollouts as long as the evaluation's samples (the task's limit + 2 tokens);
 //! 3. `samples.jsonl`: n = `samples_per_prompt` responses at temperature 1 from that policy for
 //!    each unlabelled prompt (the task's train prompts, the first `unlabelled_prompts` of them);
 //! 4. `rm-uml/`, `rm-spg/`: the refreshed reward models r̂ (`rlhf rlp-rm`, [`rlhf_methods::rlp`]);
@@ -170,6 +170,7 @@ fn variant_name(v: Variant) -> &'static str {
 /// Steps 2 and 5: the online method from SFT against `rm` into `dir` (skipped when finished).
 fn optimise_policy(
     cfg: &RlpConfig,
+    max_new_tokens: usize,
     rm: &Path,
     dir: &Path,
     resume: bool,
@@ -195,6 +196,7 @@ fn optimise_policy(
         format!("output_dir={}", dir.display()),
         format!("reward.model={}", rm.display()),
         format!("steps={}", cfg.policy_steps),
+        format!("rollout.max_new_tokens={max_new_tokens}"),
         format!("kl.beta={}", cfg.policy_beta),
         format!("optim.lr={}", cfg.policy_lr),
         format!("seed={}", cfg.seed),
@@ -267,7 +269,7 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
     let max_new = task.max_response_words() + 2;
 
     // Step 3: the policy optimised against r_φ.
-    let policy = optimise_policy(cfg, &cfg.rm_model, &out.join("policy"), resume, device)?;
+    let policy = optimise_policy(cfg, max_new, &cfg.rm_model, &out.join("policy"), resume, device)?;
 
     // Step 4a: n samples per unlabelled prompt from it.
     let samples_file = out.join("samples.jsonl");
@@ -352,7 +354,7 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
     let mut policies: Vec<(String, PathBuf)> = vec![(cfg.policy_method.clone(), policy.clone())];
     for (v, rm) in &refreshed {
         let dir = out.join(format!("policy-{}", variant_name(*v)));
-        let p = optimise_policy(cfg, rm, &dir, resume, device)?;
+        let p = optimise_policy(cfg, max_new, rm, &dir, resume, device)?;
         policies.push((format!("rlp-{}", variant_name(*v)), p));
     }
 
