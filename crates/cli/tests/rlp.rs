@@ -65,7 +65,10 @@ fn killed_run_resumes(variant: &str) {
     assert!(!root.join("killed/model").exists());
     let (ok, err) = train(&root, &["rlp-rm"], &set("killed"), None, true);
     assert!(ok, "{err}");
-    assert!(err.contains("resuming from") && err.contains("step-3"), "{err}");
+    assert!(
+        err.contains("resuming from") && err.contains("step-3"),
+        "{err}"
+    );
     let full = metrics(&root.join("full/metrics.jsonl"));
     assert!(full.len() >= 8, "{full:?}");
     assert_eq!(full, metrics(&root.join("killed/metrics.jsonl")));
@@ -74,8 +77,14 @@ fn killed_run_resumes(variant: &str) {
     assert!(a == b, "resumed weights differ from the uninterrupted run");
     if variant == "spg" {
         let s = std::fs::read_to_string(root.join("full/spg_pairs.jsonl")).unwrap();
-        assert!(!s.is_empty(), "no synthetic pairs: the test would not exercise SPG");
-        assert_eq!(s, std::fs::read_to_string(root.join("killed/spg_pairs.jsonl")).unwrap());
+        assert!(
+            !s.is_empty(),
+            "no synthetic pairs: the test would not exercise SPG"
+        );
+        assert_eq!(
+            s,
+            std::fs::read_to_string(root.join("killed/spg_pairs.jsonl")).unwrap()
+        );
     } else {
         assert!(full.iter().any(|m| m.get("mib/skl").is_some()));
     }
@@ -103,5 +112,8 @@ fn rlp_pipeline_names_missing_inputs() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("sft_model") && err.contains("quickstart"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("sft_model") && err.contains("quickstart"),
+        "{err}"
+    );
 }

@@ -276,7 +276,11 @@ fn policy_samples(
 
 /// UML's view pairs: per prompt, `views_per_prompt` seeded draws of two samples with different
 /// texts (prompts whose samples are all the same text give none).
-pub fn view_pairs(groups: &[SampleGroup], per_prompt: usize, seed: u64) -> Vec<(usize, usize, usize)> {
+pub fn view_pairs(
+    groups: &[SampleGroup],
+    per_prompt: usize,
+    seed: u64,
+) -> Vec<(usize, usize, usize)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(stream_seed(seed, "views"));
     let mut out = Vec::new();
     for (g, group) in groups.iter().enumerate() {
@@ -296,12 +300,15 @@ pub fn view_pairs(groups: &[SampleGroup], per_prompt: usize, seed: u64) -> Vec<(
     out
 }
 
+/// Turns (prompt, response) text into (prompt ids, response ids) for the scorer.
+pub type Encode<'a> = dyn Fn(&str, &str) -> Result<(Vec<u32>, Vec<u32>)> + 'a;
+
 /// SPG's synthetic pairs (text) with its statistics.
 pub fn synthetic_pairs(
     cfg: &RlpRmConfig,
     groups: &[SampleGroup],
     scorer: &RewardModel,
-    encode: &dyn Fn(&str, &str) -> Result<(Vec<u32>, Vec<u32>)>,
+    encode: &Encode,
     task: Option<&dyn Task>,
 ) -> Result<(Vec<LabelledPair>, SpgStats)> {
     let entail = spg::Entailment::from_config(&cfg.equivalence, task)?;
@@ -342,7 +349,10 @@ pub fn synthetic_pairs(
             } => {
                 let (c, r) = (&group.samples[chosen], &group.samples[rejected]);
                 if let Some(t) = task {
-                    let (a, b) = (t.gold(&group.prompt, c.trim()), t.gold(&group.prompt, r.trim()));
+                    let (a, b) = (
+                        t.gold(&group.prompt, c.trim()),
+                        t.gold(&group.prompt, r.trim()),
+                    );
                     agree += if a > b {
                         1.0
                     } else if a == b {
@@ -376,9 +386,15 @@ pub fn synthetic_pairs(
 
 fn score_pairs(rm: &RewardModel, pairs: &[PairIds]) -> Result<(f64, f64)> {
     let side = |f: fn(&PairIds) -> &Vec<u32>| -> Vec<(Vec<u32>, Vec<u32>)> {
-        pairs.iter().map(|p| (p.prompt.clone(), f(p).clone())).collect()
+        pairs
+            .iter()
+            .map(|p| (p.prompt.clone(), f(p).clone()))
+            .collect()
     };
-    let (c, r) = (rm.score_raw(&side(|p| &p.chosen), 32)?, rm.score_raw(&side(|p| &p.rejected), 32)?);
+    let (c, r) = (
+        rm.score_raw(&side(|p| &p.chosen), 32)?,
+        rm.score_raw(&side(|p| &p.rejected), 32)?,
+    );
     let n = pairs.len().max(1) as f64;
     let acc = c.iter().zip(&r).filter(|(a, b)| a > b).count() as f64 / n;
     let loss = c
@@ -415,10 +431,19 @@ pub fn run(cfg: &RlpRmConfig, resume: bool, device: &Device) -> Result<RlpRmSumm
         let h = lm.config.hidden_size;
         let shape = HeadShape {
             input: h,
-            width: if cfg.head_width == 0 { h } else { cfg.head_width },
+            width: if cfg.head_width == 0 {
+                h
+            } else {
+                cfg.head_width
+            },
             z_dim: cfg.z_dim,
         };
-        mib::add_heads(&mut weights, shape, stream_seed(cfg.fit.seed, "mibinit"), device)?;
+        mib::add_heads(
+            &mut weights,
+            shape,
+            stream_seed(cfg.fit.seed, "mibinit"),
+            device,
+        )?;
     }
     let lm = TrainableLm {
         params: rlhf_lm::llama::Trainable::new(&weights)?,

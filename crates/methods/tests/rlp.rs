@@ -111,15 +111,28 @@ fn spg_pairs_on_hand_made_samples() {
     let (pairs, stats) =
         rlp::synthetic_pairs(&cfg, &groups(), &rm, &encode, Some(task.as_ref())).unwrap();
     assert_eq!(
-        (stats.prompts, stats.pairs, stats.all_equivalent, stats.low_confidence, stats.ties),
+        (
+            stats.prompts,
+            stats.pairs,
+            stats.all_equivalent,
+            stats.low_confidence,
+            stats.ties
+        ),
         (4, 2, 1, 1, 0)
     );
     // Mean confidence (0.5 + 1 + 0.5 + 1/3) / 4; clusters (3 + 1 + 3 + 3) / 4.
     assert!((stats.mean_confidence.unwrap() - (2.0 + 1.0 / 3.0) / 4.0).abs() < 1e-12);
     assert!((stats.mean_clusters.unwrap() - 2.5).abs() < 1e-12);
-    let score = |p: &str, c: &str| rm.score_raw(&[lm.encode(p, c, true, 48).unwrap()], 1).unwrap()[0];
+    let score = |p: &str, c: &str| {
+        rm.score_raw(&[lm.encode(p, c, true, 48).unwrap()], 1)
+            .unwrap()[0]
+    };
     fn pick<'a>(better: bool, a: &'a str, b: &'a str) -> &'a str {
-        if better { b } else { a }
+        if better {
+            b
+        } else {
+            a
+        }
     }
     let best = |p: &str, a: &'static str, b: &'static str| pick(score(p, b) > score(p, a), a, b);
     assert_eq!(pairs[0].prompt, P[0]);
@@ -131,12 +144,23 @@ fn spg_pairs_on_hand_made_samples() {
     // Gold agreement is reported, in [0, 1], counting what gold says of these two pairs.
     let g = |p: &str, a: &str, b: &str| {
         let (x, y) = (task.gold(p, a), task.gold(p, b));
-        if x > y { 1.0 } else if x == y { 0.5 } else { 0.0 }
+        if x > y {
+            1.0
+        } else if x == y {
+            0.5
+        } else {
+            0.0
+        }
     };
-    let want = (g(P[0], &pairs[0].chosen, &pairs[0].rejected) + g(P[2], &pairs[1].chosen, &pairs[1].rejected)) / 2.0;
+    let want = (g(P[0], &pairs[0].chosen, &pairs[0].rejected)
+        + g(P[2], &pairs[1].chosen, &pairs[1].rejected))
+        / 2.0;
     assert_eq!(stats.gold_agreement, Some(want));
     // γ = 0 (select-all) adds the low-confidence prompt; the all-equivalent one stays out.
-    let all = RlpRmConfig { gamma: 0.0, ..cfg.clone() };
+    let all = RlpRmConfig {
+        gamma: 0.0,
+        ..cfg.clone()
+    };
     let (_, s0) = rlp::synthetic_pairs(&all, &groups(), &rm, &encode, Some(task.as_ref())).unwrap();
     assert_eq!((s0.pairs, s0.all_equivalent, s0.low_confidence), (3, 1, 0));
     // Reward-ranked: a pair for every prompt with two different texts.
@@ -147,13 +171,24 @@ fn spg_pairs_on_hand_made_samples() {
     let (p2, s2) = rlp::synthetic_pairs(&rr, &groups(), &rm, &encode, Some(task.as_ref())).unwrap();
     assert_eq!((s2.pairs, s2.mean_confidence), (4, None));
     for (pair, group) in p2.iter().zip(groups()) {
-        let scores: Vec<f64> = group.samples.iter().map(|s| score(&group.prompt, s)).collect();
+        let scores: Vec<f64> = group
+            .samples
+            .iter()
+            .map(|s| score(&group.prompt, s))
+            .collect();
         let max = scores.iter().cloned().fold(f64::MIN, f64::max);
         assert_eq!(score(&group.prompt, &pair.chosen), max);
     }
     // The whole run trains on the 6 human + 2 synthetic pairs and writes them.
     let summary = rlp::run(&cfg, false, &CPU).unwrap();
-    assert_eq!((summary.human_pairs, summary.synthetic_pairs, summary.view_pairs), (6, 2, 0));
+    assert_eq!(
+        (
+            summary.human_pairs,
+            summary.synthetic_pairs,
+            summary.view_pairs
+        ),
+        (6, 2, 0)
+    );
     assert_eq!(summary.steps, 4); // 8 pairs, batches of 4, 2 epochs
     let written = std::fs::read_to_string(root.join("out/spg_pairs.jsonl")).unwrap();
     assert_eq!(written.lines().count(), 2);
@@ -184,7 +219,10 @@ fn uml_runs_are_deterministic_and_save_a_plain_reward_model() {
     assert!(saved.weights.contains_key("score.weight"));
     let b = rlp::run(&cfg, false, &CPU).unwrap();
     assert_eq!(m1, metrics(&root.join("out/metrics.jsonl")));
-    assert_eq!(w1, std::fs::read(root.join("out/model/model.safetensors")).unwrap());
+    assert_eq!(
+        w1,
+        std::fs::read(root.join("out/model/model.safetensors")).unwrap()
+    );
     assert_eq!(a.train_accuracy, b.train_accuracy);
     // λ = 0 trains the same trunk as BT alone would: the MIB term changes the weights.
     let plain = RlpRmConfig {
@@ -192,7 +230,10 @@ fn uml_runs_are_deterministic_and_save_a_plain_reward_model() {
         ..cfg.clone()
     };
     rlp::run(&plain, false, &CPU).unwrap();
-    assert_ne!(w1, std::fs::read(root.join("out/model/model.safetensors")).unwrap());
+    assert_ne!(
+        w1,
+        std::fs::read(root.join("out/model/model.safetensors")).unwrap()
+    );
 }
 
 #[test]
@@ -225,7 +266,11 @@ fn bad_configurations_are_clear_errors() {
         ..cfg.clone()
     })
     .contains("lambda"));
-    std::fs::write(root.join("bad.jsonl"), "{\"prompt\": \"x\", \"samples\": [\"a\"]}\n{\"prompt\": 3}\n").unwrap();
+    std::fs::write(
+        root.join("bad.jsonl"),
+        "{\"prompt\": \"x\", \"samples\": [\"a\"]}\n{\"prompt\": 3}\n",
+    )
+    .unwrap();
     let e = err(RlpRmConfig {
         samples_file: Some(root.join("bad.jsonl")),
         ..cfg.clone()

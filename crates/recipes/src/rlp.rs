@@ -226,7 +226,14 @@ fn sample_pairs(
         .iter()
         .flat_map(|p| [p.clone(), p.clone()])
         .collect();
-    Ok(sample(model, &lm.tokenizer, lm.pad_id, &doubled, params, 64)?)
+    Ok(sample(
+        model,
+        &lm.tokenizer,
+        lm.pad_id,
+        &doubled,
+        params,
+        64,
+    )?)
 }
 
 fn rm_accuracy(rm: &RewardModel, pairs: &[Generated], task: &dyn Task) -> Result<(f64, usize)> {
@@ -237,7 +244,12 @@ fn rm_accuracy(rm: &RewardModel, pairs: &[Generated], task: &dyn Task) -> Result
     let s = rm.score_raw(&rows, 64)?;
     let gold: Vec<(f64, f64)> = pairs
         .chunks(2)
-        .map(|p| (task.gold(&p[0].prompt, &p[0].completion), task.gold(&p[1].prompt, &p[1].completion)))
+        .map(|p| {
+            (
+                task.gold(&p[0].prompt, &p[0].completion),
+                task.gold(&p[1].prompt, &p[1].completion),
+            )
+        })
         .collect();
     let scores: Vec<(f64, f64)> = s.chunks(2).map(|c| (c[0], c[1])).collect();
     let c = clean_accuracy(&gold, &scores)?;
@@ -246,15 +258,23 @@ fn rm_accuracy(rm: &RewardModel, pairs: &[Generated], task: &dyn Task) -> Result
 
 pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> {
     if cfg.variants.is_empty() {
-        return Err(TrainError::invalid("variants: name at least one of uml, spg"));
+        return Err(TrainError::invalid(
+            "variants: name at least one of uml, spg",
+        ));
     }
     if cfg.rm_init != "sft" && cfg.rm_init != "rm" {
         return Err(TrainError::invalid("rm_init must be \"sft\" or \"rm\""));
     }
     if cfg.eval_prompts == 0 || cfg.unlabelled_prompts == 0 {
-        return Err(TrainError::invalid("eval_prompts and unlabelled_prompts must be >= 1"));
+        return Err(TrainError::invalid(
+            "eval_prompts and unlabelled_prompts must be >= 1",
+        ));
     }
-    for (what, p) in [("sft_model", &cfg.sft_model), ("rm_model", &cfg.rm_model), ("prefs_file", &cfg.prefs_file)] {
+    for (what, p) in [
+        ("sft_model", &cfg.sft_model),
+        ("rm_model", &cfg.rm_model),
+        ("prefs_file", &cfg.prefs_file),
+    ] {
         if !p.exists() {
             return Err(TrainError::invalid(format!(
                 "{what} {} does not exist (run `rlhf quickstart` first, or point it elsewhere)",
@@ -269,7 +289,14 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
     let max_new = task.max_response_words() + 2;
 
     // Step 3: the policy optimised against r_φ.
-    let policy = optimise_policy(cfg, max_new, &cfg.rm_model, &out.join("policy"), resume, device)?;
+    let policy = optimise_policy(
+        cfg,
+        max_new,
+        &cfg.rm_model,
+        &out.join("policy"),
+        resume,
+        device,
+    )?;
 
     // Step 4a: n samples per unlabelled prompt from it.
     let samples_file = out.join("samples.jsonl");
@@ -295,7 +322,15 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
             eos_token_ids: policy_lm.eos_ids.clone(),
             ..Default::default()
         };
-        let g = sample_groups(&policy_lm, &prompts, cfg.samples_per_prompt, &params, 256, 64, device)?;
+        let g = sample_groups(
+            &policy_lm,
+            &prompts,
+            cfg.samples_per_prompt,
+            &params,
+            256,
+            64,
+            device,
+        )?;
         write_groups(&samples_file, &g)?;
         g
     };
@@ -338,11 +373,15 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
         let summary_path = dir.join("summary.json");
         let summary: RlpRmSummary = if resume && summary_path.exists() {
             eprintln!("== {}: done", dir.display());
-            let text =
-                std::fs::read_to_string(&summary_path).map_err(|e| TrainError::io(&summary_path, e))?;
-            serde_json::from_str(&text).map_err(|e| TrainError::bad_file(&summary_path, e.to_string()))?
+            let text = std::fs::read_to_string(&summary_path)
+                .map_err(|e| TrainError::io(&summary_path, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| TrainError::bad_file(&summary_path, e.to_string()))?
         } else {
-            eprintln!("== RLP-{}: refreshing the reward model", variant_name(v).to_uppercase());
+            eprintln!(
+                "== RLP-{}: refreshing the reward model",
+                variant_name(v).to_uppercase()
+            );
             let resume_stage = resume && dir.join("config.toml").exists();
             rlp_rm::run(&c, resume_stage, device)?
         };
@@ -375,21 +414,42 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
         eos_token_ids: sft_lm.eos_ids.clone(),
         ..Default::default()
     };
-    let reference = sample(&sft, &sft_lm.tokenizer, sft_lm.pad_id, &eval_prompts, &params("evalref"), 64)?;
+    let reference = sample(
+        &sft,
+        &sft_lm.tokenizer,
+        sft_lm.pad_id,
+        &eval_prompts,
+        &params("evalref"),
+        64,
+    )?;
     let gold = |p: &str, r: &str| task.gold(p, r);
     let judges = Judges {
         gold: Some(&gold),
         reward_model: None,
     };
     let mut rows = Vec::new();
-    let sft_again = sample(&sft, &sft_lm.tokenizer, sft_lm.pad_id, &eval_prompts, &params("evalsft"), 64)?;
+    let sft_again = sample(
+        &sft,
+        &sft_lm.tokenizer,
+        sft_lm.pad_id,
+        &eval_prompts,
+        &params("evalsft"),
+        64,
+    )?;
     rows.push(PolicyRow {
         name: "sft".into(),
         report: judge(&sft_again, &reference, &judges, None)?,
     });
     for (name, dir) in &policies {
         let model = TrainableLm::load(dir, device)?.model(device)?.detached();
-        let samples = sample(&model, &sft_lm.tokenizer, sft_lm.pad_id, &eval_prompts, &params("evalpol"), 64)?;
+        let samples = sample(
+            &model,
+            &sft_lm.tokenizer,
+            sft_lm.pad_id,
+            &eval_prompts,
+            &params("evalpol"),
+            64,
+        )?;
         let report = judge(
             &samples,
             &reference,
@@ -408,11 +468,21 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
     }
     let policy_model = policy_lm.model(device)?.detached();
     let pair_sets = [
-        ("sft", sample_pairs(&sft, &sft_lm, &eval_prompts, &params("accsft"))?),
-        ("policy", sample_pairs(&policy_model, &sft_lm, &eval_prompts, &params("accpol"))?),
+        (
+            "sft",
+            sample_pairs(&sft, &sft_lm, &eval_prompts, &params("accsft"))?,
+        ),
+        (
+            "policy",
+            sample_pairs(&policy_model, &sft_lm, &eval_prompts, &params("accpol"))?,
+        ),
     ];
     let mut rms: Vec<(String, PathBuf)> = vec![("rm".into(), cfg.rm_model.clone())];
-    rms.extend(refreshed.iter().map(|(v, p)| (format!("rm-{}", variant_name(*v)), p.clone())));
+    rms.extend(
+        refreshed
+            .iter()
+            .map(|(v, p)| (format!("rm-{}", variant_name(*v)), p.clone())),
+    );
     let mut rm_acc = Vec::new();
     for (name, path) in &rms {
         let rm = RewardModel::load(path, device)?;
@@ -429,9 +499,14 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
     // SPG's synthetic pairs against gold: SPG, select-all (γ = 0), reward-ranked.
     let mut spg_ablation = Vec::new();
     let scorer = RewardModel::load(&cfg.rm_model, device)?;
-    let encode = |p: &str, c: &str| -> Result<(Vec<u32>, Vec<u32>)> { Ok(sft_lm.encode(p, c, true, 64)?) };
+    let encode =
+        |p: &str, c: &str| -> Result<(Vec<u32>, Vec<u32>)> { Ok(sft_lm.encode(p, c, true, 64)?) };
     for (name, gamma, pairing) in [
-        (format!("rlp-spg (gamma {})", cfg.gamma), cfg.gamma, Pairing::Spg),
+        (
+            format!("rlp-spg (gamma {})", cfg.gamma),
+            cfg.gamma,
+            Pairing::Spg,
+        ),
         ("select-all (gamma 0)".to_string(), 0.0, Pairing::Spg),
         ("reward-ranked".to_string(), 0.0, Pairing::RewardRanked),
     ] {
@@ -455,7 +530,9 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
     let path = out.join("report.json");
     rlhf_train::run::write_atomic(
         &path,
-        serde_json::to_string_pretty(&report).expect("serialisable").as_bytes(),
+        serde_json::to_string_pretty(&report)
+            .expect("serialisable")
+            .as_bytes(),
     )?;
     let md = out.join("report.md");
     rlhf_train::run::write_atomic(&md, format_report(&report).as_bytes())?;
@@ -482,14 +559,20 @@ pub fn format_report(r: &RlpReport) -> String {
         ));
     }
     s.push_str("\nReward-model pairwise accuracy against gold (pairs of two samples per eval prompt; gold ties left out)\n\n| reward model | on SFT samples | on policy samples |\n|---|---|---|\n");
-    let mut names: Vec<&str> = r.rm_accuracy.iter().map(|a| a.reward_model.as_str()).collect();
+    let mut names: Vec<&str> = r
+        .rm_accuracy
+        .iter()
+        .map(|a| a.reward_model.as_str())
+        .collect();
     names.dedup();
     for n in names {
         let get = |which: &str| {
             r.rm_accuracy
                 .iter()
                 .find(|a| a.reward_model == n && a.samples == which)
-                .map_or("-".into(), |a| format!("{:.3} ({} pairs)", a.accuracy, a.pairs))
+                .map_or("-".into(), |a| {
+                    format!("{:.3} ({} pairs)", a.accuracy, a.pairs)
+                })
         };
         s.push_str(&format!("| {n} | {} | {} |\n", get("sft"), get("policy")));
     }
@@ -499,8 +582,12 @@ pub fn format_report(r: &RlpReport) -> String {
             "| {} | {} | {} | {} |\n",
             a.name,
             a.stats.pairs,
-            a.stats.gold_agreement.map_or("-".into(), |g| format!("{g:.3}")),
-            a.stats.mean_confidence.map_or("-".into(), |c| format!("{c:.3}"))
+            a.stats
+                .gold_agreement
+                .map_or("-".into(), |g| format!("{g:.3}")),
+            a.stats
+                .mean_confidence
+                .map_or("-".into(), |c| format!("{c:.3}"))
         ));
     }
     s

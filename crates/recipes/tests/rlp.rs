@@ -93,13 +93,19 @@ fn rlp_pipeline_runs_every_stage_and_resumes_finished() {
     assert_eq!(samples.len(), 4);
     assert!(samples.iter().all(|g| g.samples.len() == 4));
     for d in ["policy", "rm-uml", "rm-spg", "policy-uml", "policy-spg"] {
-        assert!(cfg.out_dir.join(d).join("model/config.json").exists(), "{d}");
+        assert!(
+            cfg.out_dir.join(d).join("model/config.json").exists(),
+            "{d}"
+        );
     }
     let first = std::fs::read_to_string(cfg.out_dir.join("report.json")).unwrap();
     // A finished pipeline resumed: every stage is skipped and the report is the same.
     let policy_weights = std::fs::read(cfg.out_dir.join("policy/model/model.safetensors")).unwrap();
     run(&cfg, true, &Device::Cpu).unwrap();
-    assert_eq!(first, std::fs::read_to_string(cfg.out_dir.join("report.json")).unwrap());
+    assert_eq!(
+        first,
+        std::fs::read_to_string(cfg.out_dir.join("report.json")).unwrap()
+    );
     assert_eq!(
         policy_weights,
         std::fs::read(cfg.out_dir.join("policy/model/model.safetensors")).unwrap()

@@ -43,8 +43,11 @@ pub fn sample_groups(
 pub fn write_groups(path: &Path, groups: &[SampleGroup]) -> Result<()> {
     let mut text = Vec::new();
     for g in groups {
-        serde_json::to_writer(&mut text, &serde_json::json!({"prompt": g.prompt, "samples": g.samples}))
-            .expect("serialisable");
+        serde_json::to_writer(
+            &mut text,
+            &serde_json::json!({"prompt": g.prompt, "samples": g.samples}),
+        )
+        .expect("serialisable");
         text.write_all(b"\n").expect("in memory");
     }
     rlhf_train::run::write_atomic(path, &text)

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rlhf_data::testbed::{normalised_text, task_by_name};
 use rlhf_rl::mib::{self, js_mi, symmetric_kl, GaussianHeads, HeadShape};
 use rlhf_rl::spg::{
-    self, cluster, confidence, largest, reward_ranked, select, EquivalenceConfig,
-    EquivalenceKind, Entailment, SampleGroup, Selection,
+    self, cluster, confidence, largest, reward_ranked, select, Entailment, EquivalenceConfig,
+    EquivalenceKind, SampleGroup, Selection,
 };
 
 const CPU: Device = Device::Cpu;
@@ -36,7 +36,9 @@ fn symmetric_kl_of_diagonal_gaussians_by_hand() {
     assert!((skl[0] - 1.0625).abs() < 1e-12, "{skl:?}");
     assert!(skl[1].abs() < 1e-12, "{skl:?}");
     // The same from the definition KL = ½ Σ [ln(σ2²/σ1²) + (σ1² + Δ²)/σ2² − 1].
-    let kl = |m1: f64, v1: f64, m2: f64, v2: f64| 0.5 * ((v2 / v1).ln() + (v1 + (m1 - m2).powi(2)) / v2 - 1.0);
+    let kl = |m1: f64, v1: f64, m2: f64, v2: f64| {
+        0.5 * ((v2 / v1).ln() + (v1 + (m1 - m2).powi(2)) / v2 - 1.0)
+    };
     let want = 0.5 * (kl(0.0, 1.0, 1.0, 2.0) + kl(1.0, 2.0, 0.0, 1.0))
         + 0.5 * (kl(0.0, 4.0, 0.0, 1.0) + kl(0.0, 1.0, 0.0, 4.0));
     assert!((skl[0] - want).abs() < 1e-12, "{} vs {want}", skl[0]);
@@ -109,10 +111,28 @@ fn mib_loss_gradients_match_finite_differences() {
     };
     let b = 3;
     let base = f64_heads(shape, 7);
-    let h1 = Var::from_tensor(&mib::gaussian_noise(b, 4, 11, &CPU).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
-    let h2 = Var::from_tensor(&mib::gaussian_noise(b, 4, 12, &CPU).unwrap().to_dtype(DType::F64).unwrap()).unwrap();
-    let e1 = mib::gaussian_noise(b, 2, 13, &CPU).unwrap().to_dtype(DType::F64).unwrap();
-    let e2 = mib::gaussian_noise(b, 2, 14, &CPU).unwrap().to_dtype(DType::F64).unwrap();
+    let h1 = Var::from_tensor(
+        &mib::gaussian_noise(b, 4, 11, &CPU)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap(),
+    )
+    .unwrap();
+    let h2 = Var::from_tensor(
+        &mib::gaussian_noise(b, 4, 12, &CPU)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap(),
+    )
+    .unwrap();
+    let e1 = mib::gaussian_noise(b, 2, 13, &CPU)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let e2 = mib::gaussian_noise(b, 2, 14, &CPU)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let critic = Var::from_tensor(&base[mib::CRITIC]).unwrap();
     let w_mu = Var::from_tensor(&base["mib.mu.0.weight"]).unwrap();
     let w_lv = Var::from_tensor(&base["mib.logvar.2.weight"]).unwrap();
@@ -137,8 +157,19 @@ fn mib_loss_gradients_match_finite_differences() {
     let eps = 1e-6;
     let mut checked = 0;
     for (which, var) in [(0, &h1), (1, &h2), (2, &critic), (3, &w_mu), (4, &w_lv)] {
-        let g = grads.get(var.as_tensor()).expect("a gradient").flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let x = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .expect("a gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let x = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let dims = var.as_tensor().dims().to_vec();
         for k in 0..x.len() {
             let shifted = |d: f64| {
@@ -178,8 +209,18 @@ fn heads_are_seeded_and_stripped() {
         width: 3,
         z_dim: 2,
     };
-    let (a, b, c) = (f64_heads(shape, 3), f64_heads(shape, 3), f64_heads(shape, 4));
-    let v = |w: &HashMap<String, Tensor>| w["mib.mu.1.weight"].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let (a, b, c) = (
+        f64_heads(shape, 3),
+        f64_heads(shape, 3),
+        f64_heads(shape, 4),
+    );
+    let v = |w: &HashMap<String, Tensor>| {
+        w["mib.mu.1.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
     assert_eq!(v(&a), v(&b));
     assert_ne!(v(&a), v(&c));
     assert_eq!(a.len(), 2 * 3 * 2 + 1);
@@ -257,7 +298,12 @@ fn all_equivalent_is_skipped_and_ties_go_to_the_earliest_cluster() {
     assert_eq!(clusters, vec![vec![0, 3], vec![1, 2]]);
     assert_eq!(largest(&clusters), Some(0));
     // Reward ties inside the cluster: the first member.
-    match select(&clusters, &[1.0, 9.0, 9.0, 1.0], 0.5, &mut spg::prompt_rng(0, 0)) {
+    match select(
+        &clusters,
+        &[1.0, 9.0, 9.0, 1.0],
+        0.5,
+        &mut spg::prompt_rng(0, 0),
+    ) {
         Selection::Pair {
             chosen, rejected, ..
         } => {
@@ -333,13 +379,19 @@ fn entailment_from_config() {
         samples: vec!["2".into(), "3".into(), "2 =".into(), "2".into()],
     }];
     let e = Entailment::from_config(&EquivalenceConfig::default(), Some(arith.as_ref())).unwrap();
-    assert_eq!(e.cluster_all(&groups).unwrap(), vec![vec![vec![0, 2, 3], vec![1]]]);
+    assert_eq!(
+        e.cluster_all(&groups).unwrap(),
+        vec![vec![vec![0, 2, 3], vec![1]]]
+    );
     let text = EquivalenceConfig {
         kind: EquivalenceKind::Text,
         ..Default::default()
     };
     let e = Entailment::from_config(&text, None).unwrap();
-    assert_eq!(e.cluster_all(&groups).unwrap(), vec![vec![vec![0, 3], vec![1], vec![2]]]);
+    assert_eq!(
+        e.cluster_all(&groups).unwrap(),
+        vec![vec![vec![0, 3], vec![1], vec![2]]]
+    );
     let err = |c: EquivalenceConfig| match Entailment::from_config(&c, None) {
         Err(e) => e.to_string(),
         Ok(_) => panic!("accepted"),
@@ -392,6 +444,9 @@ fn external_nli_command() {
     assert_eq!(clusters, vec![vec![vec![0, 1, 2]]]);
     let sent = std::fs::read_to_string(&log).unwrap();
     // (0,1), (1,0), (1,2), (2,1): four premise/hypothesis pairs, prompt prepended.
-    assert!(sent.contains("\"prompts\":[\"q a\",\"q b\",\"q b\",\"q a\"]"), "{sent}");
+    assert!(
+        sent.contains("\"prompts\":[\"q a\",\"q b\",\"q b\",\"q a\"]"),
+        "{sent}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
