@@ -8,7 +8,8 @@
 //!
 //! - **RLP-UML** (`variant = "uml"`): D̂ = ∅ and L_M is the multi-view information bottleneck over
 //!   two responses y1 ≠ y2 of one prompt ([`rlhf_rl::mib`]: Gaussian heads on the last-token
-//!   hidden state, bilinear JS critic with in-batch negatives, closed-form symmetric KL); λ = 0.5.
+//!   hidden state, JS critic (bilinear, or cosine) with in-batch negatives, closed-form symmetric
+//!   KL); λ = 0.5.
 //! - **RLP-SPG** (`variant = "spg"`): λ = 0 and D̂ = the synthetic pairs of
 //!   [`rlhf_rl::spg`]: cluster each prompt's samples by meaning, keep it when the largest cluster
 //!   holds ≥ γ of them (not all), chosen = that cluster's highest-reward member under the reward
@@ -49,6 +50,13 @@ use rlhf_rl::registry::{Entry, Family};
 use rlhf_rl::reward::{self, RewardModel, HEAD};
 use rlhf_rl::spg::{self, EquivalenceConfig, Pairing, Selection};
 use rlhf_rl::trainer::Trainer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CriticKind {
+    Bilinear,
+    Cosine,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -99,6 +107,10 @@ pub struct RlpRmConfig {
     pub head_width: usize,
     /// UML: view pairs (two distinct samples) per prompt.
     pub views_per_prompt: usize,
+    /// UML: the JS estimator's critic: bilinear (aᵀWb, trainable W) | cosine (cos(a, b) / critic_temperature).
+    pub critic: CriticKind,
+    /// UML: temperature of the cosine critic.
+    pub critic_temperature: f64,
     /// SPG: keep a prompt when its largest cluster holds at least this share of its samples.
     pub gamma: f64,
     /// SPG: spg | reward_ranked.
@@ -130,6 +142,8 @@ impl Default for RlpRmConfig {
             z_dim: 32,
             head_width: 0,
             views_per_prompt: 1,
+            critic: CriticKind::Bilinear,
+            critic_temperature: 0.5,
             gamma: 0.5,
             pairing: Pairing::Spg,
             equivalence: EquivalenceConfig::default(),
@@ -170,6 +184,9 @@ impl RlpRmConfig {
         }
         if self.variant == Variant::Uml && (self.z_dim == 0 || self.views_per_prompt == 0) {
             return bad("uml: z_dim and views_per_prompt must be >= 1");
+        }
+        if !(self.critic_temperature.is_finite() && self.critic_temperature > 0.0) {
+            return bad("critic_temperature must be > 0");
         }
         if !(self.gamma.is_finite() && (0.0..=1.0).contains(&self.gamma)) {
             return bad("gamma must be in [0, 1]");
@@ -527,6 +544,12 @@ pub fn run(cfg: &RlpRmConfig, resume: bool, device: &Device) -> Result<RlpRmSumm
     let plan = cfg.fit.plan("RLP reward model", eval.is_some());
     let mut trainer = cfg.fit.start(&plan, np + nv, cfg, &lm, resume)?;
     let noise_stream = stream_seed(cfg.fit.seed, "mibnoise");
+    let critic = match cfg.critic {
+        CriticKind::Bilinear => mib::Critic::Bilinear,
+        CriticKind::Cosine => mib::Critic::Cosine {
+            temperature: cfg.critic_temperature,
+        },
+    };
     let loss = |lm: &TrainableLm, batch: &[usize], part: &[usize]| {
         let (bp, bv) = (
             batch.iter().filter(|&&i| i < np).count(),
@@ -547,7 +570,7 @@ pub fn run(cfg: &RlpRmConfig, resume: bool, device: &Device) -> Result<RlpRmSumm
         let noise_seed = part.iter().fold(noise_stream, |h, &i| {
             h.rotate_left(7) ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
         });
-        let out = mib::rlp_parts(lm, &part_pairs, &part_views, noise_seed, device)?;
+        let out = mib::rlp_parts(lm, &part_pairs, &part_views, critic, noise_seed, device)?;
         let mut total: Option<candle_core::Tensor> = None;
         let mut metrics = Vec::new();
         if let Some(bt) = out.bt {

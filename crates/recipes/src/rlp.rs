@@ -86,6 +86,8 @@ pub struct RlpConfig {
     pub rm_batch_size: usize,
     /// UML's λ.
     pub lambda: f64,
+    /// UML's critic: bilinear | cosine.
+    pub critic: rlhf_methods::rlp::CriticKind,
     /// SPG's γ.
     pub gamma: f64,
     /// Eval prompts (the task's eval split) for win-rates and reward-model accuracies.
@@ -118,6 +120,7 @@ impl Default for RlpConfig {
             rm_lr: 1e-3,
             rm_batch_size: 32,
             lambda: 0.5,
+            critic: rlhf_methods::rlp::CriticKind::Bilinear,
             gamma: 0.5,
             eval_prompts: 200,
             eval_temperature: 1.0,
@@ -345,6 +348,7 @@ pub fn run(cfg: &RlpConfig, resume: bool, device: &Device) -> Result<RlpReport> 
         task: Some(cfg.task.clone()),
         task_seed: cfg.task_seed,
         lambda: cfg.lambda,
+        critic: cfg.critic,
         gamma: cfg.gamma,
         samples_per_prompt: cfg.samples_per_prompt,
         fit: FitConfig {

@@ -8,6 +8,7 @@
 //! μ_i, s_i  = MLP_μ(h_i), MLP_s(h_i)                 (3 layers each, tanh between; s = log σ²)
 //! z_i       = μ_i + exp(s_i / 2) ⊙ ε_i,  ε_i ~ N(0, I) (reparameterised, seeded)
 //! T(a, b)   = aᵀ W b                                  (bilinear critic, W initialised to I / √k)
+//!           or cos(a, b) / τ                          (cosine critic, `Critic::Cosine`)
 //! Î_JS      = mean_i [−softplus(−T(z1_i, z2_i))] − mean_{i≠j} [softplus(T(z1_i, z2_j))]
 //! D_SKL     = ½ [KL(p1‖p2) + KL(p2‖p1)]
 //!           = ¼ Σ_k [ (σ1² + (μ1−μ2)²)/σ2² + (σ2² + (μ1−μ2)²)/σ1² − 2 ]   (closed form)
@@ -19,7 +20,12 @@
 //! hidden state is the one the scalar reward head reads (last real token, after the final norm);
 //! the reward head keeps reading h, not z (the bottleneck shapes the trunk through the encoder's
 //! gradients, and the refreshed model stays an ordinary reward model); z is sampled in the MI term
-//! and the SKL uses the closed form of the two posteriors; the critic is bilinear.
+//! and the SKL uses the closed form of the two posteriors; the critic is bilinear by default.
+//!
+//! The cosine critic exists because the bilinear one admits a trivial optimum: z constant (every
+//! posterior the same, D_SKL = 0) and W -> 0 give Î_JS = −2 ln 2, the estimator's value at zero
+//! scores, with no gradient left. With a bounded, scale-free critic a constant z scores every
+//! pair 1/τ, which costs more than telling prompts apart, so collapse is penalised.
 //!
 //! The heads are extra tensors (`mib.*`) stored beside the reward model's weights while it trains,
 //! so the optimiser, checkpoints and `--resume` treat them like any other parameter; [`strip`]
@@ -105,6 +111,18 @@ pub fn has_heads(weights: &HashMap<String, Tensor>) -> bool {
     weights.contains_key(CRITIC)
 }
 
+/// How the critic scores a pair of codes.
+#[derive(
+    Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Critic {
+    /// aᵀ W b with the trainable `mib.critic.weight`.
+    Bilinear,
+    /// cos(a, b) / temperature (W unused).
+    Cosine { temperature: f64 },
+}
+
 /// The two Gaussian encoder MLPs and the bilinear critic (trainable when built from `Var`s).
 pub struct GaussianHeads {
     mu: Vec<(Tensor, Tensor)>,
@@ -158,7 +176,31 @@ impl GaussianHeads {
     pub fn scores(&self, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
         Ok(z1.matmul(&self.critic)?.matmul(&z2.t()?)?)
     }
+
+    /// Critic scores under `critic` for every i, j: (b, b).
+    pub fn scores_with(&self, critic: Critic, z1: &Tensor, z2: &Tensor) -> Result<Tensor> {
+        match critic {
+            Critic::Bilinear => self.scores(z1, z2),
+            Critic::Cosine { temperature } => cosine_scores(z1, z2, temperature),
+        }
+    }
 }
+
+/// cos(z1_i, z2_j) / temperature for every i, j: (b, b). Differentiable (norms floored at 1e-6).
+pub fn cosine_scores(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(TrainError::invalid(
+            "the cosine critic's temperature must be > 0",
+        ));
+    }
+    let unit = |z: &Tensor| -> Result<Tensor> {
+        let norm = (z.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
+        Ok(z.broadcast_div(&norm)?)
+    };
+    Ok((unit(z1)?.matmul(&unit(z2)?.t()?)? / temperature)?)
+}
+
+impl GaussianHeads {}
 
 /// softplus(x) = max(x, 0) + log(1 + exp(−|x|)), differentiable and stable in both tails.
 pub fn softplus(x: &Tensor) -> Result<Tensor> {
@@ -221,6 +263,7 @@ pub struct MibLoss {
 /// reparameterisation noise.
 pub fn mib_loss(
     heads: &GaussianHeads,
+    critic: Critic,
     h1: &Tensor,
     h2: &Tensor,
     eps1: &Tensor,
@@ -230,7 +273,7 @@ pub fn mib_loss(
     let (mu2, lv2) = heads.posterior(h2)?;
     let z1 = (&mu1 + ((&lv1 * 0.5)?.exp()? * eps1)?)?;
     let z2 = (&mu2 + ((&lv2 * 0.5)?.exp()? * eps2)?)?;
-    let mi = js_mi(&heads.scores(&z1, &z2)?)?;
+    let mi = js_mi(&heads.scores_with(critic, &z1, &z2)?)?;
     let skl = symmetric_kl(&mu1, &lv1, &mu2, &lv2)?.mean_all()?;
     let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
     Ok(MibLoss {
@@ -272,6 +315,7 @@ pub fn rlp_parts(
     lm: &crate::policy::TrainableLm,
     pairs: &[crate::pairs::PairIds],
     views: &[ViewPair],
+    critic: Critic,
     noise_seed: u64,
     device: &Device,
 ) -> Result<RlpParts> {
@@ -312,6 +356,7 @@ pub fn rlp_parts(
         let (s1, s2) = (rng.random::<u64>(), rng.random::<u64>());
         out.mib = Some(mib_loss(
             &heads,
+            critic,
             &h.narrow(0, 2 * np, nv)?,
             &h.narrow(0, 2 * np + nv, nv)?,
             &gaussian_noise(nv, k, s1, device)?,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rlhf_data::testbed::{normalised_text, task_by_name};
-use rlhf_rl::mib::{self, js_mi, symmetric_kl, GaussianHeads, HeadShape};
+use rlhf_rl::mib::{self, js_mi, symmetric_kl, Critic, GaussianHeads, HeadShape};
 use rlhf_rl::spg::{
     self, cluster, confidence, largest, reward_ranked, select, Entailment, EquivalenceConfig,
     EquivalenceKind, SampleGroup, Selection,
@@ -100,10 +100,42 @@ fn bilinear_critic_by_hand() {
     assert_eq!(t, vec![vec![1.5, 2.0], vec![5.0, 10.0]]);
 }
 
+/// cos/τ by hand: z1 = [[3, 4]], z2 = [[4, 3], [0, -2]]: cosines 24/25 and −8/10, over τ = 0.5.
+/// A constant code scores every pair 1/τ: Î_JS = −softplus(−2) − softplus(2) = −2.2538560, worse
+/// than the −2 ln 2 a collapsed bilinear critic reaches.
+#[test]
+fn cosine_critic_by_hand() {
+    let t = mib::cosine_scores(&t2(&[&[3.0, 4.0]]), &t2(&[&[4.0, 3.0], &[0.0, -2.0]]), 0.5)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap();
+    assert!(
+        (t[0][0] - 1.92).abs() < 1e-9 && (t[0][1] + 1.6).abs() < 1e-9,
+        "{t:?}"
+    );
+    let same = t2(&[&[1.0, 2.0], &[1.0, 2.0]]);
+    let collapsed = js_mi(&mib::cosine_scores(&same, &same, 0.5).unwrap())
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!((collapsed - (-2.253_856_022)).abs() < 1e-6, "{collapsed}");
+    assert!(mib::cosine_scores(&same, &same, 0.0).is_err());
+}
+
 /// Gradients of L_M = −Î_JS + mean D_SKL with respect to both views' hidden states, the critic
 /// and an encoder weight match central finite differences (in f64).
 #[test]
 fn mib_loss_gradients_match_finite_differences() {
+    check_mib_gradients(Critic::Bilinear);
+}
+
+/// The same with the cosine critic (W takes no part, so it gets no gradient).
+#[test]
+fn mib_loss_gradients_match_finite_differences_with_the_cosine_critic() {
+    check_mib_gradients(Critic::Cosine { temperature: 0.5 });
+}
+
+fn check_mib_gradients(critic_kind: Critic) {
     let shape = HeadShape {
         input: 4,
         width: 3,
@@ -142,7 +174,7 @@ fn mib_loss_gradients_match_finite_differences() {
         w.insert("mib.mu.0.weight".into(), wm.clone());
         w.insert("mib.logvar.2.weight".into(), wl.clone());
         let heads = GaussianHeads::from_weights(&w).unwrap();
-        mib::mib_loss(&heads, h1, h2, &e1, &e2).unwrap()
+        mib::mib_loss(&heads, critic_kind, h1, h2, &e1, &e2).unwrap()
     };
     let out = loss_at(
         h1.as_tensor(),
@@ -157,6 +189,11 @@ fn mib_loss_gradients_match_finite_differences() {
     let eps = 1e-6;
     let mut checked = 0;
     for (which, var) in [(0, &h1), (1, &h2), (2, &critic), (3, &w_mu), (4, &w_lv)] {
+        if which == 2 && critic_kind != Critic::Bilinear {
+            assert!(grads.get(var.as_tensor()).is_none());
+            checked += 4;
+            continue;
+        }
         let g = grads
             .get(var.as_tensor())
             .expect("a gradient")
