@@ -46,6 +46,12 @@ enum Command {
     /// ReST's Table 1 on a testbed task: every Grow/Improve stage over seeds, against online RLOO
     /// at an equal number of sampled completions; writes a markdown table.
     CompareRest(train_cmds::RunArgs),
+    /// RLP end to end on a testbed task: policy -> n samples per prompt -> reward model refreshed
+    /// on them (UML, SPG) -> policy again from SFT; win-rates and reward-model accuracies.
+    Rlp(train_cmds::RunArgs),
+    /// Several seeds' `rlhf rlp` reports as one table (mean and Student-t 95% interval over
+    /// seeds): `--set 'reports=["runs/rlp-s0/report.json", ...]'`.
+    RlpTable(train_cmds::RunArgs),
 }
 
 /// `cpu` or `cuda:N`.
@@ -171,7 +177,10 @@ fn real_main() -> Result<()> {
     let threads = cli.threads.unwrap_or_else(|| match &cli.command {
         Command::Generate(a) if rlhf_lm::available_cores() <= 2 && a.batch_size <= 8 => 1,
         // The testbed's tiny model: synchronising two threads costs more than it gains.
-        Command::Quickstart(_) | Command::CompareOnline(_) | Command::CompareRest(_) => 1,
+        Command::Quickstart(_)
+        | Command::CompareOnline(_)
+        | Command::CompareRest(_)
+        | Command::Rlp(_) => 1,
         _ => rlhf_lm::available_cores(),
     });
     rlhf_lm::set_threads(threads);
@@ -184,5 +193,7 @@ fn real_main() -> Result<()> {
         Command::Quickstart(a) => train_cmds::quickstart(a, &device),
         Command::CompareOnline(a) => train_cmds::compare_online(a, &device),
         Command::CompareRest(a) => train_cmds::compare_rest(a, &device),
+        Command::Rlp(a) => train_cmds::rlp(a, &device),
+        Command::RlpTable(a) => train_cmds::rlp_table(a),
     }
 }

@@ -90,3 +90,20 @@ pub fn compare_rest(a: RunArgs, device: &Device) -> Result<()> {
     println!("{}", rlhf_recipes::rest_table::format_markdown(&table));
     Ok(())
 }
+
+pub fn rlp(a: RunArgs, device: &Device) -> Result<()> {
+    let cfg: rlhf_recipes::rlp::RlpConfig = resolved(&a)?;
+    let report = rlhf_recipes::rlp::run(&cfg, a.resume, device).context("rlp")?;
+    println!("{}", rlhf_recipes::rlp::format_report(&report));
+    println!("wrote {}", cfg.out_dir.join("report.json").display());
+    Ok(())
+}
+
+pub fn rlp_table(a: RunArgs) -> Result<()> {
+    let cfg: rlhf_recipes::rlp::RlpTableConfig = resolved(&a)?;
+    println!(
+        "{}",
+        rlhf_recipes::rlp::seeds_table(&cfg).context("rlp-table")?
+    );
+    Ok(())
+}

@@ -5,7 +5,8 @@
 //! Offline: [`sft`], [`rm`] (reward model), [`dpo`] (DPO, IPO, cDPO, SimPO, ORPO), [`kto`].
 //! Online: [`reinforce`], [`rloo`], [`vanilla_pg`], [`raft`], [`grpo`], [`ppo`], and the iterative
 //! [`online_dpo`] (with self-rewarding as its self-judging preset) and [`rest`] (ReST, with
-//! ReST-EM as its preset).
+//! ReST-EM as its preset). [`rlp`]: RLP's reward-model refresh on the policy's own samples (UML,
+//! SPG).
 
 pub mod dpo;
 pub mod grpo;
@@ -16,6 +17,7 @@ pub mod raft;
 pub mod reinforce;
 pub mod rest;
 pub mod rloo;
+pub mod rlp;
 pub mod rm;
 pub mod sft;
 pub mod vanilla_pg;
@@ -24,7 +26,7 @@ use rlhf_rl::registry::Registered;
 
 /// Every method, in the order `rlhf --help` lists them. Adding a method: its file declares an
 /// `ENTRY`, and it is listed here (the command line, its help and `compare-online` follow).
-pub fn registry() -> [&'static dyn Registered; 14] {
+pub fn registry() -> [&'static dyn Registered; 15] {
     [
         &sft::ENTRY,
         &rm::ENTRY,
@@ -40,6 +42,7 @@ pub fn registry() -> [&'static dyn Registered; 14] {
         &raft::ENTRY,
         &grpo::ENTRY,
         &ppo::ENTRY,
+        &rlp::ENTRY,
     ]
 }
 

@@ -1,7 +1,9 @@
 //! Pipelines made of methods: the quickstart (task -> SFT -> reward model -> RLOO/PPO ->
-//! evaluation), the comparison of online methods under one sample budget, and ReST's table
-//! against online RLOO at equal samples.
+//! evaluation), the comparison of online methods under one sample budget, ReST's table against
+//! online RLOO at equal samples, and RLP's Algorithm 1 (policy -> samples -> refreshed reward model
+//! -> policy again from SFT).
 
 pub mod compare;
 pub mod quickstart;
 pub mod rest_table;
+pub mod rlp;

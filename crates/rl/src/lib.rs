@@ -8,7 +8,9 @@
 //!   (an LLM judge, simulated annotators);
 //! - [`kl`]: KL estimators, KL-shaped rewards and the KL controller;
 //! - [`objectives`], [`losses`], [`pref_losses`]: NLL, policy-gradient, pair and KTO losses;
-//!   [`value`]: the learned value model;
+//!   [`value`]: the learned value model; [`mib`]: RLP-UML's multi-view information bottleneck
+//!   (Gaussian heads, symmetric KL, JS MI estimator); [`spg`]: RLP-SPG's clustering and synthetic
+//!   pairs;
 //! - [`trainer`]: optimiser + schedule + clipping + run directory + checkpoints for any parameter
 //!   set; [`fit`]: the one in-memory epoch loop; [`online`]: the session every online method runs in;
 //!   [`pref`]: training on preference pairs with a pair loss;
@@ -23,10 +25,12 @@ pub mod fit;
 pub mod judge;
 pub mod kl;
 pub mod losses;
+pub mod mib;
 pub mod objectives;
 pub mod online;
 pub mod pairs;
 pub mod policy;
+pub mod policy_samples;
 pub mod pref;
 pub mod pref_losses;
 pub mod preferences;
@@ -35,5 +39,6 @@ pub mod reward;
 pub mod reward_source;
 pub mod rollout;
 pub mod sampling;
+pub mod spg;
 pub mod trainer;
 pub mod value;

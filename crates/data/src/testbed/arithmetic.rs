@@ -142,4 +142,23 @@ impl Task for ArithmeticTask {
     fn annotator_temperature(&self) -> f64 {
         0.25
     }
+    /// The same stated answer: the same sequence of digit words (other words ignored), so
+    /// `1 3 2` and `1 3 2 =` agree and `1 3 2` and `1 3` do not. Two responses without a digit
+    /// fall back to normalised-text equality.
+    fn equivalent(&self, _prompt: &str, a: &str, b: &str) -> bool {
+        let (da, db) = (stated_digits(a), stated_digits(b));
+        if da.is_empty() && db.is_empty() {
+            super::normalised_text(a) == super::normalised_text(b)
+        } else {
+            da == db
+        }
+    }
+}
+
+/// The digit words of a response, in order.
+pub fn stated_digits(response: &str) -> Vec<&str> {
+    response
+        .split_whitespace()
+        .filter(|w| w.len() == 1 && w.as_bytes()[0].is_ascii_digit())
+        .collect()
 }

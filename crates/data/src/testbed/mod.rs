@@ -55,6 +55,31 @@ pub trait Task: Send + Sync {
     fn annotator_temperature(&self) -> f64 {
         1.0
     }
+    /// Whether two responses to `prompt` mean the same thing (RLP-SPG's clustering; the paper used
+    /// bidirectional entailment under an NLI model). Symmetric and reflexive. The default is
+    /// [`normalised_text`] equality; each task overrides it with its own notion of meaning:
+    /// arithmetic, the same stated answer; sentiment, the same verdict on the film; translate, the
+    /// same words in any order.
+    fn equivalent(&self, _prompt: &str, a: &str, b: &str) -> bool {
+        normalised_text(a) == normalised_text(b)
+    }
+}
+
+/// Text with case folded, runs of whitespace collapsed and trailing sentence punctuation
+/// (`.`, `!`, `?`) removed: the built-in meaning-equivalence fallback compares these.
+pub fn normalised_text(s: &str) -> String {
+    let lower = s.to_lowercase();
+    let mut words: Vec<&str> = lower.split_whitespace().collect();
+    while let Some(last) = words.last_mut() {
+        let t = last.trim_end_matches(['.', '!', '?']);
+        if t.is_empty() {
+            words.pop();
+        } else {
+            *last = t;
+            break;
+        }
+    }
+    words.join(" ")
 }
 
 /// How many prompts and demonstrations a task generates.

@@ -251,4 +251,25 @@ impl Task for SentimentTask {
     fn max_response_words(&self) -> usize {
         MAX_RESPONSE_WORDS
     }
+    /// The same verdict on the film: both continuations positive (lexicon sum `s > 0.5`), both
+    /// negative (`s < -0.5`) or both neutral. This is the testbed's stand-in for an NLI model's
+    /// bidirectional entailment (`really charming .` and `very good .` say the same; `dull .` and
+    /// `long .` do not); it reads the sentiment lexicon, not the fluency or length terms of gold.
+    fn equivalent(&self, _prompt: &str, a: &str, b: &str) -> bool {
+        self.verdict(a) == self.verdict(b)
+    }
+}
+
+impl SentimentTask {
+    /// -1, 0 or 1: the polarity of a text's lexicon sum with a dead zone of ±0.5.
+    pub fn verdict(&self, text: &str) -> i8 {
+        let s = self.lexicon_score(text);
+        if s > 0.5 {
+            1
+        } else if s < -0.5 {
+            -1
+        } else {
+            0
+        }
+    }
 }

@@ -391,4 +391,17 @@ impl Task for TranslateTask {
     fn annotator_temperature(&self) -> f64 {
         0.1
     }
+    /// The same content: the same multiset of words, in any order (a word-order mistake keeps the
+    /// meaning; a wrong noun, article or agreement ending changes it).
+    fn equivalent(&self, _prompt: &str, a: &str, b: &str) -> bool {
+        let bag = |s: &str| {
+            let mut w: Vec<String> = super::normalised_text(s)
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            w.sort();
+            w
+        };
+        bag(a) == bag(b)
+    }
 }
