@@ -2,20 +2,15 @@
 //! configurations, and a killed `rlhf grpo` run resumed to exactly the uninterrupted result.
 
 mod common;
-use common::{metrics, scratch, train};
+use common::{metrics, scratch, tiny_model, train};
 
-use candle_core::Device;
-use rlhf_data::testbed::{task_by_name, tokenizer_for};
-use rlhf_rl::policy::fresh_tiny;
+use rlhf_data::testbed::task_by_name;
 
 #[test]
 fn online_commands_configure_refuse_and_resume() {
     let root = scratch("online");
     let task = task_by_name("sentiment", 0).unwrap();
-    fresh_tiny(tokenizer_for(task.as_ref()), 4, &Device::Cpu)
-        .unwrap()
-        .save(&root.join("init"))
-        .unwrap();
+    tiny_model(&root, task.as_ref(), 4);
     std::fs::write(
         root.join("run.toml"),
         format!(

@@ -1,25 +1,16 @@
 //! A killed run resumes from its last checkpoint and ends exactly where an uninterrupted run does.
 
 mod common;
-use common::{metrics, scratch, train};
+use common::{demonstrations_file, metrics, scratch, tiny_model, train};
 
-use candle_core::Device;
-use rlhf_data::testbed::{task_by_name, tokenizer_for};
-use rlhf_rl::policy::fresh_tiny;
+use rlhf_data::testbed::task_by_name;
 
 #[test]
 fn killed_sft_resumes_to_the_same_result() {
     let root = scratch("resume");
     let task = task_by_name("sentiment", 1).unwrap();
-    let lines: Vec<String> = task.demonstrations()[..40]
-        .iter()
-        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
-        .collect();
-    std::fs::write(root.join("sft.jsonl"), lines.join("\n")).unwrap();
-    fresh_tiny(tokenizer_for(task.as_ref()), 3, &Device::Cpu)
-        .unwrap()
-        .save(&root.join("init"))
-        .unwrap();
+    demonstrations_file(&root.join("sft.jsonl"), task.as_ref(), 40, " ");
+    tiny_model(&root, task.as_ref(), 3);
     std::fs::write(
         root.join("run.toml"),
         format!(
@@ -92,15 +83,8 @@ fn rest_stages(out: &std::path::Path) -> Vec<serde_json::Value> {
 fn killed_rest_resumes_mid_improve_and_mid_grow_to_the_same_result() {
     let root = scratch("resume-rest");
     let task = task_by_name("arithmetic", 0).unwrap();
-    let lines: Vec<String> = task.demonstrations()[..24]
-        .iter()
-        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": r}).to_string())
-        .collect();
-    std::fs::write(root.join("d.jsonl"), lines.join("\n")).unwrap();
-    fresh_tiny(tokenizer_for(task.as_ref()), 3, &Device::Cpu)
-        .unwrap()
-        .save(&root.join("init"))
-        .unwrap();
+    demonstrations_file(&root.join("d.jsonl"), task.as_ref(), 24, "");
+    tiny_model(&root, task.as_ref(), 3);
     std::fs::write(
         root.join("run.toml"),
         format!(

@@ -54,8 +54,8 @@ use rlhf_lm::generate::SamplingParams;
 use rlhf_lm::score::{completion_logprobs, CompletionBatch};
 use rlhf_train::rng::{epoch_order, step_seed, stream_seed};
 use rlhf_train::run::{
-    load_safetensors, read_json, read_jsonl, save_safetensors, write_atomic, write_json,
-    write_jsonl, CHECKPOINTS_DIR,
+    load_safetensors, read_json, read_jsonl, remove_entries, save_safetensors, write_atomic,
+    write_json, write_jsonl, CHECKPOINTS_DIR,
 };
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
@@ -872,12 +872,11 @@ impl Setup<'_> {
             return Ok(rec);
         }
         // 2. The kept rows as token ids, and their rewards (GOLD's returns).
-        let lm = TrainableLm::load(start, &self.device)?;
+        let mut lm = TrainableLm::load(start, &self.device)?;
         let train: Vec<(Vec<u32>, Vec<u32>)> = kept
             .iter()
             .map(|&j| lm.encode(&rows[j].prompt, &rows[j].completion, true, cfg.fit.max_len))
             .collect::<rlhf_lm::Result<_>>()?;
-        let returns: Vec<f64> = kept_reward.clone();
         // 3. The run: its own directory, the step's learning rate, validation once per epoch (or
         //    every `eval_every` steps).
         let fit_cfg = FitConfig {
@@ -895,6 +894,7 @@ impl Setup<'_> {
             (_, 0) => plan.steps_per_epoch(train.len()),
             (_, e) => e,
         };
+        let validating = plan.eval_every > 0;
         let resume_stage = resume && dir.join(CHECKPOINTS_DIR).exists();
         if !resume_stage {
             Best::clear(dir)?;
@@ -911,7 +911,7 @@ impl Setup<'_> {
             ImproveLoss::Gold => gold_share(
                 lm,
                 &train,
-                &returns,
+                &kept_reward,
                 batch,
                 part,
                 cfg.gold_min_weight,
@@ -928,7 +928,7 @@ impl Setup<'_> {
             best.offer(dir, trainer.step, v, lm)
         };
         fit(&mut trainer, &lm, train.len(), &plan, loss, on_eval)?;
-        if plan.eval_every > 0 && last_validated != Some(trainer.step) {
+        if validating && last_validated != Some(trainer.step) {
             // the last step was not on the validation schedule
             let v = self.validate(&lm)?.expect("validation is on");
             trainer.log(&validation_metrics(&v))?;
@@ -936,27 +936,21 @@ impl Setup<'_> {
         }
         // 4. The kept weights: the best-validated (the starting ones if nothing beat them), or the
         //    last ones without validation.
-        if plan.eval_every > 0 {
+        if validating {
             match &best.weights {
                 Some(file) => lm.load_weights(&load_safetensors(&dir.join(file), &device)?)?,
                 None => lm.load_weights(&TrainableLm::load(start, &device)?.snapshot()?)?,
             }
         }
-        let mut lm = lm;
         lm.generation
             .max_new_tokens
             .get_or_insert(self.max_new_tokens);
         rec.model = trainer.finish(&lm)?;
         rec.optimizer_steps = trainer.step;
-        rec.best_step = if plan.eval_every > 0 {
-            best.step
+        (rec.best_step, rec.validation) = if validating {
+            (best.step, best.validation)
         } else {
-            trainer.step
-        };
-        rec.validation = if plan.eval_every > 0 {
-            best.validation
-        } else {
-            None
+            (trainer.step, None)
         };
         rec.seconds = started.elapsed().as_secs_f64();
         write_json(&done, &rec)?;
@@ -1048,14 +1042,14 @@ impl<'a> Setup<'a> {
     }
 }
 
-/// The validation of `model` as a ReST run with `cfg` measures it (greedy completions of the
-/// validation prompts, scored by the run's reward source): for comparing other methods' policies
-/// with ReST's stages on the same footing.
-pub fn validate_model(
+/// The validation of each of `models` as a ReST run with `cfg` measures it (completions of the
+/// validation prompts, scored by the run's reward source), with the task, data and reward source
+/// loaded once: for comparing other methods' policies with ReST's stages on the same footing.
+pub fn validate_models(
     cfg: &RestConfig,
-    model: &Path,
+    models: &[&Path],
     device: &Device,
-) -> Result<Option<Validation>> {
+) -> Result<Vec<Option<Validation>>> {
     cfg.validate()?;
     let task_box = cfg
         .task
@@ -1063,7 +1057,10 @@ pub fn validate_model(
         .map(|n| task_by_name(n, cfg.task_seed).map_err(TrainError::Invalid))
         .transpose()?;
     let (setup, _) = Setup::new(cfg, task_box.as_deref(), device)?;
-    setup.validate(&TrainableLm::load(model, device)?)
+    models
+        .iter()
+        .map(|m| setup.validate(&TrainableLm::load(m, device)?))
+        .collect()
 }
 
 fn validation_metrics(v: &Validation) -> Vec<(&'static str, f64)> {
@@ -1161,32 +1158,18 @@ impl Best {
 
     /// Remove what an earlier attempt at this stage left.
     fn clear(dir: &Path) -> Result<()> {
-        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-            let entry = entry.map_err(io_err(dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name == "best.json" || (name.starts_with("best-") && name.ends_with(".safetensors"))
-            {
-                std::fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
-            }
-        }
-        Ok(())
+        remove_entries(dir, |name, _| {
+            name == "best.json" || (name.starts_with("best-") && name.ends_with(".safetensors"))
+        })
     }
 }
 
 /// Remove what an earlier ReST run left in `out` (its Grow directories and records).
 fn clear_run(out: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(out).map_err(io_err(out))? {
-        let entry = entry.map_err(io_err(out))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        if name.starts_with("grow-") && path.is_dir() {
-            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
-        } else if ["bc.json", "stages.jsonl", "eval.json", "summary.json"].contains(&name.as_str())
-        {
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
-        }
-    }
-    Ok(())
+    remove_entries(out, |name, path| {
+        (name.starts_with("grow-") && path.is_dir())
+            || ["bc.json", "stages.jsonl", "eval.json", "summary.json"].contains(&name)
+    })
 }
 
 /// Write the stage records so far (`stages.jsonl`).
@@ -1255,6 +1238,9 @@ pub fn run(cfg: &RestConfig, resume: bool, device: &Device) -> Result<RestSummar
     let base = cfg.base_model.clone().unwrap_or_else(|| cfg.model.clone());
     let mut policy = cfg.model.clone();
     let mut validation = stages[0].validation;
+    // The base model's validation, measured once when Improve steps restart from it (the BC
+    // stage's own when the base is `model`).
+    let mut base_validation = (base == cfg.model).then_some(validation);
     let mut range: Option<[f64; 2]> = None;
     let mut grows = Vec::new();
     let mut samples = 0;
@@ -1275,8 +1261,13 @@ pub fn run(cfg: &RestConfig, resume: bool, device: &Device) -> Result<RestSummar
         grows.push(stats);
         // 4. Improve steps at rising thresholds, each from the previous one's kept weights.
         let (mut current, mut current_validation) = if cfg.reset_to_base && base != policy {
-            let start = TrainableLm::load(&base, device)?;
-            (base.clone(), setup.validate(&start)?)
+            let v = match base_validation {
+                Some(v) => v,
+                None => {
+                    *base_validation.insert(setup.validate(&TrainableLm::load(&base, device)?)?)
+                }
+            };
+            (base.clone(), v)
         } else {
             (policy.clone(), validation)
         };

@@ -248,7 +248,7 @@ fn last_wall_time(metrics: &Path) -> Option<f64> {
 }
 
 /// Two-sided 97.5% Student-t quantile for `df` degrees of freedom.
-pub fn t975(df: usize) -> f64 {
+fn t975(df: usize) -> f64 {
     const T: [f64; 10] = [
         12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
     ];
@@ -261,19 +261,23 @@ pub fn t975(df: usize) -> f64 {
     }
 }
 
+/// Mean and Student-t 95% half-width over seeds (NaN half-width for one seed).
+pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len();
+    let mean = xs.iter().sum::<f64>() / n.max(1) as f64;
+    if n < 2 {
+        return (mean, f64::NAN);
+    }
+    let sd = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    (mean, t975(n - 1) * sd / (n as f64).sqrt())
+}
+
 fn aggregate(method: &str, runs: &[&RunResult]) -> MethodRow {
     let n = runs.len();
     let mean =
         |f: &dyn Fn(&RunResult) -> f64| runs.iter().map(|r| f(r)).sum::<f64>() / n.max(1) as f64;
-    let wr = mean(&|r| r.eval.winrate);
+    let (wr, half) = mean_ci(&runs.iter().map(|r| r.eval.winrate).collect::<Vec<_>>());
     let ci = if n >= 2 {
-        let sd = (runs
-            .iter()
-            .map(|r| (r.eval.winrate - wr).powi(2))
-            .sum::<f64>()
-            / (n - 1) as f64)
-            .sqrt();
-        let half = t975(n - 1) * sd / (n as f64).sqrt();
         [(wr - half).max(0.0), (wr + half).min(1.0)]
     } else {
         runs[0].eval.winrate_ci95

@@ -16,7 +16,7 @@ use rlhf_methods::rest::{self, RestConfig, RestSummary, Validation};
 use rlhf_rl::eval::EvalReport;
 use rlhf_rl::online::OnlineSummary;
 
-use crate::compare::t975;
+use crate::compare::mean_ci;
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -166,19 +166,23 @@ fn run_seed(cfg: &RestTableConfig, seed: u64, device: &Device) -> Result<SeedRes
     };
     // 3. RLOO's policy validated as ReST validates its stages; every policy also with samples at
     //    temperature 1.
-    let validate = |c: &RestConfig, model: &Path| {
-        rest::validate_model(c, model, device)?
-            .ok_or_else(|| TrainError::invalid("the ReST configuration has validation turned off"))
+    let validate = |c: &RestConfig, models: &[&Path]| -> Result<Vec<Validation>> {
+        rest::validate_models(c, models, device)?
+            .into_iter()
+            .map(|v| {
+                v.ok_or_else(|| {
+                    TrainError::invalid("the ReST configuration has validation turned off")
+                })
+            })
+            .collect()
     };
-    let rloo_validation = validate(&rest_cfg, &rloo.model)?;
+    let rloo_validation = validate(&rest_cfg, &[&rloo.model])?.remove(0);
     let mut at_t1 = rest_cfg.clone();
     at_t1.validation.temperature = 1.0;
-    let rest_sampled = rest
-        .stages
-        .iter()
-        .map(|st| validate(&at_t1, &st.model))
-        .collect::<Result<Vec<_>>>()?;
-    let rloo_sampled = validate(&at_t1, &rloo.model)?;
+    let mut models: Vec<&Path> = rest.stages.iter().map(|st| st.model.as_path()).collect();
+    models.push(&rloo.model);
+    let mut rest_sampled = validate(&at_t1, &models)?;
+    let rloo_sampled = rest_sampled.pop().expect("RLOO's model is the last one");
     Ok(SeedResult {
         seed,
         rest_sampled,
@@ -211,17 +215,6 @@ pub fn run(cfg: &RestTableConfig, device: &Device) -> Result<RestTable> {
         std::fs::write(path, format_markdown(&table)).map_err(|e| TrainError::io(path, e))?;
     }
     Ok(table)
-}
-
-/// Mean and Student-t 95% half-width over seeds (NaN half-width for one seed).
-pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len();
-    let mean = xs.iter().sum::<f64>() / n.max(1) as f64;
-    if n < 2 {
-        return (mean, f64::NAN);
-    }
-    let sd = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
-    (mean, t975(n - 1) * sd / (n as f64).sqrt())
 }
 
 fn cell((m, h): (f64, f64), digits: usize) -> String {

@@ -619,7 +619,7 @@ fn over_seeds(xs: &[Option<f64>]) -> String {
         0 => "-".into(),
         1 => format!("{:.3}", xs[0]),
         _ => {
-            let (m, h) = crate::rest_table::mean_ci(&xs);
+            let (m, h) = crate::compare::mean_ci(&xs);
             format!("{m:.3} [{:.3}, {:.3}]", m - h, m + h)
         }
     }

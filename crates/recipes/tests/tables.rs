@@ -1,6 +1,6 @@
 //! The over-seeds statistics the ReST and RLP tables print, by hand.
 
-use rlhf_recipes::rest_table::mean_ci;
+use rlhf_recipes::compare::mean_ci;
 
 #[test]
 fn mean_and_student_t_half_width_over_seeds() {
@@ -11,7 +11,10 @@ fn mean_and_student_t_half_width_over_seeds() {
     // two seeds: t(0.975, 1 df) = 12.706, sd = |a - b| / sqrt(2)
     let (m, h) = mean_ci(&[0.2, 0.4]);
     assert!((m - 0.3).abs() < 1e-12);
-    assert!((h - 12.706 * (0.2 / 2f64.sqrt()) / 2f64.sqrt()).abs() < 1e-9, "{h}");
+    assert!(
+        (h - 12.706 * (0.2 / 2f64.sqrt()) / 2f64.sqrt()).abs() < 1e-9,
+        "{h}"
+    );
     // one seed: no interval
     let (m, h) = mean_ci(&[0.7]);
     assert!(m == 0.7 && h.is_nan());

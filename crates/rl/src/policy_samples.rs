@@ -2,7 +2,6 @@
 //! `{"prompt": "...", "samples": ["...", ...]}`): what RLP's reward-model refresh reads, whether a
 //! pipeline sampled them or a user brings their own.
 
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::Device;
@@ -41,16 +40,7 @@ pub fn sample_groups(
 }
 
 pub fn write_groups(path: &Path, groups: &[SampleGroup]) -> Result<()> {
-    let mut text = Vec::new();
-    for g in groups {
-        serde_json::to_writer(
-            &mut text,
-            &serde_json::json!({"prompt": g.prompt, "samples": g.samples}),
-        )
-        .expect("serialisable");
-        text.write_all(b"\n").expect("in memory");
-    }
-    rlhf_train::run::write_atomic(path, &text)
+    rlhf_train::run::write_jsonl(path, groups)
 }
 
 /// Read a samples file; every line must hold a `prompt` string and a `samples` list of strings.

@@ -183,6 +183,21 @@ fn remove_any(path: &Path) -> Result<()> {
     }
 }
 
+/// Remove the entries of `dir` (files or directories) for which `matches(name, path)` holds.
+pub fn remove_entries(dir: &Path, matches: impl Fn(&str, &Path) -> bool) -> Result<()> {
+    for entry in io(dir, std::fs::read_dir(dir))? {
+        let path = io(dir, entry)?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if matches(&name, &path) {
+            remove_any(&path)?;
+        }
+    }
+    Ok(())
+}
+
 // ---- run directory -------------------------------------------------------------------------------
 
 /// A run directory (see the module docs for its layout).

@@ -63,3 +63,34 @@ pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// The testbed's tiny model for `task`, freshly initialised from `seed`, saved at `<root>/init`.
+pub fn tiny_model(root: &Path, task: &dyn rlhf_data::testbed::Task, seed: u64) -> PathBuf {
+    let dir = root.join("init");
+    rlhf_rl::policy::fresh_tiny(
+        rlhf_data::testbed::tokenizer_for(task),
+        seed,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .save(&dir)
+    .unwrap();
+    dir
+}
+
+/// The first `n` demonstrations of `task` as `prompt`/`completion` JSONL at `path`, each
+/// completion after `separator`.
+pub fn demonstrations_file(
+    path: &Path,
+    task: &dyn rlhf_data::testbed::Task,
+    n: usize,
+    separator: &str,
+) {
+    let lines: Vec<String> = task.demonstrations()[..n]
+        .iter()
+        .map(|(p, r)| {
+            serde_json::json!({"prompt": p, "completion": format!("{separator}{r}")}).to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
