@@ -19,3 +19,89 @@ fn mean_and_student_t_half_width_over_seeds() {
     let (m, h) = mean_ci(&[0.7]);
     assert!(m == 0.7 && h.is_nan());
 }
+
+use rlhf_methods::rest::{Distribution, RestSummary, StageRecord, Validation};
+use rlhf_recipes::rest_table::{format_markdown, RestTable, RestTableConfig, SeedResult};
+
+fn v(gold: f64, reward: f64) -> Validation {
+    Validation {
+        reward,
+        gold: Some(gold),
+        length: 9.0,
+    }
+}
+
+fn stage(improve: Option<usize>, samples: usize, kept: usize, val: Validation) -> StageRecord {
+    StageRecord {
+        grow: usize::from(improve.is_some()),
+        improve,
+        threshold: improve.map(|_| 0.7),
+        kept,
+        kept_sources: 1,
+        kept_reward: Distribution::of(&[]),
+        dataset_rows: 10,
+        lr: 0.0,
+        optimizer_steps: 0,
+        best_step: 0,
+        validation: Some(val),
+        samples,
+        seconds: 10.0,
+        model: "m".into(),
+    }
+}
+
+fn seed(s: u64, g0: f64, g1: f64, kept: usize, rloo_gold: f64) -> SeedResult {
+    SeedResult {
+        seed: s,
+        rest: RestSummary {
+            grows: Vec::new(),
+            stages: vec![
+                stage(None, 0, 0, v(0.5, 0.8)),
+                stage(Some(0), 40, kept, v(g1, 0.9)),
+            ],
+            model: "m".into(),
+            samples: 40,
+            seconds: 30.0,
+            eval: None,
+        },
+        rest_sampled: vec![v(g0, 0.6), v(g1 - 0.1, 0.7)],
+        rloo_validation: v(rloo_gold, 1.5),
+        rloo_sampled: v(rloo_gold - 0.1, 1.4),
+        rloo_samples: 40,
+        rloo_seconds: 20.0,
+        rloo_eval: None,
+    }
+}
+
+#[test]
+fn the_rest_table_reports_each_stage_over_seeds() {
+    let t = RestTable {
+        config: RestTableConfig {
+            seeds: vec![0, 1],
+            ..RestTableConfig::default()
+        },
+        seeds: vec![seed(0, 0.4, 0.6, 6, 0.3), seed(1, 0.4, 0.8, 8, 0.5)],
+    };
+    let md = format_markdown(&t);
+    // Stage G=1 I=0: greedy gold 0.6 and 0.8 -> mean 0.7, half-width 12.706 * 0.1414 / 1.4142
+    // = 1.2706; proxy 0.9 both seeds -> 0.9 ± 0; sampled gold 0.5 / 0.7 -> 0.6 ± 1.2706, sampled proxy 0.7 both; kept
+    // rows (6 + 8) / 2 = 7; time: the BC stage's 10 s + this stage's 10 s.
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| ReST G=1 I=0"))
+        .unwrap_or_else(|| panic!("{md}"));
+    assert_eq!(
+        row,
+        "| ReST G=1 I=0 (τ = 0.7) | 40 | 7 | 0.7000 ± 1.2706 | 0.9000 ± 0.0000 | 0.6000 ± 1.2706 | 0.7000 ± 0.0000 | 20 |"
+    );
+    // RLOO: greedy gold 0.3 / 0.5 -> 0.4 ± 1.2706, sampled gold 0.2 / 0.4 -> 0.3 ± 1.2706
+    let rloo = md.lines().find(|l| l.starts_with("| online RLOO")).unwrap();
+    assert_eq!(
+        rloo,
+        "| online RLOO k=4 (equal samples) | 40 | - | 0.4000 ± 1.2706 | 1.5000 ± 0.0000 | 0.3000 ± 1.2706 | 1.4000 ± 0.0000 | 20 |"
+    );
+    assert!(
+        md.contains("| 1 | 0.500 / 0.800 | 0.800 / 0.900 | 0.500 / 1.500 |"),
+        "{md}"
+    );
+}
