@@ -11,9 +11,15 @@
 //! - `sentiment` ([`sentiment`]): continue a review; gold in (-3, 3) = sentiment + fluency - length.
 //! - `arithmetic` ([`arithmetic`]): digit-by-digit sums and products; gold in [-0.5, 1].
 //! - `translate` ([`translate`]): a toy language pair; gold = chrF in [0, 1].
+//!
+//! Multi-turn tasks (not [`Task`]s; [`task_by_name`] refuses them):
+//! - `dialogue` ([`dialogue`]): a 16-animal guessing game against a scripted user, for
+//!   `rlhf dialogue-rl` and `rlhf compare-dialogue`; gold in [-0.6, 0.9] = win - 0.1 per assistant
+//!   turn. It has its own tokenizer ([`dialogue::tokenizer`]); its words are not in [`vocabulary`].
 
 pub mod arithmetic;
 pub mod chrf;
+pub mod dialogue;
 mod grammar;
 pub mod sentiment;
 pub mod translate;
@@ -108,6 +114,9 @@ pub fn task_by_name(name: &str, seed: u64) -> Result<Box<dyn Task>, String> {
 }
 
 pub fn task_by_name_sized(name: &str, seed: u64, size: TaskSize) -> Result<Box<dyn Task>, String> {
+    if name == "dialogue" {
+        return Err("`dialogue` is a multi-turn task used by `rlhf dialogue-rl` / `rlhf compare-dialogue`, not a single-turn task (see `rlhf_data::testbed::dialogue`)".into());
+    }
     if size.train_prompts == 0 || size.eval_prompts == 0 {
         return Err("a testbed task needs at least one train and one eval prompt".into());
     }
@@ -249,6 +258,13 @@ pub fn vocabulary() -> Vec<String> {
 /// `<s>` first (as Llama tokenizers do), never `</s>`; decoding joins tokens with single spaces,
 /// so `decode(encode(text))` gives back any task text.
 pub fn testbed_tokenizers_inner() -> tokenizers::Tokenizer {
+    word_level_tokenizer(vocabulary())
+}
+
+/// A word-level tokenizer over `vocabulary` (assumed sorted and distinct, without the special
+/// tokens), built as [`testbed_tokenizers_inner`] describes: the special tokens with ids 0..=3,
+/// then the words in the given order from id 4.
+pub(crate) fn word_level_tokenizer(vocabulary: Vec<String>) -> tokenizers::Tokenizer {
     let mut vocab = serde_json::Map::new();
     let mut added = Vec::new();
     for (id, t) in SPECIAL_TOKENS.iter().enumerate() {
@@ -258,7 +274,7 @@ pub fn testbed_tokenizers_inner() -> tokenizers::Tokenizer {
             "normalized": false, "special": true,
         }));
     }
-    for (i, w) in vocabulary().into_iter().enumerate() {
+    for (i, w) in vocabulary.into_iter().enumerate() {
         vocab.insert(w, json!(SPECIAL_TOKENS.len() + i));
     }
     let spec = json!({
@@ -285,7 +301,7 @@ pub fn testbed_tokenizers_inner() -> tokenizers::Tokenizer {
         "decoder": null,
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": UNK},
     });
-    serde_json::from_value(spec).expect("the testbed tokenizer spec is valid")
+    serde_json::from_value(spec).expect("a word-level tokenizer spec is valid")
 }
 
 /// The testbed tokenizer wrapped with its special tokens (BOS `<s>`, EOS `</s>`, pad `<pad>`).
