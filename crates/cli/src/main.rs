@@ -52,6 +52,10 @@ enum Command {
     /// Several seeds' `rlhf rlp` reports as one table (mean and Student-t 95% interval over
     /// seeds): `--set 'reports=["runs/rlp-s0/report.json", ...]'`.
     RlpTable(train_cmds::RunArgs),
+    /// The multi-turn study on the testbed's `dialogue` game over seeds: behaviour cloning,
+    /// model-based RL with a learned user model, model-free RL against the scripted user, Dyna,
+    /// a user model from 10% of the logs, a reward model over dialogues; writes a markdown table.
+    CompareDialogue(train_cmds::RunArgs),
 }
 
 /// `cpu` or `cuda:N`.
@@ -180,7 +184,8 @@ fn real_main() -> Result<()> {
         Command::Quickstart(_)
         | Command::CompareOnline(_)
         | Command::CompareRest(_)
-        | Command::Rlp(_) => 1,
+        | Command::Rlp(_)
+        | Command::CompareDialogue(_) => 1,
         _ => rlhf_lm::available_cores(),
     });
     rlhf_lm::set_threads(threads);
@@ -195,5 +200,6 @@ fn real_main() -> Result<()> {
         Command::CompareRest(a) => train_cmds::compare_rest(a, &device),
         Command::Rlp(a) => train_cmds::rlp(a, &device),
         Command::RlpTable(a) => train_cmds::rlp_table(a),
+        Command::CompareDialogue(a) => train_cmds::compare_dialogue(a, &device),
     }
 }

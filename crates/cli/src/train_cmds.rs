@@ -91,6 +91,14 @@ pub fn compare_rest(a: RunArgs, device: &Device) -> Result<()> {
     Ok(())
 }
 
+pub fn compare_dialogue(a: RunArgs, device: &Device) -> Result<()> {
+    let cfg: rlhf_recipes::dialogue::CompareDialogueConfig = resolved(&a)?;
+    let report = rlhf_recipes::dialogue::run(&cfg, device).context("compare-dialogue")?;
+    println!("{}", rlhf_recipes::dialogue::format_markdown(&report));
+    println!("wrote {}", cfg.out_dir.join("report.json").display());
+    Ok(())
+}
+
 pub fn rlp(a: RunArgs, device: &Device) -> Result<()> {
     let cfg: rlhf_recipes::rlp::RlpConfig = resolved(&a)?;
     let report = rlhf_recipes::rlp::run(&cfg, a.resume, device).context("rlp")?;

@@ -6,8 +6,12 @@
 //! Online: [`reinforce`], [`rloo`], [`vanilla_pg`], [`raft`], [`grpo`], [`ppo`], and the iterative
 //! [`online_dpo`] (with self-rewarding as its self-judging preset) and [`rest`] (ReST, with
 //! ReST-EM as its preset). [`rlp`]: RLP's reward-model refresh on the policy's own samples (UML,
-//! SPG).
+//! SPG). Multi-turn: [`dialogue_sft`] (behaviour cloning and a user model in one model) and
+//! [`dialogue_rl`] (RLOO in imagined conversations with the learned user model, or model-free
+//! against the real user).
 
+pub mod dialogue_rl;
+pub mod dialogue_sft;
 pub mod dpo;
 pub mod grpo;
 pub mod kto;
@@ -26,7 +30,7 @@ use rlhf_rl::registry::Registered;
 
 /// Every method, in the order `rlhf --help` lists them. Adding a method: its file declares an
 /// `ENTRY`, and it is listed here (the command line, its help and `compare-online` follow).
-pub fn registry() -> [&'static dyn Registered; 15] {
+pub fn registry() -> [&'static dyn Registered; 17] {
     [
         &sft::ENTRY,
         &rm::ENTRY,
@@ -43,6 +47,8 @@ pub fn registry() -> [&'static dyn Registered; 15] {
         &grpo::ENTRY,
         &ppo::ENTRY,
         &rlp::ENTRY,
+        &dialogue_sft::ENTRY,
+        &dialogue_rl::ENTRY,
     ]
 }
 

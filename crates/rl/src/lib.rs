@@ -3,6 +3,8 @@
 //! - [`policy`]: the model being trained, its tokenizer and TRL-style encoding;
 //!   [`pairs`]: training rows and preference pairs as token ids;
 //! - [`rollout`]: the rollout engine (k samples per prompt, scored, reference log-probs);
+//!   [`conversation`], [`dialogue`]: conversations as episodes through the chat template, and the
+//!   multi-turn rollout engine with its user simulators (scripted, command/HTTP, a learned model);
 //!   [`reward`], [`reward_source`]: reward models and where scores come from (reward model, task
 //!   gold on explicit request, a command, an HTTP endpoint); [`judge`], [`preferences`]: labellers
 //!   (an LLM judge, simulated annotators);
@@ -20,6 +22,8 @@
 //! Nothing here imports a method (`rlhf-methods`), and methods import only from here.
 
 pub mod best_of_n;
+pub mod conversation;
+pub mod dialogue;
 pub mod eval;
 pub mod fit;
 pub mod judge;

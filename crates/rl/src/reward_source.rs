@@ -224,12 +224,12 @@ pub fn parse_scores(text: &str, n: usize) -> std::result::Result<Vec<f64>, Strin
 }
 
 /// Try `attempt` up to `1 + retries` times with doubling backoff; the error names `what`.
-fn with_retries(
+pub(crate) fn with_retries<T>(
     what: &str,
     retries: usize,
     backoff_s: f64,
-    mut attempt: impl FnMut() -> std::result::Result<Vec<f64>, String>,
-) -> Result<Vec<f64>> {
+    mut attempt: impl FnMut() -> std::result::Result<T, String>,
+) -> Result<T> {
     let mut wait = backoff_s.max(0.0);
     let mut errors = Vec::new();
     for i in 0..=retries {
@@ -264,6 +264,11 @@ pub struct CommandSource {
 
 impl CommandSource {
     fn run_once(&self, body: &str, n: usize) -> std::result::Result<Vec<f64>, String> {
+        parse_scores(&self.call(body)?, n)
+    }
+
+    /// Run the command once with `body` on stdin; its stdout, or what went wrong.
+    pub fn call(&self, body: &str) -> std::result::Result<String, String> {
         let mut child = Command::new(&self.argv[0])
             .args(&self.argv[1..])
             .stdin(Stdio::piped())
@@ -314,7 +319,7 @@ impl CommandSource {
             let tail = &err[err.char_indices().rev().nth(299).map_or(0, |(i, _)| i)..];
             return Err(format!("exited with {status}; stderr: {tail:?}"));
         }
-        parse_scores(&out, n)
+        Ok(out)
     }
 }
 
@@ -365,6 +370,11 @@ impl HttpSource {
     }
 
     fn post_once(&self, body: &str, n: usize) -> std::result::Result<Vec<f64>, String> {
+        parse_scores(&self.post(body)?, n)
+    }
+
+    /// POST `body` once; the response text of a successful status, or what went wrong.
+    pub fn post(&self, body: &str) -> std::result::Result<String, String> {
         let mut response = self
             .agent
             .post(&self.url)
@@ -383,7 +393,7 @@ impl HttpSource {
             let cut: String = text.chars().take(200).collect();
             return Err(format!("HTTP status {status}: {cut:?}"));
         }
-        parse_scores(&text, n)
+        Ok(text)
     }
 }
 

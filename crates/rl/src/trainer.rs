@@ -141,6 +141,8 @@ pub struct Trainer {
     pub step: u64,
     /// The method's own state from the checkpoint a resumed run started from.
     pub resumed_state: Option<serde_json::Value>,
+    /// The directory of that checkpoint (for files a method saved beside the weights).
+    pub resumed_from: Option<std::path::PathBuf>,
     /// `RLHF_TEST_KILL_AT_STEP`: fail right after this step, leaving the run directory as a killed
     /// process would (metrics past the last checkpoint, no final model). For resume tests.
     kill_at: Option<u64>,
@@ -158,7 +160,7 @@ impl Trainer {
         resume: bool,
     ) -> Result<Self> {
         let mut optimizer = Optimizer::new(lm, optim, total_steps)?;
-        let (run, metrics, step, resumed_state) = if resume {
+        let (run, metrics, step, resumed_state, resumed_from) = if resume {
             let run = RunDir::open_for_resume(dir)?;
             match run.latest_checkpoint()? {
                 Some(ck) => {
@@ -167,17 +169,17 @@ impl Trainer {
                     optimizer.load_state(&ck.load_optimizer(&device)?)?;
                     let metrics = MetricsLogger::resume(&run, ck.step)?;
                     eprintln!("resuming from {} (step {})", ck.dir.display(), ck.step);
-                    (run, metrics, ck.step, Some(ck.state))
+                    (run, metrics, ck.step, Some(ck.state), Some(ck.dir))
                 }
                 None => {
                     let metrics = MetricsLogger::resume(&run, 0)?;
-                    (run, metrics, 0, None)
+                    (run, metrics, 0, None, None)
                 }
             }
         } else {
             let run = RunDir::create_overwriting(dir, resolved_config)?;
             let metrics = MetricsLogger::new(&run)?;
-            (run, metrics, 0, None)
+            (run, metrics, 0, None, None)
         };
         Ok(Trainer {
             run,
@@ -185,6 +187,7 @@ impl Trainer {
             optimizer,
             step,
             resumed_state,
+            resumed_from,
             kill_at: std::env::var("RLHF_TEST_KILL_AT_STEP")
                 .ok()
                 .and_then(|s| s.parse().ok()),
@@ -230,6 +233,18 @@ impl Trainer {
 
     /// A checkpoint of the current step: weights (as an HF directory), optimiser, method state.
     pub fn checkpoint(&self, lm: &TrainableLm, state: serde_json::Value) -> Result<()> {
+        self.checkpoint_with(lm, state, &[])
+    }
+
+    /// [`Trainer::checkpoint`] with more tensors saved beside the weights, each as
+    /// `<name>.safetensors` in the checkpoint's directory (a second model, its optimiser state);
+    /// written before the checkpoint is made visible, so they are never missing or half-written.
+    pub fn checkpoint_with(
+        &self,
+        lm: &TrainableLm,
+        state: serde_json::Value,
+        extra: &[(&str, &std::collections::HashMap<String, candle_core::Tensor>)],
+    ) -> Result<()> {
         let weights = lm.snapshot()?;
         self.run.save_checkpoint_with(
             self.step,
@@ -243,6 +258,9 @@ impl Trainer {
                 )
                 .map_err(|e| rlhf_train::TrainError::io(dir.join("config.json"), e))?;
                 lm.tokenizer.save_hf(dir, lm.chat_template.as_ref())?;
+                for (name, tensors) in extra {
+                    rlhf_train::run::save_safetensors(&dir.join(format!("{name}.safetensors")), tensors)?;
+                }
                 Ok::<(), rlhf_train::TrainError>(())
             },
         )?;
