@@ -50,7 +50,8 @@ pub fn eval(a: RunArgs, device: &Device) -> Result<()> {
 
 #[derive(Args)]
 pub struct TestbedArgs {
-    /// sentiment | arithmetic | translate
+    /// sentiment | arithmetic | translate | dialogue (multi-turn: logs, held-out logs and an
+    /// `init/` tiny model with the game's chat template)
     #[arg(long, default_value = "sentiment")]
     pub task: String,
     #[arg(long, default_value_t = 0)]
@@ -62,6 +63,9 @@ pub struct TestbedArgs {
 
 /// Write a testbed task's data (TRL-format JSONL) and its tokenizer, for use with any command.
 pub fn testbed(a: TestbedArgs) -> Result<()> {
+    if a.task == "dialogue" {
+        return testbed_dialogue(&a);
+    }
     let task = rlhf_data::testbed::task_by_name(&a.task, a.seed).map_err(anyhow::Error::msg)?;
     let files = rlhf_data::testbed::write_task_files(task.as_ref(), &a.out)
         .with_context(|| format!("{}", a.out.display()))?;
@@ -73,6 +77,29 @@ pub fn testbed(a: TestbedArgs) -> Result<()> {
         files.prompts_train.display(),
         files.prompts_eval.display(),
         a.out.join("tokenizer").display()
+    );
+    Ok(())
+}
+
+/// The multi-turn game: its logs (TRL `messages` + `user_context`), held-out logs, tokenizer and a
+/// fresh tiny model with the game's chat template (`init/`), ready for `dialogue-sft`.
+fn testbed_dialogue(a: &TestbedArgs) -> Result<()> {
+    use rlhf_data::testbed::dialogue as game;
+    let task = game::DialogueTask::new(a.seed, game::DialogueSize::default());
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+    let (logs, eval) = (a.out.join("logs.jsonl"), a.out.join("eval_logs.jsonl"));
+    game::write_logs(&logs, task.logs()).with_context(|| format!("{}", logs.display()))?;
+    game::write_logs(&eval, task.eval_logs()).with_context(|| format!("{}", eval.display()))?;
+    let lm = rlhf_rl::dialogue::testbed_dialogue_model(a.seed, &Device::Cpu)?;
+    lm.tokenizer
+        .save_hf(&a.out.join("tokenizer"), lm.chat_template.as_ref())?;
+    lm.save(&a.out.join("init"))?;
+    println!(
+        "{}\n{}\n{}\n{}",
+        logs.display(),
+        eval.display(),
+        a.out.join("tokenizer").display(),
+        a.out.join("init").display()
     );
     Ok(())
 }

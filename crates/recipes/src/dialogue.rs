@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use rlhf_data::testbed::dialogue as game;
 use rlhf_data::testbed::Annotator;
-use rlhf_lm::ChatTemplate;
 use rlhf_train::run::{read_jsonl, write_json};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
@@ -35,9 +34,11 @@ use rlhf_methods::dialogue_rl::{self, DialogueEval, DialogueRewardKind, Dialogue
 use rlhf_methods::dialogue_sft::{self, DialogueSftConfig};
 use rlhf_methods::rm::{self, RmConfig};
 use rlhf_rl::conversation::{transcript, Dialogue};
-use rlhf_rl::dialogue::{renderer_for, roll_out, Branch, PolicySide, ScriptedUser, TurnConfig};
+use rlhf_rl::dialogue::{
+    renderer_for, roll_out, testbed_dialogue_model, Branch, PolicySide, ScriptedUser, TurnConfig,
+};
 use rlhf_rl::fit::FitConfig;
-use rlhf_rl::policy::{fresh_tiny, TrainableLm};
+use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::preferences::{write_pairs, LabelledPair};
 use rlhf_rl::trainer::OptimConfig;
 
@@ -158,18 +159,6 @@ fn write_data(cfg: &CompareDialogueConfig) -> Result<(PathBuf, PathBuf, PathBuf)
     Ok((all, few, eval))
 }
 
-/// A fresh tiny model for the game: its tokenizer and chat template.
-pub fn game_model(seed: u64, device: &Device) -> Result<TrainableLm> {
-    let mut lm = fresh_tiny(game::tokenizer(), seed, device)?;
-    lm.chat_template = Some(ChatTemplate::new(
-        game::CHAT_TEMPLATE,
-        Some(rlhf_data::testbed::BOS.into()),
-        Some(rlhf_data::testbed::EOS.into()),
-    )?);
-    lm.generation.max_new_tokens = Some(16);
-    Ok(lm)
-}
-
 fn sft(cfg: &CompareDialogueConfig, init: &Path, train: &Path, user: &Path, out: PathBuf, seed: u64, device: &Device) -> Result<PathBuf> {
     if cfg.reuse && out.join("model/config.json").is_file() {
         return Ok(out.join("model"));
@@ -280,7 +269,7 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
         step(&format!("seed {seed}: tiny model, dialogue-sft on both roles"));
         let init = dir.join("init");
         if !(cfg.reuse && init.join("config.json").is_file()) {
-            game_model(seed, device)?.save(&init)?;
+            testbed_dialogue_model(seed, device)?.save(&init)?;
         }
         let sft_all = sft(cfg, &init, &all, &all, dir.join("sft"), seed, device)?;
         let want = |v: &str| cfg.variants.iter().any(|x| x == v);

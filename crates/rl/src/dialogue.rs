@@ -460,6 +460,22 @@ impl Default for TurnConfig {
     }
 }
 
+/// Who speaks the assistant's turns in a rollout: the policy ([`PolicySide`]), or a script in
+/// tests.
+pub trait AssistantSpeaker {
+    /// One turn per prompt (each prompt ends with the assistant's header), sampled as `params`
+    /// says: the emitted tokens (ending at EOS when the turn ended) and their log-probs.
+    fn speak(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        batch_size: usize,
+    ) -> Result<Vec<rlhf_lm::generate::Sample>>;
+    /// The text of emitted tokens (special tokens dropped).
+    fn decode(&self, ids: &[u32]) -> Result<String>;
+    fn eos_ids(&self) -> &[u32];
+}
+
 /// The policy's side of a rollout.
 pub struct PolicySide<'a> {
     pub model: &'a Llama,
@@ -468,9 +484,26 @@ pub struct PolicySide<'a> {
     pub eos_ids: &'a [u32],
 }
 
+impl AssistantSpeaker for PolicySide<'_> {
+    fn speak(
+        &self,
+        prompts: &[Vec<u32>],
+        params: &SamplingParams,
+        batch_size: usize,
+    ) -> Result<Vec<rlhf_lm::generate::Sample>> {
+        generate_chunked(self.model, prompts, self.pad_id, params, batch_size)
+    }
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(self.tokenizer.decode(ids, true)?)
+    }
+    fn eos_ids(&self) -> &[u32] {
+        self.eos_ids
+    }
+}
+
 /// Grow every branch turn pair by turn pair until each is done (see the module docs).
 pub fn roll_out(
-    policy: &PolicySide,
+    policy: &dyn AssistantSpeaker,
     renderer: &Renderer,
     user: &dyn UserSimulator,
     branches: &mut [Branch],
@@ -502,13 +535,19 @@ pub fn roll_out(
             temperature: turns.temperature,
             top_p: turns.top_p,
             seed: step_seed(seed, 2 * round),
-            eos_token_ids: policy.eos_ids.to_vec(),
+            eos_token_ids: policy.eos_ids().to_vec(),
             ..SamplingParams::default()
         };
-        let samples =
-            generate_chunked(policy.model, &prompts, policy.pad_id, &params, turns.batch_size)?;
+        let samples = policy.speak(&prompts, &params, turns.batch_size)?;
+        if samples.len() != open.len() {
+            return Err(TrainError::invalid(format!(
+                "the assistant spoke {} turns for {} dialogues",
+                samples.len(),
+                open.len()
+            )));
+        }
         for (&i, s) in open.iter().zip(samples) {
-            let content = policy.tokenizer.decode(&s.tokens, true)?.trim().to_string();
+            let content = policy.decode(&s.tokens)?.trim().to_string();
             branches[i].push(
                 renderer,
                 Message::new("assistant", content),
@@ -559,6 +598,20 @@ pub fn renderer_for<'a>(
         )
     })?;
     Ok(Renderer::new(template, tokenizer, eos_ids))
+}
+
+/// A fresh tiny model for the testbed's `dialogue` game: the game's tokenizer and chat template
+/// (every turn ends with `</s>`), the testbed's tiny architecture.
+pub fn testbed_dialogue_model(seed: u64, device: &Device) -> Result<crate::policy::TrainableLm> {
+    use rlhf_data::testbed::{dialogue as game, BOS, EOS};
+    let mut lm = crate::policy::fresh_tiny(game::tokenizer(), seed, device)?;
+    lm.chat_template = Some(ChatTemplate::new(
+        game::CHAT_TEMPLATE,
+        Some(BOS.into()),
+        Some(EOS.into()),
+    )?);
+    lm.generation.max_new_tokens = Some(16);
+    Ok(lm)
 }
 
 /// Frozen weights as a model on `device` (a user-model snapshot).
