@@ -56,6 +56,9 @@ enum Command {
     /// model-based RL with a learned user model, model-free RL against the scripted user, Dyna,
     /// a user model from 10% of the logs, a reward model over dialogues; writes a markdown table.
     CompareDialogue(train_cmds::RunArgs),
+    /// The testbed `dialogue` game's scripted user as a command (JSON on stdin and stdout), for
+    /// `dialogue-rl`'s `environment.source = "command"`.
+    DialogueUser,
 }
 
 /// `cpu` or `cuda:N`.
@@ -201,5 +204,6 @@ fn real_main() -> Result<()> {
         Command::Rlp(a) => train_cmds::rlp(a, &device),
         Command::RlpTable(a) => train_cmds::rlp_table(a),
         Command::CompareDialogue(a) => train_cmds::compare_dialogue(a, &device),
+        Command::DialogueUser => train_cmds::dialogue_user(),
     }
 }

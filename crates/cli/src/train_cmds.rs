@@ -104,6 +104,38 @@ fn testbed_dialogue(a: &TestbedArgs) -> Result<()> {
     Ok(())
 }
 
+/// The testbed `dialogue` game's scripted user behind the user-simulator command protocol of
+/// `dialogue-rl` (`environment.source = "command"`): `{"dialogues": [{"user_context", "messages"}]}`
+/// on stdin, `{"replies": [{"content", "won", "done"}]}` on stdout.
+pub fn dialogue_user() -> Result<()> {
+    use rlhf_data::testbed::dialogue as game;
+    use std::io::Read;
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .context("reading stdin")?;
+    let v: serde_json::Value = serde_json::from_str(&input).context("stdin is not JSON")?;
+    let dialogues = v["dialogues"]
+        .as_array()
+        .context("stdin: no `dialogues` list")?;
+    let mut replies = Vec::with_capacity(dialogues.len());
+    for (i, d) in dialogues.iter().enumerate() {
+        let ctx = d["user_context"].as_str().unwrap_or("");
+        let item = game::item_from_context(ctx).with_context(|| {
+            format!("dialogues[{i}].user_context: {ctx:?} names no animal of the game")
+        })?;
+        let last = d["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m["content"].as_str())
+            .with_context(|| format!("dialogues[{i}].messages: missing or empty"))?;
+        let (content, won) = game::reply(item, last);
+        replies.push(serde_json::json!({"content": content, "won": won, "done": won}));
+    }
+    println!("{}", serde_json::json!({ "replies": replies }));
+    Ok(())
+}
+
 pub fn compare_online(a: RunArgs, device: &Device) -> Result<()> {
     let cfg: rlhf_recipes::compare::CompareConfig = resolved(&a)?;
     let report = rlhf_recipes::compare::run(&cfg, device).context("compare-online")?;

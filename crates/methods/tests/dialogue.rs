@@ -120,6 +120,12 @@ fn model_free_runs_count_real_episodes_and_evaluate_on_the_scripted_user() {
     let expected = e.success_rate - 0.1 * e.mean_turns;
     assert!((e.mean_return - expected).abs() < 1e-9);
     assert!(e.user_nll.is_none(), "model-free trains no user model");
+    // The first iteration samples from the reference itself: the KL between the sampler's
+    // log-probs and the reference's teacher-forced ones over the branches' assistant tokens is
+    // zero up to float error (token layout and scoring agree turn by turn).
+    let first = &common::metrics(&root.join("rl/metrics.jsonl"))[0];
+    let kl = first["kl"].as_f64().unwrap();
+    assert!(kl.abs() < 1e-3, "kl at the first iteration {kl}");
 }
 
 #[test]

@@ -53,6 +53,13 @@ fn committed_configs_resolve_for_their_commands() {
                 )
                 .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             }
+            None if cmd == "compare-dialogue" => {
+                rlhf_train::config::resolve::<rlhf_recipes::dialogue::CompareDialogueConfig>(
+                    Some(&f),
+                    &[],
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            }
             None => panic!("{}: unknown command `{cmd}`", f.display()),
         }
     }
