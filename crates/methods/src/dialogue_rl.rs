@@ -292,7 +292,7 @@ pub struct DialogueEval {
     pub success_rate: f64,
     /// Mean assistant turns per game.
     pub mean_turns: f64,
-    /// Mean of 1[won] − turn_cost · turns (the testbed game's gold).
+    /// Mean of 1[won] − turn_cost · turns (the testbed game's gold, at its own cost of 0.1).
     pub mean_return: f64,
     /// The user model's held-out NLL per user token.
     pub user_nll: Option<f64>,
@@ -601,9 +601,15 @@ fn evaluate_games(
     let n = branches.len() as f64;
     let won = branches.iter().filter(|b| b.won).count() as f64 / n;
     let mean_turns = branches.iter().map(|b| b.assistant_turns() as f64).sum::<f64>() / n;
+    // The testbed game's gold always costs its own 0.1 per turn, whatever the training reward.
+    let cost = if cfg.task.as_deref() == Some("dialogue") {
+        game::TURN_COST
+    } else {
+        cfg.reward.turn_cost
+    };
     let ret = branches
         .iter()
-        .map(|b| success_return(b, cfg.reward.turn_cost))
+        .map(|b| success_return(b, cost))
         .sum::<f64>()
         / n;
     Ok((won, mean_turns, ret))

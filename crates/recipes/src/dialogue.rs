@@ -1,9 +1,11 @@
 //! `rlhf compare-dialogue`: the multi-turn study on the testbed's `dialogue` game, over seeds.
 //!
-//! Per seed: a fresh tiny model with the game's chat template; `dialogue-sft` on the logged
-//! conversations of the mediocre scripted assistant (assistant turns cloned, user turns modelled,
-//! one model); then `dialogue-rl` variants from it, each evaluated against the **scripted user**
-//! (the real environment) on held-out games:
+//! Once: a fresh tiny model with the game's chat template (`sft_seed`); `dialogue-sft` on the
+//! logged conversations of the mediocre scripted assistant (assistant turns cloned, user turns
+//! modelled, one model), and the reward model over dialogues. Per seed: `dialogue-rl` variants
+//! from that model, each evaluated against the **scripted user** (the real environment) on held-out
+//! games. Seeds vary the RL runs (prefix draws, sampling); the supervised models are trained once,
+//! because on two cores they cost more than all RL runs of a seed together:
 //!
 //! - `sft`: the behaviour-cloned policy (every run's first evaluation);
 //! - `model-based`: RLOO in imagined conversations with the frozen user-model snapshot only;
@@ -53,6 +55,8 @@ pub struct CompareDialogueConfig {
     pub seeds: Vec<u64>,
     /// Seed of the game's logs and held-out games (the same data for every seed).
     pub task_seed: u64,
+    /// Seed of the supervised models (initialisation, data order), trained once for all seeds.
+    pub sft_seed: u64,
     /// Which `dialogue-rl` variants to run (see the module docs); `sft` is always reported.
     pub variants: Vec<String>,
     pub sft_epochs: usize,
@@ -85,10 +89,11 @@ impl Default for CompareDialogueConfig {
             out_dir: PathBuf::from("runs/compare-dialogue"),
             seeds: vec![0, 1, 2],
             task_seed: 0,
+            sft_seed: 0,
             variants: VARIANTS.iter().map(|s| s.to_string()).collect(),
             sft_epochs: 4,
             sft_lr: 2e-3,
-            iterations: 60,
+            iterations: 50,
             rl_lr: 2e-4,
             kl_beta: 0.02,
             prompts_per_step: 16,
@@ -263,22 +268,52 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
     }
     step("the dialogue game's logs");
     let (all, few, _) = write_data(cfg)?;
+    let out = &cfg.out_dir;
+    let want = |v: &str| cfg.variants.iter().any(|x| x == v);
+    step("tiny model, dialogue-sft on both roles");
+    let init = out.join("init");
+    if !(cfg.reuse && init.join("config.json").is_file()) {
+        testbed_dialogue_model(cfg.sft_seed, device)?.save(&init)?;
+    }
+    let sft_all = sft(cfg, &init, &all, &all, out.join("sft"), cfg.sft_seed, device)?;
+    let sft_few = if want("user-10pct") {
+        step(&format!(
+            "dialogue-sft with the user model on {} of the logs",
+            cfg.few_logs_fraction
+        ));
+        Some(sft(cfg, &init, &all, &few, out.join("sft-user-few"), cfg.sft_seed, device)?)
+    } else {
+        None
+    };
+    let rm_dir = out.join("rm");
+    if want("rm-reward") && !(cfg.reuse && rm_dir.join("model/config.json").is_file()) {
+        step("reward model over dialogues: annotated pairs of SFT games");
+        let pairs = out.join("dialogue_pairs.jsonl");
+        let n = dialogue_pairs(cfg, &sft_all, &pairs, cfg.sft_seed, device)?;
+        eprintln!("{n} labelled dialogue pairs");
+        let rm_cfg = RmConfig {
+            model: sft_all.clone(),
+            train_file: pairs,
+            fit: FitConfig {
+                output_dir: rm_dir.clone(),
+                epochs: cfg.rm_epochs,
+                batch_size: 32,
+                max_len: 256,
+                save_every: 0,
+                seed: cfg.sft_seed,
+                optim: OptimConfig {
+                    lr: cfg.rm_lr,
+                    ..OptimConfig::default()
+                },
+                ..FitConfig::default()
+            },
+            ..RmConfig::default()
+        };
+        rm::run(&rm_cfg, false, device)?;
+    }
     let mut runs = Vec::new();
     for &seed in &cfg.seeds {
         let dir = cfg.out_dir.join(format!("seed-{seed}"));
-        step(&format!("seed {seed}: tiny model, dialogue-sft on both roles"));
-        let init = dir.join("init");
-        if !(cfg.reuse && init.join("config.json").is_file()) {
-            testbed_dialogue_model(seed, device)?.save(&init)?;
-        }
-        let sft_all = sft(cfg, &init, &all, &all, dir.join("sft"), seed, device)?;
-        let want = |v: &str| cfg.variants.iter().any(|x| x == v);
-        let sft_few = if want("user-10pct") {
-            step(&format!("seed {seed}: dialogue-sft with the user model on {} of the logs", cfg.few_logs_fraction));
-            Some(sft(cfg, &init, &all, &few, dir.join("sft-user-few"), seed, device)?)
-        } else {
-            None
-        };
         for variant in VARIANTS.iter().filter(|v| want(v)) {
             step(&format!("seed {seed}: dialogue-rl `{variant}`"));
             let started = std::time::Instant::now();
@@ -303,28 +338,12 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
                     c.user_file = Some(few.clone());
                 }
                 "rm-reward" => {
-                    let pairs = dir.join("dialogue_pairs.jsonl");
-                    let n = dialogue_pairs(cfg, &sft_all, &pairs, seed, device)?;
-                    eprintln!("{n} labelled dialogue pairs");
-                    let rm_cfg = RmConfig {
-                        model: sft_all.clone(),
-                        train_file: pairs,
-                        fit: FitConfig {
-                            output_dir: dir.join("rm"),
-                            epochs: cfg.rm_epochs,
-                            batch_size: 32,
-                            max_len: 256,
-                            save_every: 0,
-                            seed,
-                            optim: OptimConfig { lr: cfg.rm_lr, ..OptimConfig::default() },
-                            ..FitConfig::default()
-                        },
-                        ..RmConfig::default()
-                    };
-                    rm::run(&rm_cfg, false, device)?;
                     c.reward.kind = DialogueRewardKind::Scorer;
-                    c.reward.scorer.model = Some(dir.join("rm/model"));
+                    c.reward.scorer.model = Some(rm_dir.join("model"));
                     c.reward.scorer.normalize = false;
+                    // The reward model was trained on gold preferences that already charge for
+                    // turns.
+                    c.reward.turn_cost = 0.0;
                 }
                 _ => unreachable!("checked above"),
             }

@@ -224,8 +224,18 @@ pub fn tiny_config(vocab_size: usize) -> LlamaConfig {
 
 /// A freshly initialised tiny model for a tokenizer (normal(0, 0.02) like HF's initialiser).
 pub fn fresh_tiny(tokenizer: Tokenizer, seed: u64, device: &Device) -> Result<TrainableLm> {
+    fresh_tiny_with_std(tokenizer, seed, 0.02, device)
+}
+
+/// [`fresh_tiny`] with weights drawn from normal(0, `std`).
+pub fn fresh_tiny_with_std(
+    tokenizer: Tokenizer,
+    seed: u64,
+    std: f64,
+    device: &Device,
+) -> Result<TrainableLm> {
     let config = tiny_config(tokenizer.vocab_size());
-    let weights = random_weights(&config, seed, 0.02, device)?;
+    let weights = random_weights(&config, seed, std, device)?;
     let pad_id = tokenizer.pad_token_id.unwrap_or(0);
     let eos_ids = tokenizer.eos_token_ids.clone();
     Ok(TrainableLm {
