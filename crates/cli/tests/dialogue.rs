@@ -20,7 +20,12 @@ fn killed_dialogue_rl_resumes_to_the_same_result() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for f in ["logs.jsonl", "eval_logs.jsonl", "init/config.json", "tokenizer/tokenizer.json"] {
+    for f in [
+        "logs.jsonl",
+        "eval_logs.jsonl",
+        "init/config.json",
+        "tokenizer/tokenizer.json",
+    ] {
         assert!(data.join(f).is_file(), "{f}");
     }
     // Separate user model, Dyna (iteration 3 against the scripted user), supervised steps and

@@ -54,8 +54,8 @@ use serde::{Deserialize, Serialize};
 
 use rlhf_rl::conversation::{load_dialogues, transcript, Dialogue, Renderer, View};
 use rlhf_rl::dialogue::{
-    frozen_model, renderer_for, roll_out, starts_with_any, success_return, Branch, ExternalUser, ModelUser,
-    PolicySide, ScriptedUser, TurnConfig, UserSimulator,
+    frozen_model, renderer_for, roll_out, starts_with_any, success_return, Branch, ExternalUser,
+    ModelUser, PolicySide, ScriptedUser, TurnConfig, UserSimulator,
 };
 use rlhf_rl::objectives::masked_sequence_loss;
 use rlhf_rl::policy::TrainableLm;
@@ -397,12 +397,13 @@ struct Data {
 fn load_data(cfg: &DialogueRlConfig) -> Result<Data> {
     let testbed = match cfg.task.as_deref() {
         None => None,
-        Some("dialogue") => Some(game::DialogueTask::new(cfg.task_seed, game::DialogueSize::default())),
-        Some(other) => {
-            return Err(TrainError::invalid(format!(
-                "dialogue-rl: task `{other}` is single-turn; the multi-turn testbed task is `dialogue`"
-            )))
-        }
+        Some("dialogue") => Some(game::DialogueTask::new(
+            cfg.task_seed,
+            game::DialogueSize::default(),
+        )),
+        Some(other) => return Err(TrainError::invalid(format!(
+            "dialogue-rl: task `{other}` is single-turn; the multi-turn testbed task is `dialogue`"
+        ))),
     };
     let from_logs = |logs: &[game::Log]| -> Vec<Dialogue> {
         logs.iter()
@@ -415,7 +416,11 @@ fn load_data(cfg: &DialogueRlConfig) -> Result<Data> {
     let train = match (&cfg.train_file, &testbed) {
         (Some(f), _) => load_dialogues(f)?,
         (None, Some(t)) => from_logs(t.logs()),
-        (None, None) => return Err(TrainError::invalid("dialogue-rl needs train_file or task = \"dialogue\"")),
+        (None, None) => {
+            return Err(TrainError::invalid(
+                "dialogue-rl needs train_file or task = \"dialogue\"",
+            ))
+        }
     };
     let user = match &cfg.user_file {
         Some(f) => load_dialogues(f)?,
@@ -438,7 +443,11 @@ fn load_data(cfg: &DialogueRlConfig) -> Result<Data> {
         _ => eval
             .iter()
             .map(|d| {
-                let first_user = d.messages.iter().position(|m| m.role == "user").unwrap_or(0);
+                let first_user = d
+                    .messages
+                    .iter()
+                    .position(|m| m.role == "user")
+                    .unwrap_or(0);
                 Dialogue {
                     user_context: d.user_context.clone(),
                     messages: d.messages[..=first_user].to_vec(),
@@ -451,7 +460,6 @@ fn load_data(cfg: &DialogueRlConfig) -> Result<Data> {
         user,
         eval,
         games: games.into_iter().take(cfg.eval_games).collect(),
-        
     })
 }
 
@@ -600,7 +608,11 @@ fn evaluate_games(
     roll_out(policy, renderer, env, &mut branches, &turns, EVAL_SEED)?;
     let n = branches.len() as f64;
     let won = branches.iter().filter(|b| b.won).count() as f64 / n;
-    let mean_turns = branches.iter().map(|b| b.assistant_turns() as f64).sum::<f64>() / n;
+    let mean_turns = branches
+        .iter()
+        .map(|b| b.assistant_turns() as f64)
+        .sum::<f64>()
+        / n;
     // The testbed game's gold always costs its own 0.1 per turn, whatever the training reward.
     let cost = if cfg.task.as_deref() == Some("dialogue") {
         game::TURN_COST
@@ -658,7 +670,12 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
         (UserModelKind::Shared, true) => true,
         _ => cfg.assistant_nll_weight > 0.0,
     };
-    let total = cfg.iterations + if policy_supervised { supervised_steps } else { 0 };
+    let total = cfg.iterations
+        + if policy_supervised {
+            supervised_steps
+        } else {
+            0
+        };
     // 2. The run (or its latest checkpoint, with the user snapshot saved beside it).
     let mut trainer = Trainer::start(&cfg.output_dir, cfg, &lm, &cfg.optim, total, resume)?;
     let mut user_optimizer = match &separate {
@@ -677,8 +694,14 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
     if let Some(dir) = trainer.resumed_from.clone() {
         snapshot = load_safetensors(&dir.join("user_snapshot.safetensors"), device)?;
         if let (Some(u), Some(opt)) = (&separate, user_optimizer.as_mut()) {
-            u.load_weights(&load_safetensors(&dir.join("user_model.safetensors"), device)?)?;
-            opt.load_state(&load_safetensors(&dir.join("user_optimizer.safetensors"), device)?)?;
+            u.load_weights(&load_safetensors(
+                &dir.join("user_model.safetensors"),
+                device,
+            )?)?;
+            opt.load_state(&load_safetensors(
+                &dir.join("user_optimizer.safetensors"),
+                device,
+            )?)?;
         }
     }
     // Dyna's real conversations so far (only those before the checkpoint survive a resume).
@@ -718,7 +741,10 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             win_prefixes: cfg.win_prefixes.clone(),
         })
     };
-    let evaluate = |lm: &TrainableLm, snapshot: &HashMap<String, Tensor>, state: &State| -> Result<DialogueEval> {
+    let evaluate = |lm: &TrainableLm,
+                    snapshot: &HashMap<String, Tensor>,
+                    state: &State|
+     -> Result<DialogueEval> {
         let model = lm.model(device)?.detached();
         let policy = PolicySide {
             model: &model,
@@ -729,7 +755,12 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
         let (success_rate, mean_turns, mean_return) =
             evaluate_games(cfg, &policy, &renderer, env.as_ref(), &data.games)?;
         let (user_nll, user_answer_accuracy) = if train_user {
-            let eval: Vec<Dialogue> = data.eval.iter().take(cfg.eval_conversations).cloned().collect();
+            let eval: Vec<Dialogue> = data
+                .eval
+                .iter()
+                .take(cfg.eval_conversations)
+                .cloned()
+                .collect();
             user_model_metrics(&user_side(snapshot, 0.0)?, &renderer, &eval, device)?
         } else {
             (None, None)
@@ -766,8 +797,17 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
         let mut starts = Vec::with_capacity(cfg.prompts_per_step * cfg.k);
         for _ in 0..cfg.prompts_per_step {
             let d = &data.train[rng.random_range(0..data.train.len())];
-            let cuts = prefix_cuts(d, cfg.max_prefix_turns, cfg.turns.turn_limit, &cfg.win_prefixes);
-            let cut = if cuts.is_empty() { 1 } else { cuts[rng.random_range(0..cuts.len())] };
+            let cuts = prefix_cuts(
+                d,
+                cfg.max_prefix_turns,
+                cfg.turns.turn_limit,
+                &cfg.win_prefixes,
+            );
+            let cut = if cuts.is_empty() {
+                1
+            } else {
+                cuts[rng.random_range(0..cuts.len())]
+            };
             let prefix = Dialogue {
                 user_context: d.user_context.clone(),
                 messages: d.messages[..cut].to_vec(),
@@ -786,18 +826,35 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
         };
         let mut branches = starts;
         if real {
-            roll_out(&policy, &renderer, env.as_ref(), &mut branches, &cfg.turns, step_seed(seed ^ 1, it))?;
+            roll_out(
+                &policy,
+                &renderer,
+                env.as_ref(),
+                &mut branches,
+                &cfg.turns,
+                step_seed(seed ^ 1, it),
+            )?;
             state.real_episodes += branches.len() as u64;
         } else {
             let user = user_side(&snapshot, cfg.user_temperature)?;
-            roll_out(&policy, &renderer, &user, &mut branches, &cfg.turns, step_seed(seed ^ 1, it))?;
+            roll_out(
+                &policy,
+                &renderer,
+                &user,
+                &mut branches,
+                &cfg.turns,
+                step_seed(seed ^ 1, it),
+            )?;
             state.imagined_episodes += branches.len() as u64;
         }
         // 3. Returns, the assistant-only KL to the reference, leave-one-out advantages.
         let g = returns(cfg, scorer.as_ref(), &renderer, &branches)?;
         let episodes: Vec<Episode> = branches.iter().map(Branch::rl_episode).collect();
         let mut kl = Vec::with_capacity(branches.len());
-        for (chunk_e, chunk_b) in episodes.chunks(cfg.micro_batch).zip(branches.chunks(cfg.micro_batch)) {
+        for (chunk_e, chunk_b) in episodes
+            .chunks(cfg.micro_batch)
+            .zip(branches.chunks(cfg.micro_batch))
+        {
             let batch = EpisodeBatch::new(chunk_e, lm.pad_id, device)?;
             let ref_lp = episode_logprobs(&reference, &batch, 1.0)?
                 .broadcast_mul(&batch.assistant_mask)?
@@ -808,7 +865,11 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
                 kl.push(sampled - r as f64);
             }
         }
-        let shaped: Vec<f64> = g.iter().zip(&kl).map(|(g, k)| g - cfg.kl_beta * k).collect();
+        let shaped: Vec<f64> = g
+            .iter()
+            .zip(&kl)
+            .map(|(g, k)| g - cfg.kl_beta * k)
+            .collect();
         let adv = loo_advantages(&shaped, cfg.k);
         // 4. One RLOO step on the assistant tokens of the branches (the prefix is context).
         let mut acc = trainer.accumulator();
@@ -817,14 +878,25 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             let batch = EpisodeBatch::new(chunk, lm.pad_id, device)?;
             let lp = episode_logprobs(&lm.model(device)?, &batch, 1.0)?;
             let a = &adv[idx * cfg.micro_batch..idx * cfg.micro_batch + chunk.len()];
-            let loss = (masked_sequence_loss(&lp, &batch.assistant_mask, a)? * (chunk.len() as f64 / n as f64))?;
+            let loss = (masked_sequence_loss(&lp, &batch.assistant_mask, a)?
+                * (chunk.len() as f64 / n as f64))?;
             acc.add(loss.backward()?)?;
         }
         let stats = trainer.apply(acc.finish())?;
         let mut metrics = vec![
             ("return", mean(&g)),
-            ("won", branches.iter().filter(|b| b.won).count() as f64 / n as f64),
-            ("turns", branches.iter().map(|b| b.assistant_turns() as f64).sum::<f64>() / n as f64),
+            (
+                "won",
+                branches.iter().filter(|b| b.won).count() as f64 / n as f64,
+            ),
+            (
+                "turns",
+                branches
+                    .iter()
+                    .map(|b| b.assistant_turns() as f64)
+                    .sum::<f64>()
+                    / n as f64,
+            ),
             ("kl", mean(&kl)),
             ("shaped_return", mean(&shaped)),
             ("real", f64::from(u8::from(real))),
@@ -841,7 +913,11 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
         // 5. Interleaved supervised step on real conversations: user NLL (+ α assistant NLL).
         if cfg.supervised_every > 0 && (it + 1) % cfg.supervised_every == 0 {
             let mut rng = StdRng::seed_from_u64(step_seed(seed ^ 2, it));
-            let pool_user: Vec<&Dialogue> = data.user.iter().chain(real_rows.iter().map(|r| &r.dialogue)).collect();
+            let pool_user: Vec<&Dialogue> = data
+                .user
+                .iter()
+                .chain(real_rows.iter().map(|r| &r.dialogue))
+                .collect();
             let user_batch: Vec<&Dialogue> = (0..cfg.supervised_batch)
                 .map(|_| pool_user[rng.random_range(0..pool_user.len())])
                 .collect();
@@ -931,8 +1007,12 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             evals.push(e);
             write_jsonl(&evals_path, &evals)?;
         }
-        if cfg.save_every > 0 && state.iteration % cfg.save_every == 0 && state.iteration < cfg.iterations {
-            let mut extra: Vec<(&str, &HashMap<String, Tensor>)> = vec![("user_snapshot", &snapshot)];
+        if cfg.save_every > 0
+            && state.iteration % cfg.save_every == 0
+            && state.iteration < cfg.iterations
+        {
+            let mut extra: Vec<(&str, &HashMap<String, Tensor>)> =
+                vec![("user_snapshot", &snapshot)];
             let (user_weights, user_state);
             if let (Some(u), Some(opt)) = (&separate, &user_optimizer) {
                 user_weights = u.snapshot()?;

@@ -104,7 +104,11 @@ fn role_nll(
         })
         .collect::<candle_core::Result<_>>()?;
     let mask = Tensor::cat(&rows_mask, 0)?;
-    Ok((lp.broadcast_mul(&mask.to_dtype(lp.dtype())?)?.sum_all()?.neg()? / n_tokens.max(1) as f64)?)
+    Ok((lp
+        .broadcast_mul(&mask.to_dtype(lp.dtype())?)?
+        .sum_all()?
+        .neg()?
+        / n_tokens.max(1) as f64)?)
 }
 
 /// Trained tokens of an example (its role's targets).
@@ -113,7 +117,11 @@ fn trained_tokens(e: &Example) -> usize {
         View::Assistant => rlhf_lm::Role::Assistant,
         View::User => rlhf_lm::Role::User,
     };
-    e.episode.target_roles().iter().filter(|&&r| r == role).count()
+    e.episode
+        .target_roles()
+        .iter()
+        .filter(|&&r| r == role)
+        .count()
 }
 
 fn examples(
@@ -156,7 +164,12 @@ fn examples(
 }
 
 /// Held-out NLL per token of one role.
-fn eval_nll(lm: &TrainableLm, rows: &[Example], view: View, device: &Device) -> Result<Option<f64>> {
+fn eval_nll(
+    lm: &TrainableLm,
+    rows: &[Example],
+    view: View,
+    device: &Device,
+) -> Result<Option<f64>> {
     let rows: Vec<&Example> = rows.iter().filter(|e| e.view == view).collect();
     if rows.is_empty() {
         return Ok(None);
@@ -187,7 +200,10 @@ pub fn run(cfg: &DialogueSftConfig, resume: bool, device: &Device) -> Result<Dia
     let loss = |lm: &TrainableLm, batch: &[usize], part: &[usize]| {
         let n_tokens: usize = batch.iter().map(|&i| trained_tokens(&train[i])).sum();
         let rows: Vec<&Example> = part.iter().map(|&i| &train[i]).collect();
-        Ok((role_nll(&lm.model(device)?, lm.pad_id, &rows, n_tokens, device)?, Vec::new()))
+        Ok((
+            role_nll(&lm.model(device)?, lm.pad_id, &rows, n_tokens, device)?,
+            Vec::new(),
+        ))
     };
     let held_out = |trainer: &mut Trainer, lm: &TrainableLm| {
         let rows = eval.as_ref().expect("eval_every is 0 without eval");

@@ -91,7 +91,10 @@ fn the_shared_models_frozen_snapshot_is_what_the_user_plays() {
     c.supervised_every = 1;
     dialogue_rl::run(&c, false, &CPU).unwrap();
     let ck = root.join("rl/checkpoints/step-2");
-    assert!(ck.is_dir(), "after iteration 1: an RL and a supervised step");
+    assert!(
+        ck.is_dir(),
+        "after iteration 1: an RL and a supervised step"
+    );
     let snap = load_safetensors(&ck.join("user_snapshot.safetensors"), &CPU).unwrap();
     assert!(identical(&snap, &base));
     assert!(!identical(&weights(&ck), &base));
@@ -161,10 +164,17 @@ fn dialogue_sft_trains_both_roles_and_reports_held_out_nll() {
     // epochs must bring both roles well below it.
     assert!(a < 3.5 && u < 3.5, "assistant {a}, user {u}");
     // A file of plain prompt/completion rows is refused with its line and field.
-    std::fs::write(root.join("bad.jsonl"), "{\"prompt\": \"x\", \"completion\": \"y\"}\n").unwrap();
+    std::fs::write(
+        root.join("bad.jsonl"),
+        "{\"prompt\": \"x\", \"completion\": \"y\"}\n",
+    )
+    .unwrap();
     c.train_file = root.join("bad.jsonl");
     let err = dialogue_sft::run(&c, false, &CPU).unwrap_err().to_string();
-    assert!(err.contains("bad.jsonl") && err.contains("messages"), "{err}");
+    assert!(
+        err.contains("bad.jsonl") && err.contains("messages"),
+        "{err}"
+    );
 }
 
 #[test]

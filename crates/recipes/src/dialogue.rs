@@ -32,7 +32,9 @@ use rlhf_train::run::{read_jsonl, write_json};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use rlhf_methods::dialogue_rl::{self, DialogueEval, DialogueRewardKind, DialogueRlConfig, RolloutUser};
+use rlhf_methods::dialogue_rl::{
+    self, DialogueEval, DialogueRewardKind, DialogueRlConfig, RolloutUser,
+};
 use rlhf_methods::dialogue_sft::{self, DialogueSftConfig};
 use rlhf_methods::rm::{self, RmConfig};
 use rlhf_rl::conversation::{transcript, Dialogue};
@@ -46,7 +48,13 @@ use rlhf_rl::trainer::OptimConfig;
 
 use crate::compare::mean_ci;
 
-pub const VARIANTS: &[&str] = &["model-based", "model-free", "dyna", "user-10pct", "rm-reward"];
+pub const VARIANTS: &[&str] = &[
+    "model-based",
+    "model-free",
+    "dyna",
+    "user-10pct",
+    "rm-reward",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -152,7 +160,11 @@ fn write_data(cfg: &CompareDialogueConfig) -> Result<(PathBuf, PathBuf, PathBuf)
     let dir = cfg.out_dir.join("data");
     std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
     let task = game::DialogueTask::new(cfg.task_seed, game::DialogueSize::default());
-    let (all, few, eval) = (dir.join("logs.jsonl"), dir.join("logs-few.jsonl"), dir.join("eval_logs.jsonl"));
+    let (all, few, eval) = (
+        dir.join("logs.jsonl"),
+        dir.join("logs-few.jsonl"),
+        dir.join("eval_logs.jsonl"),
+    );
     let n_few = ((task.logs().len() as f64 * cfg.few_logs_fraction).round() as usize).max(1);
     for (path, logs) in [
         (&all, task.logs()),
@@ -164,7 +176,15 @@ fn write_data(cfg: &CompareDialogueConfig) -> Result<(PathBuf, PathBuf, PathBuf)
     Ok((all, few, eval))
 }
 
-fn sft(cfg: &CompareDialogueConfig, init: &Path, train: &Path, user: &Path, out: PathBuf, seed: u64, device: &Device) -> Result<PathBuf> {
+fn sft(
+    cfg: &CompareDialogueConfig,
+    init: &Path,
+    train: &Path,
+    user: &Path,
+    out: PathBuf,
+    seed: u64,
+    device: &Device,
+) -> Result<PathBuf> {
     if cfg.reuse && out.join("model/config.json").is_file() {
         return Ok(out.join("model"));
     }
@@ -198,11 +218,22 @@ fn sft(cfg: &CompareDialogueConfig, init: &Path, train: &Path, user: &Path, out:
 
 /// Pairs of SFT conversations with the scripted user on the same hidden animal, labelled by a
 /// simulated annotator from the game's gold; written as reward-model pairs over transcripts.
-fn dialogue_pairs(cfg: &CompareDialogueConfig, sft_dir: &Path, out: &Path, seed: u64, device: &Device) -> Result<usize> {
+fn dialogue_pairs(
+    cfg: &CompareDialogueConfig,
+    sft_dir: &Path,
+    out: &Path,
+    seed: u64,
+    device: &Device,
+) -> Result<usize> {
     let lm = TrainableLm::load(sft_dir, device)?;
     let model = lm.model(device)?.detached();
     let renderer = renderer_for(lm.chat_template.as_ref(), &lm.tokenizer, &lm.eos_ids)?;
-    let policy = PolicySide { model: &model, tokenizer: &lm.tokenizer, pad_id: lm.pad_id, eos_ids: &lm.eos_ids };
+    let policy = PolicySide {
+        model: &model,
+        tokenizer: &lm.tokenizer,
+        pad_id: lm.pad_id,
+        eos_ids: &lm.eos_ids,
+    };
     let task = game::DialogueTask::new(cfg.task_seed, game::DialogueSize::default());
     let mut branches = Vec::new();
     for i in 0..cfg.rm_pairs {
@@ -215,7 +246,14 @@ fn dialogue_pairs(cfg: &CompareDialogueConfig, sft_dir: &Path, out: &Path, seed:
         branches.push(b.clone());
         branches.push(b);
     }
-    roll_out(&policy, &renderer, &ScriptedUser, &mut branches, &TurnConfig::default(), seed ^ 0xd1a1)?;
+    roll_out(
+        &policy,
+        &renderer,
+        &ScriptedUser,
+        &mut branches,
+        &TurnConfig::default(),
+        seed ^ 0xd1a1,
+    )?;
     let mut annotator = Annotator::new(cfg.noise, seed + 11);
     // Gold differences here are 0.1 per turn and 1 for winning: a temperature of 0.25 makes a
     // won-against-lost comparison clear and a one-turn difference a weak preference.
@@ -231,13 +269,22 @@ fn dialogue_pairs(cfg: &CompareDialogueConfig, sft_dir: &Path, out: &Path, seed:
         let (_, cb) = transcript(renderer.template, b)?;
         let a_wins = annotator.prefer_gold(ga, gb);
         let (chosen, rejected) = if a_wins { (ca, cb) } else { (cb, ca) };
-        pairs.push(LabelledPair { prompt: pa, chosen, rejected });
+        pairs.push(LabelledPair {
+            prompt: pa,
+            chosen,
+            rejected,
+        });
     }
     write_pairs(out, &pairs)?;
     Ok(pairs.len())
 }
 
-fn rl_config(cfg: &CompareDialogueConfig, model: &Path, out: PathBuf, seed: u64) -> DialogueRlConfig {
+fn rl_config(
+    cfg: &CompareDialogueConfig,
+    model: &Path,
+    out: PathBuf,
+    seed: u64,
+) -> DialogueRlConfig {
     let mut c = DialogueRlConfig::default();
     c.model = model.to_path_buf();
     c.task = Some("dialogue".into());
@@ -257,14 +304,20 @@ fn rl_config(cfg: &CompareDialogueConfig, model: &Path, out: PathBuf, seed: u64)
 }
 
 pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueReport> {
-    if let Some(v) = cfg.variants.iter().find(|v| !VARIANTS.contains(&v.as_str())) {
+    if let Some(v) = cfg
+        .variants
+        .iter()
+        .find(|v| !VARIANTS.contains(&v.as_str()))
+    {
         return Err(TrainError::invalid(format!(
             "compare-dialogue: unknown variant `{v}` (known: {})",
             VARIANTS.join(", ")
         )));
     }
     if cfg.seeds.is_empty() {
-        return Err(TrainError::invalid("compare-dialogue needs at least one seed"));
+        return Err(TrainError::invalid(
+            "compare-dialogue needs at least one seed",
+        ));
     }
     step("the dialogue game's logs");
     let (all, few, _) = write_data(cfg)?;
@@ -275,13 +328,29 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
     if !(cfg.reuse && init.join("config.json").is_file()) {
         testbed_dialogue_model(cfg.sft_seed, device)?.save(&init)?;
     }
-    let sft_all = sft(cfg, &init, &all, &all, out.join("sft"), cfg.sft_seed, device)?;
+    let sft_all = sft(
+        cfg,
+        &init,
+        &all,
+        &all,
+        out.join("sft"),
+        cfg.sft_seed,
+        device,
+    )?;
     let sft_few = if want("user-10pct") {
         step(&format!(
             "dialogue-sft with the user model on {} of the logs",
             cfg.few_logs_fraction
         ));
-        Some(sft(cfg, &init, &all, &few, out.join("sft-user-few"), cfg.sft_seed, device)?)
+        Some(sft(
+            cfg,
+            &init,
+            &all,
+            &few,
+            out.join("sft-user-few"),
+            cfg.sft_seed,
+            device,
+        )?)
     } else {
         None
     };
@@ -321,11 +390,17 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
             let done = out.join("summary.json");
             if cfg.reuse && done.is_file() {
                 let evals: Vec<DialogueEval> = read_jsonl(&out.join("eval.jsonl"))?;
-                let seconds = rlhf_train::run::read_json::<serde_json::Value>(&out.join("seconds.json"))
-                    .ok()
-                    .and_then(|v| v.as_f64())
-                    .unwrap_or(f64::NAN);
-                runs.push(VariantRun { variant: variant.to_string(), seed, evals, seconds });
+                let seconds =
+                    rlhf_train::run::read_json::<serde_json::Value>(&out.join("seconds.json"))
+                        .ok()
+                        .and_then(|v| v.as_f64())
+                        .unwrap_or(f64::NAN);
+                runs.push(VariantRun {
+                    variant: variant.to_string(),
+                    seed,
+                    evals,
+                    seconds,
+                });
                 continue;
             }
             let mut c = rl_config(cfg, &sft_all, out.clone(), seed);
@@ -351,10 +426,18 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
             let evals: Vec<DialogueEval> = read_jsonl(&out.join("eval.jsonl"))?;
             let seconds = started.elapsed().as_secs_f64();
             write_json(&out.join("seconds.json"), &seconds)?;
-            runs.push(VariantRun { variant: variant.to_string(), seed, evals, seconds });
+            runs.push(VariantRun {
+                variant: variant.to_string(),
+                seed,
+                evals,
+                seconds,
+            });
         }
     }
-    let report = DialogueReport { rows: rows(&runs), runs };
+    let report = DialogueReport {
+        rows: rows(&runs),
+        runs,
+    };
     write_json(&cfg.out_dir.join("report.json"), &report)?;
     let md = format_markdown(&report);
     rlhf_train::run::write_atomic(&cfg.out_dir.join("table.md"), md.as_bytes())?;
@@ -370,7 +453,8 @@ pub fn rows(runs: &[VariantRun]) -> Vec<DialogueRow> {
         if evals.is_empty() {
             return;
         }
-        let col = |f: &dyn Fn(&DialogueEval) -> f64| evals.iter().map(|(e, _)| f(e)).collect::<Vec<_>>();
+        let col =
+            |f: &dyn Fn(&DialogueEval) -> f64| evals.iter().map(|(e, _)| f(e)).collect::<Vec<_>>();
         let opt = |f: &dyn Fn(&DialogueEval) -> Option<f64>| {
             let v: Vec<f64> = evals.iter().filter_map(|(e, _)| f(e)).collect();
             (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
@@ -414,7 +498,10 @@ pub fn rows(runs: &[VariantRun]) -> Vec<DialogueRow> {
 
 /// Real episodes a run needed to first reach `success` at an evaluation (None: never).
 pub fn episodes_to_reach(evals: &[DialogueEval], success: f64) -> Option<u64> {
-    evals.iter().find(|e| e.success_rate >= success).map(|e| e.real_episodes)
+    evals
+        .iter()
+        .find(|e| e.success_rate >= success)
+        .map(|e| e.real_episodes)
 }
 
 pub fn format_markdown(report: &DialogueReport) -> String {

@@ -200,13 +200,7 @@ pub fn episode(turns: &[TurnTokens], role_of: impl Fn(usize) -> Role) -> Episode
 pub fn prompt_ids(turns: &[TurnTokens], header: &[u32]) -> Vec<u32> {
     let mut ids: Vec<u32> = turns
         .iter()
-        .flat_map(|t| {
-            t.header
-                .iter()
-                .chain(&t.emitted)
-                .chain(&t.trailer)
-                .copied()
-        })
+        .flat_map(|t| t.header.iter().chain(&t.emitted).chain(&t.trailer).copied())
         .collect();
     ids.extend_from_slice(header);
     ids
@@ -216,10 +210,7 @@ pub fn prompt_ids(turns: &[TurnTokens], header: &[u32]) -> Vec<u32> {
 /// (messages up to and including the first user message) as the prompt and the rendered rest as
 /// the completion, so `prompt + completion` is the whole rendered conversation.
 pub fn transcript(template: &ChatTemplate, messages: &[Message]) -> Result<(String, String)> {
-    let first_user = messages
-        .iter()
-        .position(|m| m.role == "user")
-        .unwrap_or(0);
+    let first_user = messages.iter().position(|m| m.role == "user").unwrap_or(0);
     let prompt = template.render(&messages[..=first_user.min(messages.len() - 1)], false)?;
     let all = template.render(messages, false)?;
     let completion = all.strip_prefix(prompt.as_str()).ok_or_else(|| {

@@ -33,7 +33,9 @@ use rlhf_train::rng::step_seed;
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use crate::conversation::{episode, prompt_ids, speaker_role, Dialogue, Renderer, TurnTokens, View};
+use crate::conversation::{
+    episode, prompt_ids, speaker_role, Dialogue, Renderer, TurnTokens, View,
+};
 use crate::reward_source::{with_retries, CommandSource, HttpSource};
 
 /// A conversation being rolled out, with the tokens of both views and the policy's log-probs.
@@ -59,7 +61,9 @@ impl Branch {
     pub fn start(renderer: &Renderer, dialogue: Dialogue) -> Result<Self> {
         let n = dialogue.messages.len();
         if n == 0 {
-            return Err(TrainError::invalid("a dialogue prefix needs at least one message"));
+            return Err(TrainError::invalid(
+                "a dialogue prefix needs at least one message",
+            ));
         }
         let emitted = vec![None; n];
         Ok(Branch {
@@ -182,13 +186,16 @@ pub trait UserSimulator {
     fn describe(&self) -> String;
     /// The next user message of each branch (each ends with an assistant message). `seed` makes
     /// a sampling user reproducible.
-    fn reply(&self, renderer: &Renderer, branches: &[&Branch], seed: u64) -> Result<Vec<UserReply>>;
+    fn reply(&self, renderer: &Renderer, branches: &[&Branch], seed: u64)
+        -> Result<Vec<UserReply>>;
 }
 
 /// Whether a user message starts with one of the words that signal success (after trimming).
 pub fn starts_with_any(text: &str, prefixes: &[String]) -> bool {
     let t = text.trim_start();
-    prefixes.iter().any(|p| !p.is_empty() && t.starts_with(p.as_str()))
+    prefixes
+        .iter()
+        .any(|p| !p.is_empty() && t.starts_with(p.as_str()))
 }
 
 // ---- the testbed's scripted user ---------------------------------------------------------------
@@ -212,7 +219,11 @@ impl UserSimulator for ScriptedUser {
                         "the scripted user needs a user_context naming its animal, got {ctx:?}"
                     ))
                 })?;
-                let last = b.dialogue.messages.last().map_or("", |m| m.content.as_str());
+                let last = b
+                    .dialogue
+                    .messages
+                    .last()
+                    .map_or("", |m| m.content.as_str());
                 let (content, won) = dialogue::reply(item, last);
                 Ok(UserReply {
                     content,
@@ -309,7 +320,9 @@ impl ExternalUser {
                         let content = o
                             .get("content")
                             .and_then(|c| c.as_str())
-                            .ok_or_else(|| format!("replies[{i}].content: missing or not a string"))?
+                            .ok_or_else(|| {
+                                format!("replies[{i}].content: missing or not a string")
+                            })?
                             .to_string();
                         let flag = |k: &str| -> std::result::Result<Option<bool>, String> {
                             match o.get(k) {
@@ -380,7 +393,12 @@ impl UserSimulator for ModelUser {
     fn describe(&self) -> String {
         "the learned user model".into()
     }
-    fn reply(&self, renderer: &Renderer, branches: &[&Branch], seed: u64) -> Result<Vec<UserReply>> {
+    fn reply(
+        &self,
+        renderer: &Renderer,
+        branches: &[&Branch],
+        seed: u64,
+    ) -> Result<Vec<UserReply>> {
         let prompts = branches
             .iter()
             .map(|b| b.prompt(renderer, View::User))
@@ -392,7 +410,8 @@ impl UserSimulator for ModelUser {
             eos_token_ids: self.eos_ids.clone(),
             ..SamplingParams::default()
         };
-        let samples = generate_chunked(&self.model, &prompts, self.pad_id, &params, self.batch_size)?;
+        let samples =
+            generate_chunked(&self.model, &prompts, self.pad_id, &params, self.batch_size)?;
         samples
             .into_iter()
             .map(|s| {

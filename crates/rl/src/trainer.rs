@@ -243,7 +243,10 @@ impl Trainer {
         &self,
         lm: &TrainableLm,
         state: serde_json::Value,
-        extra: &[(&str, &std::collections::HashMap<String, candle_core::Tensor>)],
+        extra: &[(
+            &str,
+            &std::collections::HashMap<String, candle_core::Tensor>,
+        )],
     ) -> Result<()> {
         let weights = lm.snapshot()?;
         self.run.save_checkpoint_with(
@@ -259,7 +262,10 @@ impl Trainer {
                 .map_err(|e| rlhf_train::TrainError::io(dir.join("config.json"), e))?;
                 lm.tokenizer.save_hf(dir, lm.chat_template.as_ref())?;
                 for (name, tensors) in extra {
-                    rlhf_train::run::save_safetensors(&dir.join(format!("{name}.safetensors")), tensors)?;
+                    rlhf_train::run::save_safetensors(
+                        &dir.join(format!("{name}.safetensors")),
+                        tensors,
+                    )?;
                 }
                 Ok::<(), rlhf_train::TrainError>(())
             },

@@ -79,14 +79,26 @@ fn spans(tok: &Tokenizer, expected: &[(Role, &str)]) -> Episode {
 #[test]
 fn a_scripted_game_reproduces_the_hand_written_transcript() {
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let r = Renderer::new(lm.chat_template.as_ref().unwrap(), &lm.tokenizer, &lm.eos_ids);
+    let r = Renderer::new(
+        lm.chat_template.as_ref().unwrap(),
+        &lm.tokenizer,
+        &lm.eos_ids,
+    );
     let script = Script {
         lines: vec!["what colour is it ?", "is it the fox ?", "is it the owl ?"],
         tokenizer: lm.tokenizer.clone(),
         eos: lm.eos_ids[0],
     };
     let mut b = vec![start(owl(), &[("user", game::OPENING)], &r)];
-    roll_out(&script, &r, &ScriptedUser, &mut b, &TurnConfig::default(), 0).unwrap();
+    roll_out(
+        &script,
+        &r,
+        &ScriptedUser,
+        &mut b,
+        &TurnConfig::default(),
+        0,
+    )
+    .unwrap();
     let b = &b[0];
     let said: Vec<(&str, &str)> = b
         .dialogue
@@ -152,7 +164,11 @@ fn a_scripted_game_reproduces_the_hand_written_transcript() {
 #[test]
 fn a_real_prefix_is_context_for_rl_and_the_user_view_trains_user_turns() {
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let r = Renderer::new(lm.chat_template.as_ref().unwrap(), &lm.tokenizer, &lm.eos_ids);
+    let r = Renderer::new(
+        lm.chat_template.as_ref().unwrap(),
+        &lm.tokenizer,
+        &lm.eos_ids,
+    );
     let script = Script {
         lines: vec!["unused", "is it the owl ?"],
         tokenizer: lm.tokenizer.clone(),
@@ -164,7 +180,15 @@ fn a_real_prefix_is_context_for_rl_and_the_user_view_trains_user_turns() {
         ("user", "yes ."),
     ];
     let mut b = vec![start(owl(), &prefix, &r)];
-    roll_out(&script, &r, &ScriptedUser, &mut b, &TurnConfig::default(), 0).unwrap();
+    roll_out(
+        &script,
+        &r,
+        &ScriptedUser,
+        &mut b,
+        &TurnConfig::default(),
+        0,
+    )
+    .unwrap();
     let b = &b[0];
     assert_eq!(b.prefix, 3);
     assert_eq!(b.dialogue.messages.len(), 5);
@@ -234,7 +258,11 @@ fn a_real_prefix_is_context_for_rl_and_the_user_view_trains_user_turns() {
 #[test]
 fn games_stop_at_the_turn_limit_and_at_the_horizon() {
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let r = Renderer::new(lm.chat_template.as_ref().unwrap(), &lm.tokenizer, &lm.eos_ids);
+    let r = Renderer::new(
+        lm.chat_template.as_ref().unwrap(),
+        &lm.tokenizer,
+        &lm.eos_ids,
+    );
     let script = Script {
         lines: vec!["what size is it ?"],
         tokenizer: lm.tokenizer.clone(),
@@ -275,7 +303,11 @@ fn external_users_speak_json_and_a_command_user_can_win() {
     assert!(err.contains("replies[0].won"), "{err}");
 
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let rd = Renderer::new(lm.chat_template.as_ref().unwrap(), &lm.tokenizer, &lm.eos_ids);
+    let rd = Renderer::new(
+        lm.chat_template.as_ref().unwrap(),
+        &lm.tokenizer,
+        &lm.eos_ids,
+    );
     let user = ExternalUser::command(
         vec![
             "sh".into(),
