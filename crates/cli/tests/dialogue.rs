@@ -65,12 +65,30 @@ lr = 0.01
     let whole = root.join("whole");
     let cut = root.join("cut");
     let set = |d: &std::path::Path| vec![format!("output_dir=\"{}\"", d.display())];
-    let (ok, err) = train(&root, &["dialogue-rl"], &set(&whole), None, false);
+    let (ok, err) = train(
+        &root,
+        &["--threads", "1", "dialogue-rl"],
+        &set(&whole),
+        None,
+        false,
+    );
     assert!(ok, "{err}");
-    let (ok, err) = train(&root, &["dialogue-rl"], &set(&cut), Some(4), false);
+    let (ok, err) = train(
+        &root,
+        &["--threads", "1", "dialogue-rl"],
+        &set(&cut),
+        Some(4),
+        false,
+    );
     assert!(!ok && err.contains("killed at step 4"), "{err}");
     assert!(!cut.join("model").exists());
-    let (ok, err) = train(&root, &["dialogue-rl"], &set(&cut), None, true);
+    let (ok, err) = train(
+        &root,
+        &["--threads", "1", "dialogue-rl"],
+        &set(&cut),
+        None,
+        true,
+    );
     assert!(ok, "{err}");
     assert!(err.contains("resuming from"), "{err}");
     for f in [

@@ -86,6 +86,8 @@ pub struct CompareDialogueConfig {
     pub rm_lr: f64,
     /// Annotator label-flip probability.
     pub noise: f64,
+    /// Sample efficiency: real episodes a run needs to first reach this held-out success rate.
+    pub success_target: f64,
     /// Keep a stage whose output is already there (an SFT model, a finished run's `summary.json`)
     /// instead of training it again: seeds can run in separate processes and be tabled together.
     pub reuse: bool,
@@ -114,6 +116,7 @@ impl Default for CompareDialogueConfig {
             rm_epochs: 2,
             rm_lr: 1e-3,
             noise: 0.25,
+            success_target: 0.6,
             reuse: true,
         }
     }
@@ -149,6 +152,8 @@ pub struct DialogueRow {
 pub struct DialogueReport {
     pub runs: Vec<VariantRun>,
     pub rows: Vec<DialogueRow>,
+    /// The success rate of the sample-efficiency columns.
+    pub success_target: f64,
 }
 
 fn step(s: &str) {
@@ -437,6 +442,7 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
     let report = DialogueReport {
         rows: rows(&runs),
         runs,
+        success_target: cfg.success_target,
     };
     write_json(&cfg.out_dir.join("report.json"), &report)?;
     let md = format_markdown(&report);
@@ -504,6 +510,30 @@ pub fn episodes_to_reach(evals: &[DialogueEval], success: f64) -> Option<u64> {
         .map(|e| e.real_episodes)
 }
 
+/// Mean held-out success of each variant over seeds at every evaluated iteration.
+pub fn curves(runs: &[VariantRun]) -> Vec<(String, Vec<(u64, f64)>)> {
+    let mut out = Vec::new();
+    for v in VARIANTS {
+        let mine: Vec<&VariantRun> = runs.iter().filter(|r| r.variant == *v).collect();
+        let Some(first) = mine.first() else { continue };
+        let points = first
+            .evals
+            .iter()
+            .map(|e| e.iteration)
+            .filter_map(|it| {
+                let xs: Vec<f64> = mine
+                    .iter()
+                    .filter_map(|r| r.evals.iter().find(|e| e.iteration == it))
+                    .map(|e| e.success_rate)
+                    .collect();
+                (xs.len() == mine.len()).then(|| (it, xs.iter().sum::<f64>() / xs.len() as f64))
+            })
+            .collect();
+        out.push((v.to_string(), points));
+    }
+    out
+}
+
 pub fn format_markdown(report: &DialogueReport) -> String {
     let mut s = String::from(
         "| variant | seeds | success (95% CI) | turns (95% CI) | return | real episodes | imagined episodes | user NLL | user answer acc. | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n",
@@ -525,6 +555,46 @@ pub fn format_markdown(report: &DialogueReport) -> String {
             f(r.user_answer_accuracy),
             r.seconds
         ));
+    }
+    // Sample efficiency: real episodes to the target, per seed.
+    s.push_str(&format!(
+        "\nReal episodes until the held-out success rate first reaches {:.2} (per seed; `never` within the run):\n\n| variant | per seed |\n|---|---|\n",
+        report.success_target
+    ));
+    for v in VARIANTS {
+        let per: Vec<String> = report
+            .runs
+            .iter()
+            .filter(|r| r.variant == *v)
+            .map(|r| {
+                episodes_to_reach(&r.evals, report.success_target)
+                    .map_or("never".to_string(), |n| n.to_string())
+            })
+            .collect();
+        if !per.is_empty() {
+            s.push_str(&format!("| {v} | {} |\n", per.join(", ")));
+        }
+    }
+    // Curves: mean success over seeds at each evaluation.
+    let c = curves(&report.runs);
+    if let Some((_, first)) = c.first() {
+        s.push_str("\nHeld-out success rate (mean over seeds) by iteration:\n\n| iteration |");
+        for (v, _) in &c {
+            s.push_str(&format!(" {v} |"));
+        }
+        s.push_str("\n|---|");
+        s.push_str(&"---|".repeat(c.len()));
+        s.push('\n');
+        for (i, (it, _)) in first.iter().enumerate() {
+            s.push_str(&format!("| {it} |"));
+            for (_, pts) in &c {
+                match pts.get(i) {
+                    Some((_, y)) => s.push_str(&format!(" {y:.3} |")),
+                    None => s.push_str(" — |"),
+                }
+            }
+            s.push('\n');
+        }
     }
     s
 }

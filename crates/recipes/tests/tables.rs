@@ -105,3 +105,86 @@ fn the_rest_table_reports_each_stage_over_seeds() {
         "{md}"
     );
 }
+
+use rlhf_methods::dialogue_rl::DialogueEval;
+use rlhf_recipes::dialogue::{curves, episodes_to_reach, rows, VariantRun};
+
+fn ev(iteration: u64, real: u64, success: f64, turns: f64, nll: Option<f64>) -> DialogueEval {
+    DialogueEval {
+        iteration,
+        real_episodes: real,
+        imagined_episodes: 0,
+        games: 200,
+        success_rate: success,
+        mean_turns: turns,
+        mean_return: success - 0.1 * turns,
+        user_nll: nll,
+        user_answer_accuracy: nll.map(|_| 0.9),
+    }
+}
+
+#[test]
+fn dialogue_rows_curves_and_sample_efficiency_by_hand() {
+    let run = |variant: &str, seed, evals| VariantRun {
+        variant: variant.into(),
+        seed,
+        evals,
+        seconds: 10.0,
+    };
+    let runs = vec![
+        run(
+            "model-free",
+            0,
+            vec![
+                ev(0, 0, 0.3, 5.0, None),
+                ev(10, 640, 0.5, 4.5, None),
+                ev(20, 1280, 0.7, 4.0, None),
+            ],
+        ),
+        run(
+            "model-free",
+            1,
+            vec![
+                ev(0, 0, 0.3, 5.0, None),
+                ev(10, 640, 0.7, 4.2, None),
+                ev(20, 1280, 0.8, 3.8, None),
+            ],
+        ),
+        run(
+            "model-based",
+            0,
+            vec![
+                ev(0, 0, 0.3, 5.0, Some(0.1)),
+                ev(20, 0, 0.5, 4.4, Some(0.2)),
+            ],
+        ),
+    ];
+    let r = rows(&runs);
+    let names: Vec<&str> = r.iter().map(|x| x.variant.as_str()).collect();
+    assert_eq!(names, ["sft", "model-based", "model-free"]);
+    // sft: one start evaluation per seed (seeds 0 and 1), both 0.3.
+    assert_eq!(r[0].seeds, 2);
+    assert!((r[0].success - 0.3).abs() < 1e-12 && r[0].success_ci95.abs() < 1e-12);
+    // model-free's final evaluations: 0.7 and 0.8; half-width 12.706 * (0.1 / sqrt 2) / sqrt 2.
+    let mf = &r[2];
+    assert!((mf.success - 0.75).abs() < 1e-12);
+    assert!(
+        (mf.success_ci95 - 12.706 * 0.05).abs() < 1e-9,
+        "{}",
+        mf.success_ci95
+    );
+    assert!((mf.turns - 3.9).abs() < 1e-12 && (mf.real_episodes - 1280.0).abs() < 1e-12);
+    assert!(mf.user_nll.is_none());
+    assert_eq!(r[1].user_nll, Some(0.2));
+    // The first evaluation at or above 0.6: seed 0 at 1280 real episodes, seed 1 at 640.
+    assert_eq!(episodes_to_reach(&runs[0].evals, 0.6), Some(1280));
+    assert_eq!(episodes_to_reach(&runs[1].evals, 0.6), Some(640));
+    assert_eq!(episodes_to_reach(&runs[2].evals, 0.6), None);
+    // Curves: model-free's mean over both seeds at iterations 0, 10, 20.
+    let c = curves(&runs);
+    let mf = c.iter().find(|(v, _)| v == "model-free").unwrap();
+    let want = [(0, 0.3), (10, 0.6), (20, 0.75)];
+    for ((it, y), (wi, wy)) in mf.1.iter().zip(want) {
+        assert!(*it == wi && (y - wy).abs() < 1e-12, "{:?}", mf.1);
+    }
+}
