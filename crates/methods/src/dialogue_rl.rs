@@ -228,11 +228,15 @@ pub struct DialogueRlConfig {
     pub eval_conversations: usize,
     /// Rows per optimiser micro-batch.
     pub micro_batch: usize,
+    /// The run directory (config, metrics, checkpoints, evaluations, final model).
     pub output_dir: PathBuf,
+    /// Seed of every random stream of the run (prefix draws, sampling).
     pub seed: u64,
     /// Checkpoint every this many iterations (0: never; the final model is always written).
     pub save_every: u64,
+    /// Log metrics every this many iterations.
     pub log_every: u64,
+    /// Optimiser (AdamW) of the policy (and of a separate user model), schedule and clipping.
     pub optim: OptimConfig,
 }
 
