@@ -666,11 +666,10 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
     };
     let model_based = cfg.rollout_user == RolloutUser::Model;
     let train_user = model_based || cfg.real_every > 0;
-    let supervised_steps = if cfg.supervised_every == 0 {
-        0
-    } else {
-        cfg.iterations / cfg.supervised_every
-    };
+    let supervised_steps = cfg
+        .iterations
+        .checked_div(cfg.supervised_every)
+        .unwrap_or(0);
     // Policy steps: one per iteration, plus the supervised steps that touch the policy.
     let policy_supervised = match (cfg.user_model, train_user) {
         (UserModelKind::Shared, true) => true,
@@ -837,7 +836,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             starts.extend(std::iter::repeat_n(b, cfg.k));
         }
         // 2. k branches per prefix against the user model's frozen snapshot, or the environment.
-        let real = !model_based || (cfg.real_every > 0 && (it + 1) % cfg.real_every == 0);
+        let real = !model_based || (cfg.real_every > 0 && (it + 1).is_multiple_of(cfg.real_every));
         let model = lm.model(device)?.detached();
         let policy = PolicySide {
             model: &model,
@@ -932,7 +931,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             write_jsonl(&real_path, &real_rows)?;
         }
         // 5. Interleaved supervised step on real conversations: user NLL (+ α assistant NLL).
-        if cfg.supervised_every > 0 && (it + 1) % cfg.supervised_every == 0 {
+        if cfg.supervised_every > 0 && (it + 1).is_multiple_of(cfg.supervised_every) {
             let mut rng = StdRng::seed_from_u64(step_seed(seed ^ 2, it));
             let pool_user: Vec<&Dialogue> = data
                 .user
@@ -997,7 +996,10 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
         }
         state.iteration += 1;
         // 6. Refresh the user model's frozen snapshot from its NLL-trained weights.
-        if model_based && cfg.snapshot_every > 0 && state.iteration % cfg.snapshot_every == 0 {
+        if model_based
+            && cfg.snapshot_every > 0
+            && state.iteration.is_multiple_of(cfg.snapshot_every)
+        {
             snapshot = match &separate {
                 Some(u) => u.snapshot()?,
                 None => lm.snapshot()?,
@@ -1006,7 +1008,8 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
         metrics.push(("time/iteration_s", started.elapsed().as_secs_f64()));
         metrics.push(("real_episodes", state.real_episodes as f64));
         metrics.push(("imagined_episodes", state.imagined_episodes as f64));
-        if state.iteration % cfg.log_every.max(1) == 0 || state.iteration == cfg.iterations {
+        if state.iteration.is_multiple_of(cfg.log_every.max(1)) || state.iteration == cfg.iterations
+        {
             trainer.log(&metrics)?;
         }
         if state.iteration == cfg.iterations {
@@ -1016,7 +1019,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             )?;
         }
         // 7. Evaluation against the environment, then the checkpoint.
-        let eval_now = (cfg.eval_every > 0 && state.iteration % cfg.eval_every == 0)
+        let eval_now = (cfg.eval_every > 0 && state.iteration.is_multiple_of(cfg.eval_every))
             || state.iteration == cfg.iterations;
         if eval_now {
             let e = evaluate(&lm, &snapshot, &state)?;
@@ -1029,7 +1032,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             write_evals(&evals)?;
         }
         if cfg.save_every > 0
-            && state.iteration % cfg.save_every == 0
+            && state.iteration.is_multiple_of(cfg.save_every)
             && state.iteration < cfg.iterations
         {
             let mut extra: Vec<(&str, &HashMap<String, Tensor>)> =

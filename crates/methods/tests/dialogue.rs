@@ -40,21 +40,29 @@ fn identical(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> bool {
 
 /// A few small iterations from an untrained game model.
 fn small(model: &Path, out: PathBuf) -> DialogueRlConfig {
-    let mut c = DialogueRlConfig::default();
-    c.model = model.to_path_buf();
-    c.task = Some("dialogue".into());
-    c.output_dir = out;
-    c.iterations = 2;
-    c.prompts_per_step = 2;
-    c.k = 2;
-    c.turns.turn_limit = 3;
-    c.turns.max_turn_tokens = 6;
-    c.eval_games = 4;
-    c.eval_conversations = 3;
-    c.eval_every = 0;
-    c.save_every = 1;
-    c.optim.lr = 1e-2;
-    c
+    let d = DialogueRlConfig::default();
+    DialogueRlConfig {
+        model: model.to_path_buf(),
+        task: Some("dialogue".into()),
+        output_dir: out,
+        iterations: 2,
+        prompts_per_step: 2,
+        k: 2,
+        turns: rlhf_rl::dialogue::TurnConfig {
+            turn_limit: 3,
+            max_turn_tokens: 6,
+            ..d.turns.clone()
+        },
+        eval_games: 4,
+        eval_conversations: 3,
+        eval_every: 0,
+        save_every: 1,
+        optim: rlhf_rl::trainer::OptimConfig {
+            lr: 1e-2,
+            ..d.optim.clone()
+        },
+        ..d
+    }
 }
 
 #[test]

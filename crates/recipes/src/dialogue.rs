@@ -290,22 +290,26 @@ fn rl_config(
     out: PathBuf,
     seed: u64,
 ) -> DialogueRlConfig {
-    let mut c = DialogueRlConfig::default();
-    c.model = model.to_path_buf();
-    c.task = Some("dialogue".into());
-    c.task_seed = cfg.task_seed;
-    c.output_dir = out;
-    c.seed = seed;
-    c.iterations = cfg.iterations;
-    c.optim.lr = cfg.rl_lr;
-    c.kl_beta = cfg.kl_beta;
-    c.prompts_per_step = cfg.prompts_per_step;
-    c.k = cfg.k;
-    c.eval_every = cfg.eval_every;
-    c.eval_games = cfg.eval_games;
-    c.save_every = 0;
-    c.log_every = 5;
-    c
+    DialogueRlConfig {
+        model: model.to_path_buf(),
+        task: Some("dialogue".into()),
+        task_seed: cfg.task_seed,
+        output_dir: out,
+        seed,
+        iterations: cfg.iterations,
+        optim: OptimConfig {
+            lr: cfg.rl_lr,
+            ..DialogueRlConfig::default().optim
+        },
+        kl_beta: cfg.kl_beta,
+        prompts_per_step: cfg.prompts_per_step,
+        k: cfg.k,
+        eval_every: cfg.eval_every,
+        eval_games: cfg.eval_games,
+        save_every: 0,
+        log_every: 5,
+        ..DialogueRlConfig::default()
+    }
 }
 
 pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueReport> {

@@ -269,7 +269,7 @@ fn games_stop_at_the_turn_limit_and_at_the_horizon() {
         eos: lm.eos_ids[0],
     };
     let opening = [("user", game::OPENING)];
-    let mut b = vec![start(owl(), &opening, &r), start(owl(), &opening, &r)];
+    let mut b = [start(owl(), &opening, &r), start(owl(), &opening, &r)];
     let mut short = TurnConfig::default();
     roll_out(&script, &r, &ScriptedUser, &mut b[..1], &short, 0).unwrap();
     short.horizon = 2;
