@@ -129,6 +129,10 @@ pub struct VariantRun {
     pub seed: u64,
     pub evals: Vec<DialogueEval>,
     pub seconds: f64,
+    /// Win rate of the training rollouts over the last 10 iterations (imagined for model-based
+    /// runs, real for model-free): its gap to the held-out success measures how much the policy
+    /// games its user model.
+    pub train_won: Option<f64>,
 }
 
 /// A row of the table: the final evaluation's means over seeds.
@@ -145,6 +149,8 @@ pub struct DialogueRow {
     pub imagined_episodes: f64,
     pub user_nll: Option<f64>,
     pub user_answer_accuracy: Option<f64>,
+    /// Mean over seeds of the training rollouts' win rate at the end (see `VariantRun`).
+    pub train_won: Option<f64>,
     pub seconds: f64,
 }
 
@@ -409,6 +415,7 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
                     seed,
                     evals,
                     seconds,
+                    train_won: train_won(&out)?,
                 });
                 continue;
             }
@@ -440,6 +447,7 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
                 seed,
                 evals,
                 seconds,
+                train_won: train_won(&out)?,
             });
         }
     }
@@ -454,12 +462,20 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
     Ok(report)
 }
 
+/// Mean `won` of a run's last 10 logged training iterations (`metrics.jsonl`).
+fn train_won(run: &Path) -> Result<Option<f64>> {
+    let rows: Vec<serde_json::Value> = read_jsonl(&run.join("metrics.jsonl"))?;
+    let won: Vec<f64> = rows.iter().filter_map(|r| r["won"].as_f64()).collect();
+    let tail = &won[won.len().saturating_sub(10)..];
+    Ok((!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64))
+}
+
 /// The table's rows: `sft` from the first evaluation of every run that starts from the all-logs SFT
 /// model (one per seed), then each variant's final evaluation; means and Student-t 95% half-widths
 /// over seeds.
 pub fn rows(runs: &[VariantRun]) -> Vec<DialogueRow> {
     let mut out = Vec::new();
-    let mut row = |variant: &str, evals: Vec<(&DialogueEval, f64)>| {
+    let mut row = |variant: &str, evals: Vec<(&DialogueEval, f64)>, won: Vec<f64>| {
         if evals.is_empty() {
             return;
         }
@@ -484,6 +500,7 @@ pub fn rows(runs: &[VariantRun]) -> Vec<DialogueRow> {
             imagined_episodes: col(&|e| e.imagined_episodes as f64).iter().sum::<f64>() / n,
             user_nll: opt(&|e| e.user_nll),
             user_answer_accuracy: opt(&|e| e.user_answer_accuracy),
+            train_won: (!won.is_empty()).then(|| won.iter().sum::<f64>() / won.len() as f64),
             seconds: evals.iter().map(|(_, s)| s).sum::<f64>() / n,
         });
     };
@@ -494,14 +511,19 @@ pub fn rows(runs: &[VariantRun]) -> Vec<DialogueRow> {
         .filter(|r| r.variant != "user-10pct" && seen.insert(r.seed))
         .filter_map(|r| r.evals.first().map(|e| (e, 0.0)))
         .collect();
-    row("sft", starts);
+    row("sft", starts, Vec::new());
     for v in VARIANTS {
         let finals: Vec<(&DialogueEval, f64)> = runs
             .iter()
             .filter(|r| r.variant == *v)
             .filter_map(|r| r.evals.last().map(|e| (e, r.seconds)))
             .collect();
-        row(v, finals);
+        let won: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.variant == *v)
+            .filter_map(|r| r.train_won)
+            .collect();
+        row(v, finals, won);
     }
     out
 }
@@ -540,12 +562,12 @@ pub fn curves(runs: &[VariantRun]) -> Vec<(String, Vec<(u64, f64)>)> {
 
 pub fn format_markdown(report: &DialogueReport) -> String {
     let mut s = String::from(
-        "| variant | seeds | success (95% CI) | turns (95% CI) | return | real episodes | imagined episodes | user NLL | user answer acc. | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| variant | seeds | success (95% CI) | turns (95% CI) | return | training-rollout win rate | real episodes | imagined episodes | user NLL | user answer acc. | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let f = |x: Option<f64>| x.map_or("—".to_string(), |v| format!("{v:.3}"));
     for r in &report.rows {
         s.push_str(&format!(
-            "| {} | {} | {:.3} ± {:.3} | {:.2} ± {:.2} | {:.3} | {:.0} | {:.0} | {} | {} | {:.0} |\n",
+            "| {} | {} | {:.3} ± {:.3} | {:.2} ± {:.2} | {:.3} | {} | {:.0} | {:.0} | {} | {} | {:.0} |\n",
             r.variant,
             r.seeds,
             r.success,
@@ -553,6 +575,7 @@ pub fn format_markdown(report: &DialogueReport) -> String {
             r.turns,
             r.turns_ci95,
             r.mean_return,
+            f(r.train_won),
             r.real_episodes,
             r.imagined_episodes,
             f(r.user_nll),

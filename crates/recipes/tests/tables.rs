@@ -130,6 +130,7 @@ fn dialogue_rows_curves_and_sample_efficiency_by_hand() {
         seed,
         evals,
         seconds: 10.0,
+        train_won: Some(0.5),
     };
     let runs = vec![
         run(
