@@ -116,7 +116,7 @@ impl Default for CompareDialogueConfig {
             rm_epochs: 6,
             rm_lr: 1e-3,
             noise: 0.25,
-            success_target: 0.6,
+            success_target: 0.3,
             reuse: true,
         }
     }
