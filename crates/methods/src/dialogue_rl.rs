@@ -36,7 +36,7 @@
 //! `samples.jsonl` (the last iteration's branches) and `summary.json`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
@@ -1078,18 +1078,3 @@ pub static ENTRY: Entry<DialogueRlConfig, DialogueRlSummary> = Entry {
     shorthands: &[],
     run,
 };
-
-/// The testbed's logs as conversations (what `train_file` holds when the task is `dialogue`).
-pub fn testbed_dialogues(logs: &[game::Log]) -> Vec<Dialogue> {
-    logs.iter()
-        .map(|l| Dialogue {
-            user_context: Some(l.user_context.clone()),
-            messages: l.messages.clone(),
-        })
-        .collect()
-}
-
-/// Where a dialogue-rl run keeps its evaluation lines.
-pub fn eval_path(output_dir: &Path) -> PathBuf {
-    output_dir.join("eval.jsonl")
-}
