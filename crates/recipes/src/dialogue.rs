@@ -17,7 +17,9 @@
 //!   policy trained against a weaker user model transfer?);
 //! - `rm-reward`: model-based with the reward of a reward model over whole dialogues, trained on
 //!   simulated annotators' preferences between pairs of SFT conversations with the scripted user,
-//!   instead of the success signal read from the user's reply.
+//!   instead of the success signal read from the user's reply;
+//! - `separate-user`: model-based with a separate user model (a copy of the SFT model trained only
+//!   by the user NLL) instead of the policy's own weights.
 //!
 //! Every run's `eval.jsonl` (success, turns, return, real episodes, user-model NLL and answer
 //! accuracy at each evaluation) and a `report.json` / `table.md` with means and Student-t 95%
@@ -33,7 +35,7 @@ use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
 use rlhf_methods::dialogue_rl::{
-    self, DialogueEval, DialogueRewardKind, DialogueRlConfig, RolloutUser,
+    self, DialogueEval, DialogueRewardKind, DialogueRlConfig, RolloutUser, UserModelKind,
 };
 use rlhf_methods::dialogue_sft::{self, DialogueSftConfig};
 use rlhf_methods::rm::{self, RmConfig};
@@ -54,6 +56,7 @@ pub const VARIANTS: &[&str] = &[
     "dyna",
     "user-10pct",
     "rm-reward",
+    "separate-user",
 ];
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -424,6 +427,7 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
                 "model-based" => {}
                 "model-free" => c.rollout_user = RolloutUser::Environment,
                 "dyna" => c.real_every = cfg.dyna_real_every,
+                "separate-user" => c.user_model = UserModelKind::Separate,
                 "user-10pct" => {
                     c.model = sft_few.clone().expect("trained above");
                     c.user_file = Some(few.clone());

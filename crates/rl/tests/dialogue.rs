@@ -338,3 +338,73 @@ fn external_users_speak_json_and_a_command_user_can_win() {
         " assistant : is it the owl ? </s> user : yes ! it is the owl . </s>"
     );
 }
+
+#[test]
+fn the_rl_loss_reaches_the_rollouts_assistant_tokens_and_the_user_nll_the_user_tokens() {
+    use candle_core::{Tensor, Var};
+    use rlhf_lm::score::EpisodeBatch;
+    use rlhf_rl::objectives::{masked_nll, masked_sequence_loss};
+    let lm = testbed_dialogue_model(0, &CPU).unwrap();
+    let r = Renderer::new(
+        lm.chat_template.as_ref().unwrap(),
+        &lm.tokenizer,
+        &lm.eos_ids,
+    );
+    let script = Script {
+        lines: vec!["unused", "is it the owl ?"],
+        tokenizer: lm.tokenizer.clone(),
+        eos: lm.eos_ids[0],
+    };
+    let prefix = [
+        ("user", game::OPENING),
+        ("assistant", "is it small ?"),
+        ("user", "yes ."),
+    ];
+    let mut b = vec![start(owl(), &prefix, &r)];
+    roll_out(
+        &script,
+        &r,
+        &ScriptedUser,
+        &mut b,
+        &TurnConfig::default(),
+        0,
+    )
+    .unwrap();
+    // Any per-token log-probs will do: the gradient of each loss w.r.t. them says which
+    // positions it can move.
+    let grad_positions = |episode: Episode, user: bool| -> Vec<usize> {
+        let batch = EpisodeBatch::new(&[episode], lm.pad_id, &CPU).unwrap();
+        let width = batch.target_mask.dims2().unwrap().1;
+        let values: Vec<f32> = (0..width).map(|j| -0.1 - 0.01 * j as f32).collect();
+        let lp = Var::from_tensor(&Tensor::from_vec(values, (1, width), &CPU).unwrap()).unwrap();
+        let loss = if user {
+            masked_nll(lp.as_tensor(), &batch.user_mask).unwrap()
+        } else {
+            masked_sequence_loss(lp.as_tensor(), &batch.assistant_mask, &[2.0]).unwrap()
+        };
+        let g = loss.backward().unwrap();
+        let g = g.get(lp.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        (0..width).filter(|&j| g[0][j] != 0.0).collect()
+    };
+    // RL: only the targets of the rollout's own assistant turn (`is it the owl ? </s>`, 6 tokens),
+    // which follow the 22-token prefix `<s> user : guess my animal . </s> assistant : is it small
+    // ? </s> user : yes . </s> assistant :` (8 + 2 + 5 + 2 + 3 + 2): targets 21..27 predict tokens
+    // 22..28.
+    let rl = grad_positions(b[0].rl_episode(), false);
+    assert_eq!(rl, (21..27).collect::<Vec<_>>());
+    // User NLL on the user view: the user's three messages, never the assistant's or the context.
+    let uv = b[0].view_episode(View::User);
+    let want: Vec<usize> = uv
+        .target_roles()
+        .iter()
+        .enumerate()
+        .filter(|(_, &x)| x == Role::User)
+        .map(|(j, _)| j)
+        .collect();
+    assert_eq!(
+        want.len(),
+        5 + 3 + 8,
+        "guess my animal . / yes . / yes ! it is the owl ."
+    );
+    assert_eq!(grad_positions(uv, true), want);
+}
