@@ -724,29 +724,14 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
     } else {
         Vec::new()
     };
-    // Evaluations so far, with their lines kept as written: a float parsed back and printed again
-    // can move by one ulp (serde_json's default float parser), and a resumed run must leave the
-    // earlier lines byte for byte.
     let evals_path = cfg.output_dir.join("eval.jsonl");
-    let mut evals: Vec<(DialogueEval, String)> = Vec::new();
-    if resume && evals_path.is_file() {
-        let parsed = read_jsonl::<DialogueEval>(&evals_path)?;
-        let text =
-            std::fs::read_to_string(&evals_path).map_err(|e| TrainError::io(&evals_path, e))?;
-        let lines = text.lines().filter(|l| !l.trim().is_empty());
-        for (e, line) in parsed.into_iter().zip(lines) {
-            if e.iteration <= state.iteration {
-                evals.push((e, line.to_string()));
-            }
-        }
-    }
-    let write_evals = |evals: &[(DialogueEval, String)]| -> Result<()> {
-        let text: String = evals.iter().map(|(_, l)| format!("{l}\n")).collect();
-        rlhf_train::run::write_atomic(&evals_path, text.as_bytes())
-    };
-    let eval_line = |e: DialogueEval| -> (DialogueEval, String) {
-        let line = serde_json::to_string(&e).expect("serialisable");
-        (e, line)
+    let mut evals: Vec<DialogueEval> = if resume && evals_path.is_file() {
+        read_jsonl::<DialogueEval>(&evals_path)?
+            .into_iter()
+            .filter(|e| e.iteration <= state.iteration)
+            .collect()
+    } else {
+        Vec::new()
     };
     let user_side = |weights: &HashMap<String, Tensor>, temperature: f64| -> Result<ModelUser> {
         let config = separate.as_ref().map_or(&lm.config, |u| &u.config);
@@ -803,8 +788,8 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             "dialogue-rl: start: success {:.3}, turns {:.2}",
             e.success_rate, e.mean_turns
         );
-        evals.push(eval_line(e));
-        write_evals(&evals)?;
+        evals.push(e);
+        write_jsonl(&evals_path, &evals)?;
     }
     let progress = rlhf_train::progress(cfg.iterations, "dialogue-rl");
     progress.set_position(state.iteration);
@@ -1028,8 +1013,8 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
                 ("eval/mean_turns", e.mean_turns),
                 ("eval/mean_return", e.mean_return),
             ])?;
-            evals.push(eval_line(e));
-            write_evals(&evals)?;
+            evals.push(e);
+            write_jsonl(&evals_path, &evals)?;
         }
         if cfg.save_every > 0
             && state.iteration.is_multiple_of(cfg.save_every)
@@ -1060,7 +1045,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
         iterations: state.iteration,
         real_episodes: state.real_episodes,
         imagined_episodes: state.imagined_episodes,
-        evals: evals.into_iter().map(|(e, _)| e).collect(),
+        evals,
     };
     write_json(&cfg.output_dir.join("summary.json"), &summary)?;
     Ok(summary)
