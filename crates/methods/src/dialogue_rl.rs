@@ -43,7 +43,7 @@ use candle_core::{Device, Tensor};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rlhf_data::testbed::dialogue as game;
-use rlhf_lm::episode::Episode;
+use rlhf_lm::episode::{Episode, Role};
 use rlhf_lm::llama::Llama;
 use rlhf_lm::score::{episode_logprobs, EpisodeBatch};
 use rlhf_lm::Message;
@@ -52,12 +52,15 @@ use rlhf_train::run::{load_safetensors, read_jsonl, write_json, write_jsonl};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use rlhf_rl::conversation::{load_dialogues, transcript, Dialogue, Renderer, View};
+use rlhf_rl::conversation::{
+    load_dialogues, transcript, view_episode, view_role, Dialogue, Renderer, View,
+};
 use rlhf_rl::dialogue::{
     frozen_model, renderer_for, roll_out, starts_with_any, success_return, Branch, ExternalUser,
     ModelUser, PolicySide, ScriptedUser, TurnConfig, UserSimulator,
 };
-use rlhf_rl::objectives::masked_sequence_loss;
+use rlhf_rl::objectives::{masked_sequence_loss, role_logprob_sum, role_nll_per_token};
+use rlhf_rl::online::mean;
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::registry::{Entry, Family};
 use rlhf_rl::reward_source::{Query, RewardConfig, Rewarder};
@@ -473,26 +476,21 @@ fn load_data(cfg: &DialogueRlConfig) -> Result<Data> {
 fn view_episodes(renderer: &Renderer, dialogues: &[&Dialogue], view: View) -> Result<Vec<Episode>> {
     dialogues
         .iter()
-        .map(|d| Ok(Branch::start(renderer, (*d).clone())?.view_episode(view)))
+        .map(|d| Ok(view_episode(renderer, d, view)?))
         .collect()
 }
 
-/// Summed log-probs of the tokens of `mask_of(batch)`, and their count; differentiable.
-fn masked_logprob_sum(
+/// Token-mean NLL of `view`'s own role over `episodes` (differentiable).
+fn view_nll(
     model: &Llama,
     episodes: &[Episode],
-    pad_id: u32,
     view: View,
+    pad_id: u32,
     device: &Device,
-) -> Result<(Tensor, f64)> {
-    let batch = EpisodeBatch::new(episodes, pad_id, device)?;
-    let lp = episode_logprobs(model, &batch, 1.0)?;
-    let mask = match view {
-        View::Assistant => &batch.assistant_mask,
-        View::User => &batch.user_mask,
-    };
-    let n = mask.sum_all()?.to_scalar::<f32>()? as f64;
-    Ok((lp.broadcast_mul(mask)?.sum_all()?, n))
+) -> Result<Tensor> {
+    let roles = vec![view_role(view); episodes.len()];
+    let (sum, n) = role_logprob_sum(model, episodes, &roles, pad_id, device)?;
+    Ok((sum.neg()? / n.max(1.0))?)
 }
 
 /// The user model's held-out NLL per user token and the share of user turns (after an assistant
@@ -508,12 +506,8 @@ fn user_model_metrics(
     }
     let refs: Vec<&Dialogue> = eval.iter().collect();
     let episodes = view_episodes(renderer, &refs, View::User)?;
-    let (mut total, mut count) = (0.0, 0.0);
-    for chunk in episodes.chunks(32) {
-        let (s, n) = masked_logprob_sum(&user.model, chunk, user.pad_id, View::User, device)?;
-        total -= s.to_scalar::<f32>()? as f64;
-        count += n;
-    }
+    let roles = vec![Role::User; episodes.len()];
+    let nll = role_nll_per_token(&user.model, &episodes, &roles, user.pad_id, 32, device)?;
     // Every user reply to an assistant turn, as a branch ending at that assistant turn.
     let mut branches = Vec::new();
     let mut truth = Vec::new();
@@ -537,7 +531,7 @@ fn user_model_metrics(
         .filter(|(r, t)| r.content.split_whitespace().eq(t.split_whitespace()))
         .count();
     Ok((
-        Some(total / count.max(1.0)),
+        Some(nll),
         (!truth.is_empty()).then(|| right as f64 / truth.len() as f64),
     ))
 }
@@ -931,9 +925,8 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
                 .collect();
             let user_eps = view_episodes(&renderer, &user_batch, View::User)?;
             let asst_eps = view_episodes(&renderer, &asst_batch, View::Assistant)?;
-            let nll = |model: &Llama, eps: &[Episode], view: View| -> Result<(Tensor, f64)> {
-                let (s, n) = masked_logprob_sum(model, eps, lm.pad_id, view, device)?;
-                Ok(((s.neg()? / n.max(1.0))?, n))
+            let nll = |model: &Llama, eps: &[Episode], view: View| {
+                view_nll(model, eps, view, lm.pad_id, device)
             };
             match (&separate, user_optimizer.as_mut()) {
                 (None, _) => {
@@ -941,12 +934,12 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
                         let model = lm.model(device)?;
                         let mut loss = None;
                         if train_user {
-                            let (l, _) = nll(&model, &user_eps, View::User)?;
+                            let l = nll(&model, &user_eps, View::User)?;
                             metrics.push(("user_nll", l.to_scalar::<f32>()? as f64));
                             loss = Some(l);
                         }
                         if cfg.assistant_nll_weight > 0.0 {
-                            let (l, _) = nll(&model, &asst_eps, View::Assistant)?;
+                            let l = nll(&model, &asst_eps, View::Assistant)?;
                             metrics.push(("assistant_nll", l.to_scalar::<f32>()? as f64));
                             let l = (l * cfg.assistant_nll_weight)?;
                             loss = Some(match loss {
@@ -962,14 +955,14 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
                 }
                 (Some(u), Some(opt)) => {
                     if train_user {
-                        let (l, _) = nll(&u.model(device)?, &user_eps, View::User)?;
+                        let l = nll(&u.model(device)?, &user_eps, View::User)?;
                         metrics.push(("user_nll", l.to_scalar::<f32>()? as f64));
                         let mut acc = opt.accumulator();
                         acc.add(l.backward()?)?;
                         opt.apply(acc.finish(), it / cfg.supervised_every)?;
                     }
                     if cfg.assistant_nll_weight > 0.0 {
-                        let (l, _) = nll(&lm.model(device)?, &asst_eps, View::Assistant)?;
+                        let l = nll(&lm.model(device)?, &asst_eps, View::Assistant)?;
                         metrics.push(("assistant_nll", l.to_scalar::<f32>()? as f64));
                         let mut acc = trainer.accumulator();
                         acc.add((l * cfg.assistant_nll_weight)?.backward()?)?;
@@ -1049,10 +1042,6 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
     };
     write_json(&cfg.output_dir.join("summary.json"), &summary)?;
     Ok(summary)
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 /// `rlhf dialogue-rl`.

@@ -17,15 +17,14 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use rlhf_lm::episode::Episode;
-use rlhf_lm::llama::Llama;
-use rlhf_lm::score::{episode_logprobs, EpisodeBatch};
+use rlhf_lm::episode::{Episode, Role};
 use rlhf_train::{Result, TrainError};
 use serde::{Deserialize, Serialize};
 
-use rlhf_rl::conversation::{load_dialogues, View};
-use rlhf_rl::dialogue::{renderer_for, Branch};
+use rlhf_rl::conversation::{load_dialogues, view_episode, view_role, View};
+use rlhf_rl::dialogue::renderer_for;
 use rlhf_rl::fit::{fit, FitConfig};
+use rlhf_rl::objectives::{role_logprob_sum, role_nll_per_token};
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::registry::{Entry, Family};
 use rlhf_rl::trainer::Trainer;
@@ -76,51 +75,29 @@ pub struct DialogueSftSummary {
 /// One training example: a conversation seen from one side, trained on that side's tokens.
 struct Example {
     episode: Episode,
-    view: View,
+    role: Role,
 }
 
 /// Token-mean NLL of each example's own role over `rows`, as its share of the batch's tokens
 /// (`n_tokens`): the parts of a batch add up to the whole batch's mean.
 fn role_nll(
-    model: &Llama,
-    pad_id: u32,
+    lm: &TrainableLm,
     rows: &[&Example],
     n_tokens: usize,
     device: &Device,
 ) -> Result<Tensor> {
     let episodes: Vec<Episode> = rows.iter().map(|e| e.episode.clone()).collect();
-    let batch = EpisodeBatch::new(&episodes, pad_id, device)?;
-    let lp = episode_logprobs(model, &batch, 1.0)?;
-    // Each row keeps its own role's tokens.
-    let rows_mask: Vec<Tensor> = rows
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            let m = match e.view {
-                View::Assistant => &batch.assistant_mask,
-                View::User => &batch.user_mask,
-            };
-            m.narrow(0, i, 1)
-        })
-        .collect::<candle_core::Result<_>>()?;
-    let mask = Tensor::cat(&rows_mask, 0)?;
-    Ok((lp
-        .broadcast_mul(&mask.to_dtype(lp.dtype())?)?
-        .sum_all()?
-        .neg()?
-        / n_tokens.max(1) as f64)?)
+    let roles: Vec<Role> = rows.iter().map(|e| e.role).collect();
+    let (sum, _) = role_logprob_sum(&lm.model(device)?, &episodes, &roles, lm.pad_id, device)?;
+    Ok((sum.neg()? / n_tokens.max(1) as f64)?)
 }
 
 /// Trained tokens of an example (its role's targets).
 fn trained_tokens(e: &Example) -> usize {
-    let role = match e.view {
-        View::Assistant => rlhf_lm::Role::Assistant,
-        View::User => rlhf_lm::Role::User,
-    };
     e.episode
         .target_roles()
         .iter()
-        .filter(|&&r| r == role)
+        .filter(|&&r| r == e.role)
         .count()
 }
 
@@ -140,8 +117,7 @@ fn examples(
             continue;
         }
         for d in load_dialogues(file)? {
-            let b = Branch::start(&renderer, d)?;
-            let mut episode = b.view_episode(view);
+            let mut episode = view_episode(&renderer, &d, view)?;
             if episode.len() > cfg.fit.max_len {
                 // Keep the start of a long conversation (its later turns are cut).
                 let mut kept = 0;
@@ -152,7 +128,10 @@ fn examples(
                     !s.ids.is_empty()
                 });
             }
-            out.push(Example { episode, view });
+            out.push(Example {
+                episode,
+                role: view_role(view),
+            });
         }
     }
     if out.is_empty() {
@@ -167,21 +146,22 @@ fn examples(
 fn eval_nll(
     lm: &TrainableLm,
     rows: &[Example],
-    view: View,
+    role: Role,
     device: &Device,
 ) -> Result<Option<f64>> {
-    let rows: Vec<&Example> = rows.iter().filter(|e| e.view == view).collect();
-    if rows.is_empty() {
+    let episodes: Vec<Episode> = rows
+        .iter()
+        .filter(|e| e.role == role)
+        .map(|e| e.episode.clone())
+        .collect();
+    if episodes.is_empty() {
         return Ok(None);
     }
-    let frozen = lm.model(device)?.detached();
-    let (mut total, mut count) = (0.0, 0usize);
-    for chunk in rows.chunks(32) {
-        let n: usize = chunk.iter().map(|e| trained_tokens(e)).sum();
-        total += role_nll(&frozen, lm.pad_id, chunk, 1, device)?.to_scalar::<f32>()? as f64;
-        count += n;
-    }
-    Ok(Some(total / count.max(1) as f64))
+    let roles = vec![role; episodes.len()];
+    let model = lm.model(device)?;
+    Ok(Some(role_nll_per_token(
+        &model, &episodes, &roles, lm.pad_id, 32, device,
+    )?))
 }
 
 pub fn run(cfg: &DialogueSftConfig, resume: bool, device: &Device) -> Result<DialogueSftSummary> {
@@ -200,18 +180,15 @@ pub fn run(cfg: &DialogueSftConfig, resume: bool, device: &Device) -> Result<Dia
     let loss = |lm: &TrainableLm, batch: &[usize], part: &[usize]| {
         let n_tokens: usize = batch.iter().map(|&i| trained_tokens(&train[i])).sum();
         let rows: Vec<&Example> = part.iter().map(|&i| &train[i]).collect();
-        Ok((
-            role_nll(&lm.model(device)?, lm.pad_id, &rows, n_tokens, device)?,
-            Vec::new(),
-        ))
+        Ok((role_nll(lm, &rows, n_tokens, device)?, Vec::new()))
     };
     let held_out = |trainer: &mut Trainer, lm: &TrainableLm| {
         let rows = eval.as_ref().expect("eval_every is 0 without eval");
         let mut m = Vec::new();
-        if let Some(a) = eval_nll(lm, rows, View::Assistant, device)? {
+        if let Some(a) = eval_nll(lm, rows, Role::Assistant, device)? {
             m.push(("eval_assistant_nll", a));
         }
-        if let Some(u) = eval_nll(lm, rows, View::User, device)? {
+        if let Some(u) = eval_nll(lm, rows, Role::User, device)? {
             m.push(("eval_user_nll", u));
         }
         trainer.log(&m)
@@ -220,8 +197,8 @@ pub fn run(cfg: &DialogueSftConfig, resume: bool, device: &Device) -> Result<Dia
     // 4. Held-out losses and the final model.
     let (eval_assistant_nll, eval_user_nll) = match &eval {
         Some(rows) => (
-            eval_nll(&lm, rows, View::Assistant, device)?,
-            eval_nll(&lm, rows, View::User, device)?,
+            eval_nll(&lm, rows, Role::Assistant, device)?,
+            eval_nll(&lm, rows, Role::User, device)?,
         ),
         None => (None, None),
     };

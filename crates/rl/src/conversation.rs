@@ -259,3 +259,19 @@ pub fn load_dialogues(path: &std::path::Path) -> rlhf_train::Result<Vec<Dialogue
 pub fn write_dialogues(path: &std::path::Path, dialogues: &[Dialogue]) -> rlhf_train::Result<()> {
     rlhf_train::run::write_jsonl(path, dialogues)
 }
+
+/// One view of a dialogue as a supervised episode: every message's tokens with its speaker's role
+/// (the user view's `user_context` and every template token are context).
+pub fn view_episode(renderer: &Renderer, dialogue: &Dialogue, view: View) -> Result<Episode> {
+    let messages = Renderer::view_messages(dialogue, view);
+    let turns = renderer.turns(dialogue, view, &[])?;
+    Ok(episode(&turns, |i| speaker_role(&messages[i].role)))
+}
+
+/// The role a view trains: assistant tokens in the assistant view, user tokens in the user view.
+pub fn view_role(view: View) -> Role {
+    match view {
+        View::Assistant => Role::Assistant,
+        View::User => Role::User,
+    }
+}

@@ -110,3 +110,53 @@ pub fn token_rewards(score: f64, logp: &[f32], ref_logp: &[f32], beta: f64) -> V
         .map(|(t, (&a, &b))| -beta * (a as f64 - b as f64) + if t + 1 == n { score } else { 0.0 })
         .collect()
 }
+
+/// Summed log-probs of each episode's own `role` targets (row i keeps the targets of `roles[i]`:
+/// assistant tokens to clone a policy, user tokens to model a user), differentiable, and how many
+/// targets were summed.
+pub fn role_logprob_sum(
+    model: &rlhf_lm::llama::Llama,
+    episodes: &[rlhf_lm::Episode],
+    roles: &[rlhf_lm::Role],
+    pad_id: u32,
+    device: &Device,
+) -> Result<(Tensor, f64)> {
+    assert_eq!(episodes.len(), roles.len(), "one role per episode");
+    let batch = rlhf_lm::score::EpisodeBatch::new(episodes, pad_id, device)?;
+    let lp = rlhf_lm::score::episode_logprobs(model, &batch, 1.0)?;
+    let rows = roles
+        .iter()
+        .enumerate()
+        .map(|(i, role)| match role {
+            rlhf_lm::Role::User => batch.user_mask.narrow(0, i, 1),
+            rlhf_lm::Role::Assistant => batch.assistant_mask.narrow(0, i, 1),
+            rlhf_lm::Role::Prompt => batch.target_mask.zeros_like()?.narrow(0, i, 1),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mask = Tensor::cat(&rows, 0)?;
+    let n = mask.sum_all()?.to_scalar::<f32>()? as f64;
+    Ok((lp.broadcast_mul(&mask.to_dtype(lp.dtype())?)?.sum_all()?, n))
+}
+
+/// Held-out NLL per target of each episode's own role (see [`role_logprob_sum`]), without
+/// gradients, in chunks of `batch_size` episodes.
+pub fn role_nll_per_token(
+    model: &rlhf_lm::llama::Llama,
+    episodes: &[rlhf_lm::Episode],
+    roles: &[rlhf_lm::Role],
+    pad_id: u32,
+    batch_size: usize,
+    device: &Device,
+) -> Result<f64> {
+    let frozen = model.detached();
+    let (mut total, mut count) = (0.0, 0.0);
+    for (eps, rs) in episodes
+        .chunks(batch_size.max(1))
+        .zip(roles.chunks(batch_size.max(1)))
+    {
+        let (s, n) = role_logprob_sum(&frozen, eps, rs, pad_id, device)?;
+        total -= s.to_scalar::<f32>()? as f64;
+        count += n;
+    }
+    Ok(total / count.max(1.0))
+}

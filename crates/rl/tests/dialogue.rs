@@ -408,3 +408,69 @@ fn the_rl_loss_reaches_the_rollouts_assistant_tokens_and_the_user_nll_the_user_t
     );
     assert_eq!(grad_positions(uv, true), want);
 }
+
+#[test]
+fn role_log_prob_sums_keep_each_rows_own_role() {
+    use rlhf_lm::score::{episode_logprobs, EpisodeBatch};
+    use rlhf_rl::conversation::{view_episode, view_role};
+    use rlhf_rl::objectives::{role_logprob_sum, role_nll_per_token};
+    let lm = testbed_dialogue_model(0, &CPU).unwrap();
+    let r = Renderer::new(
+        lm.chat_template.as_ref().unwrap(),
+        &lm.tokenizer,
+        &lm.eos_ids,
+    );
+    let task = game::DialogueTask::new(
+        1,
+        game::DialogueSize {
+            logs: 2,
+            eval_logs: 1,
+            eval_games: 1,
+        },
+    );
+    let log = &task.logs()[0];
+    let d = Dialogue {
+        user_context: Some(log.user_context.clone()),
+        messages: log.messages.clone(),
+    };
+    // Row 0 clones the assistant, row 1 models the user, of the same game.
+    let views = [View::Assistant, View::User];
+    let episodes: Vec<Episode> = views
+        .iter()
+        .map(|&v| view_episode(&r, &d, v).unwrap())
+        .collect();
+    let roles: Vec<Role> = views.iter().map(|&v| view_role(v)).collect();
+    assert_eq!(roles, [Role::Assistant, Role::User]);
+    let model = lm.model(&CPU).unwrap();
+    let (sum, n) = role_logprob_sum(&model, &episodes, &roles, lm.pad_id, &CPU).unwrap();
+    // The same sum picked on the host from the per-target log-probs and the episodes' roles.
+    let batch = EpisodeBatch::new(&episodes, lm.pad_id, &CPU).unwrap();
+    let lp = episode_logprobs(&model, &batch, 1.0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let (mut want, mut count) = (0f64, 0usize);
+    for (i, e) in episodes.iter().enumerate() {
+        for (j, role) in e.target_roles().iter().enumerate() {
+            if *role == roles[i] {
+                want += lp[i][j] as f64;
+                count += 1;
+            }
+        }
+    }
+    let n_assistant = log
+        .messages
+        .iter()
+        .filter(|m| m.role == "assistant")
+        .count();
+    assert!(count > 2 * n_assistant, "both rows contribute");
+    assert_eq!(n, count as f64);
+    let got = sum.to_scalar::<f32>().unwrap() as f64;
+    assert!(
+        (got - want).abs() < 1e-3 * want.abs().max(1.0),
+        "{got} vs {want}"
+    );
+    // Per token, in chunks of one episode: the same mean.
+    let per = role_nll_per_token(&model, &episodes, &roles, lm.pad_id, 1, &CPU).unwrap();
+    assert!((per + want / count as f64).abs() < 1e-4, "{per}");
+}
