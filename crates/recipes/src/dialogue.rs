@@ -405,21 +405,8 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
             step(&format!("seed {seed}: dialogue-rl `{variant}`"));
             let started = std::time::Instant::now();
             let out = dir.join(variant);
-            let done = out.join("summary.json");
-            if cfg.reuse && done.is_file() {
-                let evals: Vec<DialogueEval> = read_jsonl(&out.join("eval.jsonl"))?;
-                let seconds =
-                    rlhf_train::run::read_json::<serde_json::Value>(&out.join("seconds.json"))
-                        .ok()
-                        .and_then(|v| v.as_f64())
-                        .unwrap_or(f64::NAN);
-                runs.push(VariantRun {
-                    variant: variant.to_string(),
-                    seed,
-                    evals,
-                    seconds,
-                    train_won: train_won(&out)?,
-                });
+            if cfg.reuse && out.join("summary.json").is_file() {
+                runs.push(variant_run(variant, seed, &out)?);
                 continue;
             }
             let mut c = rl_config(cfg, &sft_all, out.clone(), seed);
@@ -443,16 +430,8 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
                 _ => unreachable!("checked above"),
             }
             dialogue_rl::run(&c, false, device)?;
-            let evals: Vec<DialogueEval> = read_jsonl(&out.join("eval.jsonl"))?;
-            let seconds = started.elapsed().as_secs_f64();
-            write_json(&out.join("seconds.json"), &seconds)?;
-            runs.push(VariantRun {
-                variant: variant.to_string(),
-                seed,
-                evals,
-                seconds,
-                train_won: train_won(&out)?,
-            });
+            write_json(&out.join("seconds.json"), &started.elapsed().as_secs_f64())?;
+            runs.push(variant_run(variant, seed, &out)?);
         }
     }
     let report = DialogueReport {
@@ -464,6 +443,17 @@ pub fn run(cfg: &CompareDialogueConfig, device: &Device) -> Result<DialogueRepor
     let md = format_markdown(&report);
     rlhf_train::run::write_atomic(&cfg.out_dir.join("table.md"), md.as_bytes())?;
     Ok(report)
+}
+
+/// A finished run as the table reads it: its evaluations, wall time and final training win rate.
+fn variant_run(variant: &str, seed: u64, out: &Path) -> Result<VariantRun> {
+    Ok(VariantRun {
+        variant: variant.to_string(),
+        seed,
+        evals: read_jsonl(&out.join("eval.jsonl"))?,
+        seconds: rlhf_train::run::read_json::<f64>(&out.join("seconds.json")).unwrap_or(f64::NAN),
+        train_won: train_won(out)?,
+    })
 }
 
 /// Mean `won` of a run's last 10 logged training iterations (`metrics.jsonl`).
