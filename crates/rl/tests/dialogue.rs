@@ -52,6 +52,29 @@ impl AssistantSpeaker for Script {
     }
 }
 
+/// A script that says `lines` in turn, for the game's model.
+fn script(lm: &rlhf_rl::policy::TrainableLm, lines: Vec<&'static str>) -> Script {
+    Script {
+        lines,
+        tokenizer: lm.tokenizer.clone(),
+        eos: lm.eos_ids[0],
+    }
+}
+
+/// The owl game continued from a real prefix (`is it small ?` `yes .`) by one scripted turn,
+/// `is it the owl ?`, which wins.
+fn owl_guessed_after_a_real_turn(lm: &rlhf_rl::policy::TrainableLm, r: &Renderer) -> Branch {
+    let prefix = [
+        ("user", game::OPENING),
+        ("assistant", "is it small ?"),
+        ("user", "yes ."),
+    ];
+    let mut b = vec![start(owl(), &prefix, r)];
+    let script = script(lm, vec!["unused", "is it the owl ?"]);
+    roll_out(&script, r, &ScriptedUser, &mut b, &TurnConfig::default(), 0).unwrap();
+    b.pop().unwrap()
+}
+
 fn owl() -> &'static game::Item {
     &game::catalogue()[2]
 }
@@ -84,11 +107,10 @@ fn a_scripted_game_reproduces_the_hand_written_transcript() {
         &lm.tokenizer,
         &lm.eos_ids,
     );
-    let script = Script {
-        lines: vec!["what colour is it ?", "is it the fox ?", "is it the owl ?"],
-        tokenizer: lm.tokenizer.clone(),
-        eos: lm.eos_ids[0],
-    };
+    let script = script(
+        &lm,
+        vec!["what colour is it ?", "is it the fox ?", "is it the owl ?"],
+    );
     let mut b = vec![start(owl(), &[("user", game::OPENING)], &r)];
     roll_out(
         &script,
@@ -169,26 +191,7 @@ fn a_real_prefix_is_context_for_rl_and_the_user_view_trains_user_turns() {
         &lm.tokenizer,
         &lm.eos_ids,
     );
-    let script = Script {
-        lines: vec!["unused", "is it the owl ?"],
-        tokenizer: lm.tokenizer.clone(),
-        eos: lm.eos_ids[0],
-    };
-    let prefix = [
-        ("user", game::OPENING),
-        ("assistant", "is it small ?"),
-        ("user", "yes ."),
-    ];
-    let mut b = vec![start(owl(), &prefix, &r)];
-    roll_out(
-        &script,
-        &r,
-        &ScriptedUser,
-        &mut b,
-        &TurnConfig::default(),
-        0,
-    )
-    .unwrap();
+    let b = [owl_guessed_after_a_real_turn(&lm, &r)];
     let b = &b[0];
     assert_eq!(b.prefix, 3);
     assert_eq!(b.dialogue.messages.len(), 5);
@@ -263,11 +266,7 @@ fn games_stop_at_the_turn_limit_and_at_the_horizon() {
         &lm.tokenizer,
         &lm.eos_ids,
     );
-    let script = Script {
-        lines: vec!["what size is it ?"],
-        tokenizer: lm.tokenizer.clone(),
-        eos: lm.eos_ids[0],
-    };
+    let script = script(&lm, vec!["what size is it ?"]);
     let opening = [("user", game::OPENING)];
     let mut b = [start(owl(), &opening, &r), start(owl(), &opening, &r)];
     let mut short = TurnConfig::default();
@@ -321,11 +320,7 @@ fn external_users_speak_json_and_a_command_user_can_win() {
     )
     .unwrap();
     assert!(user.describe().starts_with("user command"));
-    let script = Script {
-        lines: vec!["is it the owl ?"],
-        tokenizer: lm.tokenizer.clone(),
-        eos: lm.eos_ids[0],
-    };
+    let script = script(&lm, vec!["is it the owl ?"]);
     let mut b = vec![start(owl(), &[("user", game::OPENING)], &rd)];
     roll_out(&script, &rd, &user, &mut b, &TurnConfig::default(), 0).unwrap();
     assert!(b[0].won);
@@ -350,26 +345,7 @@ fn the_rl_loss_reaches_the_rollouts_assistant_tokens_and_the_user_nll_the_user_t
         &lm.tokenizer,
         &lm.eos_ids,
     );
-    let script = Script {
-        lines: vec!["unused", "is it the owl ?"],
-        tokenizer: lm.tokenizer.clone(),
-        eos: lm.eos_ids[0],
-    };
-    let prefix = [
-        ("user", game::OPENING),
-        ("assistant", "is it small ?"),
-        ("user", "yes ."),
-    ];
-    let mut b = vec![start(owl(), &prefix, &r)];
-    roll_out(
-        &script,
-        &r,
-        &ScriptedUser,
-        &mut b,
-        &TurnConfig::default(),
-        0,
-    )
-    .unwrap();
+    let b = [owl_guessed_after_a_real_turn(&lm, &r)];
     // Any per-token log-probs will do: the gradient of each loss w.r.t. them says which
     // positions it can move.
     let grad_positions = |episode: Episode, user: bool| -> Vec<usize> {
