@@ -21,6 +21,10 @@ use rlhf_rl::online::OnlineSummary;
 use rlhf_rl::registry::{Family, Registered};
 use rlhf_rl::reward_source::SourceKind;
 
+use crate::curves::{at_first_crossing, mean_curve, mean_monitors, read_run, CurvePoint, MonitorPoint};
+use crate::plot::{Panel, Series};
+use crate::stats::{holm, paired_t, PairedTest};
+
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct CompareConfig {
@@ -50,6 +54,29 @@ pub struct CompareConfig {
     pub table: Option<PathBuf>,
     /// Skip runs whose eval.json already exists (to continue an interrupted comparison).
     pub reuse: bool,
+    /// Also evaluate every this many iterations (the curves: win-rate, gold, proxy and KL
+    /// against samples consumed); 0: only at the end.
+    pub eval_every: u64,
+    /// Rows of your own: `[variants.<name>]` with `method` (a registered online method or a
+    /// built-in variant, with `-kN`) and `set` (overrides of that method's config), e.g. an
+    /// ablation `ppo-no-token-kl = { method = "ppo", set = ["method.token_kl=false"] }`.
+    pub variants: std::collections::BTreeMap<String, VariantConfig>,
+    /// Gold win-rates for the sample-efficiency table (samples until the seed-mean curve first
+    /// reaches each).
+    pub winrate_targets: Vec<f64>,
+    /// KLs at which the methods' gold win-rates are compared (interpolated on each curve).
+    pub kl_levels: Vec<f64>,
+    /// Where the plots (SVG) go; default: beside `table`, named after it.
+    pub plots_dir: Option<PathBuf>,
+}
+
+/// A named row of a comparison: a method (with `-kN`) and overrides of its config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VariantConfig {
+    pub method: String,
+    #[serde(default)]
+    pub set: Vec<String>,
 }
 
 impl Default for CompareConfig {
@@ -85,6 +112,11 @@ impl Default for CompareConfig {
             out_dir: "runs/compare".into(),
             table: None,
             reuse: false,
+            eval_every: 0,
+            variants: Default::default(),
+            winrate_targets: vec![0.6, 0.7],
+            kl_levels: vec![1.0, 2.0, 3.0],
+            plots_dir: None,
         }
     }
 }
@@ -95,6 +127,12 @@ pub struct RunResult {
     pub seed: u64,
     pub eval: EvalReport,
     pub seconds: f64,
+    /// The SFT point, then every evaluation of the run (`eval_every`), the last one final.
+    #[serde(default)]
+    pub curve: Vec<CurvePoint>,
+    /// Training-time monitors in windows of 10 iterations.
+    #[serde(default)]
+    pub monitors: Vec<MonitorPoint>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -109,6 +147,27 @@ pub struct MethodRow {
     pub kl: f64,
     pub length: f64,
     pub seconds: f64,
+    /// Seed-mean curve (the seeds share their evaluation iterations).
+    pub curve: Vec<CurvePoint>,
+    /// Seed-mean monitors.
+    pub monitors: Vec<MonitorPoint>,
+    /// Per `winrate_targets`: samples until the seed-mean curve first reaches the target (linear
+    /// between evaluations; None: never), and how many seeds' own curves reach it.
+    pub samples_to_target: Vec<Option<f64>>,
+    pub seeds_reaching: Vec<usize>,
+    /// Per `kl_levels`: gold win-rate of the seed-mean curve where its KL first reaches the level
+    /// (None: the method never moves that far from the reference).
+    pub winrate_at_kl: Vec<Option<f64>>,
+}
+
+/// A paired t-test of two rows' final gold win-rates over the seeds both ran.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct PairRow {
+    pub a: String,
+    pub b: String,
+    pub test: PairedTest,
+    /// Holm-adjusted p over every pair of the table.
+    pub p_holm: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -117,6 +176,9 @@ pub struct CompareReport {
     pub sft: EvalReport,
     pub rows: Vec<MethodRow>,
     pub runs: Vec<RunResult>,
+    /// Every pair of rows, in table order.
+    #[serde(default)]
+    pub pairs: Vec<PairRow>,
 }
 
 /// Named variants of a registered method, as (variant, method, overrides): `ppo-plain` is `ppo`
@@ -131,8 +193,25 @@ const VARIANTS: &[(&str, &str, &[&str])] = &[(
     ],
 )];
 
-/// `name` -> (registered online method, k, the variant's overrides). `-kN` sets `rollout.k`.
-fn parse_method(name: &str) -> Result<(&'static dyn Registered, usize, Vec<String>)> {
+/// `name` -> (registered online method, k, the variant's overrides). A variant of the config
+/// resolves to its method (itself any row name) plus its own overrides, applied last. `-kN` sets
+/// `rollout.k`.
+fn parse_method(
+    cfg: &CompareConfig,
+    name: &str,
+) -> Result<(&'static dyn Registered, usize, Vec<String>)> {
+    if let Some(v) = cfg.variants.get(name) {
+        if v.method == name || cfg.variants.contains_key(&v.method) {
+            return Err(TrainError::invalid(format!(
+                "variant `{name}`: its method `{}` must be a registered method or built-in variant, not a variant of the config",
+                v.method
+            )));
+        }
+        let (m, k, mut sets) = parse_method(cfg, &v.method)
+            .map_err(|e| TrainError::invalid(format!("variant `{name}`: {e}")))?;
+        sets.extend(v.set.iter().cloned());
+        return Ok((m, k, sets));
+    }
     let (base, k) = match name.rsplit_once("-k") {
         Some((b, k)) if k.chars().all(|c| c.is_ascii_digit()) && !k.is_empty() => {
             (b, k.parse::<usize>().expect("digits"))
@@ -173,7 +252,7 @@ pub fn run_settings(
     seed: u64,
     dir: &Path,
 ) -> Result<(&'static dyn Registered, Vec<String>)> {
-    let (m, k, overrides) = parse_method(name)?;
+    let (m, k, overrides) = parse_method(cfg, name)?;
     let mut sets: Vec<String> = vec![
         format!("model={}", cfg.sft_model.display()),
         format!("task={}", cfg.task),
@@ -203,12 +282,15 @@ pub fn run_settings(
         ),
         format!("optim.lr={}", cfg.lr),
         format!("eval.prompts={}", cfg.eval_prompts),
+        format!("eval.every={}", cfg.eval_every),
     ];
     sets.extend(overrides);
     let resolved: toml::Table = toml::from_str(&m.resolved_toml(None, &sets)?)
         .map_err(|e| TrainError::invalid(format!("{name}: {e}")))?;
     let method = resolved.get("method").and_then(|v| v.as_table());
-    if method.is_some_and(|t| t.contains_key("value_lr")) {
+    // A variant's own critic learning rate wins over the shared one.
+    let variant_sets_value_lr = sets.iter().any(|s| s.starts_with("method.value_lr="));
+    if method.is_some_and(|t| t.contains_key("value_lr")) && !variant_sets_value_lr {
         sets.push(format!("method.value_lr={}", cfg.value_lr));
     }
     let pretrain = method
@@ -247,32 +329,9 @@ fn last_wall_time(metrics: &Path) -> Option<f64> {
     serde_json::from_str::<serde_json::Value>(last).ok()?["wall_time"].as_f64()
 }
 
-/// Two-sided 97.5% Student-t quantile for `df` degrees of freedom.
-fn t975(df: usize) -> f64 {
-    const T: [f64; 10] = [
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    ];
-    if df == 0 {
-        f64::NAN
-    } else if df <= 10 {
-        T[df - 1]
-    } else {
-        1.96 + 2.5 / df as f64
-    }
-}
+pub use crate::stats::mean_ci;
 
-/// Mean and Student-t 95% half-width over seeds (NaN half-width for one seed).
-pub fn mean_ci(xs: &[f64]) -> (f64, f64) {
-    let n = xs.len();
-    let mean = xs.iter().sum::<f64>() / n.max(1) as f64;
-    if n < 2 {
-        return (mean, f64::NAN);
-    }
-    let sd = (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
-    (mean, t975(n - 1) * sd / (n as f64).sqrt())
-}
-
-fn aggregate(method: &str, runs: &[&RunResult]) -> MethodRow {
+fn aggregate(cfg: &CompareConfig, method: &str, runs: &[&RunResult]) -> MethodRow {
     let n = runs.len();
     let mean =
         |f: &dyn Fn(&RunResult) -> f64| runs.iter().map(|r| f(r)).sum::<f64>() / n.max(1) as f64;
@@ -282,6 +341,11 @@ fn aggregate(method: &str, runs: &[&RunResult]) -> MethodRow {
     } else {
         runs[0].eval.winrate_ci95
     };
+    let curve = mean_curve(&runs.iter().map(|r| r.curve.as_slice()).collect::<Vec<_>>());
+    let by_winrate = |c: &[CurvePoint]| -> Vec<(f64, f64)> {
+        c.iter().map(|p| (p.winrate, p.samples)).collect()
+    };
+    let by_kl: Vec<(f64, f64)> = curve.iter().map(|p| (p.kl, p.winrate)).collect();
     MethodRow {
         method: method.into(),
         seeds: n,
@@ -291,8 +355,81 @@ fn aggregate(method: &str, runs: &[&RunResult]) -> MethodRow {
         kl: mean(&|r| r.eval.kl_to_ref.unwrap_or(f64::NAN)),
         length: mean(&|r| r.eval.mean_len),
         seconds: mean(&|r| r.seconds),
+        samples_to_target: cfg
+            .winrate_targets
+            .iter()
+            .map(|&t| at_first_crossing(&by_winrate(&curve), t))
+            .collect(),
+        seeds_reaching: cfg
+            .winrate_targets
+            .iter()
+            .map(|&t| {
+                runs.iter()
+                    .filter(|r| at_first_crossing(&by_winrate(&r.curve), t).is_some())
+                    .count()
+            })
+            .collect(),
+        winrate_at_kl: cfg
+            .kl_levels
+            .iter()
+            .map(|&k| at_first_crossing(&by_kl, k))
+            .collect(),
+        monitors: mean_monitors(&runs.iter().map(|r| r.monitors.as_slice()).collect::<Vec<_>>()),
+        curve,
     }
 }
+
+/// Paired t-tests of final win-rate between every two rows, on the seeds both ran, with Holm's
+/// adjustment over all of them.
+fn pairs(methods: &[String], runs: &[RunResult]) -> Vec<PairRow> {
+    let final_wr = |m: &str, seed: u64| {
+        runs.iter()
+            .find(|r| r.method == m && r.seed == seed)
+            .map(|r| r.eval.winrate)
+    };
+    let mut rows = Vec::new();
+    for (i, a) in methods.iter().enumerate() {
+        for b in &methods[i + 1..] {
+            let (xs, ys): (Vec<f64>, Vec<f64>) = runs
+                .iter()
+                .filter(|r| &r.method == a)
+                .filter_map(|r| Some((r.eval.winrate, final_wr(b, r.seed)?)))
+                .unzip();
+            rows.push(PairRow {
+                a: a.clone(),
+                b: b.clone(),
+                test: paired_t(&xs, &ys),
+                p_holm: f64::NAN,
+            });
+        }
+    }
+    let adjusted = holm(&rows.iter().map(|r| r.test.p).collect::<Vec<_>>());
+    for (r, p) in rows.iter_mut().zip(adjusted) {
+        r.p_holm = p;
+    }
+    rows
+}
+
+/// (samples spent before the first policy iteration, samples per iteration) of a finished run,
+/// from its resolved `config.toml`.
+fn run_shape(dir: &Path) -> Result<(f64, f64)> {
+    let path = dir.join("config.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let t: toml::Table =
+        toml::from_str(&text).map_err(|e| TrainError::bad_file(&path, e.to_string()))?;
+    let int = |v: Option<&toml::Value>| v.and_then(|v| v.as_integer()).unwrap_or(0) as f64;
+    let per = int(t.get("prompts_per_step"))
+        * int(t.get("rollout").and_then(|r| r.as_table()).and_then(|r| r.get("k")));
+    let pre = int(
+        t.get("method")
+            .and_then(|m| m.as_table())
+            .and_then(|m| m.get("critic_pretrain_iterations")),
+    );
+    Ok((pre * per, per))
+}
+
+/// Iterations per window of the training-time monitors.
+const MONITOR_WINDOW: u64 = 10;
 
 pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
     if cfg.seeds.is_empty() || cfg.methods.is_empty() {
@@ -350,11 +487,16 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
                 eval.kl_to_ref.unwrap_or(f64::NAN),
                 eval.mean_len
             );
+            let (pre, per) = run_shape(&dir)?;
+            let (curve, monitors) =
+                read_run(&dir.join("metrics.jsonl"), &sft, pre, per, MONITOR_WINDOW)?;
             runs.push(RunResult {
                 method: name.clone(),
                 seed,
                 eval,
                 seconds,
+                curve,
+                monitors,
             });
         }
     }
@@ -363,6 +505,7 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
         .iter()
         .map(|m| {
             aggregate(
+                cfg,
                 m,
                 &runs.iter().filter(|r| &r.method == m).collect::<Vec<_>>(),
             )
@@ -372,6 +515,7 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
         config: cfg.clone(),
         sft,
         rows,
+        pairs: pairs(&cfg.methods, &runs),
         runs,
     };
     let json = cfg.out_dir.join("compare.json");
@@ -384,7 +528,9 @@ pub fn run(cfg: &CompareConfig, device: &Device) -> Result<CompareReport> {
         if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(d).map_err(|e| TrainError::io(d, e))?;
         }
-        std::fs::write(path, format_markdown(&report)).map_err(|e| TrainError::io(path, e))?;
+        let plots = write_plots(&report, path)?;
+        std::fs::write(path, format_markdown(&report, &plots))
+            .map_err(|e| TrainError::io(path, e))?;
     }
     Ok(report)
 }
@@ -435,8 +581,128 @@ pub fn format_table(r: &CompareReport) -> String {
     s
 }
 
-/// The markdown table written to docs/.
-pub fn format_markdown(r: &CompareReport) -> String {
+/// Where the figures of a report went, as the markdown links them (relative to the table).
+#[derive(Debug, Clone, Default)]
+pub struct Plots {
+    pub frontier: String,
+    pub curves: String,
+    pub monitors: String,
+}
+
+/// The figures of a report, as SVG beside `table` (or in `plots_dir`), named after it:
+/// `-frontier` (gold win-rate, gold and proxy reward against KL: the reward-KL frontier),
+/// `-curves` (win-rate and KL against samples consumed), `-monitors` (the training-time collapse
+/// monitors against iterations). Each line is a row's seed-mean curve.
+pub fn write_plots(r: &CompareReport, table: &Path) -> Result<Plots> {
+    let dir = match &r.config.plots_dir {
+        Some(d) => d.clone(),
+        None => table.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    let stem = table
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "compare".into());
+    let link = |name: &str| -> String {
+        let file = dir.join(format!("{stem}-{name}.svg"));
+        if table.parent() == Some(dir.as_path()) {
+            format!("{stem}-{name}.svg")
+        } else {
+            file.display().to_string()
+        }
+    };
+    let curve_series = |f: &dyn Fn(&CurvePoint) -> (f64, f64)| -> Vec<Series> {
+        r.rows
+            .iter()
+            .map(|row| Series {
+                name: row.method.clone(),
+                points: row.curve.iter().map(f).collect(),
+            })
+            .collect()
+    };
+    let panel = |title: &str, x: &str, y: &str, series: Vec<Series>| Panel {
+        title: title.into(),
+        x_label: x.into(),
+        y_label: y.into(),
+        series,
+    };
+    let mut frontier = vec![
+        panel(
+            "gold win-rate vs SFT against KL",
+            "KL(pi || pi_SFT)",
+            "gold win-rate",
+            curve_series(&|p| (p.kl, p.winrate)),
+        ),
+        panel(
+            "gold reward against KL",
+            "KL(pi || pi_SFT)",
+            "gold reward",
+            curve_series(&|p| (p.kl, p.gold)),
+        ),
+    ];
+    if r.rows.iter().any(|row| row.curve.iter().any(|p| p.proxy.is_finite())) {
+        frontier.push(panel(
+            "proxy reward against KL",
+            "KL(pi || pi_SFT)",
+            "reward-model score",
+            curve_series(&|p| (p.kl, p.proxy)),
+        ));
+    }
+    let curves = vec![
+        panel(
+            "gold win-rate vs SFT against samples",
+            "completions sampled",
+            "gold win-rate",
+            curve_series(&|p| (p.samples, p.winrate)),
+        ),
+        panel(
+            "KL against samples",
+            "completions sampled",
+            "KL(pi || pi_SFT)",
+            curve_series(&|p| (p.samples, p.kl)),
+        ),
+    ];
+    let monitor_series = |f: &dyn Fn(&MonitorPoint) -> f64| -> Vec<Series> {
+        r.rows
+            .iter()
+            .map(|row| Series {
+                name: row.method.clone(),
+                points: row.monitors.iter().map(|m| (m.iteration as f64, f(m))).collect(),
+            })
+            .collect()
+    };
+    let it = "iteration";
+    let monitors = vec![
+        panel("proxy reward (raw, rollouts)", it, "reward", monitor_series(&|m| m.reward_raw)),
+        panel("gold reward (rollouts)", it, "gold", monitor_series(&|m| m.gold)),
+        panel("KL to the reference (rollouts)", it, "KL", monitor_series(&|m| m.kl)),
+        panel("response length", it, "tokens", monitor_series(&|m| m.length)),
+        panel(
+            "perplexity on own samples",
+            it,
+            "perplexity",
+            monitor_series(&|m| m.perplexity),
+        ),
+    ];
+    crate::plot::write_svg(&dir.join(format!("{stem}-frontier.svg")), &frontier, 3)?;
+    crate::plot::write_svg(&dir.join(format!("{stem}-curves.svg")), &curves, 2)?;
+    crate::plot::write_svg(&dir.join(format!("{stem}-monitors.svg")), &monitors, 3)?;
+    Ok(Plots {
+        frontier: link("frontier"),
+        curves: link("curves"),
+        monitors: link("monitors"),
+    })
+}
+
+fn fmt_opt(x: Option<f64>, digits: usize) -> String {
+    match x {
+        Some(v) if v.is_finite() => format!("{v:.digits$}"),
+        _ => "-".into(),
+    }
+}
+
+/// The markdown report written to docs/: the final table, the figures, sample efficiency,
+/// win-rate at equal KL, paired tests, and the seed-mean curves and monitors.
+pub fn format_markdown(r: &CompareReport, plots: &Plots) -> String {
     let c = &r.config;
     let mut s = String::new();
     s.push_str(&format!(
@@ -446,7 +712,7 @@ pub fn format_markdown(r: &CompareReport) -> String {
          sequence-level KL(pi || pi_SFT) of the policy's eval samples; length in tokens. Every method \
          starts from the same SFT policy and trains on the {} for {} iterations of {} samples \
          ({} completions per run; PPO's critic pre-training rollouts count toward them, so PPO runs \
-         fewer policy iterations). lr {}, beta {} (GRPO: k3 weight {}).\n\n",
+         fewer policy iterations). lr {}, beta {} (GRPO: k3 weight {}).{}\n\n",
         c.task,
         c.eval_prompts,
         c.seeds,
@@ -459,13 +725,38 @@ pub fn format_markdown(r: &CompareReport) -> String {
         c.steps * c.samples_per_step as u64,
         c.lr,
         c.beta,
-        c.grpo_beta
+        c.grpo_beta,
+        if c.eval_every > 0 {
+            format!(
+                " Every run is also evaluated every {} iterations on the same prompts (the curves).",
+                c.eval_every
+            )
+        } else {
+            String::new()
+        }
     ));
+    let named: Vec<String> = c
+        .methods
+        .iter()
+        .filter_map(|m| {
+            if let Some(v) = c.variants.get(m) {
+                Some(format!("`{m}` = `{}` with `{}`", v.method, v.set.join("`, `")))
+            } else {
+                VARIANTS
+                    .iter()
+                    .find(|v| v.0 == m)
+                    .map(|v| format!("`{m}` = `{}` with `{}`", v.1, v.2.join("`, `")))
+            }
+        })
+        .collect();
+    if !named.is_empty() {
+        s.push_str(&format!("Variants: {}.\n\n", named.join("; ")));
+    }
     s.push_str(
         "| method | gold win-rate vs SFT | 95% interval | gold mean | KL | length | s / run |\n",
     );
     s.push_str("|---|---|---|---|---|---|---|\n");
-    let opt = |x: Option<f64>| x.map_or("-".into(), |v| format!("{v:.3}"));
+    let opt = |x: Option<f64>| fmt_opt(x, 3);
     s.push_str(&format!(
         "| SFT (reference) | {:.3} | [{:.3}, {:.3}] | {} | {} | {:.1} | - |\n",
         r.sft.winrate,
@@ -487,6 +778,90 @@ pub fn format_markdown(r: &CompareReport) -> String {
             row.length,
             row.seconds
         ));
+    }
+    let has_curves = r.rows.iter().any(|row| row.curve.len() > 2);
+    if has_curves {
+        s.push_str(&format!(
+            "\n## Reward-KL frontier and curves\n\nEach line is a method's seed-mean curve, from the SFT policy (KL 0) \
+             to the end of training; a method further up at the same KL optimises better for the \
+             distance it moves.\n\n![reward-KL frontier]({})\n\n![win-rate and KL against samples]({})\n\n\
+             Training-time monitors (rollout batches, seed means over windows of {MONITOR_WINDOW} iterations):\n\n![monitors]({})\n",
+            plots.frontier, plots.curves, plots.monitors
+        ));
+        s.push_str("\n## Sample efficiency\n\nCompletions sampled until the seed-mean curve first reaches each gold win-rate (linear between evaluations; `-`: never within the budget), and how many seeds' own curves reach it.\n\n| method |");
+        for t in &c.winrate_targets {
+            s.push_str(&format!(" win-rate {t} |"));
+        }
+        s.push_str("\n|---|");
+        s.push_str(&"---|".repeat(c.winrate_targets.len()));
+        s.push('\n');
+        for row in &r.rows {
+            s.push_str(&format!("| {} |", row.method));
+            for (x, k) in row.samples_to_target.iter().zip(&row.seeds_reaching) {
+                s.push_str(&format!(" {} ({k}/{}) |", fmt_opt(*x, 0), row.seeds));
+            }
+            s.push('\n');
+        }
+        s.push_str("\n## Gold win-rate at equal KL\n\nThe seed-mean curve's gold win-rate where its KL to the SFT policy first reaches each level (linear between evaluations; `-`: the method never moves that far).\n\n| method |");
+        for k in &c.kl_levels {
+            s.push_str(&format!(" KL {k} |"));
+        }
+        s.push_str("\n|---|");
+        s.push_str(&"---|".repeat(c.kl_levels.len()));
+        s.push('\n');
+        for row in &r.rows {
+            s.push_str(&format!("| {} |", row.method));
+            for x in &row.winrate_at_kl {
+                s.push_str(&format!(" {} |", opt(*x)));
+            }
+            s.push('\n');
+        }
+    }
+    if r.pairs.iter().any(|p| p.test.n >= 2) {
+        s.push_str("\n## Paired differences in final gold win-rate\n\nRow a minus row b on the same seeds (same SFT policy, same data order seed): mean difference, Student-t 95% interval, two-sided paired t-test p, and Holm's adjustment over every pair of the table. `real` when the Holm-adjusted p < 0.05.\n\n| a | b | seeds | a - b | 95% interval | p | Holm p | |\n|---|---|---|---|---|---|---|---|\n");
+        for p in &r.pairs {
+            let t = &p.test;
+            s.push_str(&format!(
+                "| {} | {} | {} | {:+.3} | [{:+.3}, {:+.3}] | {:.4} | {:.4} | {} |\n",
+                p.a,
+                p.b,
+                t.n,
+                t.diff,
+                t.ci95[0],
+                t.ci95[1],
+                t.p,
+                p.p_holm,
+                if p.p_holm < 0.05 { "real" } else { "" }
+            ));
+        }
+    }
+    if has_curves {
+        s.push_str("\n## Seed-mean curves\n\n<details><summary>evaluations (samples, gold win-rate, gold, proxy, KL, length)</summary>\n\n| method | iteration | samples | win-rate | gold | proxy | KL | length |\n|---|---|---|---|---|---|---|---|\n");
+        for row in &r.rows {
+            for p in &row.curve {
+                s.push_str(&format!(
+                    "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {:.3} | {:.1} |\n",
+                    row.method,
+                    p.iteration,
+                    p.samples,
+                    p.winrate,
+                    p.gold,
+                    fmt_opt(Some(p.proxy), 3),
+                    p.kl,
+                    p.length
+                ));
+            }
+        }
+        s.push_str("\n</details>\n\n<details><summary>training-time monitors (window means: proxy raw reward, gold, KL, length, perplexity)</summary>\n\n| method | iteration | proxy (raw) | gold | KL | length | perplexity |\n|---|---|---|---|---|---|---|\n");
+        for row in &r.rows {
+            for m in &row.monitors {
+                s.push_str(&format!(
+                    "| {} | {} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} |\n",
+                    row.method, m.iteration, m.reward_raw, m.gold, m.kl, m.length, m.perplexity
+                ));
+            }
+        }
+        s.push_str("\n</details>\n");
     }
     s.push_str("\nPer run:\n\n| method | seed | win-rate | 95% interval (prompts) | gold | KL | length |\n|---|---|---|---|---|---|---|\n");
     for run in &r.runs {

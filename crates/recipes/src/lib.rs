@@ -5,7 +5,10 @@
 //! model against model-free RL and behaviour cloning).
 
 pub mod compare;
+pub mod curves;
 pub mod dialogue;
+pub mod plot;
 pub mod quickstart;
 pub mod rest_table;
 pub mod rlp;
+pub mod stats;

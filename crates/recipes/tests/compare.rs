@@ -102,3 +102,71 @@ fn ppo_plain_differs_only_in_the_ppo_max_components() {
     assert_eq!(grpo["kl"]["beta"].as_float(), Some(cfg().grpo_beta));
     assert_eq!(max["method"]["value_lr"].as_float(), Some(cfg().value_lr));
 }
+
+/// A variant of the config is its method plus its own overrides, applied after the shared
+/// settings (its critic learning rate wins over the shared `value_lr`); it cannot name another
+/// variant of the config or an unknown method.
+#[test]
+fn config_variants_resolve_to_their_method_with_their_overrides() {
+    let mut c = cfg();
+    c.lr = 1e-4;
+    c.variants.insert(
+        "ppo-no-token-kl".into(),
+        rlhf_recipes::compare::VariantConfig {
+            method: "ppo".into(),
+            set: vec!["method.token_kl=false".into(), "method.value_lr=3e-5".into()],
+        },
+    );
+    c.variants.insert(
+        "raft-fast".into(),
+        rlhf_recipes::compare::VariantConfig {
+            method: "raft-k8".into(),
+            set: vec!["optim.lr=5e-4".into()],
+        },
+    );
+    let v = resolved(&c, "ppo-no-token-kl", 0);
+    assert_eq!(v["method"]["token_kl"].as_bool(), Some(false));
+    assert_eq!(v["method"]["value_lr"].as_float(), Some(3e-5));
+    // Still PPO-max otherwise: its pre-training is charged to the budget.
+    assert_eq!(int(&v, &["steps"]), 6);
+    assert_eq!(v["optim"]["lr"].as_float(), Some(1e-4));
+    let r = resolved(&c, "raft-fast", 0);
+    assert_eq!(r["optim"]["lr"].as_float(), Some(5e-4));
+    assert_eq!(
+        (int(&r, &["rollout", "k"]), int(&r, &["prompts_per_step"])),
+        (8, 8)
+    );
+    // The plain method keeps the shared settings.
+    let p = resolved(&c, "ppo", 0);
+    assert_eq!(p["method"]["token_kl"].as_bool(), Some(true));
+    assert_eq!(p["method"]["value_lr"].as_float(), Some(1e-4));
+
+    c.variants.insert(
+        "nested".into(),
+        rlhf_recipes::compare::VariantConfig {
+            method: "raft-fast".into(),
+            set: vec![],
+        },
+    );
+    let err = run_settings(&c, "nested", 0, Path::new("out")).unwrap_err().to_string();
+    assert!(err.contains("variant `nested`"), "{err}");
+    c.variants.insert(
+        "typo".into(),
+        rlhf_recipes::compare::VariantConfig {
+            method: "rlooo".into(),
+            set: vec![],
+        },
+    );
+    let err = run_settings(&c, "typo", 0, Path::new("out")).unwrap_err().to_string();
+    assert!(err.contains("variant `typo`") && err.contains("unknown online method `rlooo`"), "{err}");
+    // A bad override is refused with the key named, before any run starts.
+    c.variants.insert(
+        "bad".into(),
+        rlhf_recipes::compare::VariantConfig {
+            method: "ppo".into(),
+            set: vec!["method.no_such_key=1".into()],
+        },
+    );
+    let err = run_settings(&c, "bad", 0, Path::new("out")).unwrap_err().to_string();
+    assert!(err.contains("no_such_key"), "{err}");
+}

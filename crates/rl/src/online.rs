@@ -586,8 +586,12 @@ impl<M: Method> Session<M> {
         Ok(())
     }
 
+    /// The evaluation's metrics, with the iteration it follows (so curves can be drawn against
+    /// samples consumed).
     fn log_eval(&mut self, r: &EvalReport) -> Result<()> {
-        self.trainer.log(&r.metrics())
+        let mut m = r.metrics();
+        m.push(("eval/iteration", self.iteration() as f64));
+        self.trainer.log(&m)
     }
 
     /// Win-rate of the current policy against the reference policy on the eval prompts (judged
