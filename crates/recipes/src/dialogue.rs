@@ -596,6 +596,7 @@ pub fn format_markdown(report: &DialogueReport) -> String {
             s.push_str(&format!("| {v} | {} |\n", per.join(", ")));
         }
     }
+    s.push_str(&paired_markdown(&report.runs));
     // Curves: mean success over seeds at each evaluation.
     let c = curves(&report.runs);
     if let Some((_, first)) = c.first() {
@@ -616,6 +617,44 @@ pub fn format_markdown(report: &DialogueReport) -> String {
             }
             s.push('\n');
         }
+    }
+    s
+}
+
+/// Paired t-tests of final held-out success between each variant and the first (model-based), on
+/// the seeds both ran, Holm-adjusted over the variants; empty when no variant shares two seeds
+/// with it.
+pub fn paired_markdown(runs: &[VariantRun]) -> String {
+    let finals = |v: &str| -> Vec<(u64, f64)> {
+        runs.iter()
+            .filter(|r| r.variant == v)
+            .filter_map(|r| r.evals.last().map(|e| (r.seed, e.success_rate)))
+            .collect()
+    };
+    let base = VARIANTS[0];
+    let reference = finals(base);
+    let mut tests = Vec::new();
+    for v in &VARIANTS[1..] {
+        let (xs, ys): (Vec<f64>, Vec<f64>) = finals(v)
+            .into_iter()
+            .filter_map(|(seed, x)| Some((x, reference.iter().find(|r| r.0 == seed)?.1)))
+            .unzip();
+        if xs.len() >= 2 {
+            tests.push((v, crate::stats::paired_t(&xs, &ys)));
+        }
+    }
+    if tests.is_empty() {
+        return String::new();
+    }
+    let adjusted = crate::stats::holm(&tests.iter().map(|t| t.1.p).collect::<Vec<_>>());
+    let mut s = format!(
+        "\nFinal held-out success minus `{base}`'s on the same seeds (paired t-test; Holm over the rows):\n\n| variant | seeds | difference | 95% interval | p | Holm p |\n|---|---|---|---|---|---|\n"
+    );
+    for ((v, t), p_holm) in tests.iter().zip(adjusted) {
+        s.push_str(&format!(
+            "| {v} | {} | {:+.3} | [{:+.3}, {:+.3}] | {:.4} | {:.4} |\n",
+            t.n, t.diff, t.ci95[0], t.ci95[1], t.p, p_holm
+        ));
     }
     s
 }

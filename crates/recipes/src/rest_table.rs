@@ -334,6 +334,20 @@ pub fn format_markdown(t: &RestTable) -> String {
             cell(mean_ci(&wr(&|x| x.rloo_eval.as_ref().and_then(|e| e.kl_to_ref))), 2),
         ));
     }
+    // The same seeds' final win-rates, paired.
+    let pairs: Vec<(f64, f64)> = t
+        .seeds
+        .iter()
+        .filter_map(|x| Some((x.rest.eval.as_ref()?.winrate, x.rloo_eval.as_ref()?.winrate)))
+        .collect();
+    if pairs.len() >= 2 {
+        let (a, b): (Vec<f64>, Vec<f64>) = pairs.into_iter().unzip();
+        let p = crate::stats::paired_t(&a, &b);
+        s.push_str(&format!(
+            "ReST minus RLOO, paired over the {} seeds: {:+.3} (95% interval [{:+.3}, {:+.3}], paired t-test p = {:.4}).\n\n",
+            p.n, p.diff, p.ci95[0], p.ci95[1], p.p
+        ));
+    }
     s.push_str("Per seed (validation gold / proxy):\n\n| seed | ");
     let names: Vec<String> = t
         .seeds

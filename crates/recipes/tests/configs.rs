@@ -43,8 +43,16 @@ fn committed_configs_resolve_for_their_commands() {
                     .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
             }
             None if cmd == "compare-online" => {
-                rlhf_train::config::resolve::<rlhf_recipes::compare::CompareConfig>(Some(&f), &[])
-                    .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                let c = rlhf_train::config::resolve::<rlhf_recipes::compare::CompareConfig>(
+                    Some(&f),
+                    &[],
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+                // Every row (variants included) resolves as its method's configuration.
+                for m in &c.methods {
+                    rlhf_recipes::compare::run_settings(&c, m, 0, Path::new("out"))
+                        .unwrap_or_else(|e| panic!("{}: {m}: {e}", f.display()));
+                }
             }
             None if cmd == "compare-rest" => {
                 rlhf_train::config::resolve::<rlhf_recipes::rest_table::RestTableConfig>(

@@ -189,3 +189,72 @@ fn dialogue_rows_curves_and_sample_efficiency_by_hand() {
         assert!(*it == wi && (y - wy).abs() < 1e-12, "{:?}", mf.1);
     }
 }
+
+/// Each variant's final success minus model-based's on the same seeds: model-free 0.7 / 0.8
+/// against 0.5 / 0.5 -> differences 0.2, 0.3: mean 0.25, se 0.05, t = 5 on 1 df,
+/// p = 1 - (2/pi) atan(5); half-width 12.706 x 0.05. A variant on one shared seed is not tested.
+#[test]
+fn dialogue_paired_tests_against_model_based_by_hand() {
+    let run = |variant: &str, seed, last: f64| VariantRun {
+        variant: variant.into(),
+        seed,
+        evals: vec![ev(0, 0, 0.3, 5.0, None), ev(20, 640, last, 4.0, None)],
+        seconds: 1.0,
+        train_won: None,
+    };
+    let runs = vec![
+        run("model-based", 0, 0.5),
+        run("model-based", 1, 0.5),
+        run("model-free", 0, 0.7),
+        run("model-free", 1, 0.8),
+        run("dyna", 0, 0.9),
+    ];
+    let md = rlhf_recipes::dialogue::paired_markdown(&runs);
+    let p = 1.0 - 2.0 / std::f64::consts::PI * 5f64.atan();
+    let want = format!(
+        "| model-free | 2 | +0.250 | [{:+.3}, {:+.3}] | {p:.4} | {p:.4} |",
+        0.25 - 12.706 * 0.05,
+        0.25 + 12.706 * 0.05
+    );
+    assert!(md.lines().any(|l| l == want), "{want}\n{md}");
+    assert!(!md.contains("| dyna"), "{md}");
+    assert!(rlhf_recipes::dialogue::paired_markdown(&runs[..3]).is_empty());
+}
+
+/// ReST's and RLOO's final win-rates paired by seed: 0.7 - 0.6 and 0.9 - 0.6 -> mean 0.2,
+/// sd 0.1414, se 0.1, t = 2 on 1 df, p = 1 - (2/pi) atan(2).
+#[test]
+fn rest_table_pairs_final_winrates_by_seed() {
+    let eval = |w: f64| rlhf_rl::eval::EvalReport {
+        winrate: w,
+        winrate_ci95: [w - 0.05, w + 0.05],
+        judge: "gold".into(),
+        gold_mean: None,
+        reference_gold_mean: None,
+        proxy_mean: None,
+        kl_to_ref: Some(1.0),
+        mean_len: 5.0,
+        n: 100,
+    };
+    let mut a = seed(0, 0.4, 0.6, 6, 0.3);
+    let mut b = seed(1, 0.4, 0.8, 8, 0.5);
+    a.rest.eval = Some(eval(0.7));
+    a.rloo_eval = Some(eval(0.6));
+    b.rest.eval = Some(eval(0.9));
+    b.rloo_eval = Some(eval(0.6));
+    let t = RestTable {
+        config: RestTableConfig {
+            seeds: vec![0, 1],
+            ..RestTableConfig::default()
+        },
+        seeds: vec![a, b],
+    };
+    let md = format_markdown(&t);
+    let p = 1.0 - 2.0 / std::f64::consts::PI * 2f64.atan();
+    let want = format!(
+        "ReST minus RLOO, paired over the 2 seeds: +0.200 (95% interval [{:+.3}, {:+.3}], paired t-test p = {p:.4}).",
+        0.2 - 12.706 * 0.1,
+        0.2 + 12.706 * 0.1
+    );
+    assert!(md.contains(&want), "{want}\n{md}");
+}
