@@ -21,7 +21,9 @@ use rlhf_rl::online::OnlineSummary;
 use rlhf_rl::registry::{Family, Registered};
 use rlhf_rl::reward_source::SourceKind;
 
-use crate::curves::{at_first_crossing, mean_curve, mean_monitors, read_run, CurvePoint, MonitorPoint};
+use crate::curves::{
+    at_first_crossing, mean_curve, mean_monitors, read_run, CurvePoint, MonitorPoint,
+};
 use crate::plot::{Panel, Series};
 use crate::stats::{holm, paired_t, PairedTest};
 
@@ -374,7 +376,12 @@ fn aggregate(cfg: &CompareConfig, method: &str, runs: &[&RunResult]) -> MethodRo
             .iter()
             .map(|&k| at_first_crossing(&by_kl, k))
             .collect(),
-        monitors: mean_monitors(&runs.iter().map(|r| r.monitors.as_slice()).collect::<Vec<_>>()),
+        monitors: mean_monitors(
+            &runs
+                .iter()
+                .map(|r| r.monitors.as_slice())
+                .collect::<Vec<_>>(),
+        ),
         curve,
     }
 }
@@ -419,12 +426,14 @@ fn run_shape(dir: &Path) -> Result<(f64, f64)> {
         toml::from_str(&text).map_err(|e| TrainError::bad_file(&path, e.to_string()))?;
     let int = |v: Option<&toml::Value>| v.and_then(|v| v.as_integer()).unwrap_or(0) as f64;
     let per = int(t.get("prompts_per_step"))
-        * int(t.get("rollout").and_then(|r| r.as_table()).and_then(|r| r.get("k")));
-    let pre = int(
-        t.get("method")
-            .and_then(|m| m.as_table())
-            .and_then(|m| m.get("critic_pretrain_iterations")),
-    );
+        * int(t
+            .get("rollout")
+            .and_then(|r| r.as_table())
+            .and_then(|r| r.get("k")));
+    let pre = int(t
+        .get("method")
+        .and_then(|m| m.as_table())
+        .and_then(|m| m.get("critic_pretrain_iterations")));
     Ok((pre * per, per))
 }
 
@@ -639,7 +648,10 @@ pub fn write_plots(r: &CompareReport, table: &Path) -> Result<Plots> {
             curve_series(&|p| (p.kl, p.gold)),
         ),
     ];
-    if r.rows.iter().any(|row| row.curve.iter().any(|p| p.proxy.is_finite())) {
+    if r.rows
+        .iter()
+        .any(|row| row.curve.iter().any(|p| p.proxy.is_finite()))
+    {
         frontier.push(panel(
             "proxy reward against KL",
             "KL(pi || pi_SFT)",
@@ -666,16 +678,40 @@ pub fn write_plots(r: &CompareReport, table: &Path) -> Result<Plots> {
             .iter()
             .map(|row| Series {
                 name: row.method.clone(),
-                points: row.monitors.iter().map(|m| (m.iteration as f64, f(m))).collect(),
+                points: row
+                    .monitors
+                    .iter()
+                    .map(|m| (m.iteration as f64, f(m)))
+                    .collect(),
             })
             .collect()
     };
     let it = "iteration";
     let monitors = vec![
-        panel("proxy reward (raw, rollouts)", it, "reward", monitor_series(&|m| m.reward_raw)),
-        panel("gold reward (rollouts)", it, "gold", monitor_series(&|m| m.gold)),
-        panel("KL to the reference (rollouts)", it, "KL", monitor_series(&|m| m.kl)),
-        panel("response length", it, "tokens", monitor_series(&|m| m.length)),
+        panel(
+            "proxy reward (raw, rollouts)",
+            it,
+            "reward",
+            monitor_series(&|m| m.reward_raw),
+        ),
+        panel(
+            "gold reward (rollouts)",
+            it,
+            "gold",
+            monitor_series(&|m| m.gold),
+        ),
+        panel(
+            "KL to the reference (rollouts)",
+            it,
+            "KL",
+            monitor_series(&|m| m.kl),
+        ),
+        panel(
+            "response length",
+            it,
+            "tokens",
+            monitor_series(&|m| m.length),
+        ),
         panel(
             "perplexity on own samples",
             it,
@@ -740,7 +776,11 @@ pub fn format_markdown(r: &CompareReport, plots: &Plots) -> String {
         .iter()
         .filter_map(|m| {
             if let Some(v) = c.variants.get(m) {
-                Some(format!("`{m}` = `{}` with `{}`", v.method, v.set.join("`, `")))
+                Some(format!(
+                    "`{m}` = `{}` with `{}`",
+                    v.method,
+                    v.set.join("`, `")
+                ))
             } else {
                 VARIANTS
                     .iter()

@@ -108,7 +108,7 @@ pub fn read_run(
                 field(&row, "entropy").exp(),
             ]);
             let it = it as u64;
-            if it % window == 0 {
+            if it.is_multiple_of(window) {
                 monitors.push(window_mean(it, &acc));
                 acc.clear();
             }
@@ -139,7 +139,8 @@ pub fn mean_curve(curves: &[&[CurvePoint]]) -> Vec<CurvePoint> {
     let k = curves.len() as f64;
     (0..n)
         .map(|i| {
-            let m = |f: &dyn Fn(&CurvePoint) -> f64| curves.iter().map(|c| f(&c[i])).sum::<f64>() / k;
+            let m =
+                |f: &dyn Fn(&CurvePoint) -> f64| curves.iter().map(|c| f(&c[i])).sum::<f64>() / k;
             CurvePoint {
                 iteration: curves[0][i].iteration,
                 samples: m(&|p| p.samples),
@@ -159,7 +160,8 @@ pub fn mean_monitors(runs: &[&[MonitorPoint]]) -> Vec<MonitorPoint> {
     let k = runs.len() as f64;
     (0..n)
         .map(|i| {
-            let m = |f: &dyn Fn(&MonitorPoint) -> f64| runs.iter().map(|c| f(&c[i])).sum::<f64>() / k;
+            let m =
+                |f: &dyn Fn(&MonitorPoint) -> f64| runs.iter().map(|c| f(&c[i])).sum::<f64>() / k;
             MonitorPoint {
                 iteration: runs[0][i].iteration,
                 reward_raw: m(&|p| p.reward_raw),
@@ -185,6 +187,10 @@ pub fn at_first_crossing(points: &[(f64, f64)], level: f64) -> Option<f64> {
     }
     let (k0, v0) = points[i - 1];
     let (k1, v1) = points[i];
-    let f = if k1 > k0 { (level - k0) / (k1 - k0) } else { 1.0 };
+    let f = if k1 > k0 {
+        (level - k0) / (k1 - k0)
+    } else {
+        1.0
+    };
     Some(v0 + f * (v1 - v0))
 }

@@ -71,7 +71,9 @@ pub fn t_two_sided_p(t: f64, df: usize) -> f64 {
 }
 
 /// The paired t-test of `a - b` over the same seeds.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub struct PairedTest {
     pub n: usize,
     /// Mean difference a - b.

@@ -114,7 +114,10 @@ fn config_variants_resolve_to_their_method_with_their_overrides() {
         "ppo-no-token-kl".into(),
         rlhf_recipes::compare::VariantConfig {
             method: "ppo".into(),
-            set: vec!["method.token_kl=false".into(), "method.value_lr=3e-5".into()],
+            set: vec![
+                "method.token_kl=false".into(),
+                "method.value_lr=3e-5".into(),
+            ],
         },
     );
     c.variants.insert(
@@ -148,7 +151,9 @@ fn config_variants_resolve_to_their_method_with_their_overrides() {
             set: vec![],
         },
     );
-    let err = run_settings(&c, "nested", 0, Path::new("out")).unwrap_err().to_string();
+    let err = run_settings(&c, "nested", 0, Path::new("out"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("variant `nested`"), "{err}");
     c.variants.insert(
         "typo".into(),
@@ -157,8 +162,13 @@ fn config_variants_resolve_to_their_method_with_their_overrides() {
             set: vec![],
         },
     );
-    let err = run_settings(&c, "typo", 0, Path::new("out")).unwrap_err().to_string();
-    assert!(err.contains("variant `typo`") && err.contains("unknown online method `rlooo`"), "{err}");
+    let err = run_settings(&c, "typo", 0, Path::new("out"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("variant `typo`") && err.contains("unknown online method `rlooo`"),
+        "{err}"
+    );
     // A bad override is refused with the key named, before any run starts.
     c.variants.insert(
         "bad".into(),
@@ -167,6 +177,8 @@ fn config_variants_resolve_to_their_method_with_their_overrides() {
             set: vec!["method.no_such_key=1".into()],
         },
     );
-    let err = run_settings(&c, "bad", 0, Path::new("out")).unwrap_err().to_string();
+    let err = run_settings(&c, "bad", 0, Path::new("out"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no_such_key"), "{err}");
 }

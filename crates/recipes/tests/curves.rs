@@ -19,13 +19,24 @@ fn student_t_tail_matches_closed_forms_and_the_quantile_table() {
     // df 2: P(|T| < t) = t / sqrt(t^2 + 2); t = 1: 1 - 1/sqrt(3).
     close(t_two_sided_p(1.0, 2), 1.0 - 1.0 / 3f64.sqrt(), 1e-12);
     // df 3, t = sqrt(3): theta = pi/4, A = (2/pi)(pi/4 + 1/2) = 1/2 + 1/pi.
-    close(t_two_sided_p(3f64.sqrt(), 3), 0.5 - 1.0 / std::f64::consts::PI, 1e-12);
+    close(
+        t_two_sided_p(3f64.sqrt(), 3),
+        0.5 - 1.0 / std::f64::consts::PI,
+        1e-12,
+    );
     // df 4, t = 2: theta = pi/4, A = sin(pi/4)(1 + (1/2)(1/2)) = (5/4)/sqrt(2).
     close(t_two_sided_p(2.0, 4), 1.0 - 1.25 / 2f64.sqrt(), 1e-12);
     close(t_two_sided_p(-2.0, 4), 1.0 - 1.25 / 2f64.sqrt(), 1e-12);
     close(t_two_sided_p(0.0, 7), 1.0, 1e-12);
     // The 97.5% quantiles of the interval table give p = 0.05 (to the table's 3 decimals).
-    for (t, df) in [(12.706, 1), (4.303, 2), (2.776, 4), (2.571, 5), (2.262, 9), (2.228, 10)] {
+    for (t, df) in [
+        (12.706, 1),
+        (4.303, 2),
+        (2.776, 4),
+        (2.571, 5),
+        (2.262, 9),
+        (2.228, 10),
+    ] {
         close(t_two_sided_p(t, df), 0.05, 2e-4);
     }
 }
@@ -108,8 +119,14 @@ fn curves_and_monitors_from_a_runs_metrics() {
     let (curve, monitors) = read_run(&path, &start_eval(), 128.0, 64.0, 2).unwrap();
     assert_eq!(curve.len(), 3);
     assert_eq!(curve[0], CurvePoint::start(&start_eval()));
-    assert_eq!((curve[1].iteration, curve[1].samples), (2, 128.0 + 2.0 * 64.0));
-    assert_eq!((curve[1].winrate, curve[1].kl, curve[1].proxy), (0.6, 1.2, 0.9));
+    assert_eq!(
+        (curve[1].iteration, curve[1].samples),
+        (2, 128.0 + 2.0 * 64.0)
+    );
+    assert_eq!(
+        (curve[1].winrate, curve[1].kl, curve[1].proxy),
+        (0.6, 1.2, 0.9)
+    );
     assert_eq!((curve[2].samples, curve[2].gold), (128.0 + 3.0 * 64.0, 0.5));
     assert!(curve[2].proxy.is_nan());
     assert_eq!(monitors.len(), 2);
@@ -137,8 +154,13 @@ fn curves_and_monitors_from_a_runs_metrics() {
 
     // A malformed line names the file and line.
     std::fs::write(&path, "{\"step\":1}\nnot json\n").unwrap();
-    let err = read_run(&path, &start_eval(), 0.0, 1.0, 1).unwrap_err().to_string();
-    assert!(err.contains("metrics.jsonl") && err.contains("line 2"), "{err}");
+    let err = read_run(&path, &start_eval(), 0.0, 1.0, 1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("metrics.jsonl") && err.contains("line 2"),
+        "{err}"
+    );
 }
 
 /// One marker per finite point of each series, the legend's names, the axes'
@@ -181,4 +203,3 @@ fn svg_figure_draws_every_series() {
         assert!(svg.contains(text), "{text} missing");
     }
 }
-
