@@ -686,39 +686,18 @@ pub fn write_plots(r: &CompareReport, table: &Path) -> Result<Plots> {
             })
             .collect()
     };
-    let it = "iteration";
-    let monitors = vec![
-        panel(
-            "proxy reward (raw, rollouts)",
-            it,
-            "reward",
-            monitor_series(&|m| m.reward_raw),
-        ),
-        panel(
-            "gold reward (rollouts)",
-            it,
-            "gold",
-            monitor_series(&|m| m.gold),
-        ),
-        panel(
-            "KL to the reference (rollouts)",
-            it,
-            "KL",
-            monitor_series(&|m| m.kl),
-        ),
-        panel(
-            "response length",
-            it,
-            "tokens",
-            monitor_series(&|m| m.length),
-        ),
-        panel(
-            "perplexity on own samples",
-            it,
-            "perplexity",
-            monitor_series(&|m| m.perplexity),
-        ),
+    type Monitor = fn(&MonitorPoint) -> f64;
+    let monitor_panels: [(&str, &str, Monitor); 5] = [
+        ("proxy reward (raw, rollouts)", "reward", |m| m.reward_raw),
+        ("gold reward (rollouts)", "gold", |m| m.gold),
+        ("KL to the reference (rollouts)", "KL", |m| m.kl),
+        ("response length", "tokens", |m| m.length),
+        ("perplexity on own samples", "perplexity", |m| m.perplexity),
     ];
+    let monitors: Vec<Panel> = monitor_panels
+        .iter()
+        .map(|(title, y, f)| panel(title, "iteration", y, monitor_series(f)))
+        .collect();
     crate::plot::write_svg(&dir.join(format!("{stem}-frontier.svg")), &frontier, 3)?;
     crate::plot::write_svg(&dir.join(format!("{stem}-curves.svg")), &curves, 2)?;
     crate::plot::write_svg(&dir.join(format!("{stem}-monitors.svg")), &monitors, 3)?;
