@@ -708,8 +708,24 @@ fn every_method_writes_the_run_layout() {
     };
     let mut c: rloo::RlooConfig = tiny_config(&model, &root.join("rloo"), 2);
     c.steps = 2;
+    c.eval.every = 1;
     rloo::run(&c, false, &CPU).unwrap();
     check(&root.join("rloo"));
+    // Periodic evaluations carry the iteration they follow (the comparison curves' x axis): one
+    // after iteration 1, and the final one (eval.json's) after iteration 2.
+    let evals: Vec<serde_json::Value> = metrics(&root.join("rloo/metrics.jsonl"))
+        .into_iter()
+        .filter(|v| v.get("eval/winrate").is_some())
+        .collect();
+    let its: Vec<f64> = evals
+        .iter()
+        .map(|v| v["eval/iteration"].as_f64().unwrap())
+        .collect();
+    assert_eq!(its, [1.0, 2.0]);
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("rloo/eval.json")).unwrap())
+            .unwrap();
+    assert_eq!(evals[1]["eval/winrate"], eval["winrate"]);
     let mut c: raft::RaftConfig = tiny_config(&model, &root.join("raft"), 2);
     c.steps = 2;
     raft::run(&c, false, &CPU).unwrap();
