@@ -89,6 +89,7 @@ fn draw_panel(
             .collect()
     };
     let all: Vec<(f64, f64)> = panel.series.iter().flat_map(finite).collect();
+    let all_lines: Vec<Vec<(f64, f64)>> = panel.series.iter().map(finite).collect();
     let (x0, x1) = range(all.iter().map(|p| p.0));
     let (y0, y1) = range(all.iter().map(|p| p.1));
     let mut chart = ChartBuilder::on(area)
@@ -121,10 +122,51 @@ fn draw_panel(
     if panel.series.len() > 1 {
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(emptiest_corner(&all_lines, (x0, x1), (y0, y1)))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.4))
             .draw()?;
     }
     Ok(())
+}
+
+/// The corner of the plot whose box (a third of the width, two fifths of the height) the lines
+/// cross least (sampled along every segment), for the legend.
+fn emptiest_corner(
+    lines: &[Vec<(f64, f64)>],
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+) -> SeriesLabelPosition {
+    let mut samples = Vec::new();
+    for line in lines {
+        for w in line.windows(2) {
+            for i in 0..=10 {
+                let f = i as f64 / 10.0;
+                samples.push((
+                    (w[0].0 + f * (w[1].0 - w[0].0) - x0) / (x1 - x0),
+                    (w[0].1 + f * (w[1].1 - w[0].1) - y0) / (y1 - y0),
+                ));
+            }
+        }
+        if let [p] = line.as_slice() {
+            samples.push(((p.0 - x0) / (x1 - x0), (p.1 - y0) / (y1 - y0)));
+        }
+    }
+    let corners = [
+        (SeriesLabelPosition::LowerRight, 0.66, 0.0),
+        (SeriesLabelPosition::UpperLeft, 0.0, 0.6),
+        (SeriesLabelPosition::UpperRight, 0.66, 0.6),
+        (SeriesLabelPosition::LowerLeft, 0.0, 0.0),
+    ];
+    let count = |cx: f64, cy: f64| {
+        samples
+            .iter()
+            .filter(|(x, y)| (cx..=cx + 0.34).contains(x) && (cy..=cy + 0.4).contains(y))
+            .count()
+    };
+    corners
+        .into_iter()
+        .min_by_key(|(_, cx, cy)| count(*cx, *cy))
+        .map(|c| c.0)
+        .unwrap_or(SeriesLabelPosition::LowerRight)
 }
