@@ -160,6 +160,9 @@ pub struct MethodRow {
     /// Per `kl_levels`: gold win-rate of the seed-mean curve where its KL first reaches the level
     /// (None: the method never moves that far from the reference).
     pub winrate_at_kl: Vec<Option<f64>>,
+    /// The seed-mean curve's highest gold win-rate and where it was (the best checkpoint comes
+    /// before any over-optimisation): None without a curve.
+    pub peak: Option<CurvePoint>,
 }
 
 /// A paired t-test of two rows' final gold win-rates over the seeds both ran.
@@ -333,7 +336,9 @@ fn last_wall_time(metrics: &Path) -> Option<f64> {
 
 pub use crate::stats::mean_ci;
 
-fn aggregate(cfg: &CompareConfig, method: &str, runs: &[&RunResult]) -> MethodRow {
+/// One row of the report from its runs (one per seed): final means and interval, the seed-mean
+/// curve and monitors, samples to each target, win-rate at each KL level, the peak.
+pub fn aggregate(cfg: &CompareConfig, method: &str, runs: &[&RunResult]) -> MethodRow {
     let n = runs.len();
     let mean =
         |f: &dyn Fn(&RunResult) -> f64| runs.iter().map(|r| f(r)).sum::<f64>() / n.max(1) as f64;
@@ -376,6 +381,10 @@ fn aggregate(cfg: &CompareConfig, method: &str, runs: &[&RunResult]) -> MethodRo
             .iter()
             .map(|&k| at_first_crossing(&by_kl, k))
             .collect(),
+        peak: curve
+            .iter()
+            .copied()
+            .max_by(|a, b| a.winrate.total_cmp(&b.winrate)),
         monitors: mean_monitors(
             &runs
                 .iter()
@@ -388,7 +397,7 @@ fn aggregate(cfg: &CompareConfig, method: &str, runs: &[&RunResult]) -> MethodRo
 
 /// Paired t-tests of final win-rate between every two rows, on the seeds both ran, with Holm's
 /// adjustment over all of them.
-fn pairs(methods: &[String], runs: &[RunResult]) -> Vec<PairRow> {
+pub fn pairs(methods: &[String], runs: &[RunResult]) -> Vec<PairRow> {
     let final_wr = |m: &str, seed: u64| {
         runs.iter()
             .find(|r| r.method == m && r.seed == seed)
@@ -820,6 +829,21 @@ pub fn format_markdown(r: &CompareReport, plots: &Plots) -> String {
                 s.push_str(&format!(" {} ({k}/{}) |", fmt_opt(*x, 0), row.seeds));
             }
             s.push('\n');
+        }
+        s.push_str("\n## Peak and end\n\nThe seed-mean curve's highest gold win-rate, where it was reached, and how much of it is left at the end (a drop is over-optimisation of the proxy: the best checkpoint came before it).\n\n| method | peak win-rate | at iteration | at samples | at KL | final win-rate | final - peak |\n|---|---|---|---|---|---|---|\n");
+        for row in &r.rows {
+            if let (Some(p), Some(last)) = (row.peak, row.curve.last()) {
+                s.push_str(&format!(
+                    "| {} | {:.3} | {} | {:.0} | {:.2} | {:.3} | {:+.3} |\n",
+                    row.method,
+                    p.winrate,
+                    p.iteration,
+                    p.samples,
+                    p.kl,
+                    last.winrate,
+                    last.winrate - p.winrate
+                ));
+            }
         }
         s.push_str("\n## Gold win-rate at equal KL\n\nThe seed-mean curve's gold win-rate where its KL to the SFT policy first reaches each level (linear between evaluations; `-`: the method never moves that far).\n\n| method |");
         for k in &c.kl_levels {

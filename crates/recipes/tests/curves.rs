@@ -203,3 +203,96 @@ fn svg_figure_draws_every_series() {
         assert!(svg.contains(text), "{text} missing");
     }
 }
+
+fn point(iteration: u64, samples: f64, winrate: f64, kl: f64) -> CurvePoint {
+    CurvePoint {
+        iteration,
+        samples,
+        winrate,
+        gold: 0.0,
+        proxy: f64::NAN,
+        kl,
+        length: 5.0,
+    }
+}
+
+fn run(method: &str, seed: u64, curve: Vec<CurvePoint>) -> rlhf_recipes::compare::RunResult {
+    let last = curve.last().unwrap().winrate;
+    rlhf_recipes::compare::RunResult {
+        method: method.into(),
+        seed,
+        eval: EvalReport {
+            winrate: last,
+            ..start_eval()
+        },
+        seconds: 1.0,
+        curve,
+        monitors: Vec::new(),
+    }
+}
+
+/// A row from two seeds' curves, by hand. Seed-mean curve: (0, 0.5, KL 0), (640, 0.6, KL 0.75),
+/// (1280, 0.7, KL 2). Win-rate 0.6 is first reached at the second point (640 samples), by both
+/// seeds' own curves; 0.75 by the mean curve never, by one seed (0.8). KL 1 lies a fifth of the
+/// way from 0.75 to 2: win-rate 0.6 + 0.2 x 0.1 = 0.62. The peak is the last point. Pairs match
+/// by seed, whatever the order of the runs.
+#[test]
+fn a_comparison_row_from_curves_by_hand() {
+    let cfg = rlhf_recipes::compare::CompareConfig {
+        winrate_targets: vec![0.6, 0.75],
+        kl_levels: vec![1.0, 3.0],
+        ..Default::default()
+    };
+    let a = run(
+        "x",
+        0,
+        vec![
+            point(0, 0.0, 0.5, 0.0),
+            point(10, 640.0, 0.7, 1.0),
+            point(20, 1280.0, 0.6, 2.0),
+        ],
+    );
+    let b = run(
+        "x",
+        1,
+        vec![
+            point(0, 0.0, 0.5, 0.0),
+            point(10, 640.0, 0.5, 0.5),
+            point(20, 1280.0, 0.8, 2.0),
+        ],
+    );
+    let row = rlhf_recipes::compare::aggregate(&cfg, "x", &[&a, &b]);
+    close(row.winrate, 0.7, 1e-12);
+    assert_eq!(row.curve.len(), 3);
+    close(row.samples_to_target[0].unwrap(), 640.0, 1e-9);
+    assert_eq!(row.samples_to_target[1], None);
+    assert_eq!(row.seeds_reaching, [2, 1]);
+    close(row.winrate_at_kl[0].unwrap(), 0.62, 1e-9);
+    assert_eq!(row.winrate_at_kl[1], None);
+    let peak = row.peak.unwrap();
+    assert_eq!(peak.iteration, 20);
+    close(peak.winrate, 0.7, 1e-12);
+
+    // y is 0.1 above x on seed 0 and 0.2 above on seed 1, listed in the other order.
+    let y1 = run(
+        "y",
+        1,
+        vec![point(0, 0.0, 0.5, 0.0), point(20, 1280.0, 1.0, 1.0)],
+    );
+    let y0 = run(
+        "y",
+        0,
+        vec![point(0, 0.0, 0.5, 0.0), point(20, 1280.0, 0.7, 1.0)],
+    );
+    let pairs = rlhf_recipes::compare::pairs(&["x".into(), "y".into()], &[a, b, y1, y0]);
+    assert_eq!(pairs.len(), 1);
+    assert_eq!(pairs[0].test.n, 2);
+    close(pairs[0].test.diff, -0.15, 1e-12);
+    // differences -0.1, -0.2: sd 0.0707, se 0.05, t = -3 on 1 df.
+    close(
+        pairs[0].test.p,
+        1.0 - 2.0 / std::f64::consts::PI * 3f64.atan(),
+        1e-9,
+    );
+    close(pairs[0].p_holm, pairs[0].test.p, 1e-12);
+}
