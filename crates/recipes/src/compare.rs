@@ -861,19 +861,19 @@ pub fn format_markdown(r: &CompareReport, plots: &Plots) -> String {
         }
     }
     if r.pairs.iter().any(|p| p.test.n >= 2) {
-        s.push_str("\n## Paired differences in final gold win-rate\n\nRow a minus row b on the same seeds (same SFT policy, same data order seed): mean difference, Student-t 95% interval, two-sided paired t-test p, and Holm's adjustment over every pair of the table. `real` when the Holm-adjusted p < 0.05.\n\n| a | b | seeds | a - b | 95% interval | p | Holm p | |\n|---|---|---|---|---|---|---|---|\n");
+        s.push_str("\n## Paired differences in final gold win-rate\n\nRow a minus row b on the same seeds (same SFT policy, same data order seed): mean difference, Student-t 95% interval, two-sided paired t-test p (`-` when every seed differs by the same amount: no test), and Holm's adjustment over every pair of the table. `real` when the Holm-adjusted p < 0.05.\n\n| a | b | seeds | a - b | 95% interval | p | Holm p | |\n|---|---|---|---|---|---|---|---|\n");
         for p in &r.pairs {
             let t = &p.test;
             s.push_str(&format!(
-                "| {} | {} | {} | {:+.3} | [{:+.3}, {:+.3}] | {:.4} | {:.4} | {} |\n",
+                "| {} | {} | {} | {:+.3} | [{:+.3}, {:+.3}] | {} | {} | {} |\n",
                 p.a,
                 p.b,
                 t.n,
                 t.diff,
                 t.ci95[0],
                 t.ci95[1],
-                t.p,
-                p.p_holm,
+                fmt_opt(Some(t.p), 4),
+                fmt_opt(Some(p.p_holm), 4),
                 if p.p_holm < 0.05 { "real" } else { "" }
             ));
         }
