@@ -285,7 +285,8 @@ fn a_comparison_row_from_curves_by_hand() {
         0,
         vec![point(0, 0.0, 0.5, 0.0), point(20, 1280.0, 0.7, 1.0)],
     );
-    let pairs = rlhf_recipes::compare::pairs(&["x".into(), "y".into()], &[a, b, y1, y0]);
+    let pairs =
+        rlhf_recipes::compare::pairs(&["x".into(), "y".into()], &[a, b, y1.clone(), y0.clone()]);
     assert_eq!(pairs.len(), 1);
     assert_eq!(pairs[0].test.n, 2);
     close(pairs[0].test.diff, -0.15, 1e-12);
@@ -296,4 +297,39 @@ fn a_comparison_row_from_curves_by_hand() {
         1e-9,
     );
     close(pairs[0].p_holm, pairs[0].test.p, 1e-12);
+
+    // The written report: its tables carry the same numbers, and its figures exist and are linked
+    // by file name beside the table.
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("cmp.md");
+    let mut cfg = cfg;
+    cfg.methods = vec!["x".into(), "y".into()];
+    cfg.seeds = vec![0, 1];
+    let rows = vec![
+        row,
+        rlhf_recipes::compare::aggregate(&cfg, "y", &[&y0, &y1]),
+    ];
+    let report = rlhf_recipes::compare::CompareReport {
+        config: cfg,
+        sft: start_eval(),
+        rows,
+        runs: Vec::new(),
+        pairs,
+    };
+    let plots = rlhf_recipes::compare::write_plots(&report, &table).unwrap();
+    assert_eq!(plots.frontier, "cmp-frontier.svg");
+    for f in ["cmp-frontier.svg", "cmp-curves.svg", "cmp-monitors.svg"] {
+        assert!(dir.path().join(f).is_file(), "{f}");
+    }
+    let md = rlhf_recipes::compare::format_markdown(&report, &plots);
+    for line in [
+        "| x | 640 (2/2) | - (1/2) |",
+        "| x | 0.620 | - |",
+        "| x | 0.700 | 20 | 1280 | 2.00 | 0.700 | +0.000 |",
+        "![reward-KL frontier](cmp-frontier.svg)",
+    ] {
+        assert!(md.lines().any(|l| l == line), "{line}\n{md}");
+    }
+    let pair = md.lines().find(|l| l.starts_with("| x | y | 2 |")).unwrap();
+    assert!(pair.starts_with("| x | y | 2 | -0.150 |"), "{pair}");
 }
