@@ -7,8 +7,8 @@ use rlhf_lm::generate::{FinishReason, Sample, SamplingParams};
 use rlhf_lm::{Episode, Message, Role, Tokenizer};
 use rlhf_rl::conversation::{transcript, Dialogue, Renderer, View};
 use rlhf_rl::dialogue::{
-    roll_out, success_return, testbed_dialogue_model, AssistantSpeaker, Branch, ExternalUser,
-    ScriptedUser, TurnConfig, UserSimulator,
+    renderer_for, roll_out, success_return, testbed_dialogue_model, AssistantSpeaker, Branch,
+    ExternalUser, ScriptedUser, TurnConfig, UserSimulator,
 };
 
 const CPU: Device = Device::Cpu;
@@ -50,6 +50,11 @@ impl AssistantSpeaker for Script {
     fn eos_ids(&self) -> &[u32] {
         std::slice::from_ref(&self.eos)
     }
+}
+
+/// The renderer over the dialogue model's own chat template.
+fn renderer(lm: &rlhf_rl::policy::TrainableLm) -> Renderer<'_> {
+    renderer_for(lm.chat_template.as_ref(), &lm.tokenizer, &lm.eos_ids).unwrap()
 }
 
 /// A script that says `lines` in turn, for the game's model.
@@ -102,11 +107,7 @@ fn spans(tok: &Tokenizer, expected: &[(Role, &str)]) -> Episode {
 #[test]
 fn a_scripted_game_reproduces_the_hand_written_transcript() {
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let r = Renderer::new(
-        lm.chat_template.as_ref().unwrap(),
-        &lm.tokenizer,
-        &lm.eos_ids,
-    );
+    let r = renderer(&lm);
     let script = script(
         &lm,
         vec!["what colour is it ?", "is it the fox ?", "is it the owl ?"],
@@ -186,11 +187,7 @@ fn a_scripted_game_reproduces_the_hand_written_transcript() {
 #[test]
 fn a_real_prefix_is_context_for_rl_and_the_user_view_trains_user_turns() {
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let r = Renderer::new(
-        lm.chat_template.as_ref().unwrap(),
-        &lm.tokenizer,
-        &lm.eos_ids,
-    );
+    let r = renderer(&lm);
     let b = [owl_guessed_after_a_real_turn(&lm, &r)];
     let b = &b[0];
     assert_eq!(b.prefix, 3);
@@ -261,11 +258,7 @@ fn a_real_prefix_is_context_for_rl_and_the_user_view_trains_user_turns() {
 #[test]
 fn games_stop_at_the_turn_limit_and_at_the_horizon() {
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let r = Renderer::new(
-        lm.chat_template.as_ref().unwrap(),
-        &lm.tokenizer,
-        &lm.eos_ids,
-    );
+    let r = renderer(&lm);
     let script = script(&lm, vec!["what size is it ?"]);
     let opening = [("user", game::OPENING)];
     let mut b = [start(owl(), &opening, &r), start(owl(), &opening, &r)];
@@ -302,11 +295,7 @@ fn external_users_speak_json_and_a_command_user_can_win() {
     assert!(err.contains("replies[0].won"), "{err}");
 
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let rd = Renderer::new(
-        lm.chat_template.as_ref().unwrap(),
-        &lm.tokenizer,
-        &lm.eos_ids,
-    );
+    let rd = renderer(&lm);
     let user = ExternalUser::command(
         vec![
             "sh".into(),
@@ -340,11 +329,7 @@ fn the_rl_loss_reaches_the_rollouts_assistant_tokens_and_the_user_nll_the_user_t
     use rlhf_lm::score::EpisodeBatch;
     use rlhf_rl::objectives::{masked_nll, masked_sequence_loss};
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let r = Renderer::new(
-        lm.chat_template.as_ref().unwrap(),
-        &lm.tokenizer,
-        &lm.eos_ids,
-    );
+    let r = renderer(&lm);
     let b = [owl_guessed_after_a_real_turn(&lm, &r)];
     // Any per-token log-probs will do: the gradient of each loss w.r.t. them says which
     // positions it can move.
@@ -391,11 +376,7 @@ fn role_log_prob_sums_keep_each_rows_own_role() {
     use rlhf_rl::conversation::{view_episode, view_role};
     use rlhf_rl::objectives::{role_logprob_sum, role_nll_per_token};
     let lm = testbed_dialogue_model(0, &CPU).unwrap();
-    let r = Renderer::new(
-        lm.chat_template.as_ref().unwrap(),
-        &lm.tokenizer,
-        &lm.eos_ids,
-    );
+    let r = renderer(&lm);
     let task = game::DialogueTask::new(
         1,
         game::DialogueSize {
