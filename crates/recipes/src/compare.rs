@@ -25,7 +25,7 @@ use crate::curves::{
     at_first_crossing, mean_curve, mean_monitors, read_run, CurvePoint, MonitorPoint,
 };
 use crate::plot::{Panel, Series};
-use crate::stats::{holm, paired_t, PairedTest};
+use crate::stats::{holm, paired_by_seed, PairedTest};
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -352,6 +352,7 @@ pub fn aggregate(cfg: &CompareConfig, method: &str, runs: &[&RunResult]) -> Meth
     let by_winrate = |c: &[CurvePoint]| -> Vec<(f64, f64)> {
         c.iter().map(|p| (p.winrate, p.samples)).collect()
     };
+    let mean_by_winrate = by_winrate(&curve);
     let by_kl: Vec<(f64, f64)> = curve.iter().map(|p| (p.kl, p.winrate)).collect();
     MethodRow {
         method: method.into(),
@@ -365,7 +366,7 @@ pub fn aggregate(cfg: &CompareConfig, method: &str, runs: &[&RunResult]) -> Meth
         samples_to_target: cfg
             .winrate_targets
             .iter()
-            .map(|&t| at_first_crossing(&by_winrate(&curve), t))
+            .map(|&t| at_first_crossing(&mean_by_winrate, t))
             .collect(),
         seeds_reaching: cfg
             .winrate_targets
@@ -398,23 +399,19 @@ pub fn aggregate(cfg: &CompareConfig, method: &str, runs: &[&RunResult]) -> Meth
 /// Paired t-tests of final win-rate between every two rows, on the seeds both ran, with Holm's
 /// adjustment over all of them.
 pub fn pairs(methods: &[String], runs: &[RunResult]) -> Vec<PairRow> {
-    let final_wr = |m: &str, seed: u64| {
+    let finals = |m: &str| -> Vec<(u64, f64)> {
         runs.iter()
-            .find(|r| r.method == m && r.seed == seed)
-            .map(|r| r.eval.winrate)
+            .filter(|r| r.method == m)
+            .map(|r| (r.seed, r.eval.winrate))
+            .collect()
     };
     let mut rows = Vec::new();
     for (i, a) in methods.iter().enumerate() {
         for b in &methods[i + 1..] {
-            let (xs, ys): (Vec<f64>, Vec<f64>) = runs
-                .iter()
-                .filter(|r| &r.method == a)
-                .filter_map(|r| Some((r.eval.winrate, final_wr(b, r.seed)?)))
-                .unzip();
             rows.push(PairRow {
                 a: a.clone(),
                 b: b.clone(),
-                test: paired_t(&xs, &ys),
+                test: paired_by_seed(&finals(a), &finals(b)),
                 p_holm: f64::NAN,
             });
         }
@@ -620,12 +617,13 @@ pub fn write_plots(r: &CompareReport, table: &Path) -> Result<Plots> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "compare".into());
+    // Linked by file name when the figures sit beside the table, else by their path.
+    let file_name = |name: &str| format!("{stem}-{name}.svg");
     let link = |name: &str| -> String {
-        let file = dir.join(format!("{stem}-{name}.svg"));
         if table.parent() == Some(dir.as_path()) {
-            format!("{stem}-{name}.svg")
+            file_name(name)
         } else {
-            file.display().to_string()
+            dir.join(file_name(name)).display().to_string()
         }
     };
     let curve_series = |f: &dyn Fn(&CurvePoint) -> (f64, f64)| -> Vec<Series> {
@@ -707,14 +705,29 @@ pub fn write_plots(r: &CompareReport, table: &Path) -> Result<Plots> {
         .iter()
         .map(|(title, y, f)| panel(title, "iteration", y, monitor_series(f)))
         .collect();
-    crate::plot::write_svg(&dir.join(format!("{stem}-frontier.svg")), &frontier, 3)?;
-    crate::plot::write_svg(&dir.join(format!("{stem}-curves.svg")), &curves, 2)?;
-    crate::plot::write_svg(&dir.join(format!("{stem}-monitors.svg")), &monitors, 3)?;
+    for (name, panels, columns) in [
+        ("frontier", &frontier, 3),
+        ("curves", &curves, 2),
+        ("monitors", &monitors, 3),
+    ] {
+        crate::plot::write_svg(&dir.join(file_name(name)), panels, columns)?;
+    }
     Ok(Plots {
         frontier: link("frontier"),
         curves: link("curves"),
         monitors: link("monitors"),
     })
+}
+
+/// The rest of a markdown table head after its first cell: one column per level, then the rule.
+fn column_head(columns: impl Iterator<Item = String>) -> String {
+    let mut head = String::new();
+    let mut n = 0;
+    for c in columns {
+        head.push_str(&format!(" {c} |"));
+        n += 1;
+    }
+    format!("{head}\n|---|{}\n", "---|".repeat(n))
 }
 
 fn fmt_opt(x: Option<f64>, digits: usize) -> String {
@@ -763,18 +776,14 @@ pub fn format_markdown(r: &CompareReport, plots: &Plots) -> String {
         .methods
         .iter()
         .filter_map(|m| {
-            if let Some(v) = c.variants.get(m) {
-                Some(format!(
-                    "`{m}` = `{}` with `{}`",
-                    v.method,
-                    v.set.join("`, `")
-                ))
-            } else {
-                VARIANTS
+            let (method, set) = match c.variants.get(m) {
+                Some(v) => (v.method.as_str(), v.set.join("`, `")),
+                None => VARIANTS
                     .iter()
                     .find(|v| v.0 == m)
-                    .map(|v| format!("`{m}` = `{}` with `{}`", v.1, v.2.join("`, `")))
-            }
+                    .map(|v| (v.1, v.2.join("`, `")))?,
+            };
+            Some(format!("`{m}` = `{method}` with `{set}`"))
         })
         .collect();
     if !named.is_empty() {
@@ -817,12 +826,9 @@ pub fn format_markdown(r: &CompareReport, plots: &Plots) -> String {
             plots.frontier, plots.curves, plots.monitors
         ));
         s.push_str("\n## Sample efficiency\n\nCompletions sampled until the seed-mean curve first reaches each gold win-rate (linear between evaluations; `-`: never within the budget), and how many seeds' own curves reach it.\n\n| method |");
-        for t in &c.winrate_targets {
-            s.push_str(&format!(" win-rate {t} |"));
-        }
-        s.push_str("\n|---|");
-        s.push_str(&"---|".repeat(c.winrate_targets.len()));
-        s.push('\n');
+        s.push_str(&column_head(
+            c.winrate_targets.iter().map(|t| format!("win-rate {t}")),
+        ));
         for row in &r.rows {
             s.push_str(&format!("| {} |", row.method));
             for (x, k) in row.samples_to_target.iter().zip(&row.seeds_reaching) {
@@ -846,12 +852,7 @@ pub fn format_markdown(r: &CompareReport, plots: &Plots) -> String {
             }
         }
         s.push_str("\n## Gold win-rate at equal KL\n\nThe seed-mean curve's gold win-rate where its KL to the SFT policy first reaches each level (linear between evaluations; `-`: the method never moves that far).\n\n| method |");
-        for k in &c.kl_levels {
-            s.push_str(&format!(" KL {k} |"));
-        }
-        s.push_str("\n|---|");
-        s.push_str(&"---|".repeat(c.kl_levels.len()));
-        s.push('\n');
+        s.push_str(&column_head(c.kl_levels.iter().map(|k| format!("KL {k}"))));
         for row in &r.rows {
             s.push_str(&format!("| {} |", row.method));
             for x in &row.winrate_at_kl {

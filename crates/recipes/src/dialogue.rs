@@ -635,12 +635,9 @@ pub fn paired_markdown(runs: &[VariantRun]) -> String {
     let reference = finals(base);
     let mut tests = Vec::new();
     for v in &VARIANTS[1..] {
-        let (xs, ys): (Vec<f64>, Vec<f64>) = finals(v)
-            .into_iter()
-            .filter_map(|(seed, x)| Some((x, reference.iter().find(|r| r.0 == seed)?.1)))
-            .unzip();
-        if xs.len() >= 2 {
-            tests.push((v, crate::stats::paired_t(&xs, &ys)));
+        let test = crate::stats::paired_by_seed(&finals(v), &reference);
+        if test.n >= 2 {
+            tests.push((v, test));
         }
     }
     if tests.is_empty() {

@@ -122,6 +122,15 @@ pub fn paired_t(a: &[f64], b: &[f64]) -> PairedTest {
     }
 }
 
+/// The paired t-test of `a - b` over the seeds both have, each side given as (seed, value).
+pub fn paired_by_seed(a: &[(u64, f64)], b: &[(u64, f64)]) -> PairedTest {
+    let (xs, ys): (Vec<f64>, Vec<f64>) = a
+        .iter()
+        .filter_map(|&(seed, x)| Some((x, b.iter().find(|r| r.0 == seed)?.1)))
+        .unzip();
+    paired_t(&xs, &ys)
+}
+
 /// Holm's step-down adjustment of `p` (same order out as in): the family-wise error stays below
 /// the level when every adjusted p below it is called significant. NaN p-values stay NaN and do
 /// not count as tests.
