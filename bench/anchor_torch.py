@@ -3,11 +3,12 @@
 
   python3 bench/anchor_torch.py gen --threads 2 --batches 1,8,32
   python3 bench/anchor_torch.py train --threads 2
+  python3 bench/anchor_torch.py dpo --threads 2
 
 Prints one JSON line per measurement (same keys as `rlhf-bench`). The model is the same GGUF file,
 dequantised to f32 by transformers. Prompts come from bench/prompts.txt (row i gets prompt i mod 8);
 training rows from the same 64-bit LCG as `rlhf-bench` (`token_rows`), so both sides see identical
-token ids.
+token ids. `dpo` runs TRL's `DPOTrainer` on pairs cut from the same rows (see `dpo_pairs`).
 """
 
 import argparse
@@ -202,10 +203,211 @@ def bench_train(args):
     )
 
 
+def dpo_pairs(pairs, prompt, completion, vocab):
+    """Identical to rlhf-bench's `dpo` pairs: row i of token_rows(pairs, prompt + 2 * completion)
+    cut into prompt [0, prompt), chosen [prompt, prompt + completion), rejected (the rest)."""
+    rows = token_rows(pairs, prompt + 2 * completion, vocab)
+    return [(r[:prompt], r[prompt : prompt + completion], r[prompt + completion :]) for r in rows]
+
+
+def bench_dpo(args):
+    """TRL's DPOTrainer, sigmoid loss, on pre-tokenised pairs.
+
+    TRL (checked with 1.16) always extracts the prompt, appends EOS to the completions and
+    tokenises text in `_prepare_dataset`; random token ids do not survive a decode/re-encode
+    round trip, so `_prepare_dataset` is overridden to pass through a dataset that already has
+    TRL's own tokenised columns (`prompt_ids`, `chosen_ids`, `rejected_ids`, what its tokenising
+    map produces). Everything after that (collator, concatenated forward, reference forward each
+    step, loss, backward, clipping, AdamW, scheduler) is TRL/transformers' own code.
+    """
+    import shutil
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    import trl
+    from trl import DPOConfig, DPOTrainer
+
+    model, tok, load_s = load(args.model, True)
+    # TRL would load the reference from the policy's path (which for a GGUF file lacks the file
+    # name): load the same frozen copy ourselves, as TRL's default (a second full model) does.
+    ref_model, _, ref_load_s = load(args.model, False)
+    # transformers 5 marks a GGUF-loaded model as quantized (`hf_quantizer`) even though its
+    # weights were unpacked to plain f32 `nn.Linear`/`nn.Embedding` at load (no GGUF kernel here),
+    # and `Trainer` refuses to train a "quantized" model. Drop the marker, after checking that
+    # every parameter is an ordinary f32 tensor.
+    for m in (model, ref_model):
+        assert all(p.dtype == torch.float32 and type(p) is torch.nn.Parameter for p in m.parameters())
+        assert all(type(x).__module__.startswith(("torch.", "transformers.models.", "transformers.activations"))
+                   for x in m.modules()), {type(x) for x in m.modules()}
+        m.hf_quantizer = None
+        m.is_quantized = False
+        if hasattr(m.config, "quantization_config"):
+            del m.config.quantization_config
+    n_params = sum(p.numel() for p in model.parameters())
+    rss_loaded = vm("VmRSS:")
+    vocab = model.config.vocab_size
+    pairs = dpo_pairs(args.pairs, args.prompt, args.completion, vocab)
+    data = Dataset.from_dict(
+        {
+            "prompt_ids": [p for p, _, _ in pairs],
+            "chosen_ids": [c for _, c, _ in pairs],
+            "rejected_ids": [r for _, _, r in pairs],
+        }
+    )
+
+    class Timer(TrainerCallback):
+        """Wall and process CPU time of each optimiser step (forward, backward, clip, AdamW,
+        scheduler, zero_grad); the data loading before `on_step_begin` is excluded."""
+
+        def __init__(self):
+            self.t = {"total": [], "cpu": [], "fwd": [], "bwd": [], "opt": []}
+            self.t0 = self.c0 = self.t_fwd = self.t_bwd = None
+
+        def on_step_begin(self, *a, **k):
+            self.c0, self.t0 = time.process_time(), time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            t3 = time.perf_counter()
+            self.t["total"].append(t3 - self.t0)
+            self.t["cpu"].append(time.process_time() - self.c0)
+            self.t["fwd"].append(self.t_fwd - self.t0)
+            self.t["bwd"].append(self.t_bwd - self.t_fwd)
+            self.t["opt"].append(t3 - self.t_bwd)
+
+    timer = Timer()
+
+    class BenchDPOTrainer(DPOTrainer):
+        losses, grad_norms, rss_fwd = [], [], 0.0
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)
+            return dataset  # already tokenised (see bench_dpo's docstring)
+
+        def compute_loss(self, *a, **k):
+            loss = super().compute_loss(*a, **k)  # policy + reference forward, loss, metrics
+            timer.t_fwd = time.perf_counter()
+            BenchDPOTrainer.rss_fwd = max(BenchDPOTrainer.rss_fwd, vm("VmRSS:"))
+            return loss
+
+        def training_step(self, *a, **k):
+            loss = super().training_step(*a, **k)  # compute_loss + backward
+            timer.t_bwd = time.perf_counter()
+            BenchDPOTrainer.losses.append(loss.item())
+            return loss
+
+        def _get_grad_norm(self, *a, **k):
+            g = super()._get_grad_norm(*a, **k)
+            BenchDPOTrainer.grad_norms.append(float(g))
+            return g
+
+    out_dir = tempfile.mkdtemp(prefix="anchor-dpo-")
+    cfg = DPOConfig(
+        output_dir=out_dir,
+        beta=args.beta,
+        loss_type="sigmoid",
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=args.max_grad_norm,
+        per_device_train_batch_size=args.pairs,
+        gradient_accumulation_steps=1,
+        max_steps=args.warmup + args.steps,
+        max_length=None,
+        precompute_ref_log_probs=False,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        report_to="none",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = BenchDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=cfg,
+        train_dataset=data,
+        processing_class=tok,
+        callbacks=[timer],
+    )
+    # With tqdm off, Trainer prints its logs (the end-of-training summary) to stdout: keep stdout
+    # for the one JSON line.
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    torch.set_num_threads(args.threads)  # in case anything above changed it
+    t = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t
+    shutil.rmtree(out_dir, ignore_errors=True)  # nothing is saved there (save_strategy "no")
+    n = args.warmup + args.steps
+    assert len(timer.t["total"]) == n and len(BenchDPOTrainer.losses) == n, (timer.t, BenchDPOTrainer.losses)
+    for step in range(n):
+        print(
+            f"step {step}: loss {BenchDPOTrainer.losses[step]:.6f}  grad_norm {BenchDPOTrainer.grad_norms[step]:.3f}  "
+            f"fwd {timer.t['fwd'][step]:.2f}s  bwd {timer.t['bwd'][step]:.2f}s  opt {timer.t['opt'][step]:.2f}s",
+            file=sys.stderr,
+        )
+    med = statistics.median
+    w = args.warmup
+    timed = {k: v[w:] for k, v in timer.t.items()}
+    row_tokens = args.prompt + args.completion
+    print(
+        json.dumps(
+            {
+                "side": "torch",
+                "bench": "dpo",
+                "label": args.label,
+                "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "trl": trl.__version__,
+                "optim": str(getattr(cfg.optim, "value", cfg.optim)),
+                "pairs": args.pairs,
+                "prompt": args.prompt,
+                "completion": args.completion,
+                "beta": args.beta,
+                "lr": args.lr,
+                "max_grad_norm": args.max_grad_norm,
+                "params": n_params,
+                "load_s": round(load_s + ref_load_s, 3),
+                # TRL runs the reference forward inside every step (no precompute): no one-off cost.
+                "ref_s": None,
+                "train_call_s": round(train_s, 3),
+                "step_s": round(med(timed["total"]), 3),
+                "step_s_all": [round(x, 3) for x in timed["total"]],
+                "step_cpu_s": round(med(timed["cpu"]), 3),
+                # forward = policy + reference forward, loss and TRL's metrics; optimizer = clip,
+                # AdamW, scheduler, zero_grad.
+                "forward_s": round(med(timed["fwd"]), 3),
+                "backward_s": round(med(timed["bwd"]), 3),
+                "optimizer_s": round(med(timed["opt"]), 3),
+                "tokens_per_s": round(2 * args.pairs * row_tokens / med(timed["total"]), 3),
+                "losses": [round(x, 3) for x in BenchDPOTrainer.losses],
+                "grad_norms": [round(x, 3) for x in BenchDPOTrainer.grad_norms],
+                "rss_after_load_gib": rss_loaded,
+                "rss_before_backward_gib": BenchDPOTrainer.rss_fwd,
+                "peak_rss_gib": vm("VmHWM:"),
+            }
+        ),
+        flush=True,
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("gen", "train"):
+    for name in ("gen", "train", "dpo"):
         p = sub.add_parser(name)
         p.add_argument("--model", default=DEFAULT_MODEL)
         p.add_argument("--threads", type=int, default=2)
@@ -215,6 +417,15 @@ def main():
             p.add_argument("--new", type=int, default=64)
             p.add_argument("--reps", type=int, default=1)
             p.add_argument("--seed", type=int, default=0)
+        elif name == "dpo":
+            p.add_argument("--pairs", type=int, default=4)
+            p.add_argument("--prompt", type=int, default=64)
+            p.add_argument("--completion", type=int, default=192)
+            p.add_argument("--warmup", type=int, default=1)
+            p.add_argument("--steps", type=int, default=3)
+            p.add_argument("--lr", type=float, default=1e-6)
+            p.add_argument("--beta", type=float, default=0.1)
+            p.add_argument("--max-grad-norm", type=float, default=1.0)
         else:
             p.add_argument("--batch", type=int, default=8)
             p.add_argument("--seq", type=int, default=256)
@@ -231,7 +442,7 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    (bench_gen if args.cmd == "gen" else bench_train)(args)
+    {"gen": bench_gen, "train": bench_train, "dpo": bench_dpo}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ def ratio(a, b, invert=False):
 
 
 def dirty_note(meta):
+    if "git_dirty_linked" in meta:
+        return (" + uncommitted changes in crates/lm, crates/train, crates/rl, crates/data or bench/src"
+                if meta["git_dirty_linked"] else " (crates/lm, train, rl, data and bench/src clean)")
     if "git_dirty_lm" in meta:
         return " + uncommitted changes in crates/lm or bench/src" if meta["git_dirty_lm"] else " (crates/lm clean)"
     # older results files: any uncommitted change under crates/ (not necessarily in crates/lm)
@@ -49,6 +52,7 @@ def main(results, doc):
     done = next((r for r in rows if r.get("bench") == "done"), {})
     gen = [r for r in rows if r.get("bench") == "gen"]
     train = [r for r in rows if r.get("bench") == "train"]
+    dpo = [r for r in rows if r.get("bench") == "dpo"]
     micro = next((r for r in rows if r.get("bench") == "micro"), None)
 
     def gen_tps(side, threads, batch, headline=None):
@@ -66,7 +70,8 @@ def main(results, doc):
     w(f"Results file: `{results}`. Machine: {meta.get('nproc')} cores, `{meta.get('cpu')}`, "
       f"{meta.get('mem_gib')} GiB RAM, Linux {meta.get('kernel')}. Code: commit `{meta.get('git')}`"
       f"{dirty_note(meta)}, {meta.get('rustc')}; "
-      f"torch {meta.get('torch')}, transformers {meta.get('transformers')}, Python {meta.get('python')}. "
+      f"torch {meta.get('torch')}, transformers {meta.get('transformers')}"
+      f"{', TRL ' + meta['trl'] if meta.get('trl') else ''}, Python {meta.get('python')}. "
       f"Started {meta.get('date')}, load average at start {' '.join(meta.get('loadavg', []))}; "
       f"total {done.get('total_s', '?')} s.")
     w("")
@@ -86,7 +91,7 @@ def main(results, doc):
         w(f"| {b} | {rounds(o1)} | {rounds(o2)} | {rounds(t2)} | {rounds(t1)} | "
           f"{ratio(med(o1), med(t2))} | {ratio(best_o, best_t)} | {EARLIER_TORCH_GEN[b]} |")
     w("")
-    pol = sorted({str(r.get("omp_wait_policy")) for r in gen + train if r["side"] == "torch"})
+    pol = sorted({str(r.get("omp_wait_policy")) for r in gen + train + dpo if r["side"] == "torch"})
     w(f"torch ran with OMP_WAIT_POLICY={', '.join(pol)} (see the notes on contention).")
     w("")
     w("The same runs per CPU-second (tokens / CPU time of the process, 1-thread runs only), which "
@@ -141,6 +146,46 @@ def main(results, doc):
       f"CPU time per step: ours {fmt(o_cpu, 1)} s vs torch {fmt(t_cpu, 1)} s "
       f"(ours needs {ratio(o_cpu, t_cpu)} torch's CPU time).")
     w("")
+
+    if dpo:
+        d0 = dpo[0]
+        rows_n, row_len = 2 * d0["pairs"], d0["prompt"] + d0["completion"]
+        lr_s = f"{d0['lr']:.0e}".replace("e-0", "e-")  # 1e-6
+        w(f"### DPO step ({d0['pairs']} pairs, prompt {d0['prompt']} + completion {d0['completion']} tokens; "
+          f"chosen and rejected in one batch of {rows_n} x {row_len}; sigmoid loss, beta {d0['beta']:g}, "
+          f"AdamW lr {lr_s}, no weight decay, constant LR, clip {d0.get('max_grad_norm', 1.0):g})")
+        w("")
+        w("One optimiser step of each library's DPO trainer, median of the timed steps after the warm-up; "
+          "lower is better. Ours (`rlhf-bench dpo`): the `rlhf dpo` step (`pair_batch_loss`, backward, "
+          "`clip_grad_norm`, `rlhf_train::AdamW`), the reference log-probs computed once before the first "
+          "step and reused (`ref s`, not part of the step). Torch: TRL's `DPOTrainer` with its default "
+          "reference handling (a frozen copy run in every step, no precompute), so its forward includes "
+          "the reference forward; its optimizer column is clip + AdamW + scheduler + zero_grad.")
+        w("")
+        w("| side | threads | label | step s (median) | steps s | CPU s / step | forward s | backward s | optimizer s | ref s (once) | losses | RSS before backward GiB | peak RSS GiB |")
+        w("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
+        for r in dpo:
+            w(f"| {r['side']} | {r['threads']} | {r['label']} | {fmt(r['step_s'], 2)} | "
+              f"{rounds(r['step_s_all'], 1)} | {fmt(r.get('step_cpu_s'), 1)} | {fmt(r.get('forward_s'), 2)} | "
+              f"{fmt(r.get('backward_s'), 2)} | {fmt(r.get('optimizer_s'), 2)} | {fmt(r.get('ref_s'), 1)} | "
+              f"{', '.join(f'{x:.3f}' for x in r['losses'])} | "
+              f"{fmt(r.get('rss_before_backward_gib'), 2)} | {fmt(r['peak_rss_gib'], 2)} |")
+        o_step = med([r["step_s"] for r in dpo if r["side"] == "ours"])
+        t_step = med([r["step_s"] for r in dpo if r["side"] == "torch"])
+        o_cpu = med([r["step_cpu_s"] for r in dpo if r["side"] == "ours" and r.get("step_cpu_s")])
+        t_cpu = med([r["step_cpu_s"] for r in dpo if r["side"] == "torch" and r.get("step_cpu_s")])
+        o_ref = med([r["ref_s"] for r in dpo if r["side"] == "ours" and r.get("ref_s") is not None])
+        o_mem = med([r["peak_rss_gib"] for r in dpo if r["side"] == "ours"])
+        t_mem = med([r["peak_rss_gib"] for r in dpo if r["side"] == "torch"])
+        losses = {tuple(r["losses"]) for r in dpo}
+        same = ("identical to three decimals in every run (" + ", ".join(f"{x:.3f}" for x in next(iter(losses))) + ")"
+                if len(losses) == 1 else "NOT identical across runs (see the table)")
+        w("")
+        w(f"Summary: DPO step ours {fmt(o_step, 1)} s vs torch {fmt(t_step, 1)} s "
+          f"(torch step / ours step = {ratio(t_step, o_step)}; ours also pays {fmt(o_ref, 1)} s once for the "
+          f"reference log-probs); CPU time per step ours {fmt(o_cpu, 1)} s vs torch {fmt(t_cpu, 1)} s; "
+          f"peak RSS ours {fmt(o_mem, 2)} GiB vs torch {fmt(t_mem, 2)} GiB. Losses: {same}.")
+        w("")
 
     if micro:
         w("### Micro-benchmarks (ours, 1 thread)")

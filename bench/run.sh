@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The toolkit vs PyTorch/transformers on SmolLM2-135M-Instruct (f32), on this machine, one run.
 #
-#   bash bench/run.sh                 # everything (~13 min on 2 idle cores, ~25 min on busy ones)
+#   bash bench/run.sh                 # everything (~13 min on 2 idle cores, ~25 min on busy ones,
+#                                     # before the DPO pair was added: it adds ~7 min per round)
 #   ROUNDS=1 EXTRAS=0 bash bench/run.sh   # one round of the headline numbers only
 #
 # Every measurement is a separate process, run one after another (never two at once). Raw
@@ -10,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-2}   # headline numbers (ours gen 1 thread, torch gen 2 and 1 threads, both trains)
+ROUNDS=${ROUNDS:-2}   # headline numbers (ours gen 1 thread, torch gen 2 and 1 threads, both trains, both DPO steps)
 EXTRAS=${EXTRAS:-1}   # ours gen at 2 threads, micro-benchmarks
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 PY=${PYTHON:-python3}
@@ -38,13 +39,21 @@ def sh(*c):
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), None)
 mem = next((int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal")), 0)
 import torch, transformers
+try:
+    import trl
+    trl_version = trl.__version__
+except Exception:
+    trl_version = None
 print(json.dumps({
     "bench": "meta", "nproc": os.cpu_count(), "cpu": cpu, "mem_gib": round(mem / 2**20, 1),
     "kernel": platform.release(), "rustc": sh("rustc", "--version"),
     "git": sh("git", "rev-parse", "--short", "HEAD"),
-    # rlhf-bench links only crates/lm: is that crate exactly the commit?
+    # The kernels are in crates/lm: is it exactly the commit?
     "git_dirty_lm": bool(sh("git", "status", "--porcelain", "crates/lm", "bench/src")),
-    "torch": torch.__version__, "transformers": transformers.__version__,
+    # Everything rlhf-bench links (dpo runs the trainer's step from crates/rl).
+    "git_dirty_linked": bool(sh("git", "status", "--porcelain", "crates/lm", "crates/train", "crates/rl",
+                                "crates/data", "bench/src")),
+    "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version,
     "python": platform.python_version(), "model": sys.argv[1],
     "date": sh("date", "-u", "+%Y-%m-%d %H:%M UTC"), "loadavg": open("/proc/loadavg").read().split()[:3],
 }))
@@ -74,6 +83,8 @@ for r in $(seq 1 "$ROUNDS"); do
   torch "round$r" gen --threads 1 --batches 1,8,32
   ours "round$r" train --threads 2
   torch "round$r" train --threads 2
+  ours "round$r" dpo --threads 2
+  torch "round$r" dpo --threads 2
 done
 
 if [ "$EXTRAS" = 1 ]; then

@@ -7,6 +7,10 @@
 //! * `train`: one full-model training step (forward, backward, AdamW) on `batch x seq` tokens,
 //!   loss = mean NLL over the last `--completion` tokens of each row; median of the timed steps,
 //!   split into forward / backward / optimizer, and the process's peak RSS (VmHWM).
+//! * `dpo`: one step of the DPO trainer (sigmoid loss) on `--pairs` preference pairs: the policy
+//!   scores chosen and rejected in one batch of `2 * pairs` rows, the reference log-probs are
+//!   computed once before the first step and reused (timed as `ref_s`), then backward, gradient
+//!   clipping and AdamW, exactly as `rlhf dpo` runs them (`rlhf_rl::pref`).
 //!
 //! Threads are fixed with `rlhf_lm::set_threads` before any tensor work, so each thread count is
 //! a separate process.
@@ -47,6 +51,10 @@ struct Common {
     /// Free-form label copied into the JSON line (e.g. "run 2").
     #[arg(long, default_value = "")]
     label: String,
+    /// Training benchmarks: recompute each decoder layer in the backward pass (gradient
+    /// checkpointing) instead of keeping its activations.
+    #[arg(long)]
+    checkpoint: bool,
 }
 
 #[derive(Subcommand)]
@@ -88,6 +96,33 @@ enum Command {
         steps: usize,
         #[arg(long, default_value_t = 1e-5)]
         lr: f64,
+    },
+    /// One DPO step (sigmoid loss), as `rlhf dpo` runs it. Pair i is row i of
+    /// `token_rows(pairs, prompt + 2 * completion, vocab)` cut in three: ids `[0, prompt)` are
+    /// the prompt, `[prompt, prompt + completion)` the chosen and the rest the rejected
+    /// completion (no BOS/EOS added), so `anchor_torch.py dpo` builds identical ids.
+    Dpo {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 4)]
+        pairs: usize,
+        #[arg(long, default_value_t = 64)]
+        prompt: usize,
+        /// Tokens of each completion (chosen and rejected alike).
+        #[arg(long, default_value_t = 192)]
+        completion: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Constant learning rate (no warm-up, no decay), AdamW without weight decay.
+        #[arg(long, default_value_t = 1e-6)]
+        lr: f64,
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        /// Global gradient-norm clip before AdamW (the trainer's and TRL's default 1.0); 0: off.
+        #[arg(long, default_value_t = 1.0)]
+        max_grad_norm: f64,
     },
     /// Micro-benchmarks behind the library recommendations in docs/performance.md: the LM's
     /// matmul shapes with the weight as stored (`Linear`, `x @ W^T` through a transposed view) vs
@@ -322,7 +357,8 @@ fn bench_train(
     let trainable = Trainable::new(&weights)?;
     drop(weights); // the trainable copy is the only one kept, as on the torch side
     let device = Device::Cpu;
-    let model = Llama::from_weights(&config, &trainable.tensors(), &device)?;
+    let model = Llama::from_weights(&config, &trainable.tensors(), &device)?
+        .with_gradient_checkpointing(common.checkpoint);
     let n_params: usize = trainable.vars.iter().map(|(_, v)| v.elem_count()).sum();
     // The toolkit's own optimiser (in-place f32 update), as every trainer uses.
     let mut opt = rlhf_train::AdamW::new(
@@ -363,7 +399,7 @@ fn bench_train(
         // Resident memory with the whole forward graph alive (weights, optimizer state, saved
         // activations), just before backward.
         rss_fwd = rss_fwd.max(proc_status_bytes("VmRSS:").unwrap_or(0));
-        let grads = loss.backward()?;
+        let grads = rlhf_lm::llama::backward(&loss)?;
         let t2 = Instant::now();
         opt.step(&grads, lr)?;
         drop(grads);
@@ -390,6 +426,7 @@ fn bench_train(
     Ok(json!({
         "side": "ours",
         "bench": "train",
+        "gradient_checkpointing": common.checkpoint,
         "label": common.label,
         "threads": common.threads,
         "batch": batch,
@@ -406,6 +443,166 @@ fn bench_train(
         "tokens_per_s": round3((batch * seq) as f64 / median(&total)),
         "losses": losses,
         "rss_after_load_gib": gib(rss_loaded),
+        "rss_before_backward_gib": gib(Some(rss_fwd)),
+        "peak_rss_gib": gib(proc_status_bytes("VmHWM:")),
+    }))
+}
+
+/// One DPO step as `rlhf dpo` runs it (`rlhf_rl::pref::train_on_pairs` through `fit`): the
+/// reference's `[chosen, rejected]` sums computed once with a frozen deep copy of the initial
+/// weights (`two_row_reference_logps`, the trainer's `ref_batch_size` 32), then per step
+/// `pair_batch_loss` (one `CompletionBatch` of `[chosen...; rejected...]`, `completion_logprobs`,
+/// `pref_losses::dpo`, TRL's metrics), `backward` into the trainer's `GradAccumulator`,
+/// `clip_grad_norm` and `rlhf_train::AdamW` at a constant learning rate.
+#[allow(clippy::too_many_arguments)]
+fn bench_dpo(
+    common: &Common,
+    n_pairs: usize,
+    prompt: usize,
+    completion: usize,
+    warmup: usize,
+    steps: usize,
+    lr: f64,
+    beta: f64,
+    max_grad_norm: f64,
+) -> Result<serde_json::Value> {
+    use rlhf_rl::pairs::PairIds;
+    use rlhf_rl::pref::{pair_batch_loss, pair_rows, two_row_reference_logps, PairLossParams};
+    use rlhf_rl::pref_losses::PairLossKind;
+    ensure!(
+        n_pairs >= 1 && prompt >= 1 && completion >= 1,
+        "need pairs, prompt and completion >= 1"
+    );
+    ensure!(steps >= 1, "need at least one timed step");
+    ensure!(max_grad_norm >= 0.0, "max_grad_norm must be >= 0");
+    let (pre, load_s) = load(common)?;
+    let pad = pre.pad_id();
+    let Pretrained {
+        config, weights, ..
+    } = pre;
+    let rss_loaded = proc_status_bytes("VmRSS:");
+    let trainable = Trainable::new(&weights)?;
+    drop(weights); // the trainable copy is the only one kept, as in `TrainableLm`
+    let device = Device::Cpu;
+    let model = Llama::from_weights(&config, &trainable.tensors(), &device)?
+        .with_gradient_checkpointing(common.checkpoint);
+    let n_params: usize = trainable.vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let vars: Vec<candle_core::Var> = trainable.vars.iter().map(|(_, v)| v.clone()).collect();
+    // The trainer's optimiser for DPO here: AdamW (0.9, 0.999, eps 1e-8), no weight decay, the
+    // learning rate constant (no warm-up).
+    let mut opt = rlhf_train::AdamW::new(
+        trainable.vars.clone(),
+        rlhf_train::AdamWConfig {
+            lr,
+            weight_decay: 0.0,
+            ..rlhf_train::AdamWConfig::default()
+        },
+    )?;
+
+    let pairs: Vec<PairIds> = token_rows(n_pairs, prompt + 2 * completion, config.vocab_size)
+        .into_iter()
+        .map(|r| PairIds {
+            prompt: r[..prompt].to_vec(),
+            chosen: r[prompt..prompt + completion].to_vec(),
+            rejected: r[prompt + completion..].to_vec(),
+            margin: 0.0,
+        })
+        .collect();
+    let params = PairLossParams {
+        kind: PairLossKind::Dpo,
+        beta,
+        label_smoothing: 0.0,
+        ipo_length_normalize: false,
+        simpo_gamma: 0.0,
+    };
+
+    // The reference log-probs, once (the trainer's `cached_reference_logps` without the file):
+    // a frozen deep copy of the initial weights, dropped after scoring.
+    let c0 = cpu_seconds();
+    let t0 = Instant::now();
+    let refs = {
+        let reference = Llama::from_weights(&config, &trainable.snapshot()?, &device)?;
+        two_row_reference_logps(&reference, &pair_rows(&pairs), pad, 32)?
+    };
+    let ref_s = t0.elapsed().as_secs_f64();
+    let ref_cpu_s = cpu_seconds() - c0;
+    let rss_after_ref = proc_status_bytes("VmRSS:");
+
+    let mut fwd = Vec::new();
+    let mut bwd = Vec::new();
+    let mut opt_s = Vec::new();
+    let mut total = Vec::new();
+    let mut cpu = Vec::new();
+    let mut rss_fwd = 0u64;
+    let mut losses = Vec::new();
+    let mut grad_norms = Vec::new();
+    for step in 0..warmup + steps {
+        let c0 = cpu_seconds();
+        let t0 = Instant::now();
+        let (out, _metrics) = pair_batch_loss(&model, pad, &pairs, Some(&refs), &params, &device)?;
+        let loss_value = out.loss.to_scalar::<f32>()?;
+        let t1 = Instant::now();
+        // Resident memory with the whole forward graph alive, just before backward.
+        rss_fwd = rss_fwd.max(proc_status_bytes("VmRSS:").unwrap_or(0));
+        let mut acc = rlhf_train::GradAccumulator::new(&vars);
+        acc.add(rlhf_lm::llama::backward(&out.loss)?)?;
+        let mut grads = acc.finish();
+        drop(out);
+        let t2 = Instant::now();
+        let grad_norm = if max_grad_norm > 0.0 {
+            rlhf_train::clip_grad_norm(&mut grads, &vars, max_grad_norm)?
+        } else {
+            rlhf_train::grad_norm(&grads, &vars)?
+        };
+        opt.step(&grads, lr)?;
+        drop(grads);
+        let t3 = Instant::now();
+        ensure!(loss_value.is_finite(), "non-finite loss at step {step}");
+        losses.push(round3(loss_value as f64));
+        grad_norms.push(round3(grad_norm));
+        if step >= warmup {
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            opt_s.push((t3 - t2).as_secs_f64());
+            total.push((t3 - t0).as_secs_f64());
+            cpu.push(cpu_seconds() - c0);
+        }
+        eprintln!(
+            "step {step}: loss {loss_value:.6}  grad_norm {grad_norm:.3}  fwd {:.2}s  bwd {:.2}s  opt {:.2}s",
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            (t3 - t2).as_secs_f64()
+        );
+    }
+    let r = |v: &[f64]| v.iter().map(|&x| round3(x)).collect::<Vec<_>>();
+    let row_tokens = prompt + completion;
+    Ok(json!({
+        "side": "ours",
+        "bench": "dpo",
+        "gradient_checkpointing": common.checkpoint,
+        "label": common.label,
+        "threads": common.threads,
+        "pairs": n_pairs,
+        "prompt": prompt,
+        "completion": completion,
+        "beta": beta,
+        "lr": lr,
+        "max_grad_norm": max_grad_norm,
+        "params": n_params,
+        "load_s": round3(load_s),
+        "ref_s": round3(ref_s),
+        "ref_cpu_s": round3(ref_cpu_s),
+        "step_s": round3(median(&total)),
+        "step_s_all": r(&total),
+        "step_cpu_s": round3(median(&cpu)),
+        "forward_s": round3(median(&fwd)),
+        "backward_s": round3(median(&bwd)),
+        "optimizer_s": round3(median(&opt_s)),
+        "tokens_per_s": round3((2 * n_pairs * row_tokens) as f64 / median(&total)),
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "rss_after_load_gib": gib(rss_loaded),
+        "rss_after_ref_gib": gib(rss_after_ref),
         "rss_before_backward_gib": gib(Some(rss_fwd)),
         "peak_rss_gib": gib(proc_status_bytes("VmHWM:")),
     }))
@@ -493,7 +690,9 @@ fn bench_micro(threads: usize, reps: usize) -> Result<serde_json::Value> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let threads = match &cli.command {
-        Command::Gen { common, .. } | Command::Train { common, .. } => common.threads,
+        Command::Gen { common, .. }
+        | Command::Train { common, .. }
+        | Command::Dpo { common, .. } => common.threads,
         Command::Micro { threads, .. } => *threads,
     };
     // Before any tensor work: candle and rayon read these once.
@@ -516,6 +715,27 @@ fn main() -> Result<()> {
             steps,
             lr,
         } => bench_train(common, *batch, *seq, *completion, *warmup, *steps, *lr)?,
+        Command::Dpo {
+            common,
+            pairs,
+            prompt,
+            completion,
+            warmup,
+            steps,
+            lr,
+            beta,
+            max_grad_norm,
+        } => bench_dpo(
+            common,
+            *pairs,
+            *prompt,
+            *completion,
+            *warmup,
+            *steps,
+            *lr,
+            *beta,
+            *max_grad_norm,
+        )?,
         Command::Micro { threads, reps } => bench_micro(*threads, *reps)?,
     };
     println!("{out}");

@@ -316,6 +316,335 @@ impl CustomOp3 for RmsNormBwd {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear map.
+
+fn gemm_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// x · Wᵀ for `x` (..., k) and `weight` (n, k), f32 on the CPU, as one op with its own backward:
+/// dx = g · W and dW = gᵀ · x, each one matrix multiply written straight into a contiguous
+/// buffer. Through candle's `Linear` the same product is five graph nodes (two reshapes, a
+/// transpose, the matmul) whose backward also builds Wᵀ-shaped gradients and adds them to W's
+/// through a strided view.
+pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (n, k) = weight.dims2()?;
+    if x.dim(D::Minus1)? != k {
+        bail!(
+            "linear: input {:?} does not end in the weight's {k} columns ({n} x {k})",
+            x.dims()
+        );
+    }
+    x.contiguous()?.apply_op2(&weight.contiguous()?, Linear)
+}
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let (n, k) = l2.shape().dims2()?;
+        if k == 0 || x.len() % k != 0 || w.len() != n * k {
+            bail!("{}: {} inputs are not rows of {k}", self.name(), x.len());
+        }
+        let m = x.len() / k;
+        let mut y = vec![0f32; m * n];
+        // y (m × n) = x (m × k) · Wᵀ, Wᵀ read in place: element (c, j) = W[j, c].
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                y.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                x.as_ptr(),
+                1,
+                k as isize,
+                w.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm_parallelism(),
+            )
+        };
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("checked: rank >= 1") = n;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = if x.track_op() {
+            Some(
+                g.apply_op2_no_bwd(w, &LinearInputGrad)?
+                    .reshape(x.shape())?,
+            )
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(g.apply_op2_no_bwd(x, &LinearWeightGrad)?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// dx (m × k) = g (m × n) · W (n × k).
+struct LinearInputGrad;
+
+impl CustomOp2 for LinearInputGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let (n, k) = l2.shape().dims2()?;
+        if n == 0 || g.len() % n != 0 {
+            bail!("{}: {} gradients are not rows of {n}", self.name(), g.len());
+        }
+        let m = g.len() / n;
+        let mut dx = vec![0f32; m * k];
+        unsafe {
+            gemm::gemm(
+                m,
+                k,
+                n,
+                dx.as_mut_ptr(),
+                1,
+                k as isize,
+                false,
+                g.as_ptr(),
+                1,
+                n as isize,
+                w.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm_parallelism(),
+            )
+        };
+        Ok((CpuStorage::F32(dx), Shape::from((m, k))))
+    }
+}
+
+/// dW (n × k) = gᵀ (n × m) · x (m × k).
+struct LinearWeightGrad;
+
+impl CustomOp2 for LinearWeightGrad {
+    fn name(&self) -> &'static str {
+        "fused-linear-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s1, l1, self.name())?;
+        let x = f32_slice(s2, l2, self.name())?;
+        let n = *l1.shape().dims().last().unwrap_or(&0);
+        let k = *l2.shape().dims().last().unwrap_or(&0);
+        if n == 0 || k == 0 || g.len() % n != 0 || x.len() != (g.len() / n) * k {
+            bail!(
+                "{}: gradient {:?} and input {:?} do not match",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let m = g.len() / n;
+        let mut dw = vec![0f32; n * k];
+        // gᵀ read in place: element (j, r) = g[r, j].
+        unsafe {
+            gemm::gemm(
+                n,
+                k,
+                m,
+                dw.as_mut_ptr(),
+                1,
+                k as isize,
+                false,
+                g.as_ptr(),
+                n as isize,
+                1,
+                x.as_ptr(),
+                1,
+                k as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm_parallelism(),
+            )
+        };
+        Ok((CpuStorage::F32(dw), Shape::from((n, k))))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU.
+
+/// silu(gate) · up, elementwise, with gradients for both: one pass instead of the composed
+/// silu (itself several ops, each saved for backward) and product.
+/// With σ = sigmoid(a): d/da = g·u·σ·(1 + a·(1 − σ)), d/du = g·a·σ.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dims() != up.dims() {
+        bail!(
+            "swiglu: gate {:?} and up {:?} differ in shape",
+            gate.dims(),
+            up.dims()
+        );
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, self.name())?;
+        let u = f32_slice(s2, l2, self.name())?;
+        if a.len() != u.len() {
+            bail!("{}: {} vs {} elements", self.name(), a.len(), u.len());
+        }
+        let mut y = vec![0f32; a.len()];
+        let width = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        par_rows(&mut y, width, 4 * width, |r0, block| {
+            let at = r0 * width;
+            for ((y, &a), &u) in block.iter_mut().zip(&a[at..]).zip(&u[at..]) {
+                *y = a * sigmoid(a) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = gate.elem_count();
+        // One op returns [d gate (n) | d up (n)]; both are views of it.
+        let both = gate.apply_op3_no_bwd(up, &g.contiguous()?, &SwiGluBwd)?;
+        let da = both.narrow(0, 0, n)?.reshape(gate.shape())?;
+        let du = both.narrow(0, n, n)?.reshape(up.shape())?;
+        Ok((Some(da), Some(du)))
+    }
+}
+
+struct SwiGluBwd;
+
+impl CustomOp3 for SwiGluBwd {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = f32_slice(s1, l1, self.name())?;
+        let u = f32_slice(s2, l2, self.name())?;
+        let g = f32_slice(s3, l3, self.name())?;
+        let n = a.len();
+        if u.len() != n || g.len() != n {
+            bail!("{}: {n} / {} / {} elements", self.name(), u.len(), g.len());
+        }
+        let width = l1.shape().dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; 2 * n];
+        let (da, du) = out.split_at_mut(n);
+        let block = |r0: usize, da: &mut [f32], du: &mut [f32]| {
+            let at = r0 * width;
+            for (((da, du), (&a, &u)), &g) in da
+                .iter_mut()
+                .zip(du.iter_mut())
+                .zip(a[at..].iter().zip(&u[at..]))
+                .zip(&g[at..])
+            {
+                let sg = sigmoid(a);
+                *du = g * a * sg;
+                *da = g * u * sg * (1.0 + a * (1.0 - sg));
+            }
+        };
+        let rows = n / width;
+        let rpt = rows_per_task(rows, 6 * width);
+        if rpt >= rows {
+            block(0, da, du);
+        } else {
+            da.par_chunks_mut(rpt * width)
+                .zip(du.par_chunks_mut(rpt * width))
+                .enumerate()
+                .for_each(|(i, (da, du))| block(i * rpt, da, du));
+        }
+        Ok((CpuStorage::F32(out), Shape::from(2 * n)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Softmax over the last dimension.
 
 /// Softmax over the last dimension with a gradient: dx = y·(g − Σ g·y).

@@ -1,6 +1,7 @@
 //! The model core: a Llama-family decoder in candle that loads real models, trains, scores and
 //! generates. Everything above it (data, rollouts, algorithms, the CLI) goes through this crate.
 
+pub mod attention;
 pub mod batch;
 pub mod chat;
 pub mod config;

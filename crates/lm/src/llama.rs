@@ -6,10 +6,12 @@
 //! nh / nkv = query / key-value heads, d = head dim, v = vocab.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{kv_cache::KvCache, Linear};
 
+use crate::attention::{self, AttentionMask};
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 use crate::ops;
@@ -69,6 +71,7 @@ fn rope_inv_freq(c: &LlamaConfig) -> Vec<f32> {
     }
 }
 
+#[derive(Clone)]
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -86,6 +89,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
+        fused_mask: Option<&Arc<AttentionMask>>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -93,11 +97,18 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?)
         };
-        let q = heads(self.q_proj.forward(x)?, self.n_heads)?; // (b, nh, t, d)
-        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads)?; // (b, nkv, t, d)
-        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?.contiguous()?;
+        let q = heads(ops::linear(&self.q_proj, x)?, self.n_heads)?; // (b, nh, t, d)
+        let k = heads(ops::linear(&self.k_proj, x)?, self.n_kv_heads)?; // (b, nkv, t, d)
+        let v = heads(ops::linear(&self.v_proj, x)?, self.n_kv_heads)?;
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        if let (Some(fused_mask), None) = (fused_mask, &cache) {
+            // Whole sequences in one pass: the fused op (no score tensors kept, no K/V copies).
+            let out = attention::attention(&q, &k, &v, fused_mask.clone(), scale)?; // (b, t, nh·d)
+            return Ok(ops::linear(&self.o_proj, &out)?);
+        }
+        let v = v.contiguous()?;
         let (k, v) = match cache {
             Some(cache) => cache.append(&k.contiguous()?, &v)?, // (b, nkv, s, d)
             None => (k, v),
@@ -105,15 +116,15 @@ impl Attention {
         let n_rep = self.n_heads / self.n_kv_heads;
         let k = ops::repeat_kv(&k, n_rep)?.contiguous()?;
         let v = ops::repeat_kv(&v, n_rep)?.contiguous()?;
-        let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?; // (b, nh, t, s)
         let probs = ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // (b, nh, t, d)
         let out = out.transpose(1, 2)?.reshape((b, t, self.n_heads * d))?;
-        Ok(self.o_proj.forward(&out)?)
+        Ok(ops::linear(&self.o_proj, &out)?)
     }
 }
 
+#[derive(Clone)]
 struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
@@ -122,18 +133,171 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        Ok(self
-            .down_proj
-            .forward(&(gate * self.up_proj.forward(x)?)?)?)
+        let gated = ops::swiglu(
+            &ops::linear(&self.gate_proj, x)?,
+            &ops::linear(&self.up_proj, x)?,
+        )?;
+        Ok(ops::linear(&self.down_proj, &gated)?)
     }
 }
 
+#[derive(Clone)]
 struct DecoderLayer {
     input_layernorm: Tensor,
     self_attn: Attention,
     post_attention_layernorm: Tensor,
     mlp: Mlp,
+}
+
+impl DecoderLayer {
+    /// x + attn(norm(x)), then + mlp(norm(·)): (b, t, h) -> (b, t, h).
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: (&Tensor, &Tensor),
+        mask: &Tensor,
+        fused_mask: Option<&Arc<AttentionMask>>,
+        cache: Option<&mut KvCache>,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
+        let x = (x + self
+            .self_attn
+            .forward(&h, rope.0, rope.1, mask, fused_mask, cache)?)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm, eps)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+
+    /// Every parameter tensor of the layer.
+    fn params(&self) -> Vec<Tensor> {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        let mut out = vec![
+            self.input_layernorm.clone(),
+            self.post_attention_layernorm.clone(),
+        ];
+        for l in [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ] {
+            out.push(l.weight().clone());
+            out.extend(l.bias().cloned());
+        }
+        out
+    }
+}
+
+/// Gradient checkpointing (`gradient_checkpointing` in transformers): a decoder layer run as one
+/// op that keeps only its input. The forward pass runs the layer and lets its graph go; the backward
+/// pass runs it again with a graph, backpropagates the incoming gradient through it, returns the
+/// input's gradient and hands the layer's parameter gradients to [`backward`] (a custom op can only
+/// return gradients for its own inputs). Costs one more forward pass per step; saves every
+/// activation inside the layers.
+struct CheckpointedLayer {
+    layer: DecoderLayer,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+    fused_mask: Arc<AttentionMask>,
+    eps: f64,
+}
+
+thread_local! {
+    /// Parameter gradients from checkpointed layers, collected during a [`backward`] call on this
+    /// thread (candle runs a backward pass on the calling thread). `None` outside one.
+    static CHECKPOINT_GRADS: std::cell::RefCell<Option<Vec<(Tensor, Tensor)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `loss.backward()`, plus the parameter gradients of gradient-checkpointed layers. Every training
+/// loop calls this instead of `Tensor::backward` (identical when no layer is checkpointed).
+pub fn backward(loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    CHECKPOINT_GRADS.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let result = loss.backward();
+    let pending = CHECKPOINT_GRADS
+        .with(|c| c.borrow_mut().take())
+        .unwrap_or_default();
+    let mut grads = result?;
+    for (param, g) in pending {
+        let merged = match grads.get(&param) {
+            Some(existing) => (existing + &g)?,
+            None => g,
+        };
+        grads.insert(&param, merged);
+    }
+    Ok(grads)
+}
+
+impl candle_core::CustomOp1 for CheckpointedLayer {
+    fn name(&self) -> &'static str {
+        "checkpointed-decoder-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("checkpointed layer: f32 input expected")
+        };
+        let Some((from, to)) = layout.contiguous_offsets() else {
+            candle_core::bail!("checkpointed layer: contiguous input expected")
+        };
+        let x = Tensor::from_slice(&data[from..to], layout.shape(), &Device::Cpu)?;
+        let y = self
+            .layer
+            .forward(
+                &x,
+                (&self.cos, &self.sin),
+                &self.mask,
+                Some(&self.fused_mask),
+                None,
+                self.eps,
+            )
+            .map_err(candle_core::Error::wrap)?;
+        let values = y.flatten_all()?.to_vec1::<f32>()?;
+        Ok((candle_core::CpuStorage::F32(values), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if CHECKPOINT_GRADS.with(|c| c.borrow().is_none()) {
+            candle_core::bail!(
+                "gradient checkpointing: backpropagate with rlhf_lm::llama::backward(&loss), not \
+                 loss.backward() (the checkpointed layers' parameter gradients are merged there)"
+            );
+        }
+        let input = Var::from_tensor(&x.detach())?;
+        let y = self
+            .layer
+            .forward(
+                input.as_tensor(),
+                (&self.cos, &self.sin),
+                &self.mask,
+                Some(&self.fused_mask),
+                None,
+                self.eps,
+            )
+            .map_err(candle_core::Error::wrap)?;
+        let grads = (y * grad)?.sum_all()?.backward()?;
+        let params: Vec<(Tensor, Tensor)> = self
+            .layer
+            .params()
+            .into_iter()
+            .filter_map(|p| grads.get(&p).map(|g| (p.clone(), g.clone())))
+            .collect();
+        CHECKPOINT_GRADS.with(|c| {
+            if let Some(pending) = c.borrow_mut().as_mut() {
+                pending.extend(params);
+            }
+        });
+        Ok(grads.get(input.as_tensor()).cloned())
+    }
 }
 
 /// One KV cache per layer, sized for the whole generation.
@@ -165,9 +329,18 @@ pub struct Llama {
     lm_head: Tensor,
     inv_freq: Tensor,
     eps: f64,
+    gradient_checkpointing: bool,
 }
 
 impl Llama {
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations
+    /// (f32 on the CPU, whole sequences; see [`CheckpointedLayer`]). Gradients then come from
+    /// [`backward`], not `Tensor::backward`.
+    pub fn with_gradient_checkpointing(mut self, on: bool) -> Self {
+        self.gradient_checkpointing = on;
+        self
+    }
+
     /// Build from HF-named weights. The tensors are shared, not copied: pass `Var`-backed tensors
     /// (see [`TrainableLlama`]) and the model is trainable; pass plain tensors and it is frozen.
     pub fn from_weights(
@@ -216,6 +389,7 @@ impl Llama {
             lm_head,
             inv_freq,
             eps: c.rms_norm_eps,
+            gradient_checkpointing: false,
         })
     }
 
@@ -252,6 +426,15 @@ impl Llama {
             }
         }
         let (cos, sin) = self.rope_tables(positions)?;
+        // f32 on the CPU without a cache: attention runs fused, reading the mask as host rows.
+        let fused_mask = if cache.is_none()
+            && self.embed_tokens.dtype() == DType::F32
+            && self.embed_tokens.device().is_cpu()
+        {
+            Some(AttentionMask::from_tensor(mask, b, t, t)?)
+        } else {
+            None
+        };
         let mask = mask.to_dtype(self.embed_tokens.dtype())?;
         let mask = &mask;
         let mut x = self
@@ -259,18 +442,29 @@ impl Llama {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = ops::rms_norm(&x, &layer.input_layernorm, self.eps)?;
-            x = (x + layer.self_attn.forward(&h, &cos, &sin, mask, kv)?)?;
-            let h = ops::rms_norm(&x, &layer.post_attention_layernorm, self.eps)?;
-            x = (x + layer.mlp.forward(&h)?)?;
+            match &fused_mask {
+                Some(fm) if self.gradient_checkpointing && x.track_op() => {
+                    x = x.contiguous()?.apply_op1(CheckpointedLayer {
+                        layer: layer.clone(),
+                        cos: cos.clone(),
+                        sin: sin.clone(),
+                        mask: mask.clone(),
+                        fused_mask: fm.clone(),
+                        eps: self.eps,
+                    })?;
+                }
+                _ => {
+                    let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                    x = layer.forward(&x, (&cos, &sin), mask, fused_mask.as_ref(), kv, self.eps)?;
+                }
+            }
         }
         ops::rms_norm(&x, &self.norm, self.eps)
     }
 
     /// LM logits for hidden states: (..., h) -> (..., v).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(Linear::new(self.lm_head.clone(), None).forward(hidden)?)
+        ops::linear(&Linear::new(self.lm_head.clone(), None), hidden)
     }
 
     /// A view of the same weights with no gradient graph: fused kernels everywhere. For generation
@@ -304,6 +498,7 @@ impl Llama {
             lm_head: self.lm_head.detach(),
             inv_freq: self.inv_freq.clone(),
             eps: self.eps,
+            gradient_checkpointing: false,
         }
     }
 }

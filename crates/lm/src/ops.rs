@@ -42,6 +42,36 @@ pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor
     Ok(normed.broadcast_mul(weight)?)
 }
 
+/// x · Wᵀ (+ b) for a `Linear` layer. While training (a gradient flows through x or W) f32 on the
+/// CPU goes through [`fused::linear`], whose backward writes dW directly; otherwise candle's
+/// `Linear`.
+pub fn linear(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
+    use candle_core::Module;
+    let w = layer.weight();
+    if (x.track_op() || w.track_op()) && fused::supported(x) && fused::supported(w) {
+        let y = fused::linear(x, w)?;
+        return Ok(match layer.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    Ok(layer.forward(x)?)
+}
+
+/// silu(gate) · up (the SwiGLU feed-forward's gating): fused for f32 on the CPU (with a backward),
+/// composed otherwise.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused::supported(gate) && fused::supported(up) {
+        return Ok(fused::swiglu(gate, up)?);
+    }
+    swiglu_composed(gate, up)
+}
+
+/// silu(gate) · up from differentiable tensor ops (any dtype / device).
+pub fn swiglu_composed(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
+}
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if no_grad(&[x]) {

@@ -83,6 +83,75 @@ pub fn next_token_logprobs(model: &Llama, batch: &TokenBatch, temperature: f64) 
     gather_logprobs(&logits, &batch.ids.narrow(1, 1, t - 1)?, temperature)
 }
 
+/// Per-token log-probs at the target indices where `mask` (b, t - 1) is nonzero, zero elsewhere:
+/// the same numbers as `next_token_logprobs(..) * mask` for a 0/1 mask, but the LM head and the
+/// log-softmax run only on the selected positions (the vocabulary projection is a fifth of a
+/// SmolLM2 training step's FLOPs, and its (rows, vocab) logits and their gradient the largest
+/// tensors in it), so prompt and padding positions cost nothing there.
+pub fn masked_next_token_logprobs(
+    model: &Llama,
+    batch: &TokenBatch,
+    mask: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    let (b, t) = batch.dims();
+    if t < 2 {
+        return Err(LmError::Invalid(
+            "need at least two tokens to score a next token".into(),
+        ));
+    }
+    let width = t - 1;
+    if mask.dims() != [b, width] {
+        return Err(LmError::Invalid(format!(
+            "target mask is {:?}, the batch has {b} rows of {width} targets",
+            mask.dims()
+        )));
+    }
+    let keep = mask
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let selected: Vec<u32> = (0..b * width)
+        .filter(|&j| keep[j] != 0.0)
+        .map(|j| j as u32)
+        .collect();
+    let hidden = model.hidden_states(&batch.ids, &batch.positions, &batch.mask, None)?;
+    let dtype = hidden.dtype();
+    let device = hidden.device().clone();
+    if selected.is_empty() {
+        return Ok(Tensor::zeros((b, width), dtype, &device)?);
+    }
+    let n = selected.len();
+    let rows = Tensor::from_vec(selected.clone(), n, &device)?;
+    let h = hidden.dim(D::Minus1)?;
+    let hidden_sel = hidden
+        .narrow(1, 0, width)?
+        .contiguous()?
+        .reshape((b * width, h))?
+        .index_select(&rows, 0)?; // (n, h)
+    let targets = batch
+        .ids
+        .narrow(1, 1, width)?
+        .contiguous()?
+        .flatten_all()?
+        .index_select(&rows, 0)?; // (n,)
+    let lp = gather_logprobs(&model.logits(&hidden_sel)?, &targets, temperature)?; // (n,)
+                                                                                   // Back to (b, t - 1): every unselected index reads the appended zero.
+    let mut place = vec![n as u32; b * width];
+    for (k, &j) in selected.iter().enumerate() {
+        place[j as usize] = k as u32;
+    }
+    let place = Tensor::from_vec(place, b * width, &device)?;
+    let padded = Tensor::cat(&[&lp, &Tensor::zeros(1, dtype, &device)?], 0)?;
+    let lp = padded.index_select(&place, 0)?.reshape((b, width))?;
+    // Scale by the mask's values (1 for a 0/1 mask), as `next_token_logprobs(..) * mask` would.
+    if keep.iter().all(|&m| m == 0.0 || m == 1.0) {
+        Ok(lp)
+    } else {
+        Ok(lp.broadcast_mul(&mask.to_dtype(dtype)?)?)
+    }
+}
+
 /// A right-padded batch of episodes with per-role masks over the targets.
 /// Target index j of a row predicts token j + 1 (the layout of [`next_token_logprobs`]).
 pub struct EpisodeBatch {
@@ -169,8 +238,7 @@ impl EpisodeBatch {
 /// Per-token log-probs of every real target of every episode, (b, t - 1), zero where the target
 /// is padding. Select roles with the batch's masks (`assistant_mask`, `user_mask`).
 pub fn episode_logprobs(model: &Llama, batch: &EpisodeBatch, temperature: f64) -> Result<Tensor> {
-    let lp = next_token_logprobs(model, &batch.tokens, temperature)?;
-    Ok(lp.broadcast_mul(&batch.target_mask.to_dtype(lp.dtype())?)?)
+    masked_next_token_logprobs(model, &batch.tokens, &batch.target_mask, temperature)
 }
 
 /// A right-padded batch of prompt + completion rows, with a mask over the completion tokens:
@@ -217,8 +285,7 @@ pub fn completion_logprobs(
     batch: &CompletionBatch,
     temperature: f64,
 ) -> Result<Tensor> {
-    let lp = next_token_logprobs(model, &batch.tokens, temperature)?;
-    Ok(lp.broadcast_mul(&batch.completion_mask.to_dtype(lp.dtype())?)?)
+    masked_next_token_logprobs(model, &batch.tokens, &batch.completion_mask, temperature)
 }
 
 /// Host copy of each row's completion log-probs (only the completion tokens).

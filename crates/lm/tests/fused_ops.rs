@@ -467,3 +467,345 @@ fn bench_step() {
         cf + cb
     );
 }
+
+/// The composed attention the fused op replaces: repeat K/V per query head, scores, mask, softmax,
+/// weighted values; returned in the fused op's (b, t, nh·d) layout.
+fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+    let (b, nh, t, d) = q.dims4().unwrap();
+    let n_rep = nh / k.dim(1).unwrap();
+    let k = ops::repeat_kv(k, n_rep).unwrap().contiguous().unwrap();
+    let v = ops::repeat_kv(v, n_rep).unwrap().contiguous().unwrap();
+    let scores = (q.contiguous().unwrap().matmul(&k.t().unwrap()).unwrap() * scale)
+        .unwrap()
+        .broadcast_add(&mask.to_dtype(q.dtype()).unwrap())
+        .unwrap();
+    let probs = ops::softmax_composed(&scores).unwrap();
+    probs
+        .matmul(&v)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .reshape((b, t, nh * d))
+        .unwrap()
+}
+
+/// The fused attention op against the composed ops (f64, so the reference is exact to f32 noise),
+/// values and gradients for q, k, v: grouped-query and plain heads, right- and left-padded rows
+/// (a padding query attends to nothing and gets a uniform row, as in the composed path), q given as
+/// the transposed view the model passes, and a key length longer than the query length.
+#[test]
+fn attention_matches_composed() {
+    use rlhf_lm::attention::{attention, AttentionMask};
+    let cases: [(u64, usize, usize, usize, usize, usize, bool); 4] = [
+        // seed, b, nh, nkv, t, d, left-padded
+        (61, 2, 6, 2, 7, 8, false),
+        (62, 3, 4, 4, 5, 4, true),
+        (63, 2, 9, 3, 33, 16, false),
+        (64, 1, 2, 1, 64, 64, true),
+    ];
+    for (seed, b, nh, nkv, t, d, left) in cases {
+        // Row r has t - 2r real tokens (at least 1).
+        let rows: Vec<Vec<u32>> = (0..b)
+            .map(|r| {
+                (0..(t - (2 * r).min(t - 1)))
+                    .map(|j| j as u32 + 3)
+                    .collect()
+            })
+            .collect();
+        let batch = if left {
+            TokenBatch::left_padded(&rows, 0, &Device::Cpu).unwrap()
+        } else {
+            TokenBatch::right_padded(&rows, 0, &Device::Cpu).unwrap()
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let qb = var(&uniform(&[b, t, nh, d], seed, -2.0, 2.0));
+        let k = var(&uniform(&[b, nkv, t, d], seed + 1, -2.0, 2.0));
+        let v = var(&uniform(&[b, nkv, t, d], seed + 2, -2.0, 2.0));
+        let q = qb.as_tensor().transpose(1, 2).unwrap(); // (b, nh, t, d), strided
+                                                         // A padding query attends to nothing: in f32 its scores (all ≈ -1e9) give a uniform row in
+                                                         // both paths, in f64 they do not; compare real query rows only (weight 0 elsewhere).
+        let real: Vec<f32> = batch
+            .real
+            .iter()
+            .flat_map(|r| r.iter().map(|&x| if x { 1.0 } else { 0.0 }))
+            .collect();
+        let real = Tensor::from_vec(real, (b, t, 1), &Device::Cpu).unwrap();
+        let up = uniform(&[b, t, nh * d], seed + 3, -1.0, 1.0)
+            .broadcast_mul(&real)
+            .unwrap();
+        let mask = AttentionMask::from_tensor(&batch.mask, b, t, t).unwrap();
+        let yf = attention(&q, k.as_tensor(), v.as_tensor(), mask, scale).unwrap();
+        let f64v = |x: &Tensor| var(&x.to_dtype(DType::F64).unwrap());
+        let (qb64, k64, v64) = (
+            f64v(qb.as_tensor()),
+            f64v(k.as_tensor()),
+            f64v(v.as_tensor()),
+        );
+        let yc = attention_composed(
+            &qb64.as_tensor().transpose(1, 2).unwrap(),
+            k64.as_tensor(),
+            v64.as_tensor(),
+            &batch.mask,
+            scale,
+        );
+        let real64 = real.to_dtype(DType::F64).unwrap();
+        assert_close(
+            &format!("attention forward {seed}"),
+            &yf.broadcast_mul(&real).unwrap(),
+            &yc.broadcast_mul(&real64).unwrap(),
+            2e-5,
+        );
+        // All rows, padding queries included, against the composed f32 path.
+        let yc32 = attention_composed(&q, k.as_tensor(), v.as_tensor(), &batch.mask, scale);
+        assert_close(&format!("attention forward f32 {seed}"), &yf, &yc32, 2e-5);
+        let gf = weighted_sum(&yf, &up).backward().unwrap();
+        let gc = weighted_sum(&yc, &up.to_dtype(DType::F64).unwrap())
+            .backward()
+            .unwrap();
+        for (name, a, c) in [("dq", &qb, &qb64), ("dk", &k, &k64), ("dv", &v, &v64)] {
+            assert_grad_close(
+                &format!("attention {name} {seed}"),
+                gf.get(a.as_tensor()).unwrap(),
+                gc.get(c.as_tensor()).unwrap(),
+                2e-5,
+            );
+        }
+    }
+    // Keys longer than queries (s > t), one mask for the whole batch.
+    let (b, nh, nkv, t, s, d) = (2, 4, 2, 3, 6, 8);
+    let mut m = vec![0f32; t * s];
+    for i in 0..t {
+        for j in 0..s {
+            if j > i + (s - t) {
+                m[i * s + j] = rlhf_lm::llama::MASKED;
+            }
+        }
+    }
+    let mask_t = Tensor::from_vec(m, (1, 1, t, s), &Device::Cpu).unwrap();
+    let q = var(&uniform(&[b, nh, t, d], 71, -1.0, 1.0));
+    let k = var(&uniform(&[b, nkv, s, d], 72, -1.0, 1.0));
+    let v = var(&uniform(&[b, nkv, s, d], 73, -1.0, 1.0));
+    let mask = AttentionMask::from_tensor(&mask_t, b, t, s).unwrap();
+    let yf = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, 0.3).unwrap();
+    let yc = attention_composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask_t, 0.3);
+    assert_close("attention forward s > t", &yf, &yc, 1e-5);
+    let up = uniform(&[b, t, nh * d], 74, -1.0, 1.0);
+    let gf = weighted_sum(&yf, &up).backward().unwrap();
+    let gc = weighted_sum(&yc, &up).backward().unwrap();
+    for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
+        assert_grad_close(
+            &format!("attention {name} s > t"),
+            gf.get(x.as_tensor()).unwrap(),
+            gc.get(x.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+/// Central finite differences of Σ up·attention(q, k, v) in a few coordinates of q, k and v agree
+/// with the fused backward (f32, step 1e-2, so the bound is loose but independent of any other
+/// implementation).
+#[test]
+fn attention_gradient_matches_finite_differences() {
+    use rlhf_lm::attention::{attention, AttentionMask};
+    let (b, nh, nkv, t, d) = (1, 2, 1, 4, 4);
+    let batch = TokenBatch::right_padded(&[vec![3u32, 4, 5, 6]], 0, &Device::Cpu).unwrap();
+    let mask = AttentionMask::from_tensor(&batch.mask, b, t, t).unwrap();
+    let up = uniform(&[b, t, nh * d], 81, -1.0, 1.0);
+    let base = [
+        uniform(&[b, nh, t, d], 82, -1.0, 1.0),
+        uniform(&[b, nkv, t, d], 83, -1.0, 1.0),
+        uniform(&[b, nkv, t, d], 84, -1.0, 1.0),
+    ];
+    let loss = |xs: &[Tensor]| -> f64 {
+        let y = attention(&xs[0], &xs[1], &xs[2], mask.clone(), 0.5).unwrap();
+        weighted_sum(&y, &up).to_scalar::<f32>().unwrap() as f64
+    };
+    let vars: Vec<Var> = base.iter().map(var).collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = attention(&tensors[0], &tensors[1], &tensors[2], mask.clone(), 0.5).unwrap();
+    let grads = weighted_sum(&y, &up).backward().unwrap();
+    let eps = 1e-2f32;
+    for (which, v) in vars.iter().enumerate() {
+        let analytic = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let flat = base[which].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for idx in [0, 5, flat.len() - 1] {
+            let shifted = |delta: f32| {
+                let mut f = flat.clone();
+                f[idx] += delta;
+                let mut xs = base.to_vec();
+                xs[which] = Tensor::from_vec(f, base[which].dims(), &Device::Cpu).unwrap();
+                loss(&xs)
+            };
+            let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps as f64);
+            assert!(
+                (numeric - analytic[idx] as f64).abs() <= 2e-3 + 2e-3 * numeric.abs(),
+                "input {which} index {idx}: finite difference {numeric} vs backward {}",
+                analytic[idx]
+            );
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_composed() {
+    for (seed, shape) in [(91u64, vec![3usize, 5]), (92, vec![2, 64, 1536])] {
+        let a = var(&uniform(&shape, seed, -6.0, 6.0));
+        let u = var(&uniform(&shape, seed + 1, -2.0, 2.0));
+        let up = uniform(&shape, seed + 2, -1.0, 1.0);
+        let yf = fused::swiglu(a.as_tensor(), u.as_tensor()).unwrap();
+        let yc = ops::swiglu_composed(a.as_tensor(), u.as_tensor()).unwrap();
+        assert_close("swiglu forward", &yf, &yc, 1e-5);
+        let gf = weighted_sum(&yf, &up).backward().unwrap();
+        let gc = weighted_sum(&yc, &up).backward().unwrap();
+        for (name, x) in [("d gate", &a), ("d up", &u)] {
+            assert_grad_close(
+                &format!("swiglu {name} {shape:?}"),
+                gf.get(x.as_tensor()).unwrap(),
+                gc.get(x.as_tensor()).unwrap(),
+                1e-5,
+            );
+        }
+    }
+    // Hand-computed: silu(1)·2 = 2σ(1) = 1.4621172; d gate = 2σ(1)(1 + 1 − σ(1)) = 1.7864...,
+    // d up = σ(1) = 0.7310586.
+    let a = var(&Tensor::new(&[1f32], &Device::Cpu).unwrap());
+    let u = var(&Tensor::new(&[2f32], &Device::Cpu).unwrap());
+    let y = fused::swiglu(a.as_tensor(), u.as_tensor()).unwrap();
+    assert!((y.to_vec1::<f32>().unwrap()[0] - 1.462_117_2).abs() < 1e-6);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let s = 1.0 / (1.0 + (-1f32).exp());
+    let da = g.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
+    let du = g.get(u.as_tensor()).unwrap().to_vec1::<f32>().unwrap()[0];
+    assert!((da - 2.0 * s * (2.0 - s)).abs() < 1e-6, "d gate {da}");
+    assert!((du - 0.731_058_6).abs() < 1e-6, "d up {du}");
+}
+
+/// Log-probs computed only at the masked-in targets equal the full computation times the mask,
+/// in value and in every parameter's gradient.
+#[test]
+fn masked_logprobs_match_full_times_mask() {
+    let c = tiny_config();
+    let w = random_weights(&c, 21, 0.3, &Device::Cpu).unwrap();
+    let pairs = vec![
+        (vec![1u32, 5, 9, 13], vec![7u32, 8, 30, 2]),
+        (vec![1, 40], vec![3, 3, 4, 5, 6, 2]),
+    ];
+    let batch = CompletionBatch::new(&pairs, 0, &Device::Cpu).unwrap();
+    let trainable = Trainable::new(&w).unwrap();
+    let model = Llama::from_weights(&c, &trainable.tensors(), &Device::Cpu).unwrap();
+    let masked = completion_logprobs(&model, &batch, 0.8).unwrap();
+    let full = next_token_logprobs(&model, &batch.tokens, 0.8)
+        .unwrap()
+        .broadcast_mul(&batch.completion_mask)
+        .unwrap();
+    assert_close("masked log-probs", &masked, &full, 1e-6);
+    // Row 0's completion targets are indices 3..7, row 1's 1..7; nothing else is nonzero.
+    let rows = masked.to_vec2::<f32>().unwrap();
+    assert!(rows[0][..3].iter().all(|&x| x == 0.0) && rows[0][3..].iter().all(|&x| x < 0.0));
+    assert!(rows[1][0] == 0.0 && rows[1][1..].iter().all(|&x| x < 0.0));
+    let weights = uniform(masked.dims(), 5, -1.0, 1.0);
+    let gm = weighted_sum(&masked, &weights).backward().unwrap();
+    let gfull = weighted_sum(&full, &weights).backward().unwrap();
+    for (name, v) in &trainable.vars {
+        assert_grad_close(
+            &format!("masked {name}"),
+            gm.get(v.as_tensor()).unwrap(),
+            gfull.get(v.as_tensor()).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+/// Gradient checkpointing recomputes each layer in the backward pass: the loss and every
+/// parameter's gradient equal the plain path's; a plain `Tensor::backward` is refused with a message
+/// instead of silently dropping the layers' gradients.
+#[test]
+fn gradient_checkpointing_matches_plain_backward() {
+    let c = tiny_config();
+    let w = random_weights(&c, 31, 0.3, &Device::Cpu).unwrap();
+    let pairs = vec![
+        (vec![1u32, 5, 9, 13], vec![7u32, 8, 30, 2]),
+        (vec![1, 40], vec![3, 3, 4, 5, 6, 2]),
+    ];
+    let batch = CompletionBatch::new(&pairs, 0, &Device::Cpu).unwrap();
+    let trainable = Trainable::new(&w).unwrap();
+    let weights = uniform(batch.completion_mask.dims(), 6, -1.0, 1.0);
+    let loss_of = |checkpoint: bool| {
+        let model = Llama::from_weights(&c, &trainable.tensors(), &Device::Cpu)
+            .unwrap()
+            .with_gradient_checkpointing(checkpoint);
+        let lp = completion_logprobs(&model, &batch, 1.0).unwrap();
+        weighted_sum(&lp, &weights)
+    };
+    let (plain, ckpt) = (loss_of(false), loss_of(true));
+    assert_eq!(
+        plain.to_scalar::<f32>().unwrap(),
+        ckpt.to_scalar::<f32>().unwrap()
+    );
+    let err = ckpt
+        .backward()
+        .err()
+        .expect("plain backward must be refused");
+    assert!(
+        err.to_string().contains("rlhf_lm::llama::backward"),
+        "{err}"
+    );
+    let gp = rlhf_lm::llama::backward(&plain).unwrap();
+    let gc = rlhf_lm::llama::backward(&ckpt).unwrap();
+    for (name, v) in &trainable.vars {
+        let (a, b) = (gc.get(v.as_tensor()), gp.get(v.as_tensor()));
+        let (a, b) = (
+            a.unwrap_or_else(|| panic!("{name}: no gradient with checkpointing")),
+            b.unwrap(),
+        );
+        assert_grad_close(&format!("checkpointed {name}"), a, b, 1e-6);
+    }
+}
+
+/// The fused linear op against candle's `Linear` (values, dx, dW), on a 3-d input as the model
+/// passes it and on the LM head's shape; with a frozen weight only dx is produced.
+#[test]
+fn linear_matches_candle() {
+    use candle_core::Module;
+    for (seed, (b, t, k, n)) in [
+        (101u64, (2usize, 3usize, 5usize, 4usize)),
+        (102, (2, 64, 576, 1536)),
+    ] {
+        let x = var(&uniform(&[b, t, k], seed, -1.0, 1.0));
+        let w = var(&uniform(&[n, k], seed + 1, -0.5, 0.5));
+        let up = uniform(&[b, t, n], seed + 2, -1.0, 1.0);
+        let yf = fused::linear(x.as_tensor(), w.as_tensor()).unwrap();
+        let yc = candle_nn::Linear::new(w.as_tensor().clone(), None)
+            .forward(x.as_tensor())
+            .unwrap();
+        assert_close("linear forward", &yf, &yc, 1e-4);
+        let gf = weighted_sum(&yf, &up).backward().unwrap();
+        let gc = weighted_sum(&yc, &up).backward().unwrap();
+        for (name, v) in [("dx", &x), ("dW", &w)] {
+            assert_grad_close(
+                &format!("linear {name} {:?}", (b, t, k, n)),
+                gf.get(v.as_tensor()).unwrap(),
+                gc.get(v.as_tensor()).unwrap(),
+                1e-5,
+            );
+        }
+    }
+    // Hand-computed: x = [1, 2], W = [[3, 4], [5, 6]] -> y = [11, 17]; with Σy: dx = [8, 10].
+    let x = var(&Tensor::new(&[[1f32, 2.0]], &Device::Cpu).unwrap());
+    let w = Tensor::new(&[[3f32, 4.0], [5.0, 6.0]], &Device::Cpu).unwrap();
+    let y = fused::linear(x.as_tensor(), &w).unwrap();
+    assert_eq!(y.to_vec2::<f32>().unwrap(), vec![vec![11.0, 17.0]]);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert_eq!(
+        g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
+        vec![vec![8.0, 10.0]]
+    );
+    assert!(g.get(&w).is_none());
+}

@@ -879,7 +879,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             let a = &adv[idx * cfg.micro_batch..idx * cfg.micro_batch + chunk.len()];
             let loss = (masked_sequence_loss(&lp, &batch.assistant_mask, a)?
                 * (chunk.len() as f64 / n as f64))?;
-            acc.add(loss.backward()?)?;
+            acc.add(rlhf_lm::llama::backward(&loss)?)?;
         }
         let stats = trainer.apply(acc.finish())?;
         let mut metrics = vec![
@@ -949,7 +949,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
                         }
                         let loss = loss.expect("one of the two terms");
                         let mut acc = trainer.accumulator();
-                        acc.add(loss.backward()?)?;
+                        acc.add(rlhf_lm::llama::backward(&loss)?)?;
                         trainer.apply(acc.finish())?;
                     }
                 }
@@ -958,14 +958,14 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
                         let l = nll(&u.model(device)?, &user_eps, View::User)?;
                         metrics.push(("user_nll", l.to_scalar::<f32>()? as f64));
                         let mut acc = opt.accumulator();
-                        acc.add(l.backward()?)?;
+                        acc.add(rlhf_lm::llama::backward(&l)?)?;
                         opt.apply(acc.finish(), it / cfg.supervised_every)?;
                     }
                     if cfg.assistant_nll_weight > 0.0 {
                         let l = nll(&lm.model(device)?, &asst_eps, View::Assistant)?;
                         metrics.push(("assistant_nll", l.to_scalar::<f32>()? as f64));
                         let mut acc = trainer.accumulator();
-                        acc.add((l * cfg.assistant_nll_weight)?.backward()?)?;
+                        acc.add(rlhf_lm::llama::backward(&(l * cfg.assistant_nll_weight)?)?)?;
                         trainer.apply(acc.finish())?;
                     }
                 }

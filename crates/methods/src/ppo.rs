@@ -643,7 +643,7 @@ fn value_step(
                 }
             }
         }
-        acc.add(l.backward()?)?;
+        acc.add(rlhf_lm::llama::backward(&l)?)?;
     }
     let norm = value.step(acc.finish())?;
     Ok((loss, clipped as f64 / mb_tokens.max(1) as f64, norm))

@@ -184,7 +184,7 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
                 )?;
                 let l = value_loss(&v, &g, &batch.completion_mask, mb_tokens as f64)?;
                 v_loss += l.to_scalar::<f32>()? as f64;
-                acc.add(l.backward()?)?;
+                acc.add(rlhf_lm::llama::backward(&l)?)?;
             }
             v_norms.push(value.step(acc.finish())?);
             v_losses.push(v_loss);

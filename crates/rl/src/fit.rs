@@ -47,6 +47,9 @@ pub struct FitConfig {
     pub skip_bad_lines: bool,
     /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
     pub optim: OptimConfig,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations
+    /// (transformers' `gradient_checkpointing`): far less memory for one more forward pass per step.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for FitConfig {
@@ -63,6 +66,7 @@ impl Default for FitConfig {
             seed: 0,
             skip_bad_lines: false,
             optim: OptimConfig::default(),
+            gradient_checkpointing: false,
         }
     }
 }
@@ -101,6 +105,7 @@ impl FitConfig {
             eval_every: if has_eval { self.eval_every } else { 0 },
             save_every: self.save_every,
             grad_accum: self.optim.grad_accum,
+            gradient_checkpointing: self.gradient_checkpointing,
             ..FitPlan::new(label, self.epochs, self.batch_size, self.seed)
         }
     }
@@ -122,6 +127,8 @@ pub struct FitPlan {
     pub grad_accum: usize,
     /// The smallest micro-batch a loss accepts (KTO's batch KL needs 2).
     pub min_micro: usize,
+    /// Models built by `lm.model` during the run recompute their layers in backward.
+    pub gradient_checkpointing: bool,
 }
 
 impl FitPlan {
@@ -136,6 +143,7 @@ impl FitPlan {
             save_every: 0,
             grad_accum: 1,
             min_micro: 1,
+            gradient_checkpointing: false,
         }
     }
 
@@ -197,6 +205,7 @@ pub fn fit(
             plan.label
         )));
     }
+    lm.set_gradient_checkpointing(plan.gradient_checkpointing);
     let per_epoch = plan.steps_per_epoch(examples);
     let total = plan.total_steps(examples);
     let progress = rlhf_train::progress(total, &plan.label);
@@ -227,7 +236,7 @@ pub fn fit(
                     )));
                 }
                 loss_sum += v;
-                acc.add(loss.backward()?)?;
+                acc.add(rlhf_lm::llama::backward(&loss)?)?;
                 for (k, x) in metrics {
                     match sums.iter_mut().find(|(n, _)| *n == k) {
                         Some((_, s)) => *s += x,

@@ -480,7 +480,7 @@ impl<M: Method> Session<M> {
                 )));
             }
             total += v;
-            acc.add(loss.backward()?)?;
+            acc.add(rlhf_lm::llama::backward(&loss)?)?;
         }
         let stats = self.trainer.apply(acc.finish())?;
         Ok((total, stats))

@@ -20,6 +20,8 @@ pub struct TrainableLm {
     pub params: Trainable,
     pub eos_ids: Vec<u32>,
     pub pad_id: u32,
+    /// Whether [`TrainableLm::model`] builds models that recompute their layers in backward.
+    pub gradient_checkpointing: std::sync::atomic::AtomicBool,
 }
 
 impl TrainableLm {
@@ -34,6 +36,7 @@ impl TrainableLm {
             generation: p.generation,
             eos_ids,
             pad_id,
+            gradient_checkpointing: Default::default(),
         })
     }
 
@@ -52,7 +55,20 @@ impl TrainableLm {
 
     /// A model whose forward pass records gradients for the parameters.
     pub fn model(&self, device: &Device) -> Result<Llama> {
-        Llama::from_weights(&self.config, &self.params.tensors(), device)
+        let checkpoint = self
+            .gradient_checkpointing
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Ok(
+            Llama::from_weights(&self.config, &self.params.tensors(), device)?
+                .with_gradient_checkpointing(checkpoint),
+        )
+    }
+
+    /// Gradient checkpointing for the models [`TrainableLm::model`] builds from now on (gradients
+    /// must then come from `rlhf_lm::llama::backward`, as in every training loop here).
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.gradient_checkpointing
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A frozen deep copy of the current weights (e.g. the reference policy).
@@ -246,5 +262,6 @@ pub fn fresh_tiny_with_std(
         generation: GenerationDefaults::default(),
         eos_ids,
         pad_id,
+        gradient_checkpointing: Default::default(),
     })
 }
