@@ -26,6 +26,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::fused::zeroed;
+
 /// The additive attention mask as host rows: entry (i, row, key) at `values[(i·t + row)·s + key]`,
 /// i over `batch` (1 = one mask broadcast over every batch row).
 pub struct AttentionMask {
@@ -33,6 +35,47 @@ pub struct AttentionMask {
     batch: usize,
     t: usize,
     s: usize,
+    /// Per mask row (`batch` of them): query blocks and the key span each needs.
+    blocks: Vec<Vec<Block>>,
+}
+
+/// Query rows `rows` attend only to keys `keys`: every key outside is masked for all of them
+/// (a causal mask leaves the upper triangle out, about half the work). A block holding a padding
+/// query (every key masked: a uniform row over all keys, as in the composed path) spans all keys.
+#[derive(Clone, Debug)]
+struct Block {
+    rows: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+}
+
+/// Query rows per block: small enough that a causal block wastes little, large enough for the
+/// matrix multiplies to run at speed.
+const BLOCK_ROWS: usize = 32;
+
+/// A mask value at or below this is a masked key (`crate::llama::MASKED` is -1e9).
+const MASKED_BELOW: f32 = crate::llama::MASKED / 2.0;
+
+fn blocks_of(mask: &[f32], t: usize, s: usize) -> Vec<Block> {
+    let live = |row: usize| -> Option<(usize, usize)> {
+        let r = &mask[row * s..(row + 1) * s];
+        let lo = r.iter().position(|&m| m > MASKED_BELOW)?;
+        let hi = s - r.iter().rev().position(|&m| m > MASKED_BELOW)?;
+        Some((lo, hi))
+    };
+    (0..t)
+        .step_by(BLOCK_ROWS)
+        .map(|r0| {
+            let rows = r0..(r0 + BLOCK_ROWS).min(t);
+            let mut keys = s..0;
+            for row in rows.clone() {
+                match live(row) {
+                    Some((lo, hi)) => keys = keys.start.min(lo)..keys.end.max(hi),
+                    None => keys = 0..s,
+                }
+            }
+            Block { rows, keys }
+        })
+        .collect()
 }
 
 impl AttentionMask {
@@ -49,17 +92,25 @@ impl AttentionMask {
             .broadcast_as((mb, 1, t, s))?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        let blocks = (0..mb)
+            .map(|i| blocks_of(&values[i * t * s..(i + 1) * t * s], t, s))
+            .collect();
         Ok(Arc::new(AttentionMask {
             values,
             batch: mb,
             t,
             s,
+            blocks,
         }))
     }
 
     fn row(&self, i: usize, row: usize) -> &[f32] {
         let start = ((i % self.batch) * self.t + row) * self.s;
         &self.values[start..start + self.s]
+    }
+
+    fn blocks(&self, i: usize) -> &[Block] {
+        &self.blocks[i % self.batch]
     }
 }
 
@@ -231,26 +282,41 @@ struct Shapes {
 }
 
 impl Attention {
-    /// P = softmax(scale · Q Kᵀ + M) for batch row `i`, query head `h`, into `p` (t × s).
-    fn probabilities(&self, q: &View, k: &View, sh: &Shapes, i: usize, h: usize, p: &mut [f32]) {
-        let (t, s, d) = (sh.t, sh.s, sh.d);
+    /// P = softmax(scale · Q Kᵀ + M) for batch row `i`, query head `h`, the rows and keys of
+    /// `block`, into `p` ((rows × keys), row stride = the block's key count). Keys outside the
+    /// block's span have probability exactly 0 (exp of about -1e9 in f32), so they are skipped.
+    fn probabilities(
+        &self,
+        q: &View,
+        k: &View,
+        sh: &Shapes,
+        (i, h): (usize, usize),
+        block: &Block,
+        p: &mut [f32],
+    ) {
+        let d = sh.d;
+        let (rows, w) = (block.rows.len(), block.keys.len());
         let group = h / (sh.nh / sh.nkv);
         let (qp, q_rs) = q.matrix(i, h);
         let (kp, k_rs) = k.matrix(i, group);
-        // Kᵀ as a (d × s) operand: element (c, j) = K[j, c].
+        let p = &mut p[..rows * w];
+        // Kᵀ as a (d × keys) operand: element (c, j) = K[lo + j, c].
         unsafe {
             matmul(
-                (t, s, d),
+                (rows, w, d),
                 p.as_mut_ptr(),
-                s as isize,
-                (qp, q_rs, 1),
-                (kp, 1, k_rs),
+                w as isize,
+                (qp.offset(block.rows.start as isize * q_rs), q_rs, 1),
+                (kp.offset(block.keys.start as isize * k_rs), 1, k_rs),
                 false,
                 self.scale,
             )
         };
-        for (row, pr) in p.chunks_exact_mut(s).enumerate() {
-            for (x, &m) in pr.iter_mut().zip(self.mask.row(i, row)) {
+        for (pr, row) in p.chunks_exact_mut(w).zip(block.rows.clone()) {
+            for (x, &m) in pr
+                .iter_mut()
+                .zip(&self.mask.row(i, row)[block.keys.clone()])
+            {
                 *x += m;
             }
             let max = pr.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
@@ -307,7 +373,7 @@ impl CustomOp3 for Attention {
         let sh = shapes(&q, &k);
         let (b, nh, t, s, d) = (sh.b, sh.nh, sh.t, sh.s, sh.d);
         let n_rep = nh / sh.nkv;
-        let mut out = vec![0f32; b * t * nh * d];
+        let mut out = zeroed(b * t * nh * d);
         let out_ptr = SendPtr(out.as_mut_ptr());
         for_each_task(b * nh, 2 * t * s * d, |task| {
             let out_ptr = out_ptr;
@@ -316,21 +382,24 @@ impl CustomOp3 for Attention {
                 let mut scratch = cell.borrow_mut();
                 let p = &mut scratch.0;
                 p.resize(t * s, 0.0);
-                self.probabilities(&q, &k, &sh, i, h, p);
                 let (vp, v_rs) = v.matrix(i, h / n_rep);
-                // O rows of head h live at out[(i·t + row)·nh·d + h·d ..], row stride nh·d.
-                unsafe {
-                    let dst = out_ptr.0.add(i * t * nh * d + h * d);
-                    matmul(
-                        (t, d, s),
-                        dst,
-                        (nh * d) as isize,
-                        (p.as_ptr(), s as isize, 1),
-                        (vp, v_rs, 1),
-                        false,
-                        1.0,
-                    )
-                };
+                for block in self.mask.blocks(i) {
+                    self.probabilities(&q, &k, &sh, (i, h), block, p);
+                    let (rows, w) = (block.rows.len(), block.keys.len());
+                    // O rows of head h live at out[(i·t + row)·nh·d + h·d ..], row stride nh·d.
+                    unsafe {
+                        let dst = out_ptr.0.add((i * t + block.rows.start) * nh * d + h * d);
+                        matmul(
+                            (rows, d, w),
+                            dst,
+                            (nh * d) as isize,
+                            (p.as_ptr(), w as isize, 1),
+                            (vp.offset(block.keys.start as isize * v_rs), v_rs, 1),
+                            false,
+                            1.0,
+                        )
+                    };
+                }
             });
         });
         Ok((CpuStorage::F32(out), Shape::from((b, t, nh * d))))
@@ -362,7 +431,7 @@ impl CustomOp3 for Attention {
         let n_q = b * nh * t * d;
         let n_kv = b * nkv * s * d;
         // One buffer [dq (b, nh, t, d) | dk (b, nkv, s, d) | dv (b, nkv, s, d)].
-        let mut grads = vec![0f32; n_q + 2 * n_kv];
+        let mut grads = zeroed(n_q + 2 * n_kv);
         let ptr = SendPtr(grads.as_mut_ptr());
         for_each_task(b * nkv, 5 * n_rep * t * s * d, |task| {
             let ptr = ptr;
@@ -378,67 +447,74 @@ impl CustomOp3 for Attention {
                 let dv = unsafe { ptr.0.add(n_q + n_kv + (i * nkv + group) * s * d) };
                 for r in 0..n_rep {
                     let h = group * n_rep + r;
-                    self.probabilities(&qv, &kv, &sh, i, h, p);
-                    let row0 = i * t * nh * d + h * d;
-                    let g_h = (g_rows[row0..].as_ptr(), (nh * d) as isize);
-                    // dP = dO Vᵀ (t × s).
-                    unsafe {
-                        matmul(
-                            (t, s, d),
-                            dp.as_mut_ptr(),
-                            s as isize,
-                            (g_h.0, g_h.1, 1),
-                            (vp, 1, v_rs),
-                            false,
-                            1.0,
-                        )
-                    };
-                    // dS = P ∘ (dP − D), D per query row.
-                    for row in 0..t {
-                        let at = row0 + row * nh * d;
-                        let dsum: f32 = g_rows[at..at + d]
-                            .iter()
-                            .zip(&o_rows[at..at + d])
-                            .map(|(a, b)| a * b)
-                            .sum();
-                        let (pr, dr) =
-                            (&p[row * s..(row + 1) * s], &mut dp[row * s..(row + 1) * s]);
-                        for (x, &pv) in dr.iter_mut().zip(pr) {
-                            *x = pv * (*x - dsum);
-                        }
-                    }
                     let (qp, q_rs) = qv.matrix(i, h);
-                    unsafe {
-                        // dQ_h = scale · dS K (t × d), its own (b, nh, t, d) block.
-                        matmul(
-                            (t, d, s),
-                            ptr.0.add((i * nh + h) * t * d),
-                            d as isize,
-                            (dp.as_ptr(), s as isize, 1),
-                            (kp, k_rs, 1),
-                            false,
-                            self.scale,
-                        );
-                        // dK_group += scale · dSᵀ Q_h (s × d).
-                        matmul(
-                            (s, d, t),
-                            dk,
-                            d as isize,
-                            (dp.as_ptr(), 1, s as isize),
-                            (qp, q_rs, 1),
-                            r > 0,
-                            self.scale,
-                        );
-                        // dV_group += Pᵀ dO_h (s × d).
-                        matmul(
-                            (s, d, t),
-                            dv,
-                            d as isize,
-                            (p.as_ptr(), 1, s as isize),
-                            (g_h.0, g_h.1, 1),
-                            r > 0,
-                            1.0,
-                        );
+                    for block in self.mask.blocks(i) {
+                        let (rows, w) = (block.rows.len(), block.keys.len());
+                        let (lo, r0) = (block.keys.start as isize, block.rows.start);
+                        self.probabilities(&qv, &kv, &sh, (i, h), block, p);
+                        let row0 = (i * t + r0) * nh * d + h * d;
+                        let g_h = (g_rows[row0..].as_ptr(), (nh * d) as isize);
+                        let q_b = unsafe { qp.offset(r0 as isize * q_rs) };
+                        let (k_b, v_b) = unsafe { (kp.offset(lo * k_rs), vp.offset(lo * v_rs)) };
+                        let dp = &mut dp[..rows * w];
+                        // dP = dO Vᵀ (rows × keys).
+                        unsafe {
+                            matmul(
+                                (rows, w, d),
+                                dp.as_mut_ptr(),
+                                w as isize,
+                                (g_h.0, g_h.1, 1),
+                                (v_b, 1, v_rs),
+                                false,
+                                1.0,
+                            )
+                        };
+                        // dS = P ∘ (dP − D), D = Σ_d dO·O per query row.
+                        for (j, (pr, dr)) in
+                            p.chunks_exact(w).zip(dp.chunks_exact_mut(w)).enumerate()
+                        {
+                            let at = row0 + j * nh * d;
+                            let dsum: f32 = g_rows[at..at + d]
+                                .iter()
+                                .zip(&o_rows[at..at + d])
+                                .map(|(a, b)| a * b)
+                                .sum();
+                            for (x, &pv) in dr.iter_mut().zip(pr) {
+                                *x = pv * (*x - dsum);
+                            }
+                        }
+                        unsafe {
+                            // dQ rows of the block = scale · dS K (rows × d), in (b, nh, t, d).
+                            matmul(
+                                (rows, d, w),
+                                ptr.0.add(((i * nh + h) * t + r0) * d),
+                                d as isize,
+                                (dp.as_ptr(), w as isize, 1),
+                                (k_b, k_rs, 1),
+                                false,
+                                self.scale,
+                            );
+                            // dK_group[keys] += scale · dSᵀ Q (keys × d).
+                            matmul(
+                                (w, d, rows),
+                                dk.offset(lo * d as isize),
+                                d as isize,
+                                (dp.as_ptr(), 1, w as isize),
+                                (q_b, q_rs, 1),
+                                true,
+                                self.scale,
+                            );
+                            // dV_group[keys] += Pᵀ dO (keys × d).
+                            matmul(
+                                (w, d, rows),
+                                dv.offset(lo * d as isize),
+                                d as isize,
+                                (p.as_ptr(), 1, w as isize),
+                                (g_h.0, g_h.1, 1),
+                                true,
+                                1.0,
+                            );
+                        }
                     }
                 }
             });

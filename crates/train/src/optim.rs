@@ -184,8 +184,14 @@ impl AdamW {
                 g.to_dtype(p.var.dtype())?
             };
             if p.exp_avg.is_none() {
-                p.exp_avg = Some(p.var.zeros_like()?.detach());
-                p.exp_avg_sq = Some(p.var.zeros_like()?.detach());
+                // Zeros written now (ones scaled by 0), not `zeros_like`'s untouched zero pages:
+                // the in-place update reads each page before writing it, and a read-then-write of
+                // a fresh zero page costs a second fault with a TLB flush on every core (2.6 s of
+                // the first SmolLM2 step went there).
+                let zeros =
+                    || -> Result<Tensor> { Ok(p.var.ones_like()?.affine(0.0, 0.0)?.detach()) };
+                p.exp_avg = Some(zeros()?);
+                p.exp_avg_sq = Some(zeros()?);
             }
             p.steps += 1;
             let t = p.steps as f64;
