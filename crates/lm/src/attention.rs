@@ -114,8 +114,9 @@ impl AttentionMask {
     }
 }
 
-/// Attention for `q` (b, nh, t, d), `k` and `v` (b, nkv, s, d), f32 on the CPU, any strides with a
-/// unit stride on d. Returns (b, t, nh · d), the layout the output projection reads.
+/// Attention for `q` (b, t, nh, d), `k` and `v` (b, s, nkv, d) — the projections' own layout, so
+/// no transposed copies — f32 on the CPU, any strides with a unit stride on d. Returns
+/// (b, t, nh · d), the layout the output projection reads.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -123,8 +124,8 @@ pub fn attention(
     mask: Arc<AttentionMask>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, nh, t, d) = q.dims4()?;
-    let (kb, nkv, s, kd) = k.dims4()?;
+    let (b, t, nh, d) = q.dims4()?;
+    let (kb, s, nkv, kd) = k.dims4()?;
     if kb != b || kd != d || v.dims() != k.dims() {
         bail!(
             "attention: q {:?}, k {:?}, v {:?} do not fit together",
@@ -191,10 +192,11 @@ impl<'a> View<'a> {
         if dims.iter().any(|&n| n == 0) || last >= data.len() {
             bail!("attention: {what} layout does not fit its storage");
         }
+        // Stored as (b, t, heads, d); viewed as (b, heads, t, d) matrices.
         Ok(View {
             data,
-            dims: [dims[0], dims[1], dims[2], dims[3]],
-            stride: [stride[0], stride[1], stride[2], stride[3]],
+            dims: [dims[0], dims[2], dims[1], dims[3]],
+            stride: [stride[0], stride[2], stride[1], stride[3]],
             offset: l.start_offset(),
         })
     }
@@ -430,7 +432,7 @@ impl CustomOp3 for Attention {
         let g_rows = contiguous_rows(&gs, gl, b * t * nh * d, "dO")?;
         let n_q = b * nh * t * d;
         let n_kv = b * nkv * s * d;
-        // One buffer [dq (b, nh, t, d) | dk (b, nkv, s, d) | dv (b, nkv, s, d)].
+        // One buffer [dq (b, t, nh, d) | dk (b, s, nkv, d) | dv (b, s, nkv, d)], the inputs' layout.
         let mut grads = zeroed(n_q + 2 * n_kv);
         let ptr = SendPtr(grads.as_mut_ptr());
         for_each_task(b * nkv, 5 * n_rep * t * s * d, |task| {
@@ -443,8 +445,9 @@ impl CustomOp3 for Attention {
                 dp.resize(t * s, 0.0);
                 let (kp, k_rs) = kv.matrix(i, group);
                 let (vp, v_rs) = vv.matrix(i, group);
-                let dk = unsafe { ptr.0.add(n_q + (i * nkv + group) * s * d) };
-                let dv = unsafe { ptr.0.add(n_q + n_kv + (i * nkv + group) * s * d) };
+                let kv_rs = (nkv * d) as isize;
+                let dk = unsafe { ptr.0.add(n_q + (i * s * nkv + group) * d) };
+                let dv = unsafe { ptr.0.add(n_q + n_kv + (i * s * nkv + group) * d) };
                 for r in 0..n_rep {
                     let h = group * n_rep + r;
                     let (qp, q_rs) = qv.matrix(i, h);
@@ -484,11 +487,11 @@ impl CustomOp3 for Attention {
                             }
                         }
                         unsafe {
-                            // dQ rows of the block = scale · dS K (rows × d), in (b, nh, t, d).
+                            // dQ rows of the block = scale · dS K (rows × d).
                             matmul(
                                 (rows, d, w),
-                                ptr.0.add(((i * nh + h) * t + r0) * d),
-                                d as isize,
+                                ptr.0.add(((i * t + r0) * nh + h) * d),
+                                (nh * d) as isize,
                                 (dp.as_ptr(), w as isize, 1),
                                 (k_b, k_rs, 1),
                                 false,
@@ -497,8 +500,8 @@ impl CustomOp3 for Attention {
                             // dK_group[keys] += scale · dSᵀ Q (keys × d).
                             matmul(
                                 (w, d, rows),
-                                dk.offset(lo * d as isize),
-                                d as isize,
+                                dk.offset(lo * kv_rs),
+                                kv_rs,
                                 (dp.as_ptr(), 1, w as isize),
                                 (q_b, q_rs, 1),
                                 true,
@@ -507,8 +510,8 @@ impl CustomOp3 for Attention {
                             // dV_group[keys] += Pᵀ dO (keys × d).
                             matmul(
                                 (w, d, rows),
-                                dv.offset(lo * d as isize),
-                                d as isize,
+                                dv.offset(lo * kv_rs),
+                                kv_rs,
                                 (p.as_ptr(), 1, w as isize),
                                 (g_h.0, g_h.1, 1),
                                 true,
@@ -521,9 +524,9 @@ impl CustomOp3 for Attention {
         });
         drop((qs, ks, vs, os, gs));
         let all = Tensor::from_vec(grads, n_q + 2 * n_kv, q.device())?;
-        let dq = all.narrow(0, 0, n_q)?.reshape((b, nh, t, d))?;
-        let dk = all.narrow(0, n_q, n_kv)?.reshape((b, nkv, s, d))?;
-        let dv = all.narrow(0, n_q + n_kv, n_kv)?.reshape((b, nkv, s, d))?;
+        let dq = all.narrow(0, 0, n_q)?.reshape((b, t, nh, d))?;
+        let dk = all.narrow(0, n_q, n_kv)?.reshape((b, s, nkv, d))?;
+        let dv = all.narrow(0, n_q + n_kv, n_kv)?.reshape((b, s, nkv, d))?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

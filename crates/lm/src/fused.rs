@@ -905,13 +905,40 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(
         &cos.contiguous()?,
         &sin.contiguous()?,
-        Rope { inverse: false },
+        Rope {
+            inverse: false,
+            time_first: false,
+        },
+    )
+}
+
+/// [`rope`] for `x` in the projections' own layout (batch, seq, heads, head_dim): no transposed
+/// copy of q and k, and none of their gradients, is ever made.
+pub fn rope_time_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, t, _, d) = x.dims4()?;
+    if d % 2 != 0 || cos.dims() != [b, t, d / 2] || sin.dims() != [b, t, d / 2] {
+        bail!(
+            "rope: x {:?} (batch, seq, heads, dim) with cos {:?} / sin {:?}, expected (b, t, d/2) tables",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    x.contiguous()?.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope {
+            inverse: false,
+            time_first: true,
+        },
     )
 }
 
 /// `inverse`: rotate by −angle (sin negated): the backward of the forward rotation.
+/// `time_first`: x is (b, t, heads, d) instead of (b, heads, t, d).
 struct Rope {
     inverse: bool,
+    time_first: bool,
 }
 
 impl CustomOp3 for Rope {
@@ -931,7 +958,9 @@ impl CustomOp3 for Rope {
         let x = f32_slice(s1, l1, self.name())?;
         let cos = f32_slice(s2, l2, self.name())?;
         let sin = f32_slice(s3, l3, self.name())?;
-        let (b, nh, t, d) = l1.shape().dims4()?;
+        let (b, a1, a2, d) = l1.shape().dims4()?;
+        let (nh, t) = if self.time_first { (a2, a1) } else { (a1, a2) };
+        let time_first = self.time_first;
         let half = d / 2;
         if d % 2 != 0 || cos.len() != b * t * half || sin.len() != cos.len() {
             bail!(
@@ -944,8 +973,12 @@ impl CustomOp3 for Rope {
         let mut y = zeroed(x.len());
         par_rows(&mut y, d, d, |r0, block| {
             for (i, yr) in block.chunks_exact_mut(d).enumerate() {
-                let r = r0 + i; // row index over (b, nh, t)
-                let (bi, ti) = (r / (nh * t), r % t);
+                let r = r0 + i; // row index over (b, nh, t), or (b, t, nh) time first
+                let (bi, ti) = if time_first {
+                    (r / (nh * t), (r / nh) % t)
+                } else {
+                    (r / (nh * t), r % t)
+                };
                 let tab = (bi * t + ti) * half..(bi * t + ti + 1) * half;
                 let (c, s) = (&cos[tab.clone()], &sin[tab]);
                 let (x1, x2) = x[r * d..(r + 1) * d].split_at(half);
@@ -974,6 +1007,7 @@ impl CustomOp3 for Rope {
             sin,
             &Rope {
                 inverse: !self.inverse,
+                time_first: self.time_first,
             },
         )?;
         if !cos.track_op() && !sin.track_op() {
@@ -990,8 +1024,9 @@ impl CustomOp3 for Rope {
             g.narrow(D::Minus1, 0, half)?,
             g.narrow(D::Minus1, half, half)?,
         );
-        let dcos = ((&g1 * &x1)? + (&g2 * &x2)?)?.sum(1)?;
-        let mut dsin = ((&g2 * &x1)? - (&g1 * &x2)?)?.sum(1)?;
+        let heads_axis = if self.time_first { 2 } else { 1 };
+        let dcos = ((&g1 * &x1)? + (&g2 * &x2)?)?.sum(heads_axis)?;
+        let mut dsin = ((&g2 * &x1)? - (&g1 * &x2)?)?.sum(heads_axis)?;
         if self.inverse {
             dsin = dsin.neg()?;
         }

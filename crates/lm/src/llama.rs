@@ -14,7 +14,7 @@ use candle_nn::{kv_cache::KvCache, Linear};
 use crate::attention::{self, AttentionMask};
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
-use crate::ops;
+use crate::{fused, ops};
 
 /// Additive value for masked attention scores. Finite (not -inf) so that a row with every key
 /// masked (a padding query) gives a uniform softmax instead of NaN; exp(-1e9) is exactly 0 in f32.
@@ -94,6 +94,19 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
+        let scale = 1.0 / (d as f64).sqrt();
+        if let (Some(fused_mask), None) = (fused_mask, &cache) {
+            // Whole sequences in one pass, every tensor in the projections' (b, t, heads, d)
+            // layout: fused RoPE and the fused attention op (no score tensors kept, no K/V copies,
+            // no transposed copies).
+            let q = ops::linear(&self.q_proj, x)?.reshape((b, t, self.n_heads, d))?;
+            let k = ops::linear(&self.k_proj, x)?.reshape((b, t, self.n_kv_heads, d))?;
+            let v = ops::linear(&self.v_proj, x)?.reshape((b, t, self.n_kv_heads, d))?;
+            let q = fused::rope_time_first(&q, cos, sin)?;
+            let k = fused::rope_time_first(&k, cos, sin)?;
+            let out = attention::attention(&q, &k, &v, fused_mask.clone(), scale)?; // (b, t, nh·d)
+            return ops::linear(&self.o_proj, &out);
+        }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?)
         };
@@ -102,12 +115,6 @@ impl Attention {
         let v = heads(ops::linear(&self.v_proj, x)?, self.n_kv_heads)?;
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
-        let scale = 1.0 / (d as f64).sqrt();
-        if let (Some(fused_mask), None) = (fused_mask, &cache) {
-            // Whole sequences in one pass: the fused op (no score tensors kept, no K/V copies).
-            let out = attention::attention(&q, &k, &v, fused_mask.clone(), scale)?; // (b, t, nh·d)
-            return Ok(ops::linear(&self.o_proj, &out)?);
-        }
         let v = v.contiguous()?;
         let (k, v) = match cache {
             Some(cache) => cache.append(&k.contiguous()?, &v)?, // (b, nkv, s, d)

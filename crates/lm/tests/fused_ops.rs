@@ -299,6 +299,18 @@ fn rope_matches_composed() {
         let yd = ops::rope(&x, cos.as_tensor(), sin.as_tensor()).unwrap();
         let yc = ops::rope_composed(&x, cos.as_tensor(), sin.as_tensor()).unwrap();
         assert_close("rope forward", &yf, &yc, 1e-5);
+        // The same rotation on the (b, t, h, d) layout itself.
+        let yt =
+            fused::rope_time_first(base.as_tensor(), cos.as_tensor(), sin.as_tensor()).unwrap();
+        assert_close(
+            "rope time-first forward",
+            &yt.transpose(1, 2).unwrap(),
+            &yc,
+            1e-5,
+        );
+        let gt = weighted_sum(&yt, &up.transpose(1, 2).unwrap())
+            .backward()
+            .unwrap();
         assert_close("ops::rope forward", &yd, &yc, 1e-5);
         let gf = weighted_sum(&yf, &up).backward().unwrap();
         let gc = weighted_sum(&yc, &up).backward().unwrap();
@@ -308,6 +320,13 @@ fn rope_matches_composed() {
                 gc.get(v.as_tensor()).unwrap(),
             );
             assert_grad_close(&format!("rope {name} {:?}", (b, h, t, d)), a, bb, 1e-5);
+            let at = gt.get(v.as_tensor()).unwrap();
+            assert_grad_close(
+                &format!("rope time-first {name} {:?}", (b, h, t, d)),
+                at,
+                bb,
+                1e-5,
+            );
         }
     }
 }
@@ -519,11 +538,13 @@ fn attention_matches_composed() {
         };
         let scale = 1.0 / (d as f64).sqrt();
         let qb = var(&uniform(&[b, t, nh, d], seed, -2.0, 2.0));
-        let k = var(&uniform(&[b, nkv, t, d], seed + 1, -2.0, 2.0));
-        let v = var(&uniform(&[b, nkv, t, d], seed + 2, -2.0, 2.0));
-        let q = qb.as_tensor().transpose(1, 2).unwrap(); // (b, nh, t, d), strided
-                                                         // A padding query attends to nothing: in f32 its scores (all ≈ -1e9) give a uniform row in
-                                                         // both paths, in f64 they do not; compare real query rows only (weight 0 elsewhere).
+        // The fused op reads (b, t, heads, d); the composed path the (b, heads, t, d) views.
+        let k = var(&uniform(&[b, t, nkv, d], seed + 1, -2.0, 2.0));
+        let v = var(&uniform(&[b, t, nkv, d], seed + 2, -2.0, 2.0));
+        let tr = |x: &Tensor| x.transpose(1, 2).unwrap();
+        let q = qb.as_tensor().clone();
+        // A padding query attends to nothing: in f32 its scores (all ≈ -1e9) give a uniform row in
+        // both paths, in f64 they do not; compare real query rows only (weight 0 elsewhere).
         let real: Vec<f32> = batch
             .real
             .iter()
@@ -542,9 +563,9 @@ fn attention_matches_composed() {
             f64v(v.as_tensor()),
         );
         let yc = attention_composed(
-            &qb64.as_tensor().transpose(1, 2).unwrap(),
-            k64.as_tensor(),
-            v64.as_tensor(),
+            &tr(qb64.as_tensor()),
+            &tr(k64.as_tensor()),
+            &tr(v64.as_tensor()),
             &batch.mask,
             scale,
         );
@@ -556,7 +577,13 @@ fn attention_matches_composed() {
             2e-5,
         );
         // All rows, padding queries included, against the composed f32 path.
-        let yc32 = attention_composed(&q, k.as_tensor(), v.as_tensor(), &batch.mask, scale);
+        let yc32 = attention_composed(
+            &tr(&q),
+            &tr(k.as_tensor()),
+            &tr(v.as_tensor()),
+            &batch.mask,
+            scale,
+        );
         assert_close(&format!("attention forward f32 {seed}"), &yf, &yc32, 2e-5);
         let gf = weighted_sum(&yf, &up).backward().unwrap();
         let gc = weighted_sum(&yc, &up.to_dtype(DType::F64).unwrap())
@@ -582,12 +609,13 @@ fn attention_matches_composed() {
         }
     }
     let mask_t = Tensor::from_vec(m, (1, 1, t, s), &Device::Cpu).unwrap();
-    let q = var(&uniform(&[b, nh, t, d], 71, -1.0, 1.0));
-    let k = var(&uniform(&[b, nkv, s, d], 72, -1.0, 1.0));
-    let v = var(&uniform(&[b, nkv, s, d], 73, -1.0, 1.0));
+    let q = var(&uniform(&[b, t, nh, d], 71, -1.0, 1.0));
+    let k = var(&uniform(&[b, s, nkv, d], 72, -1.0, 1.0));
+    let v = var(&uniform(&[b, s, nkv, d], 73, -1.0, 1.0));
     let mask = AttentionMask::from_tensor(&mask_t, b, t, s).unwrap();
     let yf = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), mask, 0.3).unwrap();
-    let yc = attention_composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &mask_t, 0.3);
+    let tr = |x: &Var| x.as_tensor().transpose(1, 2).unwrap();
+    let yc = attention_composed(&tr(&q), &tr(&k), &tr(&v), &mask_t, 0.3);
     assert_close("attention forward s > t", &yf, &yc, 1e-5);
     let up = uniform(&[b, t, nh * d], 74, -1.0, 1.0);
     let gf = weighted_sum(&yf, &up).backward().unwrap();
@@ -613,9 +641,9 @@ fn attention_gradient_matches_finite_differences() {
     let mask = AttentionMask::from_tensor(&batch.mask, b, t, t).unwrap();
     let up = uniform(&[b, t, nh * d], 81, -1.0, 1.0);
     let base = [
-        uniform(&[b, nh, t, d], 82, -1.0, 1.0),
-        uniform(&[b, nkv, t, d], 83, -1.0, 1.0),
-        uniform(&[b, nkv, t, d], 84, -1.0, 1.0),
+        uniform(&[b, t, nh, d], 82, -1.0, 1.0),
+        uniform(&[b, t, nkv, d], 83, -1.0, 1.0),
+        uniform(&[b, t, nkv, d], 84, -1.0, 1.0),
     ];
     let loss = |xs: &[Tensor]| -> f64 {
         let y = attention(&xs[0], &xs[1], &xs[2], mask.clone(), 0.5).unwrap();
