@@ -135,7 +135,7 @@ def bench_train(args):
         p.requires_grad_(True)
     n_params = sum(p.numel() for p in model.parameters())
     rss_loaded = vm("VmRSS:")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)  # weight_decay 0.01, as candle's default
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)  # weight_decay 0.01 (torch default); rlhf-bench sets the same
     vocab = model.config.vocab_size
     ids = torch.tensor(token_rows(args.batch, args.seq, vocab), dtype=torch.long)
     split = args.seq - args.completion

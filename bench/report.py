@@ -127,17 +127,27 @@ def main(results, doc):
     w("")
     w("| side | threads | label | step s (median) | steps s | CPU s / step | forward s | backward s | optimizer s | tokens/s | RSS before backward GiB | peak RSS GiB |")
     w("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    def variant(r):
+        if r["side"] == "ours" and r.get("gradient_checkpointing"):
+            return "ours, gradient checkpointing"
+        if r["side"] == "before":
+            return "ours before (`BEFORE_BIN`)"
+        return r["side"]
+
     for r in train:
-        w(f"| {r['side']} | {r['threads']} | {r['label']} | {fmt(r['step_s'], 2)} | "
+        w(f"| {variant(r)} | {r['threads']} | {r['label']} | {fmt(r['step_s'], 2)} | "
           f"{rounds(r['step_s_all'], 1)} | {fmt(r.get('step_cpu_s'), 1)} | {fmt(r['forward_s'], 2)} | "
           f"{fmt(r['backward_s'], 2)} | {fmt(r['optimizer_s'], 2)} | {fmt(r['tokens_per_s'])} | "
           f"{fmt(r.get('rss_before_backward_gib'), 2)} | {fmt(r['peak_rss_gib'], 2)} |")
-    o_step = med([r["step_s"] for r in train if r["side"] == "ours"])
+    plain = [r for r in train if r["side"] == "ours" and not r.get("gradient_checkpointing")]
+    ckpt = [r for r in train if r["side"] == "ours" and r.get("gradient_checkpointing")]
+    earlier = [r for r in train if r["side"] == "before"]
+    o_step = med([r["step_s"] for r in plain])
     t_step = med([r["step_s"] for r in train if r["side"] == "torch"])
-    o_mem = med([r["peak_rss_gib"] for r in train if r["side"] == "ours"])
+    o_mem = med([r["peak_rss_gib"] for r in plain])
     t_mem = med([r["peak_rss_gib"] for r in train if r["side"] == "torch"])
     w("")
-    o_cpu = med([r["step_cpu_s"] for r in train if r["side"] == "ours" and r.get("step_cpu_s")])
+    o_cpu = med([r["step_cpu_s"] for r in plain if r.get("step_cpu_s")])
     t_cpu = med([r["step_cpu_s"] for r in train if r["side"] == "torch" and r.get("step_cpu_s")])
     w(f"Summary: step time ours {fmt(o_step, 1)} s vs torch {fmt(t_step, 1)} s "
       f"(ours is {ratio(o_step, t_step, invert=True)} torch's speed; earlier torch reference "
@@ -146,6 +156,27 @@ def main(results, doc):
       f"CPU time per step: ours {fmt(o_cpu, 1)} s vs torch {fmt(t_cpu, 1)} s "
       f"(ours needs {ratio(o_cpu, t_cpu)} torch's CPU time).")
     w("")
+    if ckpt:
+        c_step = med([r["step_s"] for r in ckpt])
+        c_mem = med([r["peak_rss_gib"] for r in ckpt])
+        w(f"With gradient checkpointing (`--checkpoint`: each layer recomputed in backward): step "
+          f"{fmt(c_step, 1)} s ({ratio(c_step, t_step, invert=True)} torch's speed), peak RSS "
+          f"{fmt(c_mem, 2)} GiB (ours/torch = {ratio(c_mem, t_mem)}).")
+        w("")
+    if earlier:
+        e_step = med([r["step_s"] for r in earlier])
+        e_mem = med([r["peak_rss_gib"] for r in earlier])
+        w(f"The earlier build (`BEFORE_BIN`) in the same run: step {fmt(e_step, 1)} s "
+          f"({ratio(e_step, t_step, invert=True)} torch's speed), peak RSS {fmt(e_mem, 2)} GiB; "
+          f"this build is {ratio(e_step, o_step)} as fast.")
+        w("")
+    if o_step:
+        # The work of the step as torch does it (every position's logits, full attention):
+        # about 1.65 TFLOP; the floor is 11 s at about 150 GFLOP/s on the 2 cores.
+        w(f"Throughput: 1.65 TFLOP / {fmt(o_step, 1)} s = {fmt(1650 / o_step, 0)} GFLOP/s torch-equivalent, "
+          f"{fmt(100 * 11.0 / o_step, 0)}% of the 11 s floor (at 150 GFLOP/s); torch "
+          f"{fmt(1650 / t_step, 0) if t_step else '–'} GFLOP/s.")
+        w("")
 
     if dpo:
         d0 = dpo[0]
@@ -185,6 +216,31 @@ def main(results, doc):
           f"(torch step / ours step = {ratio(t_step, o_step)}; ours also pays {fmt(o_ref, 1)} s once for the "
           f"reference log-probs); CPU time per step ours {fmt(o_cpu, 1)} s vs torch {fmt(t_cpu, 1)} s; "
           f"peak RSS ours {fmt(o_mem, 2)} GiB vs torch {fmt(t_mem, 2)} GiB. Losses: {same}.")
+        w("")
+
+    for r in [r for r in rows if r.get("bench") == "parity"]:
+        w(f"Gradient parity (`rlhf-bench parity`, {r['batch']} x {r['seq']} tokens, loss on the last "
+          f"{r['completion']}): the f32 training path against the composed differentiable ops in f64 on "
+          f"the same weights and rows, over all {r['tensors']} parameter tensors: largest relative "
+          f"gradient error (max |fast - reference| / max |reference| per tensor) "
+          f"{r['max_rel_grad_error']:.1e} (`{r['worst_tensor']}`); loss {r['loss_f32_fast']:.6f} vs "
+          f"{r['loss_f64_composed']:.6f}.")
+        w("")
+
+    quick = [r for r in rows if r.get("bench") == "quickstart"]
+    if quick:
+        w("### Quickstart on the tiny testbed model (`rlhf --threads 1 quickstart`)")
+        w("")
+        w("The whole built-in pipeline (data, SFT, reward model, RLOO, evaluation) on the 0.8M-parameter "
+          "model, wall and CPU time of the process; lower is better.")
+        w("")
+        w("| build | label | wall s | user s | system s | system share | peak RSS GiB |")
+        w("|---|---|---:|---:|---:|---:|---:|")
+        for r in quick:
+            share = r["sys_s"] / max(r["user_s"] + r["sys_s"], 1e-9)
+            w(f"| {'earlier build' if r['side'] == 'before' else 'this build'} | {r['label']} | "
+              f"{fmt(r['wall_s'], 1)} | {fmt(r['user_s'], 1)} | {fmt(r['sys_s'], 1)} | "
+              f"{fmt(100 * share, 0)}% | {fmt(r['peak_rss_gib'], 2)} |")
         w("")
 
     if micro:

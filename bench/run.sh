@@ -4,6 +4,8 @@
 #   bash bench/run.sh                 # everything (~13 min on 2 idle cores, ~25 min on busy ones,
 #                                     # before the DPO pair was added: it adds ~7 min per round)
 #   ROUNDS=1 EXTRAS=0 bash bench/run.sh   # one round of the headline numbers only
+#   BEFORE_BIN=/path/to/old/rlhf-bench QUICKSTART_BEFORE=/path/to/old/rlhf bash bench/run.sh
+#                                          # also an earlier build's training step and quickstart
 #
 # Every measurement is a separate process, run one after another (never two at once). Raw
 # results go to bench/results/<timestamp>.jsonl (one JSON line each); bench/report.py turns them
@@ -75,6 +77,31 @@ torch() {  # torch <label> <args...>
     --label "$label load1=$(load1)" | tee -a "$OUT"
 }
 
+# Optional: an earlier build of rlhf-bench (e.g. the last commit before a change) measured in the
+# same run, its rows marked "side": "before"; and earlier/current `rlhf` binaries for the quickstart.
+BEFORE_BIN=${BEFORE_BIN:-}
+before() {  # before <label> <args...>
+  local label=$1; shift
+  [ -n "$BEFORE_BIN" ] || return 0
+  echo "+ (before) $BEFORE_BIN $* --label '$label load1=$(load1)'" >&2
+  "$BEFORE_BIN" "$@" --model "$MODEL" --label "$label load1=$(load1)" \
+    | "$PY" -c 'import json, sys; [print(json.dumps({**json.loads(l), "side": "before"})) for l in sys.stdin]' \
+    | tee -a "$OUT"
+}
+# quickstart <side> <rlhf binary>: the built-in testbed pipeline's wall, user and system time.
+quickstart() {
+  local side=$1 bin=$2 dir
+  dir=$(mktemp -d)
+  echo "+ ($side) $bin --threads 1 quickstart --set out_dir=$dir load1=$(load1)" >&2
+  local l1; l1=$(load1)
+  /usr/bin/time -f '%e %U %S %M' -o "$dir/time" "$bin" --threads 1 quickstart --set "out_dir=$dir/run" >/dev/null 2>&1
+  read -r wall user sys kb <"$dir/time"
+  echo "{\"bench\":\"quickstart\",\"side\":\"$side\",\"label\":\"load1=$l1\",\"wall_s\":$wall,\"user_s\":$user,\"sys_s\":$sys,\"peak_rss_gib\":$(awk "BEGIN{print $kb/1048576}")}" | tee -a "$OUT"
+  rm -rf "$dir"
+}
+
+ours parity parity --threads 2   # fast training path vs composed f64 gradients, once
+
 for r in $(seq 1 "$ROUNDS"); do
   split=""
   [ "$r" = 1 ] && split="--split"   # round 1 also times the model alone (gen split)
@@ -83,9 +110,19 @@ for r in $(seq 1 "$ROUNDS"); do
   torch "round$r" gen --threads 1 --batches 1,8,32
   ours "round$r" train --threads 2
   torch "round$r" train --threads 2
+  ours "round$r" train --threads 2 --checkpoint
+  before "round$r" train --threads 2
   ours "round$r" dpo --threads 2
   torch "round$r" dpo --threads 2
 done
+
+if [ -n "${QUICKSTART_BEFORE:-}" ]; then
+  cargo build --release -p rlhf-cli
+  NOW_RLHF=$(mktemp -d)/rlhf
+  cp target/release/rlhf "$NOW_RLHF"
+  quickstart before "$QUICKSTART_BEFORE"
+  quickstart ours "$NOW_RLHF"
+fi
 
 if [ "$EXTRAS" = 1 ]; then
   for b in 1 8 32; do ours extra gen --threads 2 --batch "$b"; done

@@ -127,6 +127,19 @@ enum Command {
     /// Micro-benchmarks behind the library recommendations in docs/performance.md: the LM's
     /// matmul shapes with the weight as stored (`Linear`, `x @ W^T` through a transposed view) vs
     /// a pre-transposed contiguous copy, and the host-side full-vocabulary sort in sampling.
+    /// Gradient parity of the training path (f32: fused attention, linear, SwiGLU, RMSNorm, RoPE,
+    /// log-probs at the scored positions only) against the composed differentiable ops in f64 on
+    /// the same model and rows: the largest relative gradient error over all parameters.
+    Parity {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 64)]
+        seq: usize,
+        #[arg(long, default_value_t = 48)]
+        completion: usize,
+    },
     Micro {
         #[arg(long, default_value_t = 1)]
         threads: usize,
@@ -365,6 +378,8 @@ fn bench_train(
         trainable.vars.clone(),
         rlhf_train::AdamWConfig {
             lr,
+            // torch.optim.AdamW's default, which the anchor uses.
+            weight_decay: 0.01,
             ..rlhf_train::AdamWConfig::default()
         },
     )?;
@@ -455,6 +470,88 @@ fn bench_train(
 /// `pref_losses::dpo`, TRL's metrics), `backward` into the trainer's `GradAccumulator`,
 /// `clip_grad_norm` and `rlhf_train::AdamW` at a constant learning rate.
 #[allow(clippy::too_many_arguments)]
+fn bench_parity(
+    common: &Common,
+    batch: usize,
+    seq: usize,
+    completion: usize,
+) -> Result<serde_json::Value> {
+    ensure!(
+        completion >= 1 && completion < seq,
+        "need 1 <= completion < seq"
+    );
+    let (pre, _) = load(common)?;
+    let pad = pre.pad_id();
+    let device = Device::Cpu;
+    let rows = token_rows(batch, seq, pre.config.vocab_size);
+    let split = seq - completion;
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = rows
+        .iter()
+        .map(|r| (r[..split].to_vec(), r[split..].to_vec()))
+        .collect();
+    let cb = CompletionBatch::new(&pairs, pad, &device)?;
+    let n_tokens = (batch * completion) as f64;
+    // The same loss as the training benchmark, in each precision / path.
+    let grads_of =
+        |dtype: candle_core::DType| -> Result<(f64, Vec<(String, candle_core::Tensor)>)> {
+            let weights = pre
+                .weights
+                .iter()
+                .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?)))
+                .collect::<Result<std::collections::HashMap<_, _>>>()?;
+            let trainable = Trainable::new(&weights)?;
+            let model = Llama::from_weights(&pre.config, &trainable.tensors(), &device)?;
+            let lp = completion_logprobs(&model, &cb, 1.0)?;
+            let loss = (lp.sum_all()? / -n_tokens)?;
+            let value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let grads = rlhf_lm::llama::backward(&loss)?;
+            let out = trainable
+                .vars
+                .iter()
+                .map(|(n, v)| {
+                    let g = grads
+                        .get(v.as_tensor())
+                        .with_context(|| format!("no gradient for {n}"))?;
+                    Ok((n.clone(), g.to_dtype(candle_core::DType::F64)?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((value, out))
+        };
+    let t = Instant::now();
+    let (loss32, fast) = grads_of(candle_core::DType::F32)?;
+    let fast_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let (loss64, reference) = grads_of(candle_core::DType::F64)?;
+    let reference_s = t.elapsed().as_secs_f64();
+    // Per tensor: max |fast − reference| / max |reference|; report the worst tensor.
+    let mut worst = (String::new(), 0f64);
+    for ((name, a), (_, b)) in fast.iter().zip(&reference) {
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        let scale = b.abs()?.max_all()?.to_scalar::<f64>()?;
+        ensure!(scale > 0.0, "{name}: reference gradient is all zeros");
+        let rel = diff / scale;
+        if rel > worst.1 {
+            worst = (name.clone(), rel);
+        }
+    }
+    Ok(json!({
+        "side": "ours",
+        "bench": "parity",
+        "label": common.label,
+        "batch": batch,
+        "seq": seq,
+        "completion": completion,
+        "loss_f32_fast": loss32,
+        "loss_f64_composed": loss64,
+        "loss_abs_diff": (loss32 - loss64).abs(),
+        "max_rel_grad_error": worst.1,
+        "worst_tensor": worst.0,
+        "tensors": fast.len(),
+        "fast_s": round3(fast_s),
+        "reference_s": round3(reference_s),
+    }))
+}
+
 fn bench_dpo(
     common: &Common,
     n_pairs: usize,
@@ -692,7 +789,8 @@ fn main() -> Result<()> {
     let threads = match &cli.command {
         Command::Gen { common, .. }
         | Command::Train { common, .. }
-        | Command::Dpo { common, .. } => common.threads,
+        | Command::Dpo { common, .. }
+        | Command::Parity { common, .. } => common.threads,
         Command::Micro { threads, .. } => *threads,
     };
     // Before any tensor work: candle and rayon read these once.
@@ -715,6 +813,12 @@ fn main() -> Result<()> {
             steps,
             lr,
         } => bench_train(common, *batch, *seq, *completion, *warmup, *steps, *lr)?,
+        Command::Parity {
+            common,
+            batch,
+            seq,
+            completion,
+        } => bench_parity(common, *batch, *seq, *completion)?,
         Command::Dpo {
             common,
             pairs,

@@ -189,7 +189,7 @@ impl<'a> View<'a> {
             + (0..4)
                 .map(|i| dims[i].saturating_sub(1) * stride[i])
                 .sum::<usize>();
-        if dims.iter().any(|&n| n == 0) || last >= data.len() {
+        if dims.contains(&0) || last >= data.len() {
             bail!("attention: {what} layout does not fit its storage");
         }
         // Stored as (b, t, heads, d); viewed as (b, heads, t, d) matrices.
@@ -259,6 +259,13 @@ unsafe fn matmul(
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, not its raw field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 thread_local! {
     /// Per-thread (t, s) scratch: scores/probabilities and their gradient.
@@ -378,7 +385,6 @@ impl CustomOp3 for Attention {
         let mut out = zeroed(b * t * nh * d);
         let out_ptr = SendPtr(out.as_mut_ptr());
         for_each_task(b * nh, 2 * t * s * d, |task| {
-            let out_ptr = out_ptr;
             let (i, h) = (task / nh, task % nh);
             SCRATCH.with(|cell| {
                 let mut scratch = cell.borrow_mut();
@@ -390,7 +396,9 @@ impl CustomOp3 for Attention {
                     let (rows, w) = (block.rows.len(), block.keys.len());
                     // O rows of head h live at out[(i·t + row)·nh·d + h·d ..], row stride nh·d.
                     unsafe {
-                        let dst = out_ptr.0.add((i * t + block.rows.start) * nh * d + h * d);
+                        let dst = out_ptr
+                            .get()
+                            .add((i * t + block.rows.start) * nh * d + h * d);
                         matmul(
                             (rows, d, w),
                             dst,
@@ -436,7 +444,6 @@ impl CustomOp3 for Attention {
         let mut grads = zeroed(n_q + 2 * n_kv);
         let ptr = SendPtr(grads.as_mut_ptr());
         for_each_task(b * nkv, 5 * n_rep * t * s * d, |task| {
-            let ptr = ptr;
             let (i, group) = (task / nkv, task % nkv);
             SCRATCH.with(|cell| {
                 let mut scratch = cell.borrow_mut();
@@ -446,8 +453,8 @@ impl CustomOp3 for Attention {
                 let (kp, k_rs) = kv.matrix(i, group);
                 let (vp, v_rs) = vv.matrix(i, group);
                 let kv_rs = (nkv * d) as isize;
-                let dk = unsafe { ptr.0.add(n_q + (i * s * nkv + group) * d) };
-                let dv = unsafe { ptr.0.add(n_q + n_kv + (i * s * nkv + group) * d) };
+                let dk = unsafe { ptr.get().add(n_q + (i * s * nkv + group) * d) };
+                let dv = unsafe { ptr.get().add(n_q + n_kv + (i * s * nkv + group) * d) };
                 for r in 0..n_rep {
                     let h = group * n_rep + r;
                     let (qp, q_rs) = qv.matrix(i, h);
@@ -490,7 +497,7 @@ impl CustomOp3 for Attention {
                             // dQ rows of the block = scale · dS K (rows × d).
                             matmul(
                                 (rows, d, w),
-                                ptr.0.add(((i * t + r0) * nh + h) * d),
+                                ptr.get().add(((i * t + r0) * nh + h) * d),
                                 (nh * d) as isize,
                                 (dp.as_ptr(), w as isize, 1),
                                 (k_b, k_rs, 1),

@@ -127,7 +127,7 @@ impl Attention {
         let probs = ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // (b, nh, t, d)
         let out = out.transpose(1, 2)?.reshape((b, t, self.n_heads * d))?;
-        Ok(ops::linear(&self.o_proj, &out)?)
+        ops::linear(&self.o_proj, &out)
     }
 }
 
@@ -144,7 +144,7 @@ impl Mlp {
             &ops::linear(&self.gate_proj, x)?,
             &ops::linear(&self.up_proj, x)?,
         )?;
-        Ok(ops::linear(&self.down_proj, &gated)?)
+        ops::linear(&self.down_proj, &gated)
     }
 }
 

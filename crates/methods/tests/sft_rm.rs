@@ -220,3 +220,64 @@ fn sft_is_deterministic_and_learns() {
     let wb = std::fs::read(root.join("b/model/model.safetensors")).unwrap();
     assert!(wa == wb, "identical weights");
 }
+
+/// `gradient_checkpointing = true` in a training config trains the same model: the same losses at
+/// every step (to float rounding: the recomputed layers run the same kernels) and the same final
+/// loss, through the shared `fit` loop and `rlhf_lm::llama::backward`.
+#[test]
+fn sft_with_gradient_checkpointing_matches_plain() {
+    let root = scratch("ckpt");
+    let task = task_by_name("sentiment", 0).unwrap();
+    let data = root.join("sft.jsonl");
+    let lines: Vec<String> = task.demonstrations()[..32]
+        .iter()
+        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let init = root.join("init");
+    tiny_lm(0).save(&init).unwrap();
+    let plain = sft::run(
+        &sft_config(&root.join("plain"), &data, &init),
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut cfg = sft_config(&root.join("ckpt"), &data, &init);
+    cfg.fit.gradient_checkpointing = true;
+    let ckpt = sft::run(&cfg, false, &Device::Cpu).unwrap();
+    assert_eq!(plain.steps, ckpt.steps);
+    let (mp, mc) = (
+        metrics(&root.join("plain/metrics.jsonl")),
+        metrics(&root.join("ckpt/metrics.jsonl")),
+    );
+    assert_eq!(mp.len(), mc.len());
+    let losses = |m: &[serde_json::Value]| -> Vec<f64> {
+        m.iter().filter_map(|r| r["loss"].as_f64()).collect()
+    };
+    let (lp, lc) = (losses(&mp), losses(&mc));
+    assert_eq!(lp.len(), plain.steps as usize);
+    for (a, b) in lp.iter().zip(&lc) {
+        assert!((a - b).abs() < 1e-4 * a.abs().max(1.0), "loss {a} vs {b}");
+    }
+    assert!(
+        (plain.final_train_loss - ckpt.final_train_loss).abs() < 1e-4,
+        "{} vs {}",
+        plain.final_train_loss,
+        ckpt.final_train_loss
+    );
+    // The flag reaches the models the trainers build (`TrainableLm::model`): a plain
+    // `Tensor::backward` through one is refused, `rlhf_lm::llama::backward` works.
+    let lm = tiny_lm(0);
+    lm.set_gradient_checkpointing(true);
+    let rows = vec![(vec![1u32, 10, 11], vec![20u32, 21, 2])];
+    let loss = nll_sum(&lm, &rows, &Device::Cpu).unwrap();
+    assert!(loss.backward().is_err());
+    assert!(rlhf_lm::llama::backward(&loss).is_ok());
+    // And it learned (a broken gradient path would leave the loss where it started).
+    assert!(
+        ckpt.final_train_loss < lc[0] - 0.3,
+        "loss {} -> {}",
+        lc[0],
+        ckpt.final_train_loss
+    );
+}

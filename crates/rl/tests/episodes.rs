@@ -262,7 +262,7 @@ fn sample(prompt_ids: Vec<u32>, completion_ids: Vec<u32>, logprobs: Vec<f32>) ->
 }
 
 #[test]
-fn rollout_samples_are_one_span_episodes_with_identical_numbers() {
+fn rollout_samples_are_one_span_episodes_with_the_same_numbers() {
     let m = model();
     let samples = [
         sample(vec![1, 5, 6, 7], vec![8, 2], vec![-0.5, -0.25]),
@@ -295,13 +295,27 @@ fn rollout_samples_are_one_span_episodes_with_identical_numbers() {
     );
     assert_eq!(rows(&align(&cb, &sampled, &CPU).unwrap()), placed);
 
-    // Same numbers, bit for bit, as the single-turn path: log-probs and the REINFORCE loss.
+    // The same numbers as the single-turn path: log-probs and the REINFORCE loss. Not bit for bit:
+    // the episode path runs the LM head on every real target, the single-turn path on the
+    // completion targets only, and the matrix multiply rounds a row differently depending on how
+    // many rows it gets (a last-place difference, here up to 1e-6).
     let ep = episode_logprobs(&m, &eb, 1.0).unwrap();
     let assistant_lp = ep.broadcast_mul(&eb.assistant_mask).unwrap();
     let single = completion_logprobs(&m, &cb, 1.0).unwrap();
-    assert_eq!(rows(&assistant_lp), rows(&single));
+    for (ra, rb) in rows(&assistant_lp).iter().zip(rows(&single)) {
+        for (x, y) in ra.iter().zip(&rb) {
+            assert!((x - y).abs() <= 4e-6 * y.abs().max(1.0), "{x} vs {y}");
+            assert_eq!(*x == 0.0, *y == 0.0, "{x} vs {y}: masked entries differ");
+        }
+    }
     let adv = [0.75, -1.25];
-    let a = masked_sequence_loss(&ep, &eb.assistant_mask, &adv).unwrap();
-    let b = sequence_loss(&single, &adv).unwrap();
-    assert_eq!(a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+    let a = masked_sequence_loss(&ep, &eb.assistant_mask, &adv)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let b = sequence_loss(&single, &adv)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!((a - b).abs() <= 4e-6 * b.abs().max(1.0), "{a} vs {b}");
 }
