@@ -777,10 +777,9 @@ fn gradient_checkpointing_matches_plain_backward() {
         plain.to_scalar::<f32>().unwrap(),
         ckpt.to_scalar::<f32>().unwrap()
     );
-    let err = ckpt
-        .backward()
-        .err()
-        .expect("plain backward must be refused");
+    let Err(err) = ckpt.backward() else {
+        panic!("plain backward must be refused")
+    };
     assert!(
         err.to_string().contains("rlhf_lm::llama::backward"),
         "{err}"
