@@ -552,6 +552,7 @@ fn bench_parity(
     }))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_dpo(
     common: &Common,
     n_pairs: usize,

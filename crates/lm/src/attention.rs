@@ -26,7 +26,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::zeroed;
+use crate::fused::{matmul, zeroed};
 
 /// The additive attention mask as host rows: entry (i, row, key) at `values[(i·t + row)·s + key]`,
 /// i over `batch` (1 = one mask broadcast over every batch row).
@@ -213,45 +213,6 @@ fn cpu_view<'a>(t: &'a Storage, l: &Layout, what: &str) -> Result<View<'a>> {
         Storage::Cpu(s) => View::new(s, l, what),
         _ => bail!("attention: {what} must be on the CPU"),
     }
-}
-
-/// dst (m × n, row stride `dst_rs`) = [dst +] scale · A (m × k) · B (k × n), single-threaded
-/// (the callers spread whole matrices over rayon's pool). Strides are in elements.
-///
-/// # Safety
-/// Every pointer must be valid for the rows and columns its strides reach, and `dst` must not
-/// alias `a` or `b` or be written by another thread meanwhile.
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul(
-    (m, n, k): (usize, usize, usize),
-    dst: *mut f32,
-    dst_rs: isize,
-    a: (*const f32, isize, isize),
-    b: (*const f32, isize, isize),
-    accumulate: bool,
-    scale: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs,
-        accumulate,
-        a.0,
-        a.2,
-        a.1,
-        b.0,
-        b.2,
-        b.1,
-        if accumulate { 1.0 } else { 0.0 },
-        scale,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
 }
 
 /// A raw pointer that may cross into rayon tasks: each task writes a region no other task writes.

@@ -329,6 +329,72 @@ impl CustomOp3 for RmsNormBwd {
 // ---------------------------------------------------------------------------------------------
 // Linear map.
 
+/// dst (m × n, row stride `dst_rs`) = [dst +] scale · A (m × k) · B (k × n) on the calling thread
+/// (callers that spread whole matrices over rayon's pool). A and B are (pointer, row stride, column
+/// stride), strides in elements, so transposed operands are read in place.
+///
+/// # Safety
+/// Every pointer must be valid for the rows and columns its strides reach, and `dst` must not
+/// alias `a` or `b` or be written by another thread meanwhile.
+pub(crate) unsafe fn matmul(
+    dims: (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: isize,
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+    accumulate: bool,
+    scale: f32,
+) {
+    matmul_with(
+        gemm::Parallelism::None,
+        dims,
+        dst,
+        dst_rs,
+        a,
+        b,
+        accumulate,
+        scale,
+    )
+}
+
+/// [`matmul`] with the given threading (`gemm_parallelism()`: rayon's pool).
+///
+/// # Safety
+/// As for [`matmul`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_with(
+    parallelism: gemm::Parallelism,
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: isize,
+    a: (*const f32, isize, isize),
+    b: (*const f32, isize, isize),
+    accumulate: bool,
+    scale: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        accumulate,
+        a.0,
+        a.2,
+        a.1,
+        b.0,
+        b.2,
+        b.1,
+        if accumulate { 1.0 } else { 0.0 },
+        scale,
+        false,
+        false,
+        false,
+        parallelism,
+    )
+}
+
 fn gemm_parallelism() -> gemm::Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => gemm::Parallelism::None,
@@ -375,27 +441,17 @@ impl CustomOp2 for Linear {
         let m = x.len() / k;
         let mut y = zeroed(m * n);
         // y (m × n) = x (m × k) · Wᵀ, Wᵀ read in place: element (c, j) = W[j, c].
+        let (xr, wt) = ((x.as_ptr(), k as isize, 1), (w.as_ptr(), 1, k as isize));
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                y.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            matmul_with(
                 gemm_parallelism(),
+                (m, n, k),
+                y.as_mut_ptr(),
+                n as isize,
+                xr,
+                wt,
+                false,
+                1.0,
             )
         };
         let mut dims = l1.shape().dims().to_vec();
@@ -451,27 +507,17 @@ impl CustomOp2 for LinearInputGrad {
         }
         let m = g.len() / n;
         let mut dx = zeroed(m * k);
+        let (gr, wr) = ((g.as_ptr(), n as isize, 1), (w.as_ptr(), k as isize, 1));
         unsafe {
-            gemm::gemm(
-                m,
-                k,
-                n,
-                dx.as_mut_ptr(),
-                1,
-                k as isize,
-                false,
-                g.as_ptr(),
-                1,
-                n as isize,
-                w.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            matmul_with(
                 gemm_parallelism(),
+                (m, k, n),
+                dx.as_mut_ptr(),
+                k as isize,
+                gr,
+                wr,
+                false,
+                1.0,
             )
         };
         Ok((CpuStorage::F32(dx), Shape::from((m, k))))
@@ -508,27 +554,17 @@ impl CustomOp2 for LinearWeightGrad {
         let m = g.len() / n;
         let mut dw = zeroed(n * k);
         // gᵀ read in place: element (j, r) = g[r, j].
+        let (gt, xr) = ((g.as_ptr(), 1, n as isize), (x.as_ptr(), k as isize, 1));
         unsafe {
-            gemm::gemm(
-                n,
-                k,
-                m,
-                dw.as_mut_ptr(),
-                1,
-                k as isize,
-                false,
-                g.as_ptr(),
-                n as isize,
-                1,
-                x.as_ptr(),
-                1,
-                k as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            matmul_with(
                 gemm_parallelism(),
+                (n, k, m),
+                dw.as_mut_ptr(),
+                k as isize,
+                gt,
+                xr,
+                false,
+                1.0,
             )
         };
         Ok((CpuStorage::F32(dw), Shape::from((n, k))))
@@ -893,32 +929,26 @@ impl CustomOp3 for TokenLogprobsBwd {
 /// unusual case that they are part of a gradient graph). `x`: (b, heads, t, d); `cos`, `sin`:
 /// (b, t, d / 2). The backward of rope with (cos, sin) is rope with (cos, −sin).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, _, t, d) = x.dims4()?;
-    if d % 2 != 0 || cos.dims() != [b, t, d / 2] || sin.dims() != [b, t, d / 2] {
-        bail!(
-            "rope: x {:?} with cos {:?} / sin {:?}, expected (b, t, d/2) tables",
-            x.dims(),
-            cos.dims(),
-            sin.dims()
-        );
-    }
-    x.contiguous()?.apply_op3(
-        &cos.contiguous()?,
-        &sin.contiguous()?,
-        Rope {
-            inverse: false,
-            time_first: false,
-        },
-    )
+    rope_layout(x, cos, sin, false)
 }
 
 /// [`rope`] for `x` in the projections' own layout (batch, seq, heads, head_dim): no transposed
 /// copy of q and k, and none of their gradients, is ever made.
 pub fn rope_time_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, t, _, d) = x.dims4()?;
+    rope_layout(x, cos, sin, true)
+}
+
+fn rope_layout(x: &Tensor, cos: &Tensor, sin: &Tensor, time_first: bool) -> Result<Tensor> {
+    let (b, a1, a2, d) = x.dims4()?;
+    let t = if time_first { a1 } else { a2 };
     if d % 2 != 0 || cos.dims() != [b, t, d / 2] || sin.dims() != [b, t, d / 2] {
+        let layout = if time_first {
+            "(b, t, heads, d)"
+        } else {
+            "(b, heads, t, d)"
+        };
         bail!(
-            "rope: x {:?} (batch, seq, heads, dim) with cos {:?} / sin {:?}, expected (b, t, d/2) tables",
+            "rope: x {:?} {layout} with cos {:?} / sin {:?}, expected (b, t, d/2) tables",
             x.dims(),
             cos.dims(),
             sin.dims()
@@ -929,7 +959,7 @@ pub fn rope_time_first(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
         &sin.contiguous()?,
         Rope {
             inverse: false,
-            time_first: true,
+            time_first,
         },
     )
 }

@@ -240,6 +240,22 @@ pub fn backward(loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
     Ok(grads)
 }
 
+impl CheckpointedLayer {
+    /// The layer on `x`, with a graph when its weights (or `x`) carry one.
+    fn run(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.layer
+            .forward(
+                x,
+                (&self.cos, &self.sin),
+                &self.mask,
+                Some(&self.fused_mask),
+                None,
+                self.eps,
+            )
+            .map_err(candle_core::Error::wrap)
+    }
+}
+
 impl candle_core::CustomOp1 for CheckpointedLayer {
     fn name(&self) -> &'static str {
         "checkpointed-decoder-layer"
@@ -257,17 +273,7 @@ impl candle_core::CustomOp1 for CheckpointedLayer {
             candle_core::bail!("checkpointed layer: contiguous input expected")
         };
         let x = Tensor::from_slice(&data[from..to], layout.shape(), &Device::Cpu)?;
-        let y = self
-            .layer
-            .forward(
-                &x,
-                (&self.cos, &self.sin),
-                &self.mask,
-                Some(&self.fused_mask),
-                None,
-                self.eps,
-            )
-            .map_err(candle_core::Error::wrap)?;
+        let y = self.run(&x)?;
         let values = y.flatten_all()?.to_vec1::<f32>()?;
         Ok((candle_core::CpuStorage::F32(values), layout.shape().clone()))
     }
@@ -280,17 +286,7 @@ impl candle_core::CustomOp1 for CheckpointedLayer {
             );
         }
         let input = Var::from_tensor(&x.detach())?;
-        let y = self
-            .layer
-            .forward(
-                input.as_tensor(),
-                (&self.cos, &self.sin),
-                &self.mask,
-                Some(&self.fused_mask),
-                None,
-                self.eps,
-            )
-            .map_err(candle_core::Error::wrap)?;
+        let y = self.run(input.as_tensor())?;
         let grads = (y * grad)?.sum_all()?.backward()?;
         let params: Vec<(Tensor, Tensor)> = self
             .layer

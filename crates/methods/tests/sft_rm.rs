@@ -157,6 +157,21 @@ fn pair_loss_matches_scores() {
     );
 }
 
+/// The sentiment task's first `n` demonstrations as an SFT file, and a fresh tiny model to start
+/// from, under `root`: (data file, model directory).
+fn sft_data_and_init(root: &Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let task = task_by_name("sentiment", 0).unwrap();
+    let data = root.join("sft.jsonl");
+    let lines: Vec<String> = task.demonstrations()[..n]
+        .iter()
+        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let init = root.join("init");
+    tiny_lm(0).save(&init).unwrap();
+    (data, init)
+}
+
 fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
     SftConfig {
         model: init.to_path_buf(),
@@ -183,15 +198,7 @@ fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
 #[test]
 fn sft_is_deterministic_and_learns() {
     let root = scratch("det");
-    let task = task_by_name("sentiment", 0).unwrap();
-    let data = root.join("sft.jsonl");
-    let lines: Vec<String> = task.demonstrations()[..48]
-        .iter()
-        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let init = root.join("init");
-    tiny_lm(0).save(&init).unwrap();
+    let (data, init) = sft_data_and_init(&root, 48);
     let a = sft::run(
         &sft_config(&root.join("a"), &data, &init),
         false,
@@ -227,15 +234,7 @@ fn sft_is_deterministic_and_learns() {
 #[test]
 fn sft_with_gradient_checkpointing_matches_plain() {
     let root = scratch("ckpt");
-    let task = task_by_name("sentiment", 0).unwrap();
-    let data = root.join("sft.jsonl");
-    let lines: Vec<String> = task.demonstrations()[..32]
-        .iter()
-        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let init = root.join("init");
-    tiny_lm(0).save(&init).unwrap();
+    let (data, init) = sft_data_and_init(&root, 32);
     let plain = sft::run(
         &sft_config(&root.join("plain"), &data, &init),
         false,
