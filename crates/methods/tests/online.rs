@@ -807,3 +807,29 @@ fn failing_reward_endpoint_stops_the_run_with_its_checkpoint_intact() {
     // The eval (judged by gold: the task is set) ran and wrote eval.json.
     assert!(root.join("run/eval.json").is_file());
 }
+
+/// `gradient_checkpointing = true` in an online config: the first update's loss and gradient norm
+/// equal the plain run's (same samples, same gradients to float rounding).
+#[test]
+fn online_gradient_checkpointing_matches_plain() {
+    let root = scratch("online-ckpt");
+    let model = tiny_model(&root, 2);
+    let mut plain: reinforce::ReinforceConfig = tiny_config(&model, &root.join("plain"), 2);
+    plain.steps = 1;
+    reinforce::run(&plain, false, &CPU).unwrap();
+    let mut ckpt = plain.clone();
+    ckpt.output_dir = root.join("ckpt");
+    ckpt.gradient_checkpointing = true;
+    reinforce::run(&ckpt, false, &CPU).unwrap();
+    let first = |dir: &str, key: &str| {
+        metrics(&root.join(dir).join("metrics.jsonl"))
+            .iter()
+            .find_map(|v| v[key].as_f64())
+            .unwrap_or_else(|| panic!("{dir}: no {key}"))
+    };
+    for key in ["loss", "grad_norm", "reward"] {
+        let (a, b) = (first("plain", key), first("ckpt", key));
+        assert!(close(a, b, 1e-4 * a.abs().max(1.0)), "{key}: {a} vs {b}");
+    }
+    assert!(first("ckpt", "grad_norm") > 0.0);
+}

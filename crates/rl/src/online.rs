@@ -150,6 +150,9 @@ pub struct OnlineConfig<M> {
     pub kl: KlConfig,
     /// Optimiser (AdamW), learning-rate schedule, clipping and gradient accumulation.
     pub optim: OptimConfig,
+    /// Recompute each decoder layer of the policy in the backward pass instead of keeping its
+    /// activations (transformers' `gradient_checkpointing`): less memory, one more forward pass.
+    pub gradient_checkpointing: bool,
     /// Win-rate evaluation against the reference policy (eval.json).
     pub eval: OnlineEvalConfig,
     /// The method's own parameters.
@@ -180,6 +183,7 @@ impl<M: Method> Default for OnlineConfig<M> {
                 warmup_ratio: 0.03,
                 ..OptimConfig::default()
             },
+            gradient_checkpointing: false,
             eval: OnlineEvalConfig::default(),
             method: M::default(),
         };
@@ -262,6 +266,7 @@ impl<M: Method> Session<M> {
     pub fn start(cfg: &OnlineConfig<M>, resume: bool, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let lm = TrainableLm::load(&cfg.model, device)?;
+        lm.set_gradient_checkpointing(cfg.gradient_checkpointing);
         // The reference is the initial weights, taken before a resumed run loads its checkpoint.
         let reference = match &cfg.reference {
             Some(p) => rlhf_lm::Pretrained::load(p, device)?.model(device)?,
