@@ -347,6 +347,55 @@ pub fn token_rows(batch: usize, seq: usize, vocab: usize) -> Vec<Vec<u32>> {
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The timed steps of a training benchmark (those after the warm-up): forward, backward, optimiser,
+/// whole step, and the process's CPU time per step.
+#[derive(Default)]
+struct StepTimes {
+    forward: Vec<f64>,
+    backward: Vec<f64>,
+    optimizer: Vec<f64>,
+    total: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl StepTimes {
+    /// One step from the instants at its start, after forward, after backward and after the
+    /// optimiser; kept only when `timed`. Returns the forward, backward and optimiser seconds.
+    fn record(&mut self, timed: bool, t: [Instant; 4], cpu_s: f64) -> (f64, f64, f64) {
+        let secs = |a: Instant, b: Instant| (b - a).as_secs_f64();
+        let (f, b, o) = (secs(t[0], t[1]), secs(t[1], t[2]), secs(t[2], t[3]));
+        if timed {
+            self.forward.push(f);
+            self.backward.push(b);
+            self.optimizer.push(o);
+            self.total.push(secs(t[0], t[3]));
+            self.cpu.push(cpu_s);
+        }
+        (f, b, o)
+    }
+
+    /// Median seconds per step.
+    fn step_s(&self) -> f64 {
+        median(&self.total)
+    }
+
+    /// `row` (a JSON object) with the step-time keys both sides of the report read added.
+    fn with_fields(&self, mut row: serde_json::Value) -> serde_json::Value {
+        let fields = json!({
+            "step_s": round3(self.step_s()),
+            "step_s_all": self.total.iter().map(|&x| round3(x)).collect::<Vec<_>>(),
+            "step_cpu_s": round3(median(&self.cpu)),
+            "forward_s": round3(median(&self.forward)),
+            "backward_s": round3(median(&self.backward)),
+            "optimizer_s": round3(median(&self.optimizer)),
+        });
+        if let (Some(row), serde_json::Value::Object(fields)) = (row.as_object_mut(), fields) {
+            row.extend(fields);
+        }
+        row
+    }
+}
+
 fn bench_train(
     common: &Common,
     batch: usize,
@@ -397,11 +446,7 @@ fn bench_train(
         "completion mask covers {n_tokens} tokens"
     );
 
-    let mut fwd = Vec::new();
-    let mut bwd = Vec::new();
-    let mut opt_s = Vec::new();
-    let mut total = Vec::new();
-    let mut cpu = Vec::new();
+    let mut times = StepTimes::default();
     let mut rss_fwd = 0u64;
     let mut losses = Vec::new();
     for step in 0..warmup + steps {
@@ -423,22 +468,10 @@ fn bench_train(
         let t3 = Instant::now();
         ensure!(loss_value.is_finite(), "non-finite loss at step {step}");
         losses.push(round3(loss_value as f64));
-        if step >= warmup {
-            fwd.push((t1 - t0).as_secs_f64());
-            bwd.push((t2 - t1).as_secs_f64());
-            opt_s.push((t3 - t2).as_secs_f64());
-            total.push((t3 - t0).as_secs_f64());
-            cpu.push(cpu_seconds() - c0);
-        }
-        eprintln!(
-            "step {step}: loss {loss_value:.4}  fwd {:.2}s  bwd {:.2}s  opt {:.2}s",
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            (t3 - t2).as_secs_f64()
-        );
+        let (f, b, o) = times.record(step >= warmup, [t0, t1, t2, t3], cpu_seconds() - c0);
+        eprintln!("step {step}: loss {loss_value:.4}  fwd {f:.2}s  bwd {b:.2}s  opt {o:.2}s");
     }
-    let r = |v: &[f64]| v.iter().map(|&x| round3(x)).collect::<Vec<_>>();
-    Ok(json!({
+    Ok(times.with_fields(json!({
         "side": "ours",
         "bench": "train",
         "gradient_checkpointing": common.checkpoint,
@@ -449,18 +482,12 @@ fn bench_train(
         "completion": completion,
         "params": n_params,
         "load_s": round3(load_s),
-        "step_s": round3(median(&total)),
-        "step_s_all": r(&total),
-        "step_cpu_s": round3(median(&cpu)),
-        "forward_s": round3(median(&fwd)),
-        "backward_s": round3(median(&bwd)),
-        "optimizer_s": round3(median(&opt_s)),
-        "tokens_per_s": round3((batch * seq) as f64 / median(&total)),
+        "tokens_per_s": round3((batch * seq) as f64 / times.step_s()),
         "losses": losses,
         "rss_after_load_gib": gib(rss_loaded),
         "rss_before_backward_gib": gib(Some(rss_fwd)),
         "peak_rss_gib": gib(proc_status_bytes("VmHWM:")),
-    }))
+    })))
 }
 
 /// One DPO step as `rlhf dpo` runs it (`rlhf_rl::pref::train_on_pairs` through `fit`): the
@@ -626,11 +653,7 @@ fn bench_dpo(
     let ref_cpu_s = cpu_seconds() - c0;
     let rss_after_ref = proc_status_bytes("VmRSS:");
 
-    let mut fwd = Vec::new();
-    let mut bwd = Vec::new();
-    let mut opt_s = Vec::new();
-    let mut total = Vec::new();
-    let mut cpu = Vec::new();
+    let mut times = StepTimes::default();
     let mut rss_fwd = 0u64;
     let mut losses = Vec::new();
     let mut grad_norms = Vec::new();
@@ -658,23 +681,13 @@ fn bench_dpo(
         ensure!(loss_value.is_finite(), "non-finite loss at step {step}");
         losses.push(round3(loss_value as f64));
         grad_norms.push(round3(grad_norm));
-        if step >= warmup {
-            fwd.push((t1 - t0).as_secs_f64());
-            bwd.push((t2 - t1).as_secs_f64());
-            opt_s.push((t3 - t2).as_secs_f64());
-            total.push((t3 - t0).as_secs_f64());
-            cpu.push(cpu_seconds() - c0);
-        }
+        let (f, b, o) = times.record(step >= warmup, [t0, t1, t2, t3], cpu_seconds() - c0);
         eprintln!(
-            "step {step}: loss {loss_value:.6}  grad_norm {grad_norm:.3}  fwd {:.2}s  bwd {:.2}s  opt {:.2}s",
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
-            (t3 - t2).as_secs_f64()
+            "step {step}: loss {loss_value:.6}  grad_norm {grad_norm:.3}  fwd {f:.2}s  bwd {b:.2}s  opt {o:.2}s"
         );
     }
-    let r = |v: &[f64]| v.iter().map(|&x| round3(x)).collect::<Vec<_>>();
     let row_tokens = prompt + completion;
-    Ok(json!({
+    Ok(times.with_fields(json!({
         "side": "ours",
         "bench": "dpo",
         "gradient_checkpointing": common.checkpoint,
@@ -690,20 +703,14 @@ fn bench_dpo(
         "load_s": round3(load_s),
         "ref_s": round3(ref_s),
         "ref_cpu_s": round3(ref_cpu_s),
-        "step_s": round3(median(&total)),
-        "step_s_all": r(&total),
-        "step_cpu_s": round3(median(&cpu)),
-        "forward_s": round3(median(&fwd)),
-        "backward_s": round3(median(&bwd)),
-        "optimizer_s": round3(median(&opt_s)),
-        "tokens_per_s": round3((2 * n_pairs * row_tokens) as f64 / median(&total)),
+        "tokens_per_s": round3((2 * n_pairs * row_tokens) as f64 / times.step_s()),
         "losses": losses,
         "grad_norms": grad_norms,
         "rss_after_load_gib": gib(rss_loaded),
         "rss_after_ref_gib": gib(rss_after_ref),
         "rss_before_backward_gib": gib(Some(rss_fwd)),
         "peak_rss_gib": gib(proc_status_bytes("VmHWM:")),
-    }))
+    })))
 }
 
 /// Median seconds of `reps` calls of `f` (after one warm-up call).
