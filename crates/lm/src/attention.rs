@@ -104,7 +104,13 @@ impl AttentionMask {
         }))
     }
 
-    fn row(&self, i: usize, row: usize) -> &[f32] {
+    /// (query rows, keys) of every batch row's mask.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.t, self.s)
+    }
+
+    /// The additive mask of batch row `i`, query row `row`: one value per key.
+    pub(crate) fn row(&self, i: usize, row: usize) -> &[f32] {
         let start = ((i % self.batch) * self.t + row) * self.s;
         &self.values[start..start + self.s]
     }

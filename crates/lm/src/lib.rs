@@ -10,10 +10,12 @@ pub mod error;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
+pub mod kv_cache;
 pub mod llama;
 pub mod ops;
 pub mod pretrained;
 pub mod score;
+pub mod skinny;
 pub mod testing;
 pub mod tokenizer;
 

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{kv_cache::KvCache, Linear};
 
+use crate::kv_cache::LayerKv;
+
 use crate::attention::{self, AttentionMask};
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
@@ -90,11 +92,35 @@ impl Attention {
         sin: &Tensor,
         mask: &Tensor,
         fused_mask: Option<&Arc<AttentionMask>>,
-        cache: Option<&mut KvCache>,
+        cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
         let scale = 1.0 / (d as f64).sqrt();
+        let cache = match (cache, fused_mask) {
+            (Some(LayerCache::Candle(kv)), _) => Some(kv),
+            (Some(cache), Some(fused_mask)) => {
+                // Decoding, f32 on the CPU: the projections' (b, t, heads, d) layout throughout,
+                // keys and values appended to the host cache in place and attended there.
+                let q = ops::linear(&self.q_proj, x)?.reshape((b, t, self.n_heads, d))?;
+                let k = ops::linear(&self.k_proj, x)?.reshape((b, t, self.n_kv_heads, d))?;
+                let v = ops::linear(&self.v_proj, x)?.reshape((b, t, self.n_kv_heads, d))?;
+                let q = fused::rope_time_first(&q, cos, sin)?;
+                let k = fused::rope_time_first(&k, cos, sin)?;
+                let host = |x: Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+                let (q, k, v) = (host(q)?, host(k)?, host(v)?);
+                let kv = cache_layer(cache, b, self.n_kv_heads, d)?;
+                let out = kv.append_and_attend(&q, &k, &v, self.n_heads, fused_mask, scale as f32)?;
+                let out = Tensor::from_vec(out, (b, t, self.n_heads * d), x.device())?;
+                return ops::linear(&self.o_proj, &out);
+            }
+            (Some(_), None) => {
+                return Err(LmError::Invalid(
+                    "kv cache: a host cache needs f32 on the CPU".into(),
+                ))
+            }
+            (None, _) => None,
+        };
         if let (Some(fused_mask), None) = (fused_mask, &cache) {
             // Whole sequences in one pass, every tensor in the projections' (b, t, heads, d)
             // layout: fused RoPE and the fused attention op (no score tensors kept, no K/V copies,
@@ -164,7 +190,7 @@ impl DecoderLayer {
         rope: (&Tensor, &Tensor),
         mask: &Tensor,
         fused_mask: Option<&Arc<AttentionMask>>,
-        cache: Option<&mut KvCache>,
+        cache: Option<&mut LayerCache>,
         eps: f64,
     ) -> Result<Tensor> {
         let h = ops::rms_norm(x, &self.input_layernorm, eps)?;
@@ -305,17 +331,55 @@ impl candle_core::CustomOp1 for CheckpointedLayer {
 
 /// One KV cache per layer, sized for the whole generation.
 pub struct Cache {
-    layers: Vec<KvCache>,
+    layers: Vec<LayerCache>,
+}
+
+/// A layer's cache: the host cache of [`crate::kv_cache`] for f32 on the CPU, candle's `KvCache`
+/// elsewhere; which one is decided by the first forward pass that uses it.
+pub enum LayerCache {
+    Unused { capacity: usize },
+    Host(LayerKv),
+    Candle(KvCache),
+}
+
+impl LayerCache {
+    fn len(&self) -> usize {
+        match self {
+            LayerCache::Unused { .. } => 0,
+            LayerCache::Host(kv) => kv.len(),
+            LayerCache::Candle(kv) => kv.current_seq_len(),
+        }
+    }
+}
+
+/// The host cache of `cache`, made on first use for these dimensions.
+fn cache_layer(
+    cache: &mut LayerCache,
+    batch: usize,
+    kv_heads: usize,
+    head_dim: usize,
+) -> Result<&mut LayerKv> {
+    if let LayerCache::Unused { capacity } = *cache {
+        *cache = LayerCache::Host(LayerKv::new(batch, capacity, kv_heads, head_dim));
+    }
+    match cache {
+        LayerCache::Host(kv) if kv.fits(batch, kv_heads, head_dim) => Ok(kv),
+        _ => Err(LmError::Invalid(
+            "kv cache: made for another batch or model".into(),
+        )),
+    }
 }
 
 impl Cache {
     pub fn new(num_layers: usize, max_len: usize) -> Self {
         Cache {
-            layers: (0..num_layers).map(|_| KvCache::new(2, max_len)).collect(),
+            layers: (0..num_layers)
+                .map(|_| LayerCache::Unused { capacity: max_len })
+                .collect(),
         }
     }
     pub fn len(&self) -> usize {
-        self.layers.first().map_or(0, |c| c.current_seq_len())
+        self.layers.first().map_or(0, |c| c.len())
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -429,13 +493,21 @@ impl Llama {
             }
         }
         let (cos, sin) = self.rope_tables(positions)?;
-        // f32 on the CPU without a cache: attention runs fused, reading the mask as host rows.
-        let fused_mask = if cache.is_none()
-            && self.embed_tokens.dtype() == DType::F32
+        // f32 on the CPU: attention runs fused (whole sequences) or on the host cache (decoding),
+        // reading the mask as host rows.
+        let fused_mask = if self.embed_tokens.dtype() == DType::F32
             && self.embed_tokens.device().is_cpu()
         {
-            Some(AttentionMask::from_tensor(mask, b, t, t)?)
+            let past = cache.as_ref().map_or(0, |c| c.len());
+            Some(AttentionMask::from_tensor(mask, b, t, past + t)?)
         } else {
+            if let Some(c) = cache.as_deref_mut() {
+                for layer in c.layers.iter_mut() {
+                    if let LayerCache::Unused { capacity } = *layer {
+                        *layer = LayerCache::Candle(KvCache::new(2, capacity));
+                    }
+                }
+            }
             None
         };
         let mask = mask.to_dtype(self.embed_tokens.dtype())?;

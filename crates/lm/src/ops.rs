@@ -10,7 +10,7 @@
 use candle_core::{Tensor, D};
 
 use crate::error::Result;
-use crate::fused;
+use crate::{fused, skinny};
 
 /// True when no gradient can flow through any of `xs` (so a fused kernel is safe) and they are
 /// f32 (the fused kernels' dtype; f64 is used by gradient checks).
@@ -43,13 +43,21 @@ pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor
 }
 
 /// x · Wᵀ (+ b) for a `Linear` layer. While training (a gradient flows through x or W) f32 on the
-/// CPU goes through [`fused::linear`], whose backward writes dW directly; otherwise candle's
-/// `Linear`.
+/// CPU goes through [`fused::linear`], whose backward writes dW directly; without a gradient, a few
+/// rows of x (decoding) go through [`skinny::linear`]; otherwise candle's `Linear`.
 pub fn linear(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     use candle_core::Module;
     let w = layer.weight();
     if (x.track_op() || w.track_op()) && fused::supported(x) && fused::supported(w) {
         let y = fused::linear(x, w)?;
+        return Ok(match layer.bias() {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        });
+    }
+    if no_grad(&[x, w]) && x.device().is_cpu() && x.elem_count() / w.dim(1)? <= skinny::MAX_ROWS {
+        // A few rows (decoding): stream the weight instead of repacking it for gemm.
+        let y = skinny::linear(x, w)?;
         return Ok(match layer.bias() {
             Some(b) => y.broadcast_add(b)?,
             None => y,
