@@ -7,6 +7,7 @@
 
 use candle_core::Tensor;
 use rand::{rngs::StdRng, Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::batch::TokenBatch;
@@ -97,12 +98,15 @@ pub struct Sample {
     pub finish: FinishReason,
 }
 
-/// Draw one token from a row of logits. Returns (token, its log-prob at `temperature`).
-fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32) {
+/// Draw one token from a row of logits, with `u` uniform in [0, 1) (unused when greedy). Returns
+/// (token, its log-prob at `temperature`).
+fn sample_row(logits: &[f32], p: &SamplingParams, u: f64) -> (u32, f32) {
     let t = p.logprob_temperature() as f32;
     let scaled: Vec<f32> = logits.iter().map(|&x| x / t).collect();
     let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum_exp: f64 = scaled.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    // exp(x - max) once per token: the normaliser and the inverse CDF below both use it.
+    let exps: Vec<f32> = scaled.iter().map(|&x| (x - max).exp()).collect();
+    let sum_exp: f64 = exps.iter().map(|&e| e as f64).sum();
     let log_z = max + sum_exp.ln() as f32;
     let token = if p.temperature == 0.0 {
         // First index of the maximum, as torch.argmax does.
@@ -115,10 +119,10 @@ fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32
         best
     } else if p.top_k.is_none() && p.top_p.is_none() {
         // Plain sampling: inverse CDF in index order, no sort (the vocabulary can be 50k+).
-        let mut u = rng.random::<f64>() * sum_exp;
+        let mut u = u * sum_exp;
         let mut chosen = scaled.len() - 1;
-        for (i, &x) in scaled.iter().enumerate() {
-            let q = ((x - max) as f64).exp();
+        for (i, &q) in exps.iter().enumerate() {
+            let q = q as f64;
             if u < q {
                 chosen = i;
                 break;
@@ -135,10 +139,7 @@ fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32
             order.truncate(k);
         }
         order.sort_unstable_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-        let mut probs: Vec<f64> = order
-            .iter()
-            .map(|&i| ((scaled[i] - max) as f64).exp())
-            .collect();
+        let mut probs: Vec<f64> = order.iter().map(|&i| exps[i] as f64).collect();
         if let Some(top_p) = p.top_p {
             let total: f64 = probs.iter().sum();
             let mut cum = 0.0;
@@ -154,7 +155,7 @@ fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32
             order.truncate(keep);
         }
         let total: f64 = probs.iter().sum();
-        let mut u = rng.random::<f64>() * total;
+        let mut u = u * total;
         let mut chosen = order[order.len() - 1];
         for (n, q) in probs.iter().enumerate() {
             if u < *q {
@@ -166,6 +167,23 @@ fn sample_row(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32
         chosen
     };
     (token as u32, scaled[token] - log_z)
+}
+
+/// The distinct prompts in order of first appearance, and for each row the index of its prompt
+/// among them.
+fn distinct_prompts(prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>, Vec<usize>) {
+    let mut index: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+    let mut distinct = Vec::new();
+    let source = prompts
+        .iter()
+        .map(|p| {
+            *index.entry(p.as_slice()).or_insert_with(|| {
+                distinct.push(p.clone());
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (distinct, source)
 }
 
 /// Generate continuations for each prompt (token ids). `tokenizer` is needed only for stop strings.
@@ -205,20 +223,46 @@ pub fn generate(
     let mut rng = StdRng::seed_from_u64(params.seed);
     let mut done = vec![false; b];
 
+    // Prefill. Rows with the same prompt (k samples per prompt in RLOO, GRPO, best-of-n) run it
+    // once: the distinct prompts go through the model and their cache rows are copied to every
+    // row that shares them. Padding is to the same longest prompt, so the cache is exactly the
+    // one the whole batch would have made.
+    let (distinct, source) = distinct_prompts(prompts);
+    let shared = distinct.len() < b && model.uses_host_cache();
+    let prefill = if shared {
+        TokenBatch::left_padded(&distinct, pad_id, &device)?
+    } else {
+        batch
+    };
     let hidden =
-        model.hidden_states(&batch.ids, &batch.positions, &batch.mask, Some(&mut cache))?;
+        model.hidden_states(&prefill.ids, &prefill.positions, &prefill.mask, Some(&mut cache))?;
     let mut logits = model
         .logits(&hidden.narrow(1, t0 - 1, 1)?)?
         .squeeze(1)?
         .to_vec2::<f32>()?;
+    if shared {
+        cache.select_rows(&source)?;
+        logits = source.iter().map(|&u| logits[u].clone()).collect();
+    }
 
     for step in 0..params.max_new_tokens {
+        // One uniform draw per live row, in row order (the same stream whatever the threading),
+        // then the rows' softmax and draw in parallel.
+        let draws: Vec<Option<f64>> = done
+            .iter()
+            .map(|&d| (!d && params.temperature > 0.0).then(|| rng.random::<f64>()))
+            .collect();
+        let picked: Vec<Option<(u32, f32)>> = logits
+            .par_iter()
+            .zip(&draws)
+            .zip(&done)
+            .map(|((row, u), &d)| (!d).then(|| sample_row(row, params, u.unwrap_or(0.0))))
+            .collect();
         let mut step_ids = vec![pad_id; b];
         for r in 0..b {
-            if done[r] {
+            let Some((tok, lp)) = picked[r] else {
                 continue;
-            }
-            let (tok, lp) = sample_row(&logits[r], params, &mut rng);
+            };
             step_ids[r] = tok;
             let s = &mut samples[r];
             s.tokens.push(tok);

@@ -52,6 +52,31 @@ impl LayerKv {
         (self.batch, self.kv_heads, self.head_dim) == (batch, kv_heads, head_dim)
     }
 
+    /// Keep rows `rows` of the batch, in that order (a row may repeat): the cache of a batch whose
+    /// row r is this batch's row `rows[r]`. How prompts shared by several samples are run once.
+    pub fn select_rows(&mut self, rows: &[usize]) -> crate::Result<()> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.batch) {
+            return Err(crate::LmError::Invalid(format!(
+                "kv cache: row {bad} of a batch of {}",
+                self.batch
+            )));
+        }
+        let per_row = self.capacity * self.kv_heads * self.head_dim;
+        let used = self.len * self.kv_heads * self.head_dim;
+        let gather = |src: &[f32]| {
+            let mut out = vec![0.0f32; rows.len() * per_row];
+            for (r, &from) in rows.iter().enumerate() {
+                out[r * per_row..r * per_row + used]
+                    .copy_from_slice(&src[from * per_row..from * per_row + used]);
+            }
+            out
+        };
+        self.keys = gather(&self.keys);
+        self.values = gather(&self.values);
+        self.batch = rows.len();
+        Ok(())
+    }
+
     /// Cache `k` and `v` ((b, t, nkv, d), row-major) at positions len..len + t, then attend with `q`
     /// ((b, t, nh, d)) to every cached key 0..len + t under `mask` (t rows of len + t keys per batch
     /// row). Returns the attention output, (b, t, nh · d).

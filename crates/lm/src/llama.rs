@@ -102,9 +102,13 @@ impl Attention {
             (Some(cache), Some(fused_mask)) => {
                 // Decoding, f32 on the CPU: the projections' (b, t, heads, d) layout throughout,
                 // keys and values appended to the host cache in place and attended there.
-                let q = ops::linear(&self.q_proj, x)?.reshape((b, t, self.n_heads, d))?;
-                let k = ops::linear(&self.k_proj, x)?.reshape((b, t, self.n_kv_heads, d))?;
-                let v = ops::linear(&self.v_proj, x)?.reshape((b, t, self.n_kv_heads, d))?;
+                let [q, k, v]: [Tensor; 3] =
+                    ops::linear_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+                        .try_into()
+                        .expect("three layers, three outputs");
+                let q = q.reshape((b, t, self.n_heads, d))?;
+                let k = k.reshape((b, t, self.n_kv_heads, d))?;
+                let v = v.reshape((b, t, self.n_kv_heads, d))?;
                 let q = fused::rope_time_first(&q, cos, sin)?;
                 let k = fused::rope_time_first(&k, cos, sin)?;
                 let host = |x: Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
@@ -166,10 +170,10 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gated = ops::swiglu(
-            &ops::linear(&self.gate_proj, x)?,
-            &ops::linear(&self.up_proj, x)?,
-        )?;
+        let [gate, up]: [Tensor; 2] = ops::linear_many(&[&self.gate_proj, &self.up_proj], x)?
+            .try_into()
+            .expect("two layers, two outputs");
+        let gated = ops::swiglu(&gate, &up)?;
         ops::linear(&self.down_proj, &gated)
     }
 }
@@ -384,6 +388,23 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keep batch rows `rows`, in that order (see [`LayerKv::select_rows`]). Only the host cache
+    /// (f32 on the CPU) can do this; see [`Llama::uses_host_cache`].
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        for layer in self.layers.iter_mut() {
+            match layer {
+                LayerCache::Unused { .. } => {}
+                LayerCache::Host(kv) => kv.select_rows(rows)?,
+                LayerCache::Candle(_) => {
+                    return Err(LmError::Invalid(
+                        "kv cache: selecting rows needs the host cache (f32 on the CPU)".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The decoder: embeddings, layers, final norm and LM head. A scalar head for reward/value
@@ -462,6 +483,12 @@ impl Llama {
 
     pub fn device(&self) -> &Device {
         self.embed_tokens.device()
+    }
+
+    /// Whether decoding keeps its keys and values in the host cache ([`crate::kv_cache`]): f32 on
+    /// the CPU.
+    pub fn uses_host_cache(&self) -> bool {
+        self.embed_tokens.dtype() == DType::F32 && self.embed_tokens.device().is_cpu()
     }
 
     /// cos/sin tables for the given positions, (b, t) u32 -> two (b, t, d/2) f32 tensors.

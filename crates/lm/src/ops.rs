@@ -55,15 +55,49 @@ pub fn linear(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
             None => y,
         });
     }
-    if no_grad(&[x, w]) && x.device().is_cpu() && x.elem_count() / w.dim(1)? <= skinny::MAX_ROWS {
-        // A few rows (decoding): stream the weight instead of repacking it for gemm.
-        let y = skinny::linear(x, w)?;
-        return Ok(match layer.bias() {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        });
+    if let Some(mut ys) = few_rows_linear(&[layer], x)? {
+        return Ok(ys.remove(0));
     }
     Ok(layer.forward(x)?)
+}
+
+/// [`linear`] for several layers that read the same `x` (q, k and v; gate and up): without a
+/// gradient and with few rows, all of them in one pass of [`skinny::linear_many`].
+pub fn linear_many(layers: &[&candle_nn::Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+    static MANY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *MANY.get_or_init(|| std::env::var("SKINNY_MANY").as_deref() != Ok("0")) {
+    if let Some(ys) = few_rows_linear(layers, x)? {
+        return Ok(ys);
+    }
+    }
+    layers.iter().map(|l| linear(l, x)).collect()
+}
+
+/// Decoding's products: a few rows of `x` and no gradient, f32 on the CPU. The weights are streamed
+/// in place instead of repacked for gemm ([`skinny`]). `None` when that path does not apply.
+fn few_rows_linear(layers: &[&candle_nn::Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    let weights: Vec<&Tensor> = layers.iter().map(|l| l.weight()).collect();
+    let mut all: Vec<&Tensor> = weights.clone();
+    all.push(x);
+    let k = x.dim(D::Minus1)?;
+    let applies = no_grad(&all)
+        && x.device().is_cpu()
+        && k > 0
+        && x.elem_count() / k <= skinny::MAX_ROWS
+        && weights.iter().all(|w| w.is_contiguous() && w.dims().get(1) == Some(&k));
+    if !applies {
+        return Ok(None);
+    }
+    let ys = skinny::linear_many(x, &weights)?;
+    let ys = ys
+        .into_iter()
+        .zip(layers)
+        .map(|(y, l)| match l.bias() {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Some(ys))
 }
 
 /// silu(gate) · up (the SwiGLU feed-forward's gating): fused for f32 on the CPU (with a backward),

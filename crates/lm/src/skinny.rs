@@ -25,35 +25,9 @@ const PAR_MIN_MACS: usize = 1 << 18;
 /// y (m × n, row-major) = x (m × k, row-major) · Wᵀ for W (n × k, row-major), plus `bias` (n) when
 /// given. Spread over rayon's pool by blocks of W's rows when the product is large enough.
 pub fn xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    assert_eq!(x.len(), m * k, "xwt: x is not {m} x {k}");
-    assert_eq!(w.len(), n * k, "xwt: W is not {n} x {k}");
+    let mut y = xwt_many(x, m, k, &[(w, n)]).pop().expect("one weight, one output");
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "xwt: bias is not {n} long");
-    }
-    let mut y = vec![0.0f32; m * n];
-    let threads = rayon::current_num_threads();
-    // Column blocks: a few per thread, each a multiple of the 4-row weight tile.
-    let tasks = if threads > 1 && m * n * k >= PAR_MIN_MACS {
-        (threads * 4).min(n.div_ceil(64)).max(1)
-    } else {
-        1
-    };
-    let per_task = n.div_ceil(tasks).next_multiple_of(4);
-    let out = SharedOut(y.as_mut_ptr());
-    let run = |t: usize| {
-        let (j0, j1) = (t * per_task, ((t + 1) * per_task).min(n));
-        if j0 < j1 {
-            // SAFETY: task t writes only columns j0..j1 of y, which no other task writes; y outlives
-            // the tasks, and x and W are read-only.
-            unsafe { columns(x, m, k, w, j0, j1, out.ptr(), n) };
-        }
-    };
-    if tasks > 1 {
-        (0..tasks).into_par_iter().for_each(run);
-    } else {
-        run(0);
-    }
-    if let Some(b) = bias {
         for row in y.chunks_mut(n) {
             for (v, bv) in row.iter_mut().zip(b) {
                 *v += bv;
@@ -63,11 +37,89 @@ pub fn xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f3
     y
 }
 
+/// [`xwt`] for several weights (n_i × k) applied to the same x, in one pass: one dispatch to the
+/// thread pool for all of them (q, k and v; gate and up), each thread taking its share of every
+/// weight's rows. Returns one (m × n_i) output per weight.
+pub fn xwt_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)]) -> Vec<Vec<f32>> {
+    assert_eq!(x.len(), m * k, "xwt: x is not {m} x {k}");
+    for (w, n) in weights {
+        assert_eq!(w.len(), n * k, "xwt: W is not {n} x {k}");
+    }
+    let mut ys: Vec<Vec<f32>> = weights.iter().map(|(_, n)| vec![0.0f32; m * n]).collect();
+    let total_n: usize = weights.iter().map(|(_, n)| n).sum();
+    let threads = rayon::current_num_threads();
+    // Tasks: the same number per thread (a few, for balance), each a share of every weight.
+    let tasks = if threads > 1 && m * total_n * k >= PAR_MIN_MACS {
+        threads * (total_n / (64 * threads)).clamp(1, 4)
+    } else {
+        1
+    };
+    let outs: Vec<SharedOut> = ys.iter_mut().map(|y| SharedOut(y.as_mut_ptr())).collect();
+    let run = |t: usize| {
+        for ((w, n), out) in weights.iter().zip(&outs) {
+            let share = n.div_ceil(tasks).next_multiple_of(4);
+            let (j0, j1) = ((t * share).min(*n), ((t + 1) * share).min(*n));
+            if j0 < j1 {
+                // SAFETY: task t writes only columns j0..j1 of this output, which no other task
+                // writes; the outputs outlive the tasks, and x and W are read-only.
+                unsafe { columns(x, m, k, w, j0, j1, out.ptr(), *n) };
+            }
+        }
+    };
+    if tasks > 1 {
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        run(0);
+    }
+    ys
+}
+
 /// [`xwt`] on tensors: `x` (..., k) times `weight` (n, k) transposed, f32 on the CPU, no gradient
 /// (decoding and scoring without a graph; training goes through `fused::linear`).
 pub fn linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?
         .apply_op2_no_bwd(&weight.contiguous()?, &SkinnyLinear)
+}
+
+/// [`xwt_many`] on tensors: `x` (..., k) times each weight (n_i, k) transposed, f32 on the CPU,
+/// contiguous weights, no gradient. Returns one (..., n_i) tensor per weight.
+pub fn linear_many(x: &Tensor, weights: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    let x = x.contiguous()?;
+    let k = x.dim(candle_core::D::Minus1)?;
+    let m = x.elem_count() / k.max(1);
+    let lead = &x.dims()[..x.rank() - 1];
+    let (xs, xl) = x.storage_and_layout();
+    let x_host = host_f32(&xs, xl, "x")?;
+    let guards: Vec<_> = weights.iter().map(|w| w.storage_and_layout()).collect();
+    let mut ws = Vec::with_capacity(weights.len());
+    for (s, l) in &guards {
+        let (n, wk) = l.shape().dims2()?;
+        if wk != k {
+            bail!("linear_many: weight {n} x {wk} does not take rows of {k}");
+        }
+        ws.push((host_f32(s, l, "weight")?, n));
+    }
+    xwt_many(x_host, m, k, &ws)
+        .into_iter()
+        .zip(&ws)
+        .map(|(y, (_, n))| {
+            let mut dims = lead.to_vec();
+            dims.push(*n);
+            Tensor::from_vec(y, dims, x.device())
+        })
+        .collect()
+}
+
+/// The f32 values of a contiguous CPU tensor, in place.
+fn host_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
+        _ => bail!("skinny: {what} must be contiguous f32 on the CPU"),
+    }
 }
 
 struct SkinnyLinear;
@@ -102,6 +154,11 @@ impl CustomOp2 for SkinnyLinear {
         *dims.last_mut().expect("rank >= 1: it ends in k columns") = n;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
+}
+
+fn prefetch_ahead() -> usize {
+    static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *AHEAD.get_or_init(|| std::env::var("SKINNY_AHEAD").ok().and_then(|v| v.parse().ok()).unwrap_or(8))
 }
 
 /// The output pointer shared by the tasks of one [`xwt`] call (each writes its own columns).
@@ -210,20 +267,29 @@ macro_rules! x86_kernel {
                     while i < m {
                         let ib = (m - i).min(4);
                         let (xs, ws, out) = (x.add(i * k), w.add(j * k), y.add(i * ldy + j));
+                        // The first pass over a weight tile also pulls the next tile into cache
+                        // (decoding reads each weight once, straight from memory: without this the
+                        // first pass waits on every cache line).
+                        let ahead = super::prefetch_ahead();
+                        let next = if i == 0 && j + 4 + ahead <= j1 {
+                            w.add((j + ahead) * k)
+                        } else {
+                            std::ptr::null()
+                        };
                         match (ib, jb) {
-                            (4, 4) => tile::<4, 4>(xs, ws, k, out, ldy),
-                            (3, 4) => tile::<3, 4>(xs, ws, k, out, ldy),
-                            (2, 4) => tile::<2, 4>(xs, ws, k, out, ldy),
-                            (1, 4) => tile::<1, 4>(xs, ws, k, out, ldy),
+                            (4, 4) => tile::<4, 4>(xs, ws, k, out, ldy, next),
+                            (3, 4) => tile::<3, 4>(xs, ws, k, out, ldy, next),
+                            (2, 4) => tile::<2, 4>(xs, ws, k, out, ldy, next),
+                            (1, 4) => tile::<1, 4>(xs, ws, k, out, ldy, next),
                             (ib, jb) => {
                                 // The last 1-3 weight rows, one at a time.
                                 for jj in 0..jb {
                                     let (ws, out) = (ws.add(jj * k), out.add(jj));
                                     match ib {
-                                        4 => tile::<4, 1>(xs, ws, k, out, ldy),
-                                        3 => tile::<3, 1>(xs, ws, k, out, ldy),
-                                        2 => tile::<2, 1>(xs, ws, k, out, ldy),
-                                        _ => tile::<1, 1>(xs, ws, k, out, ldy),
+                                        4 => tile::<4, 1>(xs, ws, k, out, ldy, std::ptr::null()),
+                                        3 => tile::<3, 1>(xs, ws, k, out, ldy, std::ptr::null()),
+                                        2 => tile::<2, 1>(xs, ws, k, out, ldy, std::ptr::null()),
+                                        _ => tile::<1, 1>(xs, ws, k, out, ldy, std::ptr::null()),
                                     }
                                 }
                             }
@@ -234,7 +300,8 @@ macro_rules! x86_kernel {
                 }
             }
 
-            /// out[i·ldy + j] = Σ_c x[i·k + c] · w[j·k + c] for an IB × JB tile.
+            /// out[i·ldy + j] = Σ_c x[i·k + c] · w[j·k + c] for an IB × JB tile; when `next` is
+            /// not null, the JB weight rows from there are prefetched along the way.
             #[inline]
             #[target_feature(enable = $features)]
             unsafe fn tile<const IB: usize, const JB: usize>(
@@ -243,6 +310,7 @@ macro_rules! x86_kernel {
                 k: usize,
                 out: *mut f32,
                 ldy: usize,
+                next: *const f32,
             ) {
                 let mut acc = [[$zero(); JB]; IB];
                 let full = k - k % $lanes;
@@ -251,6 +319,12 @@ macro_rules! x86_kernel {
                     let mut wv = [$zero(); JB];
                     for (jj, v) in wv.iter_mut().enumerate() {
                         *v = $load(w.add(jj * k + c));
+                    }
+                    if !next.is_null() && c % 16 == 0 {
+                        // One 64-byte line per row every 16 floats.
+                        for jj in 0..JB {
+                            _mm_prefetch::<_MM_HINT_T0>(next.add(jj * k + c) as *const i8);
+                        }
                     }
                     for (ii, acc_i) in acc.iter_mut().enumerate() {
                         let xv = $load(x.add(ii * k + c));

@@ -240,11 +240,14 @@ fn sampled_logprobs_equal_scored_logprobs() {
     let model = Llama::from_weights(&c, &w, &Device::Cpu).unwrap();
     let trainable = Trainable::new(&w).unwrap();
     let tracked = Llama::from_weights(&c, &trainable.tensors(), &Device::Cpu).unwrap();
-    let prompts = vec![
+    // Repeated prompts (k samples per prompt) share one prefill whose cache rows are copied:
+    // their samples must still score as sampled.
+    let (a, b, c) = (
         vec![1u32, 5, 9, 13, 4],
         vec![1, 40],
         vec![1, 11, 12, 17, 19, 21, 23, 30],
-    ];
+    );
+    let prompts = vec![a.clone(), b.clone(), c, a.clone(), b, a];
     for (temperature, top_k, top_p) in [
         (1.0, None, None),
         (0.7, Some(10), Some(0.9)),
