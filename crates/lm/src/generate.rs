@@ -105,7 +105,8 @@ fn sample_row(logits: &[f32], p: &SamplingParams, u: f64) -> (u32, f32) {
     let scaled: Vec<f32> = logits.iter().map(|&x| x / t).collect();
     let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     // exp(x - max) once per token: the normaliser and the inverse CDF below both use it.
-    let exps: Vec<f32> = scaled.iter().map(|&x| (x - max).exp()).collect();
+    let mut exps: Vec<f32> = scaled.iter().map(|&x| x - max).collect();
+    crate::math::exp_in_place(&mut exps);
     let sum_exp: f64 = exps.iter().map(|&e| e as f64).sum();
     let log_z = max + sum_exp.ln() as f32;
     let token = if p.temperature == 0.0 {

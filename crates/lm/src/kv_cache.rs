@@ -143,11 +143,11 @@ impl LayerKv {
                         *pj = scale * dot(qh, &keys[(j * nkv + g) * d..][..d]) + m[j];
                         max = max.max(*pj);
                     }
-                    let mut total = 0.0f32;
                     for pj in p.iter_mut() {
-                        *pj = (*pj - max).exp();
-                        total += *pj;
+                        *pj -= max;
                     }
+                    crate::math::exp_in_place(&mut p);
+                    let total: f32 = p.iter().sum();
                     let o = &mut out_r[(i * nh + h) * d..][..d];
                     for (j, &pj) in p.iter().enumerate() {
                         let w = pj / total;
