@@ -246,25 +246,29 @@ pub fn generate(
         logits = source.iter().map(|&u| logits[u].clone()).collect();
     }
 
+    // `live[i]`: the sample row in row i of the cache and of `logits`. Finished rows leave the batch
+    // (their cache rows are dropped) once a quarter of it has finished, so the remaining steps
+    // stop paying for them; until then they ride along on padding.
+    let mut live: Vec<usize> = (0..b).collect();
     for step in 0..params.max_new_tokens {
-        // One uniform draw per live row, in row order (the same stream whatever the threading),
-        // then the rows' softmax and draw in parallel.
-        let draws: Vec<Option<f64>> = done
+        // One uniform draw per unfinished row, in row order (the same stream whatever the
+        // threading or compaction), then the rows' softmax and draw in parallel.
+        let draws: Vec<Option<f64>> = live
             .iter()
-            .map(|&d| (!d && params.temperature > 0.0).then(|| rng.random::<f64>()))
+            .map(|&r| (!done[r] && params.temperature > 0.0).then(|| rng.random::<f64>()))
             .collect();
         let picked: Vec<Option<(u32, f32)>> = logits
             .par_iter()
             .zip(&draws)
-            .zip(&done)
-            .map(|((row, u), &d)| (!d).then(|| sample_row(row, params, u.unwrap_or(0.0))))
+            .zip(&live)
+            .map(|((row, u), &r)| (!done[r]).then(|| sample_row(row, params, u.unwrap_or(0.0))))
             .collect();
-        let mut step_ids = vec![pad_id; b];
-        for r in 0..b {
-            let Some((tok, lp)) = picked[r] else {
+        let mut step_ids = vec![pad_id; live.len()];
+        for (i, &r) in live.iter().enumerate() {
+            let Some((tok, lp)) = picked[i] else {
                 continue;
             };
-            step_ids[r] = tok;
+            step_ids[i] = tok;
             let s = &mut samples[r];
             s.tokens.push(tok);
             s.logprobs.push(lp);
@@ -286,19 +290,29 @@ pub fn generate(
         if done.iter().all(|&d| d) || step + 1 == params.max_new_tokens {
             break;
         }
+        let keep: Vec<usize> = (0..live.len()).filter(|&i| !done[live[i]]).collect();
+        if model.uses_host_cache() && keep.len() * 4 <= live.len() * 3 {
+            cache.select_rows(&keep)?;
+            step_ids = keep.iter().map(|&i| step_ids[i]).collect();
+            live = keep.iter().map(|&i| live[i]).collect();
+        }
+        let n = live.len();
         let s_len = key_real[0].len() + 1;
-        let mut mask = vec![MASKED; b * s_len];
+        let mut mask = vec![MASKED; n * s_len];
         for r in 0..b {
             key_real[r].push(true);
+        }
+        for (i, &r) in live.iter().enumerate() {
             for (j, &real) in key_real[r].iter().enumerate() {
                 if real {
-                    mask[r * s_len + j] = 0.0;
+                    mask[i * s_len + j] = 0.0;
                 }
             }
         }
-        let ids = Tensor::from_vec(step_ids, (b, 1), &device)?;
-        let positions = Tensor::from_vec(next_pos.clone(), (b, 1), &device)?;
-        let mask = Tensor::from_vec(mask, (b, 1, 1, s_len), &device)?;
+        let positions: Vec<u32> = live.iter().map(|&r| next_pos[r]).collect();
+        let ids = Tensor::from_vec(step_ids, (n, 1), &device)?;
+        let positions = Tensor::from_vec(positions, (n, 1), &device)?;
+        let mask = Tensor::from_vec(mask, (n, 1, 1, s_len), &device)?;
         for p in next_pos.iter_mut() {
             *p += 1;
         }

@@ -286,3 +286,43 @@ fn sampled_logprobs_equal_scored_logprobs() {
         }
     }
 }
+
+/// Rows that finish early leave the decoding batch (their cache rows are dropped): the rows that
+/// go on must keep their own cache rows, positions and masks, so their sampled log-probs still
+/// equal teacher-forced scoring, and the samples do not depend on the batch they were drawn in
+/// beyond the random stream (same seed, same samples).
+#[test]
+fn rows_that_finish_early_leave_the_batch_without_disturbing_the_rest() {
+    let c = tiny(Family::Llama, true);
+    let model = Llama::from_weights(&c, &weights(&c, 29), &Device::Cpu).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..12u32)
+        .map(|i| (0..2 + i % 5).map(|j| 1 + (i * 7 + j * 3) % 40).collect())
+        .collect();
+    let params = SamplingParams {
+        max_new_tokens: 24,
+        temperature: 1.0,
+        seed: 7,
+        // Three of the 48 ids end a completion: rows finish at many different steps.
+        eos_token_ids: vec![3, 17, 41],
+        ..Default::default()
+    };
+    let samples = generate(&model, &prompts, 0, &params, None).unwrap();
+    let lengths: std::collections::BTreeSet<usize> =
+        samples.iter().map(|s| s.tokens.len()).collect();
+    assert!(
+        lengths.len() >= 4 && samples.iter().any(|s| s.tokens.len() == 24),
+        "want rows finishing at several steps and some running to the end: {lengths:?}"
+    );
+    assert_eq!(samples, generate(&model, &prompts, 0, &params, None).unwrap());
+    let pairs: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .zip(samples.iter().map(|s| s.tokens.clone()))
+        .collect();
+    let scored = score_pairs(&model, &pairs, 0, 12, 1.0).unwrap();
+    for (s, want) in samples.iter().zip(&scored) {
+        for (x, y) in s.logprobs.iter().zip(want) {
+            assert!((x - y).abs() < 1e-4, "sampled {x} scored {y}");
+        }
+    }
+}
