@@ -4,11 +4,14 @@
   python3 bench/anchor_torch.py gen --threads 2 --batches 1,8,32
   python3 bench/anchor_torch.py train --threads 2
   python3 bench/anchor_torch.py dpo --threads 2
+  python3 bench/anchor_torch.py rloo --threads 2
 
 Prints one JSON line per measurement (same keys as `rlhf-bench`). The model is the same GGUF file,
 dequantised to f32 by transformers. Prompts come from bench/prompts.txt (row i gets prompt i mod 8);
 training rows from the same 64-bit LCG as `rlhf-bench` (`token_rows`), so both sides see identical
 token ids. `dpo` runs TRL's `DPOTrainer` on pairs cut from the same rows (see `dpo_pairs`).
+`rloo` runs TRL's `RLOOTrainer` on the 8 prompts, with the reward of bench/reward_words.py (which
+`rlhf-bench rloo` runs as its reward command); see `bench_rloo`.
 """
 
 import argparse
@@ -203,6 +206,23 @@ def bench_train(args):
     )
 
 
+def gguf_trainable(model):
+    """transformers 5 marks a GGUF-loaded model as quantized (`hf_quantizer`) even though its
+    weights were unpacked to plain f32 `nn.Linear`/`nn.Embedding` at load (no GGUF kernel here),
+    and `Trainer` refuses to train a "quantized" model. Drop the marker, after checking that every
+    parameter is an ordinary f32 tensor."""
+    import torch
+
+    assert all(p.dtype == torch.float32 and type(p) is torch.nn.Parameter for p in model.parameters())
+    assert all(type(x).__module__.startswith(("torch.", "transformers.models.", "transformers.activations"))
+               for x in model.modules()), {type(x) for x in model.modules()}
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
 def dpo_pairs(pairs, prompt, completion, vocab):
     """Identical to rlhf-bench's `dpo` pairs: row i of token_rows(pairs, prompt + 2 * completion)
     cut into prompt [0, prompt), chosen [prompt, prompt + completion), rejected (the rest)."""
@@ -233,18 +253,8 @@ def bench_dpo(args):
     # TRL would load the reference from the policy's path (which for a GGUF file lacks the file
     # name): load the same frozen copy ourselves, as TRL's default (a second full model) does.
     ref_model, _, ref_load_s = load(args.model, False)
-    # transformers 5 marks a GGUF-loaded model as quantized (`hf_quantizer`) even though its
-    # weights were unpacked to plain f32 `nn.Linear`/`nn.Embedding` at load (no GGUF kernel here),
-    # and `Trainer` refuses to train a "quantized" model. Drop the marker, after checking that
-    # every parameter is an ordinary f32 tensor.
     for m in (model, ref_model):
-        assert all(p.dtype == torch.float32 and type(p) is torch.nn.Parameter for p in m.parameters())
-        assert all(type(x).__module__.startswith(("torch.", "transformers.models.", "transformers.activations"))
-                   for x in m.modules()), {type(x) for x in m.modules()}
-        m.hf_quantizer = None
-        m.is_quantized = False
-        if hasattr(m.config, "quantization_config"):
-            del m.config.quantization_config
+        gguf_trainable(m)
     n_params = sum(p.numel() for p in model.parameters())
     rss_loaded = vm("VmRSS:")
     vocab = model.config.vocab_size
@@ -404,10 +414,211 @@ def bench_dpo(args):
     )
 
 
+def bench_rloo(args):
+    """TRL's RLOOTrainer (TRL 1.16: GRPO-style, generation inside the trainer), configured as
+    `rlhf-bench rloo`: the 8 prompts of prompts.txt as a plain-text `prompt` column (no chat
+    template), `num_generations` samples each at temperature 1 (no top-k/top-p) of at most
+    `max_completion_length` tokens, one generation batch of 8 x k per round split into
+    `minibatches` optimiser steps (per_device_train_batch_size = 8 * k / minibatches,
+    steps_per_generation = minibatches, no gradient accumulation, num_iterations 1), beta > 0 so
+    a frozen reference model scores every batch, the reward `reward_words.score` in process,
+    AdamW at a constant learning rate, no weight decay, clip 1.0, no gradient checkpointing
+    (TRL's default is on), f32 (TRL's default is bf16), no eval, no saving, no logging.
+
+    TRL builds the reference itself, by loading the policy's `config._name_or_path` again, which
+    for a GGUF file is its directory (and `create_model_from_path` reads the config without the
+    `gguf_file` argument, so `model_init_kwargs` cannot name the file): that one call is answered
+    with a second copy of the same GGUF loaded here, exactly what TRL's default (a second full
+    model) would hold. One round = the optimiser steps that share a generation batch,
+    timed from `on_step_begin` of the first to `on_step_end` of the last (the generation, the
+    policy's and the reference's log-probs of the batch, the rewards and advantages all run inside
+    the first step's `training_step`); `rollout_s` = `_generate_and_score_completions`.
+    """
+    import atexit
+    import importlib.util
+    import shutil
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    import trl
+    import trl.trainer.rloo_trainer as rloo_module
+    from trl import RLOOConfig, RLOOTrainer
+
+    spec = importlib.util.spec_from_file_location("reward_words", os.path.join(HERE, "reward_words.py"))
+    reward_words = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reward_words)
+
+    def distinct_words(completions, **kwargs):
+        return [reward_words.score(c) for c in completions]
+
+    model, tok, load_s = load(args.model, True)
+    ref_model, _, ref_load_s = load(args.model, False)
+    for m in (model, ref_model):
+        gguf_trainable(m)
+    tok.padding_side = "left"  # what TRL's own AutoProcessor load would set
+    with open(os.path.join(HERE, "prompts.txt")) as f:
+        texts = [l.rstrip("\n") for l in f if l.strip()]
+    data = Dataset.from_dict({"prompt": texts})
+    gen_batch = len(texts) * args.k
+    assert gen_batch % args.minibatches == 0, "the generation batch must split into equal minibatches"
+    rounds = args.steps
+    assert rounds > args.warmup, "need at least one timed round (steps > warmup)"
+
+    class Timer(TrainerCallback):
+        """Wall and CPU time of each round of `minibatches` optimiser steps."""
+
+        def __init__(self):
+            self.wall, self.cpu = [], []
+            self.t0 = self.c0 = None
+
+        def on_step_begin(self, args_, state, control, **k):
+            if state.global_step % args.minibatches == 0:
+                self.c0, self.t0 = time.process_time(), time.perf_counter()
+
+        def on_step_end(self, args_, state, control, **k):
+            if state.global_step % args.minibatches == 0:
+                self.wall.append(time.perf_counter() - self.t0)
+                self.cpu.append(time.process_time() - self.c0)
+
+    timer = Timer()
+
+    class BenchRLOOTrainer(RLOOTrainer):
+        rollout_s, completion_tokens, rewards, kl, losses = [], [], [], [], []
+
+        def _generate_and_score_completions(self, inputs):
+            t = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            BenchRLOOTrainer.rollout_s.append(time.perf_counter() - t)
+            BenchRLOOTrainer.completion_tokens.append(out["completion_mask"].sum(1).float().mean().item())
+            BenchRLOOTrainer.rewards.append(self._metrics["train"]["reward"][-1])
+            BenchRLOOTrainer.kl.append(self._metrics["train"]["kl"][-1])
+            return out
+
+        def training_step(self, *a, **k):
+            loss = super().training_step(*a, **k)
+            BenchRLOOTrainer.losses.append(loss.item())
+            return loss
+
+    out_dir = tempfile.mkdtemp(prefix="anchor-rloo-")  # nothing is saved there (save_strategy "no")
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)  # also when something fails
+    cfg = RLOOConfig(
+        output_dir=out_dir,
+        num_generations=args.k,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=args.beta,
+        num_iterations=1,
+        per_device_train_batch_size=gen_batch // args.minibatches,
+        steps_per_generation=args.minibatches,
+        gradient_accumulation_steps=1,
+        max_steps=rounds * args.minibatches,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        gradient_checkpointing=args.checkpoint,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        report_to="none",
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    policy_id = model.config._name_or_path
+    create_model_from_path = rloo_module.create_model_from_path
+
+    def reference_copy(model_id, **kwargs):  # see the docstring
+        assert model_id == policy_id and kwargs.get("dtype") == torch.float32, (model_id, kwargs)
+        return ref_model
+
+    rloo_module.create_model_from_path = reference_copy
+    try:
+        trainer = BenchRLOOTrainer(
+            model=model,
+            reward_funcs=distinct_words,
+            args=cfg,
+            train_dataset=data,
+            processing_class=tok,
+            callbacks=[timer],
+        )
+    finally:
+        rloo_module.create_model_from_path = create_model_from_path
+    assert trainer.ref_model is ref_model
+    assert trainer.args.generation_batch_size == gen_batch, trainer.args.generation_batch_size
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    torch.set_num_threads(args.threads)  # in case anything above changed it
+    t = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t
+    T = BenchRLOOTrainer
+    assert len(timer.wall) == rounds and len(T.rollout_s) == rounds, (timer.wall, T.rollout_s)
+    for i in range(rounds):
+        print(f"round {i}: {timer.wall[i]:.2f}s (rollout {T.rollout_s[i]:.2f}s), "
+              f"mean completion {T.completion_tokens[i]:.1f} tokens", file=sys.stderr)
+    med = statistics.median
+    w = args.warmup
+    r3 = lambda xs: [round(x, 3) for x in xs]
+    shares = [r / i for r, i in zip(T.rollout_s, timer.wall)]
+    print(
+        json.dumps(
+            {
+                "side": "torch",
+                "bench": "rloo",
+                "gradient_checkpointing": args.checkpoint,
+                "label": args.label,
+                "threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "trl": trl.__version__,
+                "optim": str(getattr(cfg.optim, "value", cfg.optim)),
+                "prompts": len(texts),
+                "k": args.k,
+                "max_new_tokens": args.max_new_tokens,
+                "temperature": 1.0,
+                "beta": args.beta,
+                "lr": args.lr,
+                "minibatches": args.minibatches,
+                "optimizer_steps": trainer.state.global_step,
+                "warmup": w,
+                "iteration_s": round(med(timer.wall[w:]), 3),
+                "iteration_s_all": r3(timer.wall),
+                "iteration_cpu_s": round(med(timer.cpu[w:]), 3),
+                "rollout_s": round(med(T.rollout_s[w:]), 3),
+                "rollout_s_all": r3(T.rollout_s),
+                "rollout_share": round(med(shares[w:]), 3),
+                "completion_tokens_mean": round(statistics.mean(T.completion_tokens[w:]), 3),
+                "completion_tokens_all": r3(T.completion_tokens),
+                "losses": r3(T.losses),
+                "rewards": r3(T.rewards),
+                # TRL's `kl` metric: the mean per-token log-ratio over the batch's completion tokens.
+                "kl_per_token": r3(T.kl),
+                "load_s": round(load_s + ref_load_s, 3),
+                "train_call_s": round(train_s, 3),
+                "peak_rss_gib": vm("VmHWM:"),
+            }
+        ),
+        flush=True,
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("gen", "train", "dpo"):
+    for name in ("gen", "train", "dpo", "rloo"):
         p = sub.add_parser(name)
         p.add_argument("--model", default=DEFAULT_MODEL)
         p.add_argument("--threads", type=int, default=2)
@@ -417,6 +628,15 @@ def main():
             p.add_argument("--new", type=int, default=64)
             p.add_argument("--reps", type=int, default=1)
             p.add_argument("--seed", type=int, default=0)
+        elif name == "rloo":
+            p.add_argument("--k", type=int, default=4)
+            p.add_argument("--max-new-tokens", type=int, default=64)
+            p.add_argument("--warmup", type=int, default=1)
+            p.add_argument("--steps", type=int, default=3, help="rounds, the first --warmup not timed (as rlhf-bench rloo)")
+            p.add_argument("--lr", type=float, default=1e-6)
+            p.add_argument("--beta", type=float, default=0.05)
+            p.add_argument("--minibatches", type=int, default=2)
+            p.add_argument("--checkpoint", action="store_true", help="gradient checkpointing")
         elif name == "dpo":
             p.add_argument("--pairs", type=int, default=4)
             p.add_argument("--prompt", type=int, default=64)
@@ -442,7 +662,7 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    {"gen": bench_gen, "train": bench_train, "dpo": bench_dpo}[args.cmd](args)
+    {"gen": bench_gen, "train": bench_train, "dpo": bench_dpo, "rloo": bench_rloo}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ def ratio(a, b, invert=False):
 
 def dirty_note(meta):
     if "git_dirty_linked" in meta:
-        return (" + uncommitted changes in crates/lm, crates/train, crates/rl, crates/data or bench/src"
-                if meta["git_dirty_linked"] else " (crates/lm, train, rl, data and bench/src clean)")
+        return (" + uncommitted changes in the crates rlhf-bench links or bench/src"
+                if meta["git_dirty_linked"] else " (the crates rlhf-bench links and bench/src clean)")
     if "git_dirty_lm" in meta:
         return " + uncommitted changes in crates/lm or bench/src" if meta["git_dirty_lm"] else " (crates/lm clean)"
     # older results files: any uncommitted change under crates/ (not necessarily in crates/lm)
@@ -53,6 +53,7 @@ def main(results, doc):
     gen = [r for r in rows if r.get("bench") == "gen"]
     train = [r for r in rows if r.get("bench") == "train"]
     dpo = [r for r in rows if r.get("bench") == "dpo"]
+    rloo = [r for r in rows if r.get("bench") == "rloo"]
     micro = next((r for r in rows if r.get("bench") == "micro"), None)
 
     def gen_tps(side, threads, batch, headline=None):
@@ -91,7 +92,7 @@ def main(results, doc):
         w(f"| {b} | {rounds(o1)} | {rounds(o2)} | {rounds(t2)} | {rounds(t1)} | "
           f"{ratio(med(o1), med(t2))} | {ratio(best_o, best_t)} | {EARLIER_TORCH_GEN[b]} |")
     w("")
-    pol = sorted({str(r.get("omp_wait_policy")) for r in gen + train + dpo if r["side"] == "torch"})
+    pol = sorted({str(r.get("omp_wait_policy")) for r in gen + train + dpo + rloo if r["side"] == "torch"})
     w(f"torch ran with OMP_WAIT_POLICY={', '.join(pol)} (see the notes on contention).")
     w("")
     w("The same runs per CPU-second (tokens / CPU time of the process, 1-thread runs only), which "
@@ -216,6 +217,52 @@ def main(results, doc):
           f"(torch step / ours step = {ratio(t_step, o_step)}; ours also pays {fmt(o_ref, 1)} s once for the "
           f"reference log-probs); CPU time per step ours {fmt(o_cpu, 1)} s vs torch {fmt(t_cpu, 1)} s; "
           f"peak RSS ours {fmt(o_mem, 2)} GiB vs torch {fmt(t_mem, 2)} GiB. Losses: {same}.")
+        w("")
+
+    if rloo:
+        r0 = rloo[0]
+        lr_s = f"{r0['lr']:.0e}".replace("e-0", "e-")
+        w(f"### Online RL step (RLOO, {r0['prompts']} prompts × {r0['k']} samples × {r0['max_new_tokens']} tokens)")
+        w("")
+        w(f"One iteration of each library's RLOO trainer: sample {r0['k']} completions of at most "
+          f"{r0['max_new_tokens']} tokens (temperature 1) for each of the {r0['prompts']} prompts of "
+          f"`bench/prompts.txt` (plain text, no chat template), score them with the frozen reference and the "
+          f"reward (`bench/reward_words.py`: distinct words / 10), KL-shaped leave-one-out advantages "
+          f"(beta {r0['beta']:g} fixed), then {r0['minibatches']} optimiser steps of "
+          f"{r0['prompts'] * r0['k'] // r0['minibatches']} samples (AdamW lr {lr_s}, constant, clip 1). "
+          f"Median of the timed iterations after {r0['warmup']} warm-up; lower is better. Ours "
+          f"(`rlhf-bench rloo`): `rlhf_methods::rloo::run`, the times its run directory logs "
+          f"(`time/iteration_s`, `time/rollout_s` = generation + reference log-probs + reward command, a "
+          f"Python process per batch). Torch: TRL's `RLOOTrainer`, one round = the optimiser steps that share "
+          f"a generation batch (`steps_per_generation` = {r0['minibatches']}), rollout = its "
+          f"`_generate_and_score_completions` (generation, a no-grad forward of the policy for the old "
+          f"log-probs, the reference forward, the reward function in process). Each side samples its own "
+          f"completions (different random streams), so lengths differ: compare the token columns. Peak RSS: "
+          f"VmHWM after the last iteration (ours before writing the final model, which TRL does not do here).")
+        w("")
+        w("| side | threads | label | iteration s (median) | iterations s | rollout s (median) | rollout share | completion tokens (mean) | peak RSS GiB |")
+        w("|---|---:|---|---:|---|---:|---:|---:|---:|")
+        for r in rloo:
+            w(f"| {r['side']} | {r['threads']} | {r['label']} | {fmt(r['iteration_s'], 2)} | "
+              f"{rounds(r['iteration_s_all'], 1)} | {fmt(r['rollout_s'], 2)} | "
+              f"{fmt(100 * r['rollout_share'], 0)}% | {fmt(r['completion_tokens_mean'], 1)} | "
+              f"{fmt(r['peak_rss_gib'], 2)} |")
+        side = lambda s: [r for r in rloo if r["side"] == s]
+        o_it = med([r["iteration_s"] for r in side("ours")])
+        t_it = med([r["iteration_s"] for r in side("torch")])
+        o_share = med([r["rollout_share"] for r in side("ours")])
+        t_share = med([r["rollout_share"] for r in side("torch")])
+        o_tok = med([r["completion_tokens_mean"] for r in side("ours")])
+        t_tok = med([r["completion_tokens_mean"] for r in side("torch")])
+        o_mem = med([r["peak_rss_gib"] for r in side("ours")])
+        t_mem = med([r["peak_rss_gib"] for r in side("torch")])
+        w("")
+        w(f"Summary: RLOO iteration ours {fmt(o_it, 1)} s vs TRL {fmt(t_it, 1)} s (TRL / ours = "
+          f"{ratio(t_it, o_it)}; target ≥ 3x); rollout share ours "
+          f"{fmt(100 * o_share if o_share is not None else None, 0)}% vs TRL "
+          f"{fmt(100 * t_share if t_share is not None else None, 0)}%; mean completion tokens ours "
+          f"{fmt(o_tok, 1)} vs TRL {fmt(t_tok, 1)}; peak RSS ours {fmt(o_mem, 2)} GiB vs TRL {fmt(t_mem, 2)} GiB "
+          f"(ours / TRL = {ratio(o_mem, t_mem)}; target ≤ 0.5x).")
         w("")
 
     for r in [r for r in rows if r.get("bench") == "parity"]:

@@ -2,7 +2,8 @@
 # The toolkit vs PyTorch/transformers on SmolLM2-135M-Instruct (f32), on this machine, one run.
 #
 #   bash bench/run.sh                 # everything (~13 min on 2 idle cores, ~25 min on busy ones,
-#                                     # before the DPO pair was added: it adds ~7 min per round)
+#                                     # before the DPO pair was added: it adds ~7 min per round;
+#                                     # the RLOO pair, 3 iterations a side, adds ~4-5 min more)
 #   ROUNDS=1 EXTRAS=0 bash bench/run.sh   # one round of the headline numbers only
 #   BEFORE_BIN=/path/to/old/rlhf-bench QUICKSTART_BEFORE=/path/to/old/rlhf bash bench/run.sh
 #                                          # also an earlier build's training step and quickstart
@@ -13,7 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-2}   # headline numbers (ours gen 1 thread, torch gen 2 and 1 threads, both trains, both DPO steps)
+ROUNDS=${ROUNDS:-2}   # headline numbers (ours gen 1 thread, torch gen 2 and 1 threads, both trains, both DPO steps,
+                      # both RLOO iterations)
 EXTRAS=${EXTRAS:-1}   # ours gen at 2 threads, micro-benchmarks
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 PY=${PYTHON:-python3}
@@ -52,9 +54,10 @@ print(json.dumps({
     "git": sh("git", "rev-parse", "--short", "HEAD"),
     # The kernels are in crates/lm: is it exactly the commit?
     "git_dirty_lm": bool(sh("git", "status", "--porcelain", "crates/lm", "bench/src")),
-    # Everything rlhf-bench links (dpo runs the trainer's step from crates/rl).
+    # Everything rlhf-bench links (dpo runs the trainer's step from crates/rl, rloo the trainer in
+    # crates/methods, with bench/reward_words.py as its reward).
     "git_dirty_linked": bool(sh("git", "status", "--porcelain", "crates/lm", "crates/train", "crates/rl",
-                                "crates/data", "bench/src")),
+                                "crates/data", "crates/methods", "bench/src", "bench/reward_words.py")),
     "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl_version,
     "python": platform.python_version(), "model": sys.argv[1],
     "date": sh("date", "-u", "+%Y-%m-%d %H:%M UTC"), "loadavg": open("/proc/loadavg").read().split()[:3],
@@ -114,6 +117,8 @@ for r in $(seq 1 "$ROUNDS"); do
   before "round$r" train --threads 2
   ours "round$r" dpo --threads 2
   torch "round$r" dpo --threads 2
+  ours "round$r" rloo --threads 2
+  torch "round$r" rloo --threads 2
 done
 
 if [ -n "${QUICKSTART_BEFORE:-}" ]; then

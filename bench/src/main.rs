@@ -11,6 +11,11 @@
 //!   scores chosen and rejected in one batch of `2 * pairs` rows, the reference log-probs are
 //!   computed once before the first step and reused (timed as `ref_s`), then backward, gradient
 //!   clipping and AdamW, exactly as `rlhf dpo` runs them (`rlhf_rl::pref`).
+//! * `rloo`: iterations of the RLOO trainer itself (`rlhf_methods::rloo::run`, what `rlhf rloo`
+//!   runs): the 8 prompts of prompts.txt x `k` samples of up to `--max-new-tokens` tokens, the
+//!   frozen reference's log-probs, a reward command (`reward_words.py`), the KL-shaped
+//!   leave-one-out advantages and 2 optimiser steps per iteration; per-iteration wall and rollout
+//!   times and completion lengths read back from the run's `metrics.jsonl`.
 //!
 //! Threads are fixed with `rlhf_lm::set_threads` before any tensor work, so each thread count is
 //! a separate process.
@@ -29,6 +34,8 @@ use serde_json::json;
 
 /// The prompts both sides use (row i of a batch gets prompt i mod 8).
 const PROMPTS: &str = include_str!("../prompts.txt");
+/// The reward command of `rloo` (the anchor imports the same file's `score`).
+const REWARD_SCRIPT: &str = include_str!("../reward_words.py");
 
 #[derive(Parser)]
 #[command(
@@ -139,6 +146,35 @@ enum Command {
         seq: usize,
         #[arg(long, default_value_t = 48)]
         completion: usize,
+    },
+    /// Iterations of the RLOO trainer (`rlhf rloo`): sampling, reference log-probs, reward
+    /// command, leave-one-out advantages, `minibatches` optimiser steps. Eval off, no checkpoints
+    /// (the final model the trainer always writes is outside the per-iteration times).
+    Rloo {
+        #[command(flatten)]
+        common: Common,
+        /// Iterations (rollout batches), the first `--warmup` of them not timed.
+        #[arg(long, default_value_t = 3)]
+        steps: u64,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// Samples per prompt.
+        #[arg(long, default_value_t = 4)]
+        k: usize,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// Constant learning rate (no warm-up), AdamW without weight decay, clip 1.0.
+        #[arg(long, default_value_t = 1e-6)]
+        lr: f64,
+        /// Fixed KL coefficient (in the reward).
+        #[arg(long, default_value_t = 0.05)]
+        beta: f64,
+        /// Optimiser steps per iteration, each on its share of the prompts' groups.
+        #[arg(long, default_value_t = 2)]
+        minibatches: usize,
+        /// The interpreter that runs the reward command (`reward_words.py`).
+        #[arg(long, default_value = "python3")]
+        python: String,
     },
     Micro {
         #[arg(long, default_value_t = 1)]
@@ -713,6 +749,201 @@ fn bench_dpo(
     })))
 }
 
+/// Iterations of `rlhf rloo` on the real model, through the trainer's own entry point
+/// (`rlhf_methods::rloo::run`): the policy and the reference are the same `--model` (the
+/// reference a frozen copy of the initial weights), the 8 prompts of prompts.txt as plain-text
+/// `prompt` lines (no chat template: TRL leaves a plain-text prompt as it is), `k` samples each at
+/// temperature 1 (no top-k/top-p), the reward from `reward_words.py` as a command, unnormalised
+/// (normalising would first sample the reference to measure the statistics), a fixed beta in the
+/// reward, `minibatches` optimiser steps per iteration, one epoch, no evaluation, no checkpoints.
+/// The times are what the trainer logs per iteration in `metrics.jsonl`: `time/iteration_s`
+/// (from the start of the rollout to the end of the last optimiser step), `time/rollout_s`
+/// (generation + reference log-probs + reward), `response_length`. The final model the trainer
+/// always writes is not in them; peak RSS is taken when the last iteration is logged (before that
+/// write) and again at the end.
+#[allow(clippy::too_many_arguments)]
+fn bench_rloo(
+    common: &Common,
+    steps: u64,
+    warmup: usize,
+    k: usize,
+    max_new_tokens: usize,
+    lr: f64,
+    beta: f64,
+    minibatches: usize,
+    python: &str,
+) -> Result<serde_json::Value> {
+    use rlhf_methods::rloo::{RlooConfig, RlooParams};
+    use rlhf_rl::kl::KlConfig;
+    use rlhf_rl::online::OnlineEvalConfig;
+    use rlhf_rl::reward_source::{RewardConfig, SourceKind};
+    use rlhf_rl::rollout::RolloutConfig;
+    use rlhf_rl::trainer::OptimConfig;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    ensure!(
+        steps as usize > warmup,
+        "need at least one timed iteration (steps > warmup)"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("rlhf-bench-rloo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let texts: Vec<&str> = PROMPTS.lines().filter(|l| !l.trim().is_empty()).collect();
+    let prompts_file = dir.path().join("prompts.jsonl");
+    let jsonl: String = texts
+        .iter()
+        .map(|t| json!({ "prompt": t }).to_string() + "\n")
+        .collect();
+    std::fs::write(&prompts_file, jsonl)?;
+    let reward_script = dir.path().join("reward_words.py");
+    std::fs::write(&reward_script, REWARD_SCRIPT)?;
+    let run_dir = dir.path().join("run");
+
+    let cfg = RlooConfig {
+        model: common.model.clone(),
+        reference: None,
+        prompts_file: Some(prompts_file),
+        output_dir: run_dir.clone(),
+        steps,
+        prompts_per_step: texts.len(),
+        seed: 0,
+        log_every: 1,
+        save_every: 0,
+        rollout: RolloutConfig {
+            k,
+            max_new_tokens,
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            missing_eos_penalty: None,
+            ..RolloutConfig::default()
+        },
+        reward: RewardConfig {
+            source: SourceKind::Command,
+            command: vec![python.to_string(), reward_script.display().to_string()],
+            normalize: false,
+            ..RewardConfig::default()
+        },
+        kl: KlConfig {
+            beta,
+            target: None,
+            ..KlConfig::default()
+        },
+        optim: OptimConfig {
+            lr,
+            weight_decay: 0.0,
+            schedule: rlhf_train::ScheduleKind::Constant,
+            warmup_ratio: 0.0,
+            max_grad_norm: 1.0,
+            grad_accum: 1,
+            ..OptimConfig::default()
+        },
+        gradient_checkpointing: common.checkpoint,
+        eval: OnlineEvalConfig {
+            prompts: 0,
+            every: 0,
+            ..OnlineEvalConfig::default()
+        },
+        method: RlooParams {
+            minibatches,
+            epochs: 1,
+        },
+        ..RlooConfig::default()
+    };
+
+    // Peak RSS of the iterations alone: VmHWM as soon as the last iteration's metrics line is
+    // written (polled every 5 ms), before `finish` snapshots and writes the final model.
+    let metrics_path = run_dir.join(rlhf_train::run::METRICS_FILE);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, path) = (stop.clone(), metrics_path.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let logged = std::fs::read_to_string(&path).map_or(0, |s| s.lines().count());
+                if logged as u64 >= steps {
+                    return proc_status_bytes("VmHWM:");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            None
+        })
+    };
+    let t = Instant::now();
+    let summary = rlhf_methods::rloo::run(&cfg, false, &Device::Cpu);
+    let run_s = t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let peak_iterations = watcher.join().expect("the RSS watcher does not panic");
+    let summary = summary?;
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_path)
+        .with_context(|| format!("reading {}", metrics_path.display()))?
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    ensure!(
+        lines.len() as u64 == steps,
+        "{} metrics lines for {steps} iterations",
+        lines.len()
+    );
+    let column = |name: &str| -> Result<Vec<f64>> {
+        lines
+            .iter()
+            .map(|l| {
+                l.get(name)
+                    .and_then(serde_json::Value::as_f64)
+                    .with_context(|| format!("metrics.jsonl: no `{name}` in {l}"))
+            })
+            .collect()
+    };
+    let iteration_s = column("time/iteration_s")?;
+    let rollout_s = column("time/rollout_s")?;
+    let lengths = column("response_length")?;
+    let all = |xs: &[f64]| xs.iter().map(|&x| round3(x)).collect::<Vec<_>>();
+    let timed = |xs: &[f64]| xs[warmup..].to_vec();
+    let shares: Vec<f64> = rollout_s
+        .iter()
+        .zip(&iteration_s)
+        .map(|(r, i)| r / i)
+        .collect();
+    for (i, ((it, ro), len)) in iteration_s.iter().zip(&rollout_s).zip(&lengths).enumerate() {
+        eprintln!("iteration {i}: {it:.2}s (rollout {ro:.2}s), mean completion {len:.1} tokens");
+    }
+    Ok(json!({
+        "side": "ours",
+        "bench": "rloo",
+        "gradient_checkpointing": common.checkpoint,
+        "label": common.label,
+        "threads": common.threads,
+        "prompts": texts.len(),
+        "k": k,
+        "max_new_tokens": max_new_tokens,
+        "temperature": 1.0,
+        "beta": beta,
+        "lr": lr,
+        "minibatches": minibatches,
+        "optimizer_steps": summary.optimizer_steps,
+        "warmup": warmup,
+        "iteration_s": round3(median(&timed(&iteration_s))),
+        "iteration_s_all": all(&iteration_s),
+        "rollout_s": round3(median(&timed(&rollout_s))),
+        "rollout_s_all": all(&rollout_s),
+        "rollout_share": round3(median(&timed(&shares))),
+        "completion_tokens_mean": round3(timed(&lengths).iter().sum::<f64>() / (lengths.len() - warmup) as f64),
+        "completion_tokens_all": all(&lengths),
+        "eos_fraction_all": all(&column("eos_fraction")?),
+        "losses": all(&column("loss")?),
+        "rewards": all(&column("reward_raw")?),
+        // The trainer's `kl`: the mean over samples of the summed per-token log-ratio.
+        "kl_per_sequence": all(&column("kl")?),
+        // The whole `rloo::run`: loading, the iterations, writing the final model.
+        "run_s": round3(run_s),
+        "peak_rss_gib": gib(peak_iterations),
+        "peak_rss_end_gib": gib(proc_status_bytes("VmHWM:")),
+    }))
+}
+
 /// Median seconds of `reps` calls of `f` (after one warm-up call).
 fn time_median(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
@@ -798,7 +1029,8 @@ fn main() -> Result<()> {
         Command::Gen { common, .. }
         | Command::Train { common, .. }
         | Command::Dpo { common, .. }
-        | Command::Parity { common, .. } => common.threads,
+        | Command::Parity { common, .. }
+        | Command::Rloo { common, .. } => common.threads,
         Command::Micro { threads, .. } => *threads,
     };
     // Before any tensor work: candle and rayon read these once.
@@ -847,6 +1079,27 @@ fn main() -> Result<()> {
             *lr,
             *beta,
             *max_grad_norm,
+        )?,
+        Command::Rloo {
+            common,
+            steps,
+            warmup,
+            k,
+            max_new_tokens,
+            lr,
+            beta,
+            minibatches,
+            python,
+        } => bench_rloo(
+            common,
+            *steps,
+            *warmup,
+            *k,
+            *max_new_tokens,
+            *lr,
+            *beta,
+            *minibatches,
+            python,
         )?,
         Command::Micro { threads, reps } => bench_micro(*threads, *reps)?,
     };
