@@ -17,6 +17,9 @@
 //!   leave-one-out advantages and 2 optimiser steps per iteration; per-iteration wall and rollout
 //!   times and completion lengths read back from the run's `metrics.jsonl`.
 //!
+//! * `membw`: this machine's memory bandwidth (read and copy), the ceiling of batch-1 decoding,
+//!   which reads every weight once per token.
+//!
 //! Threads are fixed with `rlhf_lm::set_threads` before any tensor work, so each thread count is
 //! a separate process.
 
@@ -31,6 +34,8 @@ use rlhf_lm::llama::{Llama, Trainable};
 use rlhf_lm::score::{completion_logprobs, CompletionBatch};
 use rlhf_lm::Pretrained;
 use serde_json::json;
+
+mod membw;
 
 /// The prompts both sides use (row i of a batch gets prompt i mod 8).
 const PROMPTS: &str = include_str!("../prompts.txt");
@@ -175,6 +180,20 @@ enum Command {
         /// The interpreter that runs the reward command (`reward_words.py`).
         #[arg(long, default_value = "python3")]
         python: String,
+    },
+    /// This machine's memory bandwidth (read and copy, 1 thread and the pool), the ceiling of
+    /// batch-1 decoding.
+    Membw {
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Buffer size in GiB (far above the caches).
+        #[arg(long, default_value_t = 1.0)]
+        gib: f64,
+        /// Passes per measurement (the best is reported).
+        #[arg(long, default_value_t = 5)]
+        passes: usize,
+        #[arg(long, default_value = "")]
+        label: String,
     },
     Micro {
         #[arg(long, default_value_t = 1)]
@@ -1031,7 +1050,7 @@ fn main() -> Result<()> {
         | Command::Dpo { common, .. }
         | Command::Parity { common, .. }
         | Command::Rloo { common, .. } => common.threads,
-        Command::Micro { threads, .. } => *threads,
+        Command::Micro { threads, .. } | Command::Membw { threads, .. } => *threads,
     };
     // Before any tensor work: candle and rayon read these once.
     rlhf_lm::set_threads(threads);
@@ -1102,6 +1121,9 @@ fn main() -> Result<()> {
             python,
         )?,
         Command::Micro { threads, reps } => bench_micro(*threads, *reps)?,
+        Command::Membw {
+            gib, passes, label, ..
+        } => membw::run(*gib, *passes, label),
     };
     println!("{out}");
     Ok(())

@@ -64,11 +64,8 @@ pub fn linear(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
 /// [`linear`] for several layers that read the same `x` (q, k and v; gate and up): without a
 /// gradient and with few rows, all of them in one pass of [`skinny::linear_many`].
 pub fn linear_many(layers: &[&candle_nn::Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-    static MANY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *MANY.get_or_init(|| std::env::var("SKINNY_MANY").as_deref() != Ok("0")) {
     if let Some(ys) = few_rows_linear(layers, x)? {
         return Ok(ys);
-    }
     }
     layers.iter().map(|l| linear(l, x)).collect()
 }

@@ -15,8 +15,9 @@
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Rows of x up to which [`xwt`] beats gemm (measured on SmolLM2's projections, 2 cores: gemm's
-/// packing pays for itself only once its panels are reused by more rows than this).
+/// Rows of x up to which decoding's products take this path. At 64 rows each weight element
+/// already feeds 64 multiply-adds, enough for gemm's one repacking of the weight to be cheap next
+/// to the product (a batch-8 prefill of 20-token prompts, 160 rows, goes to gemm).
 pub const MAX_ROWS: usize = 64;
 
 /// Below this many multiply-adds a call stays on the calling thread (waking a worker costs more).
@@ -57,7 +58,7 @@ pub fn xwt_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)]) -> V
     let outs: Vec<SharedOut> = ys.iter_mut().map(|y| SharedOut(y.as_mut_ptr())).collect();
     let run = |t: usize| {
         for ((w, n), out) in weights.iter().zip(&outs) {
-            let share = n.div_ceil(tasks).next_multiple_of(4);
+            let share = n.div_ceil(tasks).next_multiple_of(TILE_W);
             let (j0, j1) = ((t * share).min(*n), ((t + 1) * share).min(*n));
             if j0 < j1 {
                 // SAFETY: task t writes only columns j0..j1 of this output, which no other task
@@ -156,10 +157,15 @@ impl CustomOp2 for SkinnyLinear {
     }
 }
 
-fn prefetch_ahead() -> usize {
-    static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *AHEAD.get_or_init(|| std::env::var("SKINNY_AHEAD").ok().and_then(|v| v.parse().ok()).unwrap_or(8))
-}
+/// Weight rows and x rows per tile (16 vector accumulators: 8 loads per 16 FMAs, and the weight
+/// rows of a tile stay in L1 while every block of x rows passes over them).
+const TILE_W: usize = 4;
+const TILE_X: usize = 4;
+
+/// How many weight rows ahead the first pass over a tile prefetches (into L2: the x rows that
+/// stream through L1 meanwhile would evict them from there). Two tiles, about 18 KB: from 1 to 16
+/// tiles measured within noise of each other, none prefetching 25-35% slower.
+const PREFETCH_ROWS: usize = 8;
 
 /// The output pointer shared by the tasks of one [`xwt`] call (each writes its own columns).
 #[derive(Clone, Copy)]
@@ -262,16 +268,16 @@ macro_rules! x86_kernel {
                 let (x, w) = (x.as_ptr(), w.as_ptr());
                 let mut j = j0;
                 while j < j1 {
-                    let jb = (j1 - j).min(4);
+                    let jb = (j1 - j).min(super::TILE_W);
                     let mut i = 0;
                     while i < m {
-                        let ib = (m - i).min(4);
+                        let ib = (m - i).min(super::TILE_X);
                         let (xs, ws, out) = (x.add(i * k), w.add(j * k), y.add(i * ldy + j));
-                        // The first pass over a weight tile also pulls the next tile into cache
-                        // (decoding reads each weight once, straight from memory: without this the
-                        // first pass waits on every cache line).
-                        let ahead = super::prefetch_ahead();
-                        let next = if i == 0 && j + 4 + ahead <= j1 {
+                        // The first pass over a weight tile also pulls the weight rows a little
+                        // further on into cache (decoding reads each weight once, straight from
+                        // memory: without this the first pass waits on every cache line).
+                        let ahead = super::PREFETCH_ROWS;
+                        let next = if i == 0 && j + jb + ahead <= j1 {
                             w.add((j + ahead) * k)
                         } else {
                             std::ptr::null()
@@ -323,7 +329,7 @@ macro_rules! x86_kernel {
                     if !next.is_null() && c % 16 == 0 {
                         // One 64-byte line per row every 16 floats.
                         for jj in 0..JB {
-                            _mm_prefetch::<_MM_HINT_T0>(next.add(jj * k + c) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(next.add(jj * k + c) as *const i8);
                         }
                     }
                     for (ii, acc_i) in acc.iter_mut().enumerate() {
