@@ -6,7 +6,8 @@
 #                                     # the RLOO pair, 3 iterations a side, adds ~4-5 min more)
 #   ROUNDS=1 EXTRAS=0 bash bench/run.sh   # one round of the headline numbers only
 #   BEFORE_BIN=/path/to/old/rlhf-bench QUICKSTART_BEFORE=/path/to/old/rlhf bash bench/run.sh
-#                                          # also an earlier build's training step and quickstart
+#                                          # also an earlier build's training step, generation
+#                                          # (batch 8 and 32, 2 threads) and quickstart
 #
 # Every measurement is a separate process, run one after another (never two at once). Raw
 # results go to bench/results/<timestamp>.jsonl (one JSON line each); bench/report.py turns them
@@ -14,9 +15,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-2}   # headline numbers (ours gen 1 thread, torch gen 2 and 1 threads, both trains, both DPO steps,
+ROUNDS=${ROUNDS:-2}   # headline numbers (ours gen 1 and 2 threads, torch gen 2 and 1 threads, both trains, both DPO steps,
                       # both RLOO iterations)
-EXTRAS=${EXTRAS:-1}   # ours gen at 2 threads, micro-benchmarks
+EXTRAS=${EXTRAS:-1}   # micro-benchmarks
 MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 PY=${PYTHON:-python3}
 
@@ -104,11 +105,17 @@ quickstart() {
 }
 
 ours parity parity --threads 2   # fast training path vs composed f64 gradients, once
+echo "+ rlhf-bench membw --threads 2 load1=$(load1)" >&2
+"$BIN" membw --threads 2 --label "load1=$(load1)" | tee -a "$OUT"   # batch-1 decoding's ceiling
 
 for r in $(seq 1 "$ROUNDS"); do
   split=""
   [ "$r" = 1 ] && split="--split"   # round 1 also times the model alone (gen split)
-  for b in 1 8 32; do ours "round$r" gen --threads 1 --batch "$b" $split; done
+  for b in 1 8 32; do
+    ours "round$r" gen --threads 1 --batch "$b" $split
+    ours "round$r" gen --threads 2 --batch "$b"
+  done
+  for b in 8 32; do before "round$r" gen --threads 2 --batch "$b"; done
   torch "round$r" gen --threads 2 --batches 1,8,32
   torch "round$r" gen --threads 1 --batches 1,8,32
   ours "round$r" train --threads 2
@@ -130,7 +137,6 @@ if [ -n "${QUICKSTART_BEFORE:-}" ]; then
 fi
 
 if [ "$EXTRAS" = 1 ]; then
-  for b in 1 8 32; do ours extra gen --threads 2 --batch "$b"; done
   echo "+ rlhf-bench micro --threads 1" >&2
   "$BIN" micro --threads 1 --reps 5 | tee -a "$OUT"
 fi
