@@ -235,8 +235,12 @@ pub fn generate(
     } else {
         batch
     };
-    let hidden =
-        model.hidden_states(&prefill.ids, &prefill.positions, &prefill.mask, Some(&mut cache))?;
+    let hidden = model.hidden_states(
+        &prefill.ids,
+        &prefill.positions,
+        &prefill.mask,
+        Some(&mut cache),
+    )?;
     let mut logits = model
         .logits(&hidden.narrow(1, t0 - 1, 1)?)?
         .squeeze(1)?
@@ -299,8 +303,8 @@ pub fn generate(
         let n = live.len();
         let s_len = key_real[0].len() + 1;
         let mut mask = vec![MASKED; n * s_len];
-        for r in 0..b {
-            key_real[r].push(true);
+        for row in key_real.iter_mut() {
+            row.push(true);
         }
         for (i, &r) in live.iter().enumerate() {
             for (j, &real) in key_real[r].iter().enumerate() {

@@ -100,7 +100,7 @@ impl LayerKv {
                 v.len()
             )));
         }
-        if query_heads % nkv != 0 {
+        if !query_heads.is_multiple_of(nkv) {
             return Err(crate::LmError::Invalid(format!(
                 "kv cache: {query_heads} query heads are not groups of the {nkv} key/value heads"
             )));

@@ -111,10 +111,12 @@ impl Attention {
                 let v = v.reshape((b, t, self.n_kv_heads, d))?;
                 let q = fused::rope_time_first(&q, cos, sin)?;
                 let k = fused::rope_time_first(&k, cos, sin)?;
-                let host = |x: Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+                let host =
+                    |x: Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
                 let (q, k, v) = (host(q)?, host(k)?, host(v)?);
                 let kv = cache_layer(cache, b, self.n_kv_heads, d)?;
-                let out = kv.append_and_attend(&q, &k, &v, self.n_heads, fused_mask, scale as f32)?;
+                let out =
+                    kv.append_and_attend(&q, &k, &v, self.n_heads, fused_mask, scale as f32)?;
                 let out = Tensor::from_vec(out, (b, t, self.n_heads * d), x.device())?;
                 return ops::linear(&self.o_proj, &out);
             }
@@ -522,21 +524,20 @@ impl Llama {
         let (cos, sin) = self.rope_tables(positions)?;
         // f32 on the CPU: attention runs fused (whole sequences) or on the host cache (decoding),
         // reading the mask as host rows.
-        let fused_mask = if self.embed_tokens.dtype() == DType::F32
-            && self.embed_tokens.device().is_cpu()
-        {
-            let past = cache.as_ref().map_or(0, |c| c.len());
-            Some(AttentionMask::from_tensor(mask, b, t, past + t)?)
-        } else {
-            if let Some(c) = cache.as_deref_mut() {
-                for layer in c.layers.iter_mut() {
-                    if let LayerCache::Unused { capacity } = *layer {
-                        *layer = LayerCache::Candle(KvCache::new(2, capacity));
+        let fused_mask =
+            if self.embed_tokens.dtype() == DType::F32 && self.embed_tokens.device().is_cpu() {
+                let past = cache.as_ref().map_or(0, |c| c.len());
+                Some(AttentionMask::from_tensor(mask, b, t, past + t)?)
+            } else {
+                if let Some(c) = cache.as_deref_mut() {
+                    for layer in c.layers.iter_mut() {
+                        if let LayerCache::Unused { capacity } = *layer {
+                            *layer = LayerCache::Candle(KvCache::new(2, capacity));
+                        }
                     }
                 }
-            }
-            None
-        };
+                None
+            };
         let mask = mask.to_dtype(self.embed_tokens.dtype())?;
         let mask = &mask;
         let mut x = self

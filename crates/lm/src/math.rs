@@ -51,7 +51,9 @@ mod tests {
     #[test]
     fn matches_f64_exp() {
         let mut worst = 0.0f64;
-        let xs: Vec<f32> = (0..200_001).map(|i| -87.0 + i as f32 * (175.0 / 200_000.0)).collect();
+        let xs: Vec<f32> = (0..200_001)
+            .map(|i| -87.0 + i as f32 * (175.0 / 200_000.0))
+            .collect();
         let mut ys = xs.clone();
         exp_in_place(&mut ys);
         for (&x, &y) in xs.iter().zip(&ys) {

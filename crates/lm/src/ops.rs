@@ -81,7 +81,9 @@ fn few_rows_linear(layers: &[&candle_nn::Linear], x: &Tensor) -> Result<Option<V
         && x.device().is_cpu()
         && k > 0
         && x.elem_count() / k <= skinny::MAX_ROWS
-        && weights.iter().all(|w| w.is_contiguous() && w.dims().get(1) == Some(&k));
+        && weights
+            .iter()
+            .all(|w| w.is_contiguous() && w.dims().get(1) == Some(&k));
     if !applies {
         return Ok(None);
     }

@@ -26,7 +26,9 @@ const PAR_MIN_MACS: usize = 1 << 18;
 /// y (m × n, row-major) = x (m × k, row-major) · Wᵀ for W (n × k, row-major), plus `bias` (n) when
 /// given. Spread over rayon's pool by blocks of W's rows when the product is large enough.
 pub fn xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut y = xwt_many(x, m, k, &[(w, n)]).pop().expect("one weight, one output");
+    let mut y = xwt_many(x, m, k, &[(w, n)])
+        .pop()
+        .expect("one weight, one output");
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "xwt: bias is not {n} long");
         for row in y.chunks_mut(n) {
@@ -147,7 +149,11 @@ impl CustomOp2 for SkinnyLinear {
         let (n, k) = l2.shape().dims2()?;
         let x = &xv[x0..x1];
         if k == 0 || x.len() % k != 0 {
-            bail!("{}: input {:?} does not end in {k} columns", self.name(), l1.shape());
+            bail!(
+                "{}: input {:?} does not end in {k} columns",
+                self.name(),
+                l1.shape()
+            );
         }
         let m = x.len() / k;
         let y = xwt(x, m, k, &wv[w0..w1], n, None);

@@ -313,7 +313,10 @@ fn rows_that_finish_early_leave_the_batch_without_disturbing_the_rest() {
         lengths.len() >= 4 && samples.iter().any(|s| s.tokens.len() == 24),
         "want rows finishing at several steps and some running to the end: {lengths:?}"
     );
-    assert_eq!(samples, generate(&model, &prompts, 0, &params, None).unwrap());
+    assert_eq!(
+        samples,
+        generate(&model, &prompts, 0, &params, None).unwrap()
+    );
     let pairs: Vec<_> = prompts
         .iter()
         .cloned()
