@@ -182,7 +182,6 @@ fn real_main() -> Result<()> {
     }
     let cli = Cli::from_arg_matches(&matches)?;
     let threads = cli.threads.unwrap_or_else(|| match &cli.command {
-        Command::Generate(a) if rlhf_lm::available_cores() <= 2 && a.batch_size <= 8 => 1,
         // The testbed's tiny model: synchronising two threads costs more than it gains.
         Command::Quickstart(_)
         | Command::CompareOnline(_)
