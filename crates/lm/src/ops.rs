@@ -44,7 +44,7 @@ pub fn rms_norm_composed(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor
 
 /// x · Wᵀ (+ b) for a `Linear` layer. While training (a gradient flows through x or W) f32 on the
 /// CPU goes through [`fused::linear`], whose backward writes dW directly; without a gradient, a few
-/// rows of x (decoding) go through [`skinny::linear`]; otherwise candle's `Linear`.
+/// rows of x (decoding) go through [`skinny::linear_many`]; otherwise candle's `Linear`.
 pub fn linear(layer: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     use candle_core::Module;
     let w = layer.weight();

@@ -5,14 +5,15 @@
 //! every call. That is cheap when many rows of x share the packed panels, but at decode time x has
 //! 1-64 rows and the repacking (read and write the whole weight) cost more than the product itself
 //! (60% of a batch-8 decode step in the profile). Here every weight row is streamed once and dotted
-//! with every row of x, which stays in cache: the weight is read once per call, at memory bandwidth
-//! when x has a row or two and at the FMA units' rate when it has more.
+//! with every row of x, which stays in cache: the weight is read once per call. With a row or two
+//! that runs at memory bandwidth; with more, the first pass over each tile still waits on memory
+//! (docs/performance.md, "What is left").
 //!
 //! The kernel works on tiles of 4 rows of x by 4 rows of W: 16 accumulators of one vector each
 //! along k (16 lanes with AVX-512, 8 with AVX2), summed across lanes at the end. The vector kernel is
 //! chosen at run time, so the binary runs on any x86-64; other CPUs take a plain loop.
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, Layout, Tensor};
 use rayon::prelude::*;
 
 /// Rows of x up to which decoding's products take this path. At 64 rows each weight element
@@ -77,13 +78,6 @@ pub fn xwt_many(x: &[f32], m: usize, k: usize, weights: &[(&[f32], usize)]) -> V
     ys
 }
 
-/// [`xwt`] on tensors: `x` (..., k) times `weight` (n, k) transposed, f32 on the CPU, no gradient
-/// (decoding and scoring without a graph; training goes through `fused::linear`).
-pub fn linear(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?
-        .apply_op2_no_bwd(&weight.contiguous()?, &SkinnyLinear)
-}
-
 /// [`xwt_many`] on tensors: `x` (..., k) times each weight (n_i, k) transposed, f32 on the CPU,
 /// contiguous weights, no gradient. Returns one (..., n_i) tensor per weight.
 pub fn linear_many(x: &Tensor, weights: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
@@ -122,44 +116,6 @@ fn host_f32<'a>(
     match (s, l.contiguous_offsets()) {
         (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(&v[a..b]),
         _ => bail!("skinny: {what} must be contiguous f32 on the CPU"),
-    }
-}
-
-struct SkinnyLinear;
-
-impl CustomOp2 for SkinnyLinear {
-    fn name(&self) -> &'static str {
-        "skinny-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xv), CpuStorage::F32(wv)) = (s1, s2) else {
-            bail!("{}: f32 inputs expected", self.name())
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("{}: contiguous inputs expected", self.name())
-        };
-        let (n, k) = l2.shape().dims2()?;
-        let x = &xv[x0..x1];
-        if k == 0 || x.len() % k != 0 {
-            bail!(
-                "{}: input {:?} does not end in {k} columns",
-                self.name(),
-                l1.shape()
-            );
-        }
-        let m = x.len() / k;
-        let y = xwt(x, m, k, &wv[w0..w1], n, None);
-        let mut dims = l1.shape().dims().to_vec();
-        *dims.last_mut().expect("rank >= 1: it ends in k columns") = n;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 }
 
