@@ -6,8 +6,8 @@
 //! 1-64 rows and the repacking (read and write the whole weight) cost more than the product itself
 //! (60% of a batch-8 decode step in the profile). Here every weight row is streamed once and dotted
 //! with every row of x, which stays in cache: the weight is read once per call. With a row or two
-//! that runs at memory bandwidth; with more, the first pass over each tile still waits on memory
-//! (docs/performance.md, "What is left").
+//! that runs at memory bandwidth; with 32 rows at about 60 GFLOP/s per core, whatever the weights'
+//! place in the memory hierarchy (docs/performance.md, "What is left").
 //!
 //! The kernel works on tiles of 4 rows of x by 4 rows of W: 16 accumulators of one vector each
 //! along k (16 lanes with AVX-512, 8 with AVX2), summed across lanes at the end. The vector kernel is
@@ -125,8 +125,9 @@ const TILE_W: usize = 4;
 const TILE_X: usize = 4;
 
 /// How many weight rows ahead the first pass over a tile prefetches (into L2: the x rows that
-/// stream through L1 meanwhile would evict them from there). Two tiles, about 18 KB: from 1 to 16
-/// tiles measured within noise of each other, none prefetching 25-35% slower.
+/// stream through L1 meanwhile would evict them from there). Two tiles, about 18 KB. In a probe
+/// over SmolLM2-sized layers, distances of 1 to 16 tiles were within noise of each other, and no
+/// prefetch was 29-35% slower at 8 and 32 rows (single runs on a noisy machine).
 const PREFETCH_ROWS: usize = 8;
 
 /// The output pointer shared by the tasks of one [`xwt`] call (each writes its own columns).
