@@ -6,8 +6,8 @@
 //! 1-64 rows and the repacking (read and write the whole weight) cost more than the product itself
 //! (60% of a batch-8 decode step in the profile). Here every weight row is streamed once and dotted
 //! with every row of x, which stays in cache: the weight is read once per call. With a row or two
-//! that runs at memory bandwidth; with 32 rows at about 60 GFLOP/s per core, whatever the weights'
-//! place in the memory hierarchy (docs/performance.md, "What is left").
+//! that runs at memory bandwidth; with 32 rows at about 60 GFLOP/s per core, about gemm's own rate
+//! on this kind of machine (docs/performance.md, "What is left").
 //!
 //! The kernel works on tiles of 4 rows of x by 4 rows of W: 16 accumulators of one vector each
 //! along k (16 lanes with AVX-512, 8 with AVX2), summed across lanes at the end. The vector kernel is
