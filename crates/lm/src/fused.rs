@@ -40,7 +40,8 @@ fn sum_sq(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail.iter().map(|v| v * v).sum::<f32>()
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// Σ a·b in `LANES` partial sums (vectorised by the compiler); also the decode kernels' dot product.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut acc = [0f32; LANES];
     let ca = a.chunks_exact(LANES);

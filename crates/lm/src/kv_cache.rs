@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 use crate::attention::AttentionMask;
+use crate::fused::dot;
 
 /// One layer's cached keys and values.
 pub struct LayerKv {
@@ -170,23 +171,4 @@ impl LayerKv {
         }
         Ok(out)
     }
-}
-
-/// Dot product in 8 partial sums (vectorised by the compiler).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut part = [0.0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            part[l] += x[l] * y[l];
-        }
-    }
-    part.iter().sum::<f32>() + tail
 }

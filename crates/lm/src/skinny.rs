@@ -170,7 +170,7 @@ unsafe fn columns(
     baseline_columns(x, m, k, w, j0, j1, y, ldy)
 }
 
-/// Any CPU: one dot product at a time, in 8 partial sums the compiler vectorises as it can.
+/// Any CPU: one dot product at a time (`fused::dot`, partial sums the compiler vectorises).
 #[allow(clippy::too_many_arguments)]
 unsafe fn baseline_columns(
     x: &[f32],
@@ -185,21 +185,7 @@ unsafe fn baseline_columns(
     for j in j0..j1 {
         let wj = &w[j * k..(j + 1) * k];
         for i in 0..m {
-            let xi = &x[i * k..(i + 1) * k];
-            let mut part = [0.0f32; 8];
-            let (xc, wc) = (xi.chunks_exact(8), wj.chunks_exact(8));
-            let tail: f32 = xc
-                .remainder()
-                .iter()
-                .zip(wc.remainder())
-                .map(|(a, b)| a * b)
-                .sum();
-            for (a, b) in xc.zip(wc) {
-                for l in 0..8 {
-                    part[l] += a[l] * b[l];
-                }
-            }
-            *y.add(i * ldy + j) = part.iter().sum::<f32>() + tail;
+            *y.add(i * ldy + j) = crate::fused::dot(&x[i * k..(i + 1) * k], wj);
         }
     }
 }
