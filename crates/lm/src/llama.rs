@@ -11,11 +11,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use candle_nn::{kv_cache::KvCache, Linear};
 
-use crate::kv_cache::LayerKv;
-
 use crate::attention::{self, AttentionMask};
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
+use crate::kv_cache::LayerKv;
 use crate::{fused, ops};
 
 /// Additive value for masked attention scores. Finite (not -inf) so that a row with every key
@@ -97,48 +96,42 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
         let scale = 1.0 / (d as f64).sqrt();
-        let cache = match (cache, fused_mask) {
-            (Some(LayerCache::Candle(kv)), _) => Some(kv),
-            (Some(cache), Some(fused_mask)) => {
-                // Decoding, f32 on the CPU: the projections' (b, t, heads, d) layout throughout,
-                // keys and values appended to the host cache in place and attended there.
-                let [q, k, v]: [Tensor; 3] =
-                    ops::linear_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
-                        .try_into()
-                        .expect("three layers, three outputs");
-                let q = q.reshape((b, t, self.n_heads, d))?;
-                let k = k.reshape((b, t, self.n_kv_heads, d))?;
-                let v = v.reshape((b, t, self.n_kv_heads, d))?;
-                let q = fused::rope_time_first(&q, cos, sin)?;
-                let k = fused::rope_time_first(&k, cos, sin)?;
-                let host =
-                    |x: Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
-                let (q, k, v) = (host(q)?, host(k)?, host(v)?);
-                let kv = cache_layer(cache, b, self.n_kv_heads, d)?;
-                let out =
-                    kv.append_and_attend(&q, &k, &v, self.n_heads, fused_mask, scale as f32)?;
-                let out = Tensor::from_vec(out, (b, t, self.n_heads * d), x.device())?;
-                return ops::linear(&self.o_proj, &out);
-            }
-            (Some(_), None) => {
+        let candle_cache = matches!(cache.as_deref(), Some(LayerCache::Candle(_)));
+        if let (Some(fused_mask), false) = (fused_mask, candle_cache) {
+            // f32 on the CPU, every tensor in the projections' (b, t, heads, d) layout: fused RoPE,
+            // no transposed copies.
+            let [q, k, v]: [Tensor; 3] =
+                ops::linear_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+                    .try_into()
+                    .expect("three layers, three outputs");
+            let q = fused::rope_time_first(&q.reshape((b, t, self.n_heads, d))?, cos, sin)?;
+            let k = fused::rope_time_first(&k.reshape((b, t, self.n_kv_heads, d))?, cos, sin)?;
+            let v = v.reshape((b, t, self.n_kv_heads, d))?;
+            let out = match cache {
+                // Whole sequences: the fused attention op (no score tensors kept, no K/V copies).
+                None => attention::attention(&q, &k, &v, fused_mask.clone(), scale)?,
+                // Decoding: keys and values appended to the host cache in place, attended there.
+                Some(cache) => {
+                    let host =
+                        |x: Tensor| -> Result<Vec<f32>> { Ok(x.flatten_all()?.to_vec1::<f32>()?) };
+                    let (q, k, v) = (host(q)?, host(k)?, host(v)?);
+                    let kv = cache_layer(cache, b, self.n_kv_heads, d)?;
+                    let out =
+                        kv.append_and_attend(&q, &k, &v, self.n_heads, fused_mask, scale as f32)?;
+                    Tensor::from_vec(out, (b, t, self.n_heads * d), x.device())?
+                }
+            }; // (b, t, nh·d)
+            return ops::linear(&self.o_proj, &out);
+        }
+        let cache = match cache {
+            Some(LayerCache::Candle(kv)) => Some(kv),
+            Some(_) => {
                 return Err(LmError::Invalid(
                     "kv cache: a host cache needs f32 on the CPU".into(),
                 ))
             }
-            (None, _) => None,
+            None => None,
         };
-        if let (Some(fused_mask), None) = (fused_mask, &cache) {
-            // Whole sequences in one pass, every tensor in the projections' (b, t, heads, d)
-            // layout: fused RoPE and the fused attention op (no score tensors kept, no K/V copies,
-            // no transposed copies).
-            let q = ops::linear(&self.q_proj, x)?.reshape((b, t, self.n_heads, d))?;
-            let k = ops::linear(&self.k_proj, x)?.reshape((b, t, self.n_kv_heads, d))?;
-            let v = ops::linear(&self.v_proj, x)?.reshape((b, t, self.n_kv_heads, d))?;
-            let q = fused::rope_time_first(&q, cos, sin)?;
-            let k = fused::rope_time_first(&k, cos, sin)?;
-            let out = attention::attention(&q, &k, &v, fused_mask.clone(), scale)?; // (b, t, nh·d)
-            return ops::linear(&self.o_proj, &out);
-        }
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?)
         };
@@ -524,20 +517,19 @@ impl Llama {
         let (cos, sin) = self.rope_tables(positions)?;
         // f32 on the CPU: attention runs fused (whole sequences) or on the host cache (decoding),
         // reading the mask as host rows.
-        let fused_mask =
-            if self.embed_tokens.dtype() == DType::F32 && self.embed_tokens.device().is_cpu() {
-                let past = cache.as_ref().map_or(0, |c| c.len());
-                Some(AttentionMask::from_tensor(mask, b, t, past + t)?)
-            } else {
-                if let Some(c) = cache.as_deref_mut() {
-                    for layer in c.layers.iter_mut() {
-                        if let LayerCache::Unused { capacity } = *layer {
-                            *layer = LayerCache::Candle(KvCache::new(2, capacity));
-                        }
+        let fused_mask = if self.uses_host_cache() {
+            let past = cache.as_ref().map_or(0, |c| c.len());
+            Some(AttentionMask::from_tensor(mask, b, t, past + t)?)
+        } else {
+            if let Some(c) = cache.as_deref_mut() {
+                for layer in c.layers.iter_mut() {
+                    if let LayerCache::Unused { capacity } = *layer {
+                        *layer = LayerCache::Candle(KvCache::new(2, capacity));
                     }
                 }
-                None
-            };
+            }
+            None
+        };
         let mask = mask.to_dtype(self.embed_tokens.dtype())?;
         let mask = &mask;
         let mut x = self

@@ -24,21 +24,12 @@ pub const MAX_ROWS: usize = 64;
 /// Below this many multiply-adds a call stays on the calling thread (waking a worker costs more).
 const PAR_MIN_MACS: usize = 1 << 18;
 
-/// y (m × n, row-major) = x (m × k, row-major) · Wᵀ for W (n × k, row-major), plus `bias` (n) when
-/// given. Spread over rayon's pool by blocks of W's rows when the product is large enough.
-pub fn xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    let mut y = xwt_many(x, m, k, &[(w, n)])
+/// y (m × n, row-major) = x (m × k, row-major) · Wᵀ for W (n × k, row-major). Spread over rayon's
+/// pool by blocks of W's rows when the product is large enough.
+pub fn xwt(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    xwt_many(x, m, k, &[(w, n)])
         .pop()
-        .expect("one weight, one output");
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n, "xwt: bias is not {n} long");
-        for row in y.chunks_mut(n) {
-            for (v, bv) in row.iter_mut().zip(b) {
-                *v += bv;
-            }
-        }
-    }
-    y
+        .expect("one weight, one output")
 }
 
 /// [`xwt`] for several weights (n_i × k) applied to the same x, in one pass: one dispatch to the
@@ -376,12 +367,11 @@ mod tests {
         ] {
             let x = values(m * k, (m * 31 + k) as u32);
             let w = values(n * k, (n * 17 + k) as u32);
-            let bias = values(n, 5);
-            let y = xwt(&x, m, k, &w, n, Some(&bias));
+            let y = xwt(&x, m, k, &w, n);
             let want = reference(&x, m, k, &w, n);
             for i in 0..m {
                 for j in 0..n {
-                    let (got, exp) = (y[i * n + j] as f64, want[i * n + j] + bias[j] as f64);
+                    let (got, exp) = (y[i * n + j] as f64, want[i * n + j]);
                     assert!(
                         (got - exp).abs() <= 1e-5 * (1.0 + (k as f64).sqrt()),
                         "m={m} k={k} n={n} at ({i}, {j}): {got} vs {exp}"
