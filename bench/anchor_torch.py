@@ -25,6 +25,27 @@ import warnings
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "..", "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
+# What both TRL trainers share: constant learning rate without warm-up, AdamW without weight decay
+# (torch's default betas and eps, as ours), f32 on the CPU, and nothing written, logged or evaluated.
+TRAINER_ARGS = dict(
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    weight_decay=0.0,
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    adam_epsilon=1e-8,
+    bf16=False,
+    fp16=False,
+    use_cpu=True,
+    dataloader_num_workers=0,
+    report_to="none",
+    logging_strategy="no",
+    save_strategy="no",
+    eval_strategy="no",
+    disable_tqdm=True,
+    seed=0,
+)
+
 
 def vm(field):
     """A field of /proc/self/status in GiB (VmHWM = peak RSS)."""
@@ -318,12 +339,6 @@ def bench_dpo(args):
         beta=args.beta,
         loss_type="sigmoid",
         learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
         max_grad_norm=args.max_grad_norm,
         per_device_train_batch_size=args.pairs,
         gradient_accumulation_steps=1,
@@ -331,16 +346,7 @@ def bench_dpo(args):
         max_length=None,
         precompute_ref_log_probs=False,
         gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        report_to="none",
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        seed=0,
+        **TRAINER_ARGS,
     )
     trainer = BenchDPOTrainer(
         model=model,
@@ -517,24 +523,9 @@ def bench_rloo(args):
         gradient_accumulation_steps=1,
         max_steps=rounds * args.minibatches,
         learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
         max_grad_norm=1.0,
         gradient_checkpointing=args.checkpoint,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        report_to="none",
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        disable_tqdm=True,
-        seed=0,
+        **TRAINER_ARGS,
     )
     policy_id = model.config._name_or_path
     create_model_from_path = rloo_module.create_model_from_path
