@@ -251,8 +251,12 @@ impl CustomOp2 for RmsNorm {
         // One op returns [dx (n) | dw (h)] in a single buffer; both are views of it.
         let both = x.apply_op3_no_bwd(w, &g.contiguous()?, &RmsNormBwd { eps: self.eps })?;
         let dx = both.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = both.narrow(0, n, h)?.reshape(w.shape())?;
-        Ok((Some(dx), Some(dw)))
+        // A frozen weight (LoRA's base) gets no gradient to add up.
+        let dw = match w.track_op() {
+            true => Some(both.narrow(0, n, h)?.reshape(w.shape())?),
+            false => None,
+        };
+        Ok((Some(dx), dw))
     }
 }
 

@@ -255,6 +255,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
         chat_template,
         generation: GenerationDefaults::default(),
         source: path.to_path_buf(),
+        adapter: None,
     })
 }
 

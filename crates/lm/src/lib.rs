@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
+pub mod lora;
 pub mod math;
 pub mod ops;
 pub mod pretrained;

@@ -15,6 +15,7 @@ use crate::attention::{self, AttentionMask};
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 use crate::kv_cache::LayerKv;
+use crate::lora::{Adapters, Dropout};
 use crate::{fused, ops};
 
 /// Additive value for masked attention scores. Finite (not -inf) so that a row with every key
@@ -36,6 +37,110 @@ fn linear(weights: &HashMap<String, Tensor>, prefix: &str, bias: bool) -> Result
         None
     };
     Ok(Linear::new(w, b))
+}
+
+/// A projection x·Wᵀ (+ b), with an optional LoRA adapter: + s · (dropout(x)·Aᵀ)·Bᵀ
+/// (see [`crate::lora`]).
+#[derive(Clone)]
+struct Projection {
+    linear: Linear,
+    lora: Option<LoraBranch>,
+}
+
+#[derive(Clone)]
+struct LoraBranch {
+    /// (r, in)
+    a: Linear,
+    /// (out, r)
+    b: Linear,
+    scale: f64,
+    /// Only in models that train (see [`Llama::from_weights_with_adapters`]).
+    dropout: Option<Dropout>,
+}
+
+impl Projection {
+    fn new(
+        w: &HashMap<String, Tensor>,
+        prefix: &str,
+        bias: bool,
+        adapters: Option<&Adapters>,
+    ) -> Result<Self> {
+        let lora = match adapters {
+            Some(ad) => ad.get(prefix)?.map(|(a, b)| LoraBranch {
+                a: Linear::new(a, None),
+                b: Linear::new(b, None),
+                scale: ad.scale,
+                dropout: ad.dropout.clone(),
+            }),
+            None => None,
+        };
+        Ok(Projection {
+            linear: linear(w, prefix, bias)?,
+            lora,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = ops::linear(&self.linear, x)?;
+        self.add_adapter(y, x)
+    }
+
+    /// y + the adapter's update of x (y itself when there is no adapter).
+    fn add_adapter(&self, y: Tensor, x: &Tensor) -> Result<Tensor> {
+        let Some(l) = &self.lora else {
+            return Ok(y);
+        };
+        let x = match &l.dropout {
+            Some(d) if d.p > 0.0 => d.apply(x)?,
+            _ => x.clone(),
+        };
+        let low = ops::linear(&l.a, &x)?; // (..., r)
+        let update = ops::linear(&l.b, &low)?; // (..., out)
+        Ok((y + (update * l.scale)?)?)
+    }
+
+    /// Several projections of the same x (q/k/v, gate/up): the frozen products in one pass.
+    fn forward_many(layers: &[&Projection], x: &Tensor) -> Result<Vec<Tensor>> {
+        let linears: Vec<&Linear> = layers.iter().map(|p| &p.linear).collect();
+        ops::linear_many(&linears, x)?
+            .into_iter()
+            .zip(layers)
+            .map(|(y, p)| p.add_adapter(y, x))
+            .collect()
+    }
+
+    /// The same projection with no gradient graph and no dropout.
+    fn detached(&self) -> Projection {
+        let dl = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(|b| b.detach()));
+        Projection {
+            linear: dl(&self.linear),
+            lora: self.lora.as_ref().map(|l| LoraBranch {
+                a: dl(&l.a),
+                b: dl(&l.b),
+                scale: l.scale,
+                dropout: None,
+            }),
+        }
+    }
+
+    /// The same projection drawing its dropout masks from a counter at `draws` (replay).
+    fn replaying_dropout(&self, draws: u64) -> Projection {
+        let mut p = self.clone();
+        if let Some(l) = p.lora.as_mut() {
+            l.dropout = l.dropout.as_ref().map(|d| d.replay_from(draws));
+        }
+        p
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        let mut out = vec![self.linear.weight().clone()];
+        out.extend(self.linear.bias().cloned());
+        if let Some(l) = &self.lora {
+            out.push(l.a.weight().clone());
+            out.push(l.b.weight().clone());
+        }
+        out
+    }
 }
 
 /// Inverse RoPE frequencies, with HF's `linear` and `llama3` scaling.
@@ -74,10 +179,10 @@ fn rope_inv_freq(c: &LlamaConfig) -> Vec<f32> {
 
 #[derive(Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -101,7 +206,7 @@ impl Attention {
             // f32 on the CPU, every tensor in the projections' (b, t, heads, d) layout: fused RoPE,
             // no transposed copies.
             let [q, k, v]: [Tensor; 3] =
-                ops::linear_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
+                Projection::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], x)?
                     .try_into()
                     .expect("three layers, three outputs");
             let q = fused::rope_time_first(&q.reshape((b, t, self.n_heads, d))?, cos, sin)?;
@@ -121,7 +226,7 @@ impl Attention {
                     Tensor::from_vec(out, (b, t, self.n_heads * d), x.device())?
                 }
             }; // (b, t, nh·d)
-            return ops::linear(&self.o_proj, &out);
+            return self.o_proj.forward(&out);
         }
         let cache = match cache {
             Some(LayerCache::Candle(kv)) => Some(kv),
@@ -135,9 +240,9 @@ impl Attention {
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?)
         };
-        let q = heads(ops::linear(&self.q_proj, x)?, self.n_heads)?; // (b, nh, t, d)
-        let k = heads(ops::linear(&self.k_proj, x)?, self.n_kv_heads)?; // (b, nkv, t, d)
-        let v = heads(ops::linear(&self.v_proj, x)?, self.n_kv_heads)?;
+        let q = heads(self.q_proj.forward(x)?, self.n_heads)?; // (b, nh, t, d)
+        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads)?; // (b, nkv, t, d)
+        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?;
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
         let v = v.contiguous()?;
@@ -152,24 +257,25 @@ impl Attention {
         let probs = ops::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // (b, nh, t, d)
         let out = out.transpose(1, 2)?.reshape((b, t, self.n_heads * d))?;
-        ops::linear(&self.o_proj, &out)
+        self.o_proj.forward(&out)
     }
 }
 
 #[derive(Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
 }
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = ops::linear_many(&[&self.gate_proj, &self.up_proj], x)?
-            .try_into()
-            .expect("two layers, two outputs");
+        let [gate, up]: [Tensor; 2] =
+            Projection::forward_many(&[&self.gate_proj, &self.up_proj], x)?
+                .try_into()
+                .expect("two layers, two outputs");
         let gated = ops::swiglu(&gate, &up)?;
-        ops::linear(&self.down_proj, &gated)
+        self.down_proj.forward(&gated)
     }
 }
 
@@ -202,13 +308,19 @@ impl DecoderLayer {
 
     /// Every parameter tensor of the layer.
     fn params(&self) -> Vec<Tensor> {
-        let a = &self.self_attn;
-        let m = &self.mlp;
         let mut out = vec![
             self.input_layernorm.clone(),
             self.post_attention_layernorm.clone(),
         ];
-        for l in [
+        for l in self.projections() {
+            out.extend(l.params());
+        }
+        out
+    }
+
+    fn projections(&self) -> [&Projection; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
             &a.q_proj,
             &a.k_proj,
             &a.v_proj,
@@ -216,11 +328,39 @@ impl DecoderLayer {
             &m.gate_proj,
             &m.up_proj,
             &m.down_proj,
+        ]
+    }
+
+    /// Dropout masks drawn so far by this layer's model (None without adapter dropout).
+    fn dropout_draws(&self) -> Option<u64> {
+        self.projections().iter().find_map(|p| {
+            p.lora
+                .as_ref()
+                .and_then(|l| l.dropout.as_ref())
+                .map(|d| d.draws.load(std::sync::atomic::Ordering::Relaxed))
+        })
+    }
+
+    /// The layer with every projection drawing from one fresh counter at `draws` (so a replay
+    /// draws the masks its first run drew).
+    fn replaying_dropout(&self, draws: u64) -> DecoderLayer {
+        let mut l = self.clone();
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(draws));
+        for p in [
+            &mut l.self_attn.q_proj,
+            &mut l.self_attn.k_proj,
+            &mut l.self_attn.v_proj,
+            &mut l.self_attn.o_proj,
+            &mut l.mlp.gate_proj,
+            &mut l.mlp.up_proj,
+            &mut l.mlp.down_proj,
         ] {
-            out.push(l.weight().clone());
-            out.extend(l.bias().cloned());
+            *p = p.replaying_dropout(draws);
+            if let Some(d) = p.lora.as_mut().and_then(|l| l.dropout.as_mut()) {
+                d.draws = counter.clone();
+            }
         }
-        out
+        l
     }
 }
 
@@ -232,6 +372,9 @@ impl DecoderLayer {
 /// activation inside the layers.
 struct CheckpointedLayer {
     layer: DecoderLayer,
+    /// Adapter-dropout masks drawn before this layer's forward pass, so the backward pass's
+    /// replay draws the same masks.
+    dropout_draws: Option<u64>,
     cos: Tensor,
     sin: Tensor,
     mask: Tensor,
@@ -311,7 +454,19 @@ impl candle_core::CustomOp1 for CheckpointedLayer {
             );
         }
         let input = Var::from_tensor(&x.detach())?;
-        let y = self.run(input.as_tensor())?;
+        let replay = CheckpointedLayer {
+            layer: match self.dropout_draws {
+                Some(draws) => self.layer.replaying_dropout(draws),
+                None => self.layer.clone(),
+            },
+            dropout_draws: None,
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            mask: self.mask.clone(),
+            fused_mask: self.fused_mask.clone(),
+            eps: self.eps,
+        };
+        let y = replay.run(input.as_tensor())?;
         let grads = (y * grad)?.sum_all()?.backward()?;
         let params: Vec<(Tensor, Tensor)> = self
             .layer
@@ -431,7 +586,20 @@ impl Llama {
         w: &HashMap<String, Tensor>,
         device: &Device,
     ) -> Result<Self> {
+        Self::from_weights_with_adapters(config, w, None, device)
+    }
+
+    /// [`Llama::from_weights`] with LoRA adapters on the projections that have one in
+    /// `adapters` (their tensors shared, not copied; `Var`s train). With `adapters.dropout`, each
+    /// forward pass drops adapter inputs (training); [`Llama::detached`] turns that off.
+    pub fn from_weights_with_adapters(
+        config: &LlamaConfig,
+        w: &HashMap<String, Tensor>,
+        adapters: Option<&Adapters>,
+        device: &Device,
+    ) -> Result<Self> {
         let c = config;
+        let proj = |name: &str, bias: bool| Projection::new(w, name, bias, adapters);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
@@ -442,18 +610,18 @@ impl Llama {
                     &format!("{p}.post_attention_layernorm.weight"),
                 )?,
                 self_attn: Attention {
-                    q_proj: linear(w, &format!("{p}.self_attn.q_proj"), c.qkv_bias)?,
-                    k_proj: linear(w, &format!("{p}.self_attn.k_proj"), c.qkv_bias)?,
-                    v_proj: linear(w, &format!("{p}.self_attn.v_proj"), c.qkv_bias)?,
-                    o_proj: linear(w, &format!("{p}.self_attn.o_proj"), c.o_bias)?,
+                    q_proj: proj(&format!("{p}.self_attn.q_proj"), c.qkv_bias)?,
+                    k_proj: proj(&format!("{p}.self_attn.k_proj"), c.qkv_bias)?,
+                    v_proj: proj(&format!("{p}.self_attn.v_proj"), c.qkv_bias)?,
+                    o_proj: proj(&format!("{p}.self_attn.o_proj"), c.o_bias)?,
                     n_heads: c.num_attention_heads,
                     n_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                 },
                 mlp: Mlp {
-                    gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), c.mlp_bias)?,
-                    up_proj: linear(w, &format!("{p}.mlp.up_proj"), c.mlp_bias)?,
-                    down_proj: linear(w, &format!("{p}.mlp.down_proj"), c.mlp_bias)?,
+                    gate_proj: proj(&format!("{p}.mlp.gate_proj"), c.mlp_bias)?,
+                    up_proj: proj(&format!("{p}.mlp.up_proj"), c.mlp_bias)?,
+                    down_proj: proj(&format!("{p}.mlp.down_proj"), c.mlp_bias)?,
                 },
             });
         }
@@ -541,6 +709,7 @@ impl Llama {
                 Some(fm) if self.gradient_checkpointing && x.track_op() => {
                     x = x.contiguous()?.apply_op1(CheckpointedLayer {
                         layer: layer.clone(),
+                        dropout_draws: layer.dropout_draws(),
                         cos: cos.clone(),
                         sin: sin.clone(),
                         mask: mask.clone(),
@@ -565,7 +734,6 @@ impl Llama {
     /// A view of the same weights with no gradient graph: fused kernels everywhere. For generation
     /// and reference scoring with a model that is also being trained.
     pub fn detached(&self) -> Llama {
-        let dl = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(|b| b.detach()));
         Llama {
             config: self.config.clone(),
             embed_tokens: self.embed_tokens.detach(),
@@ -576,16 +744,16 @@ impl Llama {
                     input_layernorm: l.input_layernorm.detach(),
                     post_attention_layernorm: l.post_attention_layernorm.detach(),
                     self_attn: Attention {
-                        q_proj: dl(&l.self_attn.q_proj),
-                        k_proj: dl(&l.self_attn.k_proj),
-                        v_proj: dl(&l.self_attn.v_proj),
-                        o_proj: dl(&l.self_attn.o_proj),
+                        q_proj: l.self_attn.q_proj.detached(),
+                        k_proj: l.self_attn.k_proj.detached(),
+                        v_proj: l.self_attn.v_proj.detached(),
+                        o_proj: l.self_attn.o_proj.detached(),
                         ..l.self_attn
                     },
                     mlp: Mlp {
-                        gate_proj: dl(&l.mlp.gate_proj),
-                        up_proj: dl(&l.mlp.up_proj),
-                        down_proj: dl(&l.mlp.down_proj),
+                        gate_proj: l.mlp.gate_proj.detached(),
+                        up_proj: l.mlp.up_proj.detached(),
+                        down_proj: l.mlp.down_proj.detached(),
                     },
                 })
                 .collect(),

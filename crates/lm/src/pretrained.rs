@@ -50,10 +50,15 @@ pub struct Pretrained {
     pub chat_template: Option<ChatTemplate>,
     pub generation: GenerationDefaults,
     pub source: PathBuf,
+    /// A `peft` LoRA adapter on these weights, when `source` is an adapter directory. `weights`
+    /// are then the base model's (plus any module the adapter saved whole, e.g. a reward head) and
+    /// [`Pretrained::model`] applies the adapter unmerged; [`Pretrained::merged_weights`] folds it in.
+    pub adapter: Option<crate::lora::PeftAdapter>,
 }
 
 impl Pretrained {
-    /// Load an HF directory or a `.gguf` file.
+    /// Load an HF directory, a `.gguf` file or a `peft` adapter directory (its
+    /// `adapter_config.json` names the base model, as `AutoPeftModelForCausalLM` reads it).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         if !path.exists() {
             return Err(LmError::Missing {
@@ -61,7 +66,9 @@ impl Pretrained {
                 what: "model path (an HF directory or a .gguf file)".into(),
             });
         }
-        if path.is_dir() {
+        if crate::lora::is_adapter_dir(path) {
+            load_adapter_dir(path, device)
+        } else if path.is_dir() {
             load_hf_dir(path, device)
         } else if path.extension().is_some_and(|e| e == "gguf") {
             crate::gguf::load_gguf(path, device)
@@ -84,6 +91,42 @@ impl Pretrained {
     }
 }
 
+/// A `peft` adapter directory: the base model it names, the adapter on top. An adapter whose
+/// base is itself an adapter directory gets that one merged into its base first. The adapter
+/// directory's own tokenizer, chat template and generation defaults win when it has them (TRL
+/// saves the tokenizer beside the adapter).
+fn load_adapter_dir(dir: &Path, device: &Device) -> Result<Pretrained> {
+    let adapter = crate::lora::PeftAdapter::load(dir, device)?;
+    let base_path = adapter.base_path()?;
+    let mut p = Pretrained::load(&base_path, device)?;
+    if p.adapter.is_some() {
+        p.weights = p.merged_weights()?;
+        p.adapter = None;
+    }
+    adapter.check_shapes(&p.config)?;
+    for (name, t) in &adapter.tensors {
+        if !crate::lora::is_lora_tensor(name) {
+            p.weights.insert(name.clone(), t.clone());
+        }
+    }
+    if dir.join("tokenizer.json").exists() {
+        p.tokenizer = Tokenizer::from_hf_dir(dir)?;
+        p.chat_template = ChatTemplate::from_hf_dir(dir, &p.tokenizer)?;
+    }
+    let gen_path = dir.join("generation_config.json");
+    if gen_path.exists() {
+        p.generation = read_generation_config(&gen_path)?;
+    }
+    p.source = dir.to_path_buf();
+    p.adapter = Some(adapter);
+    Ok(p)
+}
+
+fn read_generation_config(path: &Path) -> Result<GenerationDefaults> {
+    let text = std::fs::read_to_string(path).map_err(|e| LmError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| LmError::bad_file(path, format!("invalid JSON: {e}")))
+}
+
 fn load_hf_dir(dir: &Path, device: &Device) -> Result<Pretrained> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
@@ -99,9 +142,7 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Pretrained> {
     let chat_template = ChatTemplate::from_hf_dir(dir, &tokenizer)?;
     let gen_path = dir.join("generation_config.json");
     let generation = if gen_path.exists() {
-        let text = std::fs::read_to_string(&gen_path).map_err(|e| LmError::io(&gen_path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| LmError::bad_file(&gen_path, format!("invalid JSON: {e}")))?
+        read_generation_config(&gen_path)?
     } else {
         GenerationDefaults::default()
     };
@@ -112,6 +153,7 @@ fn load_hf_dir(dir: &Path, device: &Device) -> Result<Pretrained> {
         chat_template,
         generation,
         source: dir.to_path_buf(),
+        adapter: None,
     })
 }
 
@@ -253,9 +295,28 @@ impl Pretrained {
             .unwrap_or(0)
     }
 
-    /// A frozen model over these weights.
+    /// A frozen model over these weights (with the adapter, unmerged, when there is one).
     pub fn model(&self, device: &Device) -> Result<crate::llama::Llama> {
-        crate::llama::Llama::from_weights(&self.config, &self.weights, device)
+        let adapters = self.adapter.as_ref().map(|a| crate::lora::Adapters {
+            tensors: a.lora_tensors(),
+            scale: a.scale(),
+            dropout: None,
+        });
+        crate::llama::Llama::from_weights_with_adapters(
+            &self.config,
+            &self.weights,
+            adapters.as_ref(),
+            device,
+        )
+    }
+
+    /// The weights with the adapter folded in (W + s·B·A; `peft`'s `merge_and_unload`), or the
+    /// weights themselves without one.
+    pub fn merged_weights(&self) -> Result<HashMap<String, Tensor>> {
+        match &self.adapter {
+            Some(a) => crate::lora::merge(&self.weights, &a.lora_tensors(), a.scale()),
+            None => Ok(self.weights.clone()),
+        }
     }
 
     /// Render a chat for generation with the model's template; a clear error when it has none.
@@ -315,6 +376,66 @@ pub fn save_hf_with(
     generation: &GenerationDefaults,
     extras: &SaveExtras,
 ) -> Result<()> {
+    write_dir_atomic(dir, |tmp| {
+        let mut to_save: HashMap<String, Tensor> = HashMap::new();
+        for (n, t) in weights {
+            if config.tie_word_embeddings && n == "lm_head.weight" {
+                continue;
+            }
+            to_save.insert(n.clone(), t.detach().to_dtype(DType::F32)?.contiguous()?);
+        }
+        let st = tmp.join("model.safetensors");
+        candle_core::safetensors::save(&to_save, &st)
+            .map_err(|e| LmError::bad_file(&st, e.to_string()))?;
+        let write_json = |file: &str, v: &serde_json::Value| -> Result<()> {
+            let p = tmp.join(file);
+            let text = serde_json::to_string_pretty(v).expect("JSON value serialises");
+            std::fs::write(&p, text).map_err(|e| LmError::io(&p, e))
+        };
+        let mut config_json = config.to_hf_json();
+        if let Some(obj) = config_json.as_object_mut() {
+            for (k, v) in &extras.config_fields {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        write_json("config.json", &config_json)?;
+        for (file, contents) in &extras.files {
+            let p = tmp.join(file);
+            std::fs::write(&p, contents).map_err(|e| LmError::io(&p, e))?;
+        }
+        write_generation_config(tmp, config, generation)?;
+        tokenizer.save_hf(tmp, chat_template)?;
+        Ok(())
+    })
+}
+
+/// `generation_config.json`: the defaults, with the model's EOS (and BOS) ids filled in.
+pub fn write_generation_config(
+    dir: &Path,
+    config: &LlamaConfig,
+    generation: &GenerationDefaults,
+) -> Result<()> {
+    let mut gen = serde_json::to_value(generation).expect("serialisable");
+    if let Some(obj) = gen.as_object_mut() {
+        obj.retain(|_, v| !v.is_null());
+        let eos = if generation.eos_token_id.is_empty() {
+            config.eos_token_ids.clone()
+        } else {
+            generation.eos_token_id.clone()
+        };
+        obj.insert("eos_token_id".into(), eos.into());
+        if let Some(b) = config.bos_token_id {
+            obj.insert("bos_token_id".into(), b.into());
+        }
+    }
+    let p = dir.join("generation_config.json");
+    let text = serde_json::to_string_pretty(&gen).expect("JSON value serialises");
+    std::fs::write(&p, text).map_err(|e| LmError::io(&p, e))
+}
+
+/// Write a directory whole or not at all: `fill` writes into a temporary sibling that is then
+/// swapped into place (the old directory aside, the new one in, the old one removed).
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -329,50 +450,7 @@ pub fn save_hf_with(
         std::fs::remove_dir_all(&tmp).map_err(|e| LmError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| LmError::io(&tmp, e))?;
-
-    let mut to_save: HashMap<String, Tensor> = HashMap::new();
-    for (n, t) in weights {
-        if config.tie_word_embeddings && n == "lm_head.weight" {
-            continue;
-        }
-        to_save.insert(n.clone(), t.detach().to_dtype(DType::F32)?.contiguous()?);
-    }
-    let st = tmp.join("model.safetensors");
-    candle_core::safetensors::save(&to_save, &st)
-        .map_err(|e| LmError::bad_file(&st, e.to_string()))?;
-    let write_json = |file: &str, v: &serde_json::Value| -> Result<()> {
-        let p = tmp.join(file);
-        let text = serde_json::to_string_pretty(v).expect("JSON value serialises");
-        std::fs::write(&p, text).map_err(|e| LmError::io(&p, e))
-    };
-    let mut config_json = config.to_hf_json();
-    if let Some(obj) = config_json.as_object_mut() {
-        for (k, v) in &extras.config_fields {
-            obj.insert(k.clone(), v.clone());
-        }
-    }
-    write_json("config.json", &config_json)?;
-    for (file, contents) in &extras.files {
-        let p = tmp.join(file);
-        std::fs::write(&p, contents).map_err(|e| LmError::io(&p, e))?;
-    }
-    let mut gen = serde_json::to_value(generation).expect("serialisable");
-    if let Some(obj) = gen.as_object_mut() {
-        obj.retain(|_, v| !v.is_null());
-        let eos = if generation.eos_token_id.is_empty() {
-            config.eos_token_ids.clone()
-        } else {
-            generation.eos_token_id.clone()
-        };
-        obj.insert("eos_token_id".into(), eos.into());
-        if let Some(b) = config.bos_token_id {
-            obj.insert("bos_token_id".into(), b.into());
-        }
-    }
-    write_json("generation_config.json", &gen)?;
-    tokenizer.save_hf(&tmp, chat_template)?;
-
-    // Swap into place: old directory aside, new one in, old one removed.
+    fill(&tmp)?;
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if dir.exists() {
         std::fs::rename(dir, &old).map_err(|e| LmError::io(dir, e))?;

@@ -268,7 +268,7 @@ fn evaluate(
     cfg: &KtoConfig,
     device: &Device,
 ) -> Result<rlhf_rl::pref::Metrics> {
-    let frozen = Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
+    let frozen = lm.model(device)?.detached();
     let bs = cfg.fit.batch_size;
     let mut parts = Vec::new();
     for (i, chunk) in ex.chunks(bs).enumerate() {
@@ -291,6 +291,7 @@ fn evaluate(
 pub fn run(cfg: &KtoConfig, resume: bool, device: &Device) -> Result<KtoSummary> {
     cfg.validate()?;
     let mut lm = TrainableLm::load(&cfg.model, device)?;
+    lm.enable_lora(&cfg.fit.lora, cfg.fit.seed)?;
     let train = load_examples(
         &lm,
         cfg.train_file.as_deref(),

@@ -735,6 +735,7 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
         m.value_lr,
         cfg.optim.max_grad_norm,
         cfg.seed,
+        &cfg.lora,
         device,
     )?;
     let mut state: PpoState = match &s.resumed_method_state {

@@ -165,7 +165,7 @@ pub struct RmSummary {
 pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
     // 1. The trunk with a scalar head (a fresh one unless the model has one) and the pairs.
     let lm = TrainableLm::load(&cfg.model, device)?;
-    let lm = if lm.params.vars.iter().any(|(n, _)| n == HEAD) {
+    let mut lm = if lm.params.vars.iter().any(|(n, _)| n == HEAD) {
         lm
     } else {
         let mut weights = lm.params.snapshot()?;
@@ -175,6 +175,7 @@ pub fn run(cfg: &RmConfig, resume: bool, device: &Device) -> Result<RmSummary> {
             ..lm
         }
     };
+    lm.enable_lora(&cfg.fit.lora, cfg.fit.seed)?;
     let (train, eval) = load_with_eval(&cfg.train_file, cfg.fit.eval_file.as_deref(), |p| {
         load_pair_ids(&lm, p, cfg.fit.max_len, cfg.fit.skip_bad_lines)
     })?;

@@ -49,6 +49,7 @@ pub struct SftSummary {
 pub fn run(cfg: &SftConfig, resume: bool, device: &Device) -> Result<SftSummary> {
     // 1. The model and the tokenised (prompt, completion + EOS) rows.
     let mut lm = TrainableLm::load(&cfg.model, device)?;
+    lm.enable_lora(&cfg.fit.lora, cfg.fit.seed)?;
     let (train, eval) = load_with_eval(&cfg.train_file, cfg.fit.eval_file.as_deref(), |p| {
         load_rows(&lm, p, cfg.fit.max_len, cfg.fit.skip_bad_lines)
     })?;

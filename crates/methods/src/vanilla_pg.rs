@@ -126,6 +126,7 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
         cfg.method.value_lr,
         cfg.optim.max_grad_norm,
         cfg.seed,
+        &cfg.lora,
         device,
     )?;
     let (pad, temp) = (s.lm.pad_id, cfg.rollout.temperature);

@@ -495,8 +495,17 @@ fn rollback_restores_optimiser_moments_beta_and_reward_moments() {
     c.reward.normalize = false;
     let dev = Device::Cpu;
     let mut s = Session::<PpoParams>::start(&c, false, &dev).unwrap();
-    let mut value =
-        ValueModel::start(&model, &root.join("run/value"), None, 1e-3, 1.0, 0, &dev).unwrap();
+    let mut value = ValueModel::start(
+        &model,
+        &root.join("run/value"),
+        None,
+        1e-3,
+        1.0,
+        0,
+        &Default::default(),
+        &dev,
+    )
+    .unwrap();
     let mut moments = RunningMoments::default();
     // Non-trivial state at the snapshot.
     step_both(&mut s, &mut value);

@@ -50,6 +50,8 @@ pub struct FitConfig {
     /// Recompute each decoder layer in the backward pass instead of keeping its activations
     /// (transformers' `gradient_checkpointing`): far less memory for one more forward pass per step.
     pub gradient_checkpointing: bool,
+    /// LoRA adapters instead of full fine-tuning (`r = 0`, the default: every weight trains).
+    pub lora: rlhf_lm::lora::LoraConfig,
 }
 
 impl Default for FitConfig {
@@ -67,6 +69,7 @@ impl Default for FitConfig {
             skip_bad_lines: false,
             optim: OptimConfig::default(),
             gradient_checkpointing: false,
+            lora: Default::default(),
         }
     }
 }

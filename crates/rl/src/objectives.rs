@@ -45,7 +45,7 @@ pub fn eval_loss(
     batch_size: usize,
     device: &Device,
 ) -> Result<f64> {
-    let frozen = rlhf_lm::llama::Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
+    let frozen = lm.model(device)?.detached();
     let (mut total, mut count) = (0f64, 0usize);
     for chunk in rows.chunks(batch_size.max(1)) {
         let batch = CompletionBatch::new(chunk, lm.pad_id, device)?;

@@ -30,6 +30,7 @@ use rlhf_data::loaders::{load_prompts, LoadOptions};
 use rlhf_data::testbed::{task_by_name, Task};
 use rlhf_lm::generate::SamplingParams;
 use rlhf_lm::llama::Llama;
+use rlhf_lm::lora::LoraConfig;
 use rlhf_lm::score::{completion_logprobs, CompletionBatch};
 use rlhf_train::{Result, TrainError};
 use serde::de::DeserializeOwned;
@@ -155,6 +156,9 @@ pub struct OnlineConfig<M> {
     pub gradient_checkpointing: bool,
     /// Win-rate evaluation against the reference policy (eval.json).
     pub eval: OnlineEvalConfig,
+    /// LoRA adapters instead of full fine-tuning (`r = 0`, the default: every weight trains);
+    /// the reference is then the base model with adapters off. PPO's critic gets its own.
+    pub lora: LoraConfig,
     /// The method's own parameters.
     pub method: M,
 }
@@ -185,6 +189,7 @@ impl<M: Method> Default for OnlineConfig<M> {
             },
             gradient_checkpointing: false,
             eval: OnlineEvalConfig::default(),
+            lora: LoraConfig::default(),
             method: M::default(),
         };
         M::adjust_defaults(&mut c);
@@ -265,12 +270,13 @@ fn encode_all(
 impl<M: Method> Session<M> {
     pub fn start(cfg: &OnlineConfig<M>, resume: bool, device: &Device) -> Result<Self> {
         cfg.validate()?;
-        let lm = TrainableLm::load(&cfg.model, device)?;
+        let mut lm = TrainableLm::load(&cfg.model, device)?;
+        lm.enable_lora(&cfg.lora, cfg.seed)?;
         lm.set_gradient_checkpointing(cfg.gradient_checkpointing);
         // The reference is the initial weights, taken before a resumed run loads its checkpoint.
         let reference = match &cfg.reference {
             Some(p) => rlhf_lm::Pretrained::load(p, device)?.model(device)?,
-            None => Llama::from_weights(&lm.config, &lm.snapshot()?, device)?,
+            None => lm.reference_model(device)?,
         };
         let task = cfg
             .task

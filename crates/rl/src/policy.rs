@@ -2,16 +2,21 @@
 //! turn text into token ids the same way.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rlhf_lm::config::{Family, LlamaConfig};
 use rlhf_lm::llama::{random_weights, Llama, Trainable};
-use rlhf_lm::pretrained::{save_hf, GenerationDefaults};
+use rlhf_lm::lora::{is_lora_tensor, Adapters, Dropout, LoraConfig};
+use rlhf_lm::pretrained::{
+    save_hf_with, write_dir_atomic, write_generation_config, GenerationDefaults, SaveExtras,
+};
 use rlhf_lm::Result;
 use rlhf_lm::{ChatTemplate, Pretrained, Tokenizer};
 
-/// A language model whose parameters are `Var`s (plus any extra heads stored beside them).
+/// A language model whose parameters are `Var`s (plus any extra heads stored beside them). With
+/// LoRA ([`TrainableLm::enable_lora`]) the decoder's weights are frozen and `params` holds only the
+/// adapters (and any extra head), so the optimiser, its state and checkpoints cover just those.
 pub struct TrainableLm {
     pub config: LlamaConfig,
     pub tokenizer: Tokenizer,
@@ -22,14 +27,30 @@ pub struct TrainableLm {
     pub pad_id: u32,
     /// Whether [`TrainableLm::model`] builds models that recompute their layers in backward.
     pub gradient_checkpointing: std::sync::atomic::AtomicBool,
+    /// Where the weights came from (an adapter's `base_model_name_or_path`).
+    pub source: PathBuf,
+    /// LoRA: the frozen base and the adapters' settings (`None`: every parameter trains).
+    pub lora: Option<LoraState>,
+}
+
+/// The frozen side of a LoRA run.
+pub struct LoraState {
+    pub config: LoraConfig,
+    /// The decoder's weights, frozen (shared with every model built, never copied).
+    pub frozen: HashMap<String, Tensor>,
+    /// Adapter dropout while training (its mask counter shared by the models built).
+    pub dropout: Option<Dropout>,
 }
 
 impl TrainableLm {
+    /// Every weight trainable; an adapter directory's adapter is merged into its base first.
     pub fn from_pretrained(p: Pretrained) -> Result<Self> {
         let eos_ids = p.eos_token_ids();
         let pad_id = p.pad_id();
         Ok(TrainableLm {
-            params: Trainable::new(&p.weights)?,
+            params: Trainable::new(&p.merged_weights()?)?,
+            source: p.source.clone(),
+            lora: None,
             config: p.config,
             tokenizer: p.tokenizer,
             chat_template: p.chat_template,
@@ -58,10 +79,127 @@ impl TrainableLm {
         let checkpoint = self
             .gradient_checkpointing
             .load(std::sync::atomic::Ordering::Relaxed);
-        Ok(
-            Llama::from_weights(&self.config, &self.params.tensors(), device)?
-                .with_gradient_checkpointing(checkpoint),
-        )
+        let model = match &self.lora {
+            None => Llama::from_weights(&self.config, &self.params.tensors(), device)?,
+            Some(l) => {
+                let (adapters, mut weights): (HashMap<_, _>, HashMap<_, _>) = self
+                    .params
+                    .tensors()
+                    .into_iter()
+                    .partition(|(n, _)| is_lora_tensor(n));
+                weights.extend(l.frozen.iter().map(|(n, t)| (n.clone(), t.clone())));
+                let adapters = Adapters {
+                    tensors: adapters,
+                    scale: l.config.scale(),
+                    dropout: l.dropout.clone(),
+                };
+                Llama::from_weights_with_adapters(&self.config, &weights, Some(&adapters), device)?
+            }
+        };
+        Ok(model.with_gradient_checkpointing(checkpoint))
+    }
+
+    /// A frozen model of the weights as they are now, unaffected by later training: a deep copy
+    /// of what trains (with LoRA only the adapters; the frozen base is shared).
+    pub fn frozen_model(&self, device: &Device) -> Result<Llama> {
+        let trained = self.snapshot()?;
+        match &self.lora {
+            None => Llama::from_weights(&self.config, &trained, device),
+            Some(l) => {
+                let (adapters, mut weights): (HashMap<_, _>, HashMap<_, _>) =
+                    trained.into_iter().partition(|(n, _)| is_lora_tensor(n));
+                weights.extend(l.frozen.iter().map(|(n, t)| (n.clone(), t.clone())));
+                let adapters = Adapters {
+                    tensors: adapters,
+                    scale: l.config.scale(),
+                    dropout: None,
+                };
+                Llama::from_weights_with_adapters(&self.config, &weights, Some(&adapters), device)
+            }
+        }
+    }
+
+    /// The frozen reference policy: the initial weights. With LoRA, the base model with adapters
+    /// off (the frozen weights themselves, no copy); otherwise a deep copy of the current weights,
+    /// so take it before training moves them.
+    pub fn reference_model(&self, device: &Device) -> Result<Llama> {
+        match &self.lora {
+            Some(l) => Llama::from_weights(&self.config, &l.frozen, device),
+            None => Llama::from_weights(&self.config, &self.snapshot()?, device),
+        }
+    }
+
+    /// Train LoRA adapters instead of every weight (`lora.r = 0`: nothing changes). The decoder's
+    /// weights become frozen (shared, not copied); any extra head (a reward or value model's
+    /// `score.weight`) keeps training, as `peft`'s `modules_to_save`. Adapters start as `peft`
+    /// initialises them, drawn from `seed`.
+    pub fn enable_lora(&mut self, lora: &LoraConfig, seed: u64) -> Result<()> {
+        if !lora.enabled() {
+            return Ok(());
+        }
+        lora.validate()
+            .map_err(|e| rlhf_lm::LmError::Invalid(format!("lora: {e}")))?;
+        if self.lora.is_some() {
+            return Err(rlhf_lm::LmError::Invalid(
+                "lora: adapters are already on".into(),
+            ));
+        }
+        let device = self.device();
+        let decoder: std::collections::HashSet<String> =
+            rlhf_lm::pretrained::expected_shapes(&self.config)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect();
+        let mut frozen = HashMap::new();
+        let mut trained = HashMap::new();
+        for (name, var) in std::mem::take(&mut self.params.vars) {
+            let t = var.as_tensor().detach();
+            if decoder.contains(&name) {
+                frozen.insert(name, t);
+            } else {
+                trained.insert(name, t);
+            }
+        }
+        trained.extend(rlhf_lm::lora::init_adapters(
+            &self.config,
+            lora,
+            rlhf_train::rng::stream_seed(seed, "lora"),
+            &device,
+        )?);
+        self.params = Trainable::new(&trained)?;
+        let dropout = (lora.dropout > 0.0).then(|| Dropout {
+            p: lora.dropout,
+            seed: rlhf_train::rng::stream_seed(seed, "lodr"),
+            draws: Default::default(),
+        });
+        self.lora = Some(LoraState {
+            config: lora.clone(),
+            frozen,
+            dropout,
+        });
+        Ok(())
+    }
+
+    /// Every weight of the model as it stands (with LoRA: the adapters merged into a copy of the
+    /// base), e.g. to save a full model or start another from it.
+    pub fn full_weights(&self) -> Result<HashMap<String, Tensor>> {
+        match &self.lora {
+            None => self.snapshot(),
+            Some(l) => {
+                let (adapters, heads): (HashMap<_, _>, HashMap<_, _>) = self
+                    .snapshot()?
+                    .into_iter()
+                    .partition(|(n, _)| is_lora_tensor(n));
+                let mut merged = rlhf_lm::lora::merge(&l.frozen, &adapters, l.config.scale())?;
+                merged.extend(heads);
+                Ok(merged)
+            }
+        }
+    }
+
+    /// Parameters the optimiser steps (all of them, or the adapters and heads with LoRA).
+    pub fn trainable_parameters(&self) -> usize {
+        self.params.vars.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
     /// Gradient checkpointing for the models [`TrainableLm::model`] builds from now on (gradients
@@ -71,21 +209,52 @@ impl TrainableLm {
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// A frozen deep copy of the current weights (e.g. the reference policy).
+    /// A frozen deep copy of what trains: every weight, or with LoRA the adapters and any head
+    /// (what a checkpoint holds and [`TrainableLm::load_weights`] puts back). For a model's full
+    /// weights see [`TrainableLm::full_weights`].
     pub fn snapshot(&self) -> Result<HashMap<String, Tensor>> {
         self.params.snapshot()
     }
 
-    /// Write the current weights as a Hugging Face directory.
+    /// Write the model: a Hugging Face directory, or with LoRA a `peft` adapter directory
+    /// (`adapter_config.json`, `adapter_model.safetensors`, tokenizer, generation defaults) whose
+    /// `base_model_name_or_path` is the model it was trained from.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        save_hf(
-            dir,
-            &self.config,
-            &self.params.snapshot()?,
-            &self.tokenizer,
-            self.chat_template.as_ref(),
-            &self.generation,
-        )
+        self.save_with(dir, &SaveExtras::default())
+    }
+
+    /// [`TrainableLm::save`] with extra files and config fields (a reward model's). An adapter
+    /// directory has no `config.json` of its own: the config fields then go nowhere; `peft`'s
+    /// `task_type` says SEQ_CLS for a model with a scalar head.
+    pub fn save_with(&self, dir: &Path, extras: &SaveExtras) -> Result<()> {
+        let Some(l) = &self.lora else {
+            return save_hf_with(
+                dir,
+                &self.config,
+                &self.params.snapshot()?,
+                &self.tokenizer,
+                self.chat_template.as_ref(),
+                &self.generation,
+                extras,
+            );
+        };
+        let tensors = self.snapshot()?;
+        let task = if tensors.contains_key("score.weight") {
+            "SEQ_CLS"
+        } else {
+            "CAUSAL_LM"
+        };
+        let base = std::fs::canonicalize(&self.source).unwrap_or_else(|_| self.source.clone());
+        write_dir_atomic(dir, |tmp| {
+            rlhf_lm::lora::save_adapter(tmp, &l.config, &tensors, &base.to_string_lossy(), task)?;
+            self.tokenizer.save_hf(tmp, self.chat_template.as_ref())?;
+            write_generation_config(tmp, &self.config, &self.generation)?;
+            for (file, contents) in &extras.files {
+                let p = tmp.join(file);
+                std::fs::write(&p, contents).map_err(|e| rlhf_lm::LmError::io(&p, e))?;
+            }
+            Ok(())
+        })
     }
 
     /// Replace every parameter's value (checkpoint resume).
@@ -263,5 +432,7 @@ pub fn fresh_tiny_with_std(
         eos_ids,
         pad_id,
         gradient_checkpointing: Default::default(),
+        source: PathBuf::from("fresh-tiny"),
+        lora: None,
     })
 }

@@ -269,7 +269,7 @@ pub fn reference_model(lm: &TrainableLm, path: Option<&Path>, device: &Device) -
             }
             Ok(r.model(device)?)
         }
-        None => Ok(Llama::from_weights(&lm.config, &lm.snapshot()?, device)?),
+        None => Ok(lm.reference_model(device)?),
     }
 }
 
@@ -437,7 +437,7 @@ pub fn evaluate_pairs(
     batch_size: usize,
     device: &Device,
 ) -> Result<Vec<(&'static str, f64)>> {
-    let frozen = Llama::from_weights(&lm.config, &lm.snapshot()?, device)?;
+    let frozen = lm.model(device)?.detached();
     let mut parts = Vec::new();
     for (i, chunk) in pairs.chunks(batch_size.max(1)).enumerate() {
         let start = i * batch_size.max(1);
@@ -488,6 +488,7 @@ pub fn train_on_pairs(
     if train.is_empty() {
         return Err(TrainError::invalid("no preference pairs to train on"));
     }
+    lm.enable_lora(&cfg.fit.lora, cfg.fit.seed)?;
     let params = PairLossParams::from_config(cfg);
     // Reference log-probs: from the cache of a resumed run, else computed now, once.
     let refs: Option<RefCache> = if params.kind.needs_reference() {

@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use rlhf_lm::batch::TokenBatch;
 use rlhf_lm::llama::{Llama, ScalarHead};
-use rlhf_lm::pretrained::{save_hf_with, SaveExtras};
+use rlhf_lm::pretrained::SaveExtras;
 use rlhf_lm::Result;
 use rlhf_lm::{LmError, Pretrained, Tokenizer};
 use serde::{Deserialize, Serialize};
@@ -107,15 +107,7 @@ pub fn save(lm: &TrainableLm, norm: Option<RewardNorm>, dir: &Path) -> Result<()
             serde_json::to_string_pretty(&n).expect("serialisable"),
         ));
     }
-    save_hf_with(
-        dir,
-        &lm.config,
-        &lm.params.snapshot()?,
-        &lm.tokenizer,
-        lm.chat_template.as_ref(),
-        &lm.generation,
-        &extras,
-    )
+    lm.save_with(dir, &extras)
 }
 
 /// A frozen reward model for scoring.
@@ -161,10 +153,9 @@ impl RewardModel {
         norm: Option<RewardNorm>,
         device: &Device,
     ) -> Result<Self> {
-        let w = lm.params.snapshot()?;
         Ok(RewardModel {
-            model: Llama::from_weights(&lm.config, &w, device)?,
-            head: ScalarHead::from_weights(&w)?,
+            model: lm.frozen_model(device)?,
+            head: ScalarHead::from_weights(&lm.snapshot()?)?,
             tokenizer: lm.tokenizer.clone(),
             norm,
             pad_id: lm.pad_id,

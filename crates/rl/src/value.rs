@@ -69,9 +69,12 @@ impl ValueModel {
         lr: f64,
         max_grad_norm: f64,
         seed: u64,
+        lora: &rlhf_lm::lora::LoraConfig,
         device: &Device,
     ) -> Result<Self> {
-        let lm = Self::load_init(init, seed, device)?;
+        let mut lm = Self::load_init(init, seed, device)?;
+        // The critic's own adapters (and its head, trained whole), drawn from their own stream.
+        lm.enable_lora(lora, rlhf_train::rng::stream_seed(seed, "vlor"))?;
         // A constant learning rate, no weight decay: the policy's optimiser skeleton.
         let optim = OptimConfig {
             lr,
