@@ -34,6 +34,8 @@ enum Command {
     Score(model_cmds::ScoreArgs),
     /// Architecture, size, tokenizer and chat template of a model.
     Info(model_cmds::InfoArgs),
+    /// Fold a LoRA adapter directory into its base model: a plain Hugging Face directory.
+    Merge(model_cmds::MergeArgs),
     /// Win-rate of a policy against a reference (gold and/or reward-model judge); writes eval.json.
     Eval(train_cmds::RunArgs),
     /// Write a built-in testbed task's data files and tokenizer.
@@ -195,6 +197,7 @@ fn real_main() -> Result<()> {
         Command::Generate(a) => model_cmds::generate(a, &device),
         Command::Score(a) => model_cmds::score(a, &device),
         Command::Info(a) => model_cmds::info(a, &device),
+        Command::Merge(a) => model_cmds::merge(a, &device),
         Command::Eval(a) => train_cmds::eval(a, &device),
         Command::Testbed(a) => train_cmds::testbed(a),
         Command::Quickstart(a) => train_cmds::quickstart(a, &device),

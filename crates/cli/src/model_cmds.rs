@@ -73,6 +73,54 @@ pub struct InfoArgs {
     pub model: PathBuf,
 }
 
+#[derive(Args)]
+pub struct MergeArgs {
+    /// A `peft` LoRA adapter directory (its adapter_config.json names the base model).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Where to write the merged Hugging Face model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `rlhf merge`: W + s·B·A for every adapted projection, written as a plain HF directory (a
+/// reward model's adapter gives a reward model, with its head and normalisation).
+pub fn merge(a: MergeArgs, device: &Device) -> Result<()> {
+    let p = load(&a.adapter, device)?;
+    let Some(adapter) = &p.adapter else {
+        bail!(
+            "{}: not a LoRA adapter directory (no {})",
+            a.adapter.display(),
+            rlhf_lm::lora::ADAPTER_CONFIG
+        );
+    };
+    let (r, alpha) = (adapter.config.r, adapter.config.lora_alpha);
+    let lm = rlhf_rl::policy::TrainableLm::from_pretrained(p)?;
+    if lm
+        .params
+        .vars
+        .iter()
+        .any(|(n, _)| n == rlhf_rl::reward::HEAD)
+    {
+        let norm_path = a.adapter.join(rlhf_rl::reward::NORM_FILE);
+        let norm = match norm_path.exists() {
+            true => Some(
+                serde_json::from_str(&std::fs::read_to_string(&norm_path)?)
+                    .with_context(|| format!("{}", norm_path.display()))?,
+            ),
+            false => None,
+        };
+        rlhf_rl::reward::save(&lm, norm, &a.out)?;
+    } else {
+        lm.save(&a.out)?;
+    }
+    eprintln!(
+        "merged the adapter (r = {r}, alpha = {alpha}) into {}",
+        a.out.display()
+    );
+    Ok(())
+}
+
 fn load(path: &std::path::Path, device: &Device) -> Result<Pretrained> {
     Ok(Pretrained::load(path, device)?)
 }
@@ -256,6 +304,18 @@ pub fn info(a: InfoArgs, device: &Device) -> Result<()> {
         c.rope_scaling.as_ref().map(|s| &s.rope_type)
     );
     println!("context:       {}", c.max_position_embeddings);
+    if let Some(ad) = &model.adapter {
+        let c = &ad.config;
+        println!(
+            "LoRA adapter:  r {}  alpha {}  scale {:.4}{}  targets {}  on {}",
+            c.r,
+            c.lora_alpha,
+            ad.scale(),
+            if c.use_rslora { " (rsLoRA)" } else { "" },
+            c.target_modules,
+            c.base_model_name_or_path.as_deref().unwrap_or("?")
+        );
+    }
     println!("tied embeddings: {}", c.tie_word_embeddings);
     let t = &model.tokenizer;
     println!(

@@ -1,0 +1,240 @@
+//! Training with LoRA: only the adapters (and a head) train, the reference is the untouched base,
+//! and what a run writes is a `peft` adapter directory that loads back as the trained model.
+
+mod common;
+use common::{scratch, tiny_lm, CPU};
+
+use std::path::Path;
+
+use rlhf_data::testbed::task_by_name;
+use rlhf_lm::lora::{LoraConfig, TargetModules};
+use rlhf_lm::score::score_pairs;
+use rlhf_lm::Pretrained;
+use rlhf_methods::sft::{self, SftConfig};
+use rlhf_rl::fit::FitConfig;
+use rlhf_rl::reward::{self, add_head, RewardModel};
+use rlhf_rl::trainer::OptimConfig;
+
+fn lora(r: usize) -> LoraConfig {
+    LoraConfig {
+        r,
+        alpha: 2.0 * r as f64,
+        target_modules: TargetModules::Preset("all-linear".into()),
+        ..LoraConfig::default()
+    }
+}
+
+fn rows() -> Vec<(Vec<u32>, Vec<u32>)> {
+    vec![
+        (vec![1u32, 10, 11, 12], vec![20u32, 21, 2]),
+        (vec![1, 30, 31], vec![40, 41, 42, 2]),
+    ]
+}
+
+fn logprobs(model: &rlhf_lm::llama::Llama) -> Vec<f32> {
+    score_pairs(model, &rows(), 0, 2, 1.0)
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Give every lora_B a value, as training would.
+fn perturb_adapters(lm: &rlhf_rl::policy::TrainableLm) {
+    for (n, v) in &lm.params.vars {
+        if n.ends_with("lora_B.weight") {
+            v.set(&v.randn_like(0.0, 0.05).unwrap()).unwrap();
+        }
+    }
+}
+
+#[test]
+fn enable_lora_freezes_the_base_and_keeps_it_as_the_reference() {
+    let mut lm = tiny_lm(3);
+    let before = logprobs(&lm.model(&CPU).unwrap().detached());
+    let full = lm.trainable_parameters();
+    lm.enable_lora(&lora(4), 0).unwrap();
+    // Only adapters train: 3 layers x 7 projections x (A, B), r = 4.
+    let c = &lm.config;
+    let (h, i, kv) = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_key_value_heads * c.head_dim,
+    );
+    let per_layer = 4 * ((h + h) + (h + kv) * 2 + (h + h) + (h + i) * 2 + (i + h));
+    assert_eq!(lm.trainable_parameters(), 3 * per_layer);
+    assert!(lm.trainable_parameters() * 10 < full);
+    assert!(lm.params.vars.iter().all(|(n, _)| n.contains(".lora_")));
+    // B = 0: the adapted model is the base model.
+    assert_eq!(logprobs(&lm.model(&CPU).unwrap()), before);
+    perturb_adapters(&lm);
+    let trained = logprobs(&lm.model(&CPU).unwrap().detached());
+    assert!(
+        max_diff(&trained, &before) > 1e-3,
+        "the adapters change nothing"
+    );
+    // The reference is the base: the log-probs of before, exactly.
+    assert_eq!(logprobs(&lm.reference_model(&CPU).unwrap()), before);
+    // The merged full weights give the adapted model.
+    let merged =
+        rlhf_lm::llama::Llama::from_weights(&lm.config, &lm.full_weights().unwrap(), &CPU).unwrap();
+    assert!(max_diff(&logprobs(&merged), &trained) < 1e-5);
+    // Bad settings are refused with the field named.
+    let mut again = tiny_lm(3);
+    let bad = LoraConfig {
+        target_modules: TargetModules::Names(vec!["qkv_proj".into()]),
+        ..lora(4)
+    };
+    let e = again.enable_lora(&bad, 0).unwrap_err().to_string();
+    assert!(
+        e.contains("target_modules") && e.contains("qkv_proj"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_lora_reward_model_saves_its_head_and_scores_the_same_after_loading() {
+    let root = scratch("lora-rm");
+    let lm = tiny_lm(5);
+    let mut w = lm.snapshot().unwrap();
+    add_head(&mut w, lm.config.hidden_size, 1, &CPU).unwrap();
+    let mut lm = rlhf_rl::policy::TrainableLm {
+        params: rlhf_lm::llama::Trainable::new(&w).unwrap(),
+        ..lm
+    };
+    // The saved adapter must name a real base: save the trunk first.
+    let base = root.join("base");
+    lm.save(&base).unwrap();
+    lm.source = base.clone();
+    lm.enable_lora(&lora(2), 0).unwrap();
+    let names: Vec<&str> = lm.params.vars.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.contains(&reward::HEAD), "the head still trains");
+    perturb_adapters(&lm);
+    let dir = root.join("rm");
+    reward::save(&lm, None, &dir).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["task_type"], "SEQ_CLS");
+    assert_eq!(config["modules_to_save"], serde_json::json!(["score"]));
+    let ours = RewardModel::from_trainable(&lm, None, &CPU).unwrap();
+    let loaded = RewardModel::load(&dir, &CPU).unwrap();
+    let (a, b) = (
+        ours.score_raw(&rows(), 2).unwrap(),
+        loaded.score_raw(&rows(), 2).unwrap(),
+    );
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+    // `rlhf merge`'s path: the adapter folded into a plain reward model directory.
+    let merged = root.join("merged");
+    let p = Pretrained::load(&dir, &CPU).unwrap();
+    let full = rlhf_rl::policy::TrainableLm::from_pretrained(p).unwrap();
+    reward::save(&full, None, &merged).unwrap();
+    assert!(merged.join("model.safetensors").exists());
+    let c = RewardModel::load(&merged, &CPU)
+        .unwrap()
+        .score_raw(&rows(), 2)
+        .unwrap();
+    for (x, y) in a.iter().zip(&c) {
+        assert!((x - y).abs() < 1e-4, "{a:?} vs {c:?}");
+    }
+}
+
+fn sft_data(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let task = task_by_name("sentiment", 0).unwrap();
+    let data = root.join("sft.jsonl");
+    let lines: Vec<String> = task.demonstrations()[..48]
+        .iter()
+        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let init = root.join("init");
+    tiny_lm(0).save(&init).unwrap();
+    (data, init)
+}
+
+fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
+    SftConfig {
+        model: init.to_path_buf(),
+        train_file: data.to_path_buf(),
+        fit: FitConfig {
+            output_dir: dir.to_path_buf(),
+            epochs: 2,
+            batch_size: 8,
+            max_len: 48,
+            save_every: 3,
+            log_every: 1,
+            seed: 7,
+            optim: OptimConfig {
+                lr: 1e-2,
+                ..OptimConfig::default()
+            },
+            lora: lora(8),
+            ..SftConfig::default().fit
+        },
+        ..SftConfig::default()
+    }
+}
+
+/// SFT with LoRA learns, writes a `peft` adapter on an untouched base, and is deterministic.
+#[test]
+fn sft_with_lora_learns_and_writes_a_peft_adapter() {
+    let root = scratch("lora-sft");
+    let (data, init) = sft_data(&root);
+    let a = sft::run(&sft_config(&root.join("a"), &data, &init), false, &CPU).unwrap();
+    sft::run(&sft_config(&root.join("b"), &data, &init), false, &CPU).unwrap();
+    let first = common::metrics(&root.join("a/metrics.jsonl"))[0]["loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        a.final_train_loss < first - 0.5,
+        "loss {first} -> {}",
+        a.final_train_loss
+    );
+    let model = root.join("a/model");
+    assert!(model.join("adapter_config.json").exists());
+    assert!(
+        !model.join("model.safetensors").exists(),
+        "an adapter, not a full model"
+    );
+    let same = |f: &str| {
+        std::fs::read(root.join("a/model").join(f)).unwrap()
+            == std::fs::read(root.join("b/model").join(f)).unwrap()
+    };
+    assert!(same("adapter_model.safetensors"), "same seed, same adapter");
+    // Its base is the starting model, untouched, and the adapter is what moved the loss.
+    let p = Pretrained::load(&model, &CPU).unwrap();
+    let base = Pretrained::load(&init, &CPU).unwrap();
+    assert_eq!(
+        std::fs::canonicalize(p.adapter.as_ref().unwrap().base_path().unwrap()).unwrap(),
+        std::fs::canonicalize(&init).unwrap()
+    );
+    for (n, t) in &base.weights {
+        let d = (t - &p.weights[n])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{n} changed");
+    }
+    let adapted = logprobs(&p.model(&CPU).unwrap());
+    assert!(max_diff(&adapted, &logprobs(&base.model(&CPU).unwrap())) > 1e-2);
+    // Checkpoints hold the adapters only.
+    let ck =
+        rlhf_train::load_safetensors(&root.join("a/checkpoints/step-9/model.safetensors"), &CPU)
+            .unwrap();
+    assert!(
+        ck.keys().all(|n| n.contains(".lora_")),
+        "{:?}",
+        ck.keys().collect::<Vec<_>>()
+    );
+}
