@@ -25,6 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 
+/// Whole modules a LoRA run can also train (`modules_to_save`).
+pub const SAVABLE_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
+
 /// The projections of a decoder layer that can carry an adapter, in `peft`'s names.
 pub const PROJECTIONS: [&str; 7] = [
     "q_proj",
@@ -103,6 +106,10 @@ pub struct LoraConfig {
     pub target_modules: TargetModules,
     /// rsLoRA's scale alpha / √r, which keeps the update's size steady as r grows.
     pub use_rslora: bool,
+    /// Whole weights that train beside the adapters (`peft`'s `modules_to_save`): `embed_tokens`
+    /// and/or `lm_head` (one tensor when the embeddings are tied). A reward or value head always
+    /// trains whole.
+    pub modules_to_save: Vec<String>,
 }
 
 impl Default for LoraConfig {
@@ -113,6 +120,7 @@ impl Default for LoraConfig {
             dropout: 0.0,
             target_modules: TargetModules::default(),
             use_rslora: false,
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -144,7 +152,31 @@ impl LoraConfig {
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
             return Err(format!("lora.alpha = {}: must be positive", self.alpha));
         }
+        if let Some(m) = self
+            .modules_to_save
+            .iter()
+            .find(|m| !SAVABLE_MODULES.contains(&m.as_str()))
+        {
+            return Err(format!(
+                "modules_to_save: `{m}` (expected any of {SAVABLE_MODULES:?})"
+            ));
+        }
         self.target_modules.resolve().map(|_| ())
+    }
+
+    /// The weight names `modules_to_save` trains whole, for this model.
+    pub fn saved_weights(&self, config: &LlamaConfig) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = self
+            .modules_to_save
+            .iter()
+            .map(|m| match m.as_str() {
+                "lm_head" if !config.tie_word_embeddings => "lm_head.weight",
+                _ => "model.embed_tokens.weight",
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
     }
 }
 
@@ -379,6 +411,7 @@ impl PeftAdapter {
             dropout: self.config.lora_dropout,
             target_modules: targets,
             use_rslora: self.config.use_rslora,
+            modules_to_save: Vec::new(),
         })
     }
 
@@ -586,7 +619,10 @@ pub fn save_adapter(
     let mut saved: Vec<String> = tensors
         .keys()
         .filter(|n| !is_lora_tensor(n))
-        .map(|n| n.trim_end_matches(".weight").to_string())
+        .map(|n| {
+            let module = n.trim_end_matches(".weight");
+            module.rsplit('.').next().unwrap_or(module).to_string()
+        })
         .collect();
     saved.sort();
     let targets: Vec<&str> = lora.target_modules.resolve().map_err(LmError::Invalid)?;

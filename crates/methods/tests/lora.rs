@@ -238,3 +238,87 @@ fn sft_with_lora_learns_and_writes_a_peft_adapter() {
         ck.keys().collect::<Vec<_>>()
     );
 }
+
+/// With adapters on, sampling (decode path: KV cache, few-row kernels) and scoring (whole
+/// sequences, with and without a gradient graph) give the same log-probs, so the online methods'
+/// rollout and training log-probs agree.
+#[test]
+fn sampled_logprobs_equal_scored_logprobs_with_adapters() {
+    let mut lm = tiny_lm(4);
+    lm.enable_lora(&lora(4), 0).unwrap();
+    perturb_adapters(&lm);
+    let prompts = vec![vec![1u32, 10, 11, 12], vec![1, 30, 31], vec![1, 50]];
+    let params = rlhf_lm::generate::SamplingParams {
+        max_new_tokens: 8,
+        temperature: 1.0,
+        seed: 3,
+        ..rlhf_lm::generate::SamplingParams::greedy(8)
+    };
+    let sampler = lm.model(&CPU).unwrap().detached();
+    let samples = rlhf_lm::generate::generate(&sampler, &prompts, 0, &params, None).unwrap();
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = prompts
+        .iter()
+        .zip(&samples)
+        .map(|(p, s)| (p.clone(), s.tokens.clone()))
+        .collect();
+    let scored = score_pairs(&sampler, &pairs, 0, 3, 1.0).unwrap();
+    let tracked = score_pairs(&lm.model(&CPU).unwrap(), &pairs, 0, 3, 1.0).unwrap();
+    for ((s, a), b) in samples.iter().zip(&scored).zip(&tracked) {
+        assert_eq!(s.logprobs.len(), a.len());
+        for ((x, y), z) in s.logprobs.iter().zip(a).zip(b) {
+            assert!(
+                (x - y).abs() < 1e-4 && (y - z).abs() < 1e-4,
+                "sampled {x} scored {y} tracked {z}"
+            );
+        }
+    }
+}
+
+/// `modules_to_save = ["embed_tokens"]`: the (tied) embeddings train whole beside the adapters,
+/// the reference keeps their starting values, and the saved adapter carries them, as `peft`'s
+/// saved modules, so that loading it gives the trained model.
+#[test]
+fn modules_to_save_train_whole_and_travel_with_the_adapter() {
+    let root = scratch("lora-mts");
+    let init = root.join("init");
+    tiny_lm(6).save(&init).unwrap();
+    let mut lm = rlhf_rl::policy::TrainableLm::load(&init, &CPU).unwrap();
+    let before = logprobs(&lm.model(&CPU).unwrap().detached());
+    let cfg = LoraConfig {
+        modules_to_save: vec!["embed_tokens".into()],
+        ..lora(2)
+    };
+    lm.enable_lora(&cfg, 0).unwrap();
+    let embed = "model.embed_tokens.weight";
+    let v = &lm
+        .params
+        .vars
+        .iter()
+        .find(|(n, _)| n == embed)
+        .expect("embeddings train")
+        .1;
+    v.set(&(v.as_tensor() * 1.5).unwrap()).unwrap();
+    perturb_adapters(&lm);
+    let trained = logprobs(&lm.model(&CPU).unwrap().detached());
+    assert!(max_diff(&trained, &before) > 1e-2);
+    assert_eq!(logprobs(&lm.reference_model(&CPU).unwrap()), before);
+    let dir = root.join("adapter");
+    lm.save(&dir).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        config["modules_to_save"],
+        serde_json::json!(["embed_tokens"])
+    );
+    let raw = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &CPU).unwrap();
+    assert!(raw.contains_key("base_model.model.model.embed_tokens.weight"));
+    let loaded = Pretrained::load(&dir, &CPU).unwrap().model(&CPU).unwrap();
+    assert!(max_diff(&logprobs(&loaded), &trained) < 1e-5);
+    let bad = LoraConfig {
+        modules_to_save: vec!["norm".into()],
+        ..lora(2)
+    };
+    let e = tiny_lm(6).enable_lora(&bad, 0).unwrap_err().to_string();
+    assert!(e.contains("modules_to_save") && e.contains("norm"), "{e}");
+}

@@ -38,6 +38,9 @@ pub struct LoraState {
     pub config: LoraConfig,
     /// The decoder's weights, frozen (shared with every model built, never copied).
     pub frozen: HashMap<String, Tensor>,
+    /// The starting values of the decoder weights `modules_to_save` trains whole (a copy: the
+    /// reference policy reads them).
+    pub initial: HashMap<String, Tensor>,
     /// Adapter dropout while training (its mask counter shared by the models built).
     pub dropout: Option<Dropout>,
 }
@@ -124,7 +127,11 @@ impl TrainableLm {
     /// so take it before training moves them.
     pub fn reference_model(&self, device: &Device) -> Result<Llama> {
         match &self.lora {
-            Some(l) => Llama::from_weights(&self.config, &l.frozen, device),
+            Some(l) => {
+                let mut weights = l.frozen.clone();
+                weights.extend(l.initial.iter().map(|(n, t)| (n.clone(), t.clone())));
+                Llama::from_weights(&self.config, &weights, device)
+            }
             None => Llama::from_weights(&self.config, &self.snapshot()?, device),
         }
     }
@@ -150,13 +157,18 @@ impl TrainableLm {
                 .into_iter()
                 .map(|(n, _)| n)
                 .collect();
+        let whole = lora.saved_weights(&self.config);
         let mut frozen = HashMap::new();
+        let mut initial = HashMap::new();
         let mut trained = HashMap::new();
         for (name, var) in std::mem::take(&mut self.params.vars) {
             let t = var.as_tensor().detach();
-            if decoder.contains(&name) {
+            if decoder.contains(&name) && !whole.contains(&name.as_str()) {
                 frozen.insert(name, t);
             } else {
+                if decoder.contains(&name) {
+                    initial.insert(name.clone(), t.copy()?);
+                }
                 trained.insert(name, t);
             }
         }
@@ -175,6 +187,7 @@ impl TrainableLm {
         self.lora = Some(LoraState {
             config: lora.clone(),
             frozen,
+            initial,
             dropout,
         });
         Ok(())
