@@ -16,6 +16,10 @@ use crate::config::LlamaConfig;
 use crate::error::{LmError, Result};
 use crate::kv_cache::LayerKv;
 use crate::lora::{Adapters, Dropout};
+use candle_core::quantized::QTensor;
+
+/// Quantised frozen weights by name (`model.layers.0.mlp.up_proj.weight`, ...).
+pub type QuantizedWeights = HashMap<String, Arc<QTensor>>;
 use crate::{fused, ops};
 
 /// Additive value for masked attention scores. Finite (not -inf) so that a row with every key
@@ -44,6 +48,9 @@ fn linear(weights: &HashMap<String, Tensor>, prefix: &str, bias: bool) -> Result
 #[derive(Clone)]
 struct Projection {
     linear: Linear,
+    /// A frozen base kept quantised (QLoRA-style): used instead of `linear`'s weight, which is
+    /// then an empty placeholder.
+    quantized: Option<Arc<QTensor>>,
     lora: Option<LoraBranch>,
 }
 
@@ -64,6 +71,7 @@ impl Projection {
         prefix: &str,
         bias: bool,
         adapters: Option<&Adapters>,
+        quantized: &QuantizedWeights,
     ) -> Result<Self> {
         let lora = match adapters {
             Some(ad) => ad.get(prefix)?.map(|(a, b)| LoraBranch {
@@ -74,14 +82,36 @@ impl Projection {
             }),
             None => None,
         };
+        if let Some(q) = quantized.get(&format!("{prefix}.weight")) {
+            let b = match bias {
+                true => Some(param(w, &format!("{prefix}.bias"))?),
+                false => None,
+            };
+            let placeholder = Tensor::zeros(0, candle_core::DType::F32, &Device::Cpu)?;
+            return Ok(Projection {
+                linear: Linear::new(placeholder, b),
+                quantized: Some(q.clone()),
+                lora,
+            });
+        }
         Ok(Projection {
             linear: linear(w, prefix, bias)?,
+            quantized: None,
             lora,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::linear(&self.linear, x)?;
+        let y = match &self.quantized {
+            Some(q) => {
+                let y = ops::quantized_linear(q, x)?;
+                match self.linear.bias() {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            None => ops::linear(&self.linear, x)?,
+        };
         self.add_adapter(y, x)
     }
 
@@ -101,6 +131,9 @@ impl Projection {
 
     /// Several projections of the same x (q/k/v, gate/up): the frozen products in one pass.
     fn forward_many(layers: &[&Projection], x: &Tensor) -> Result<Vec<Tensor>> {
+        if layers.iter().any(|p| p.quantized.is_some()) {
+            return layers.iter().map(|p| p.forward(x)).collect();
+        }
         let linears: Vec<&Linear> = layers.iter().map(|p| &p.linear).collect();
         ops::linear_many(&linears, x)?
             .into_iter()
@@ -114,6 +147,7 @@ impl Projection {
         let dl = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(|b| b.detach()));
         Projection {
             linear: dl(&self.linear),
+            quantized: self.quantized.clone(),
             lora: self.lora.as_ref().map(|l| LoraBranch {
                 a: dl(&l.a),
                 b: dl(&l.b),
@@ -133,7 +167,10 @@ impl Projection {
     }
 
     fn params(&self) -> Vec<Tensor> {
-        let mut out = vec![self.linear.weight().clone()];
+        let mut out = Vec::new();
+        if self.quantized.is_none() {
+            out.push(self.linear.weight().clone());
+        }
         out.extend(self.linear.bias().cloned());
         if let Some(l) = &self.lora {
             out.push(l.a.weight().clone());
@@ -598,8 +635,20 @@ impl Llama {
         adapters: Option<&Adapters>,
         device: &Device,
     ) -> Result<Self> {
+        Self::from_parts(config, w, adapters, &QuantizedWeights::new(), device)
+    }
+
+    /// [`Llama::from_weights_with_adapters`] with some projection weights kept quantised
+    /// (`quantized`, by weight name, instead of their entries in `w`): a frozen QLoRA-style base.
+    pub fn from_parts(
+        config: &LlamaConfig,
+        w: &HashMap<String, Tensor>,
+        adapters: Option<&Adapters>,
+        quantized: &QuantizedWeights,
+        device: &Device,
+    ) -> Result<Self> {
         let c = config;
-        let proj = |name: &str, bias: bool| Projection::new(w, name, bias, adapters);
+        let proj = |name: &str, bias: bool| Projection::new(w, name, bias, adapters, quantized);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");

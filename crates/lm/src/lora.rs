@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -110,6 +111,10 @@ pub struct LoraConfig {
     /// and/or `lm_head` (one tensor when the embeddings are tied). A reward or value head always
     /// trains whole.
     pub modules_to_save: Vec<String>,
+    /// Keep the frozen base's projections quantised (QLoRA-style): "q8_0" or "q4_0" (ggml's
+    /// blocks of 32 weights with one scale; a projection whose input size is not a multiple of
+    /// 32 stays f32), or "none". The adapters and every activation stay f32.
+    pub quantize_base: String,
 }
 
 impl Default for LoraConfig {
@@ -121,6 +126,7 @@ impl Default for LoraConfig {
             target_modules: TargetModules::default(),
             use_rslora: false,
             modules_to_save: Vec::new(),
+            quantize_base: "none".into(),
         }
     }
 }
@@ -152,6 +158,7 @@ impl LoraConfig {
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
             return Err(format!("lora.alpha = {}: must be positive", self.alpha));
         }
+        self.base_dtype()?;
         if let Some(m) = self
             .modules_to_save
             .iter()
@@ -162,6 +169,18 @@ impl LoraConfig {
             ));
         }
         self.target_modules.resolve().map(|_| ())
+    }
+
+    /// The block format of a quantised base (`None`: f32).
+    pub fn base_dtype(&self) -> std::result::Result<Option<GgmlDType>, String> {
+        match self.quantize_base.as_str() {
+            "none" | "" => Ok(None),
+            "q8_0" => Ok(Some(GgmlDType::Q8_0)),
+            "q4_0" => Ok(Some(GgmlDType::Q4_0)),
+            other => Err(format!(
+                "quantize_base = \"{other}\": expected \"none\", \"q8_0\" or \"q4_0\""
+            )),
+        }
     }
 
     /// The weight names `modules_to_save` trains whole, for this model.
@@ -211,6 +230,40 @@ pub fn init_adapters(
         }
     }
     Ok(out)
+}
+
+/// Quantise the decoder's projection weights in `weights` (those whose rows are whole blocks),
+/// moving them out of `weights`: (the quantised weights, bytes before, bytes after).
+pub fn quantize_projections(
+    weights: &mut HashMap<String, Tensor>,
+    dtype: GgmlDType,
+) -> Result<(crate::llama::QuantizedWeights, usize, usize)> {
+    let mut out = crate::llama::QuantizedWeights::new();
+    let (mut before, mut after) = (0, 0);
+    let mut names: Vec<String> = weights
+        .keys()
+        .filter(|n| {
+            n.starts_with("model.layers.")
+                && PROJECTIONS
+                    .iter()
+                    .any(|p| n.ends_with(&format!("{p}.weight")))
+        })
+        .cloned()
+        .collect();
+    names.sort();
+    for name in names {
+        let w = &weights[&name];
+        let k = w.dim(1)?;
+        if k % dtype.block_size() != 0 {
+            continue;
+        }
+        let q = QTensor::quantize(w, dtype)?;
+        before += w.elem_count() * 4;
+        after += q.storage_size_in_bytes();
+        out.insert(name.clone(), Arc::new(q));
+        weights.remove(&name);
+    }
+    Ok((out, before, after))
 }
 
 /// `model.layers.{layer}.self_attn.q_proj` and the like.
@@ -412,6 +465,7 @@ impl PeftAdapter {
             target_modules: targets,
             use_rslora: self.config.use_rslora,
             modules_to_save: Vec::new(),
+            quantize_base: "none".into(),
         })
     }
 

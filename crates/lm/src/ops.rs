@@ -99,6 +99,44 @@ fn few_rows_linear(layers: &[&candle_nn::Linear], x: &Tensor) -> Result<Option<V
     Ok(Some(ys))
 }
 
+/// x · Wᵀ for a quantised, frozen W (`(n, k)` blocks; QLoRA's base): candle's quantised product
+/// forward (it quantises x's rows to 8 bits for the block dot products, as llama.cpp does), and
+/// a backward for x only, dx = g · dequant(W), with W dequantised for that product and dropped.
+/// The same op for every row count, so rollouts and training score tokens alike.
+pub fn quantized_linear(w: &std::sync::Arc<QTensor>, x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if !x.track_op() {
+        return Ok(x.apply_op1_no_bwd(w.as_ref())?);
+    }
+    Ok(x.apply_op1(QuantizedLinear(w.clone()))?)
+}
+
+use candle_core::quantized::QTensor;
+
+struct QuantizedLinear(std::sync::Arc<QTensor>);
+
+impl candle_core::CustomOp1 for QuantizedLinear {
+    fn name(&self) -> &'static str {
+        "quantized-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.0.cpu_fwd(storage, layout)
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.0.dequantize(x.device())?; // (n, k)
+        let n = w.dim(0)?;
+        let m = g.elem_count() / n;
+        let dx = g.contiguous()?.reshape((m, n))?.matmul(&w)?; // (m, k)
+        Ok(Some(dx.reshape(x.shape())?))
+    }
+}
+
 /// silu(gate) · up (the SwiGLU feed-forward's gating): fused for f32 on the CPU (with a backward),
 /// composed otherwise.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {

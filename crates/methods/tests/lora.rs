@@ -7,6 +7,7 @@ use common::{scratch, tiny_lm, CPU};
 use std::path::Path;
 
 use rlhf_data::testbed::task_by_name;
+use rlhf_lm::llama::Llama;
 use rlhf_lm::lora::{LoraConfig, TargetModules};
 use rlhf_lm::score::score_pairs;
 use rlhf_lm::Pretrained;
@@ -321,4 +322,60 @@ fn modules_to_save_train_whole_and_travel_with_the_adapter() {
     };
     let e = tiny_lm(6).enable_lora(&bad, 0).unwrap_err().to_string();
     assert!(e.contains("modules_to_save") && e.contains("norm"), "{e}");
+}
+
+/// QLoRA-style base: the frozen projections kept as q8_0 / q4_0 blocks. The model starts as the
+/// quantised base (B = 0) and the reference is that same base; log-probs stay near the f32
+/// model's (q8_0 closer than q4_0); gradients still reach every adapter; merging dequantises.
+#[test]
+fn a_quantised_base_trains_adapters_close_to_the_f32_model() {
+    let f32_lp = logprobs(&tiny_lm(8).model(&CPU).unwrap().detached());
+    let mut worst = Vec::new();
+    for q in ["q8_0", "q4_0"] {
+        let mut lm = tiny_lm(8);
+        let cfg = LoraConfig {
+            quantize_base: q.into(),
+            ..lora(4)
+        };
+        lm.enable_lora(&cfg, 0).unwrap();
+        let state = lm.lora.as_ref().unwrap();
+        // Every projection whose input is whole blocks of 32: all but down_proj (344 inputs).
+        assert_eq!(state.quantized.len(), 3 * 6);
+        assert!(state.quantized.keys().all(|n| !n.contains("down_proj")));
+        let start = logprobs(&lm.model(&CPU).unwrap().detached());
+        assert_eq!(start, logprobs(&lm.reference_model(&CPU).unwrap()));
+        worst.push(max_diff(&start, &f32_lp));
+        // Gradients flow through the quantised products to the first layer's adapters.
+        let batch = rlhf_lm::score::CompletionBatch::new(&rows(), 0, &CPU).unwrap();
+        perturb_adapters(&lm);
+        let lp =
+            rlhf_lm::score::completion_logprobs(&lm.model(&CPU).unwrap(), &batch, 1.0).unwrap();
+        let grads = rlhf_lm::llama::backward(&lp.sum_all().unwrap()).unwrap();
+        for (n, v) in &lm.params.vars {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{q}: no gradient for {n}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{q}: zero gradient for {n}");
+        }
+        let merged = Llama::from_weights(&lm.config, &lm.full_weights().unwrap(), &CPU).unwrap();
+        let adapted = logprobs(&lm.model(&CPU).unwrap().detached());
+        assert!(
+            max_diff(&logprobs(&merged), &adapted) < 0.05,
+            "{q}: merged vs adapted"
+        );
+    }
+    assert!(worst[0] < 0.02, "q8_0 moves log-probs by {}", worst[0]);
+    assert!(
+        worst[1] < 0.2 && worst[1] > worst[0],
+        "q4_0 {} vs q8_0 {}",
+        worst[1],
+        worst[0]
+    );
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use rlhf_lm::config::{Family, LlamaConfig};
-use rlhf_lm::llama::{random_weights, Llama, Trainable};
+use rlhf_lm::llama::{random_weights, Llama, QuantizedWeights, Trainable};
 use rlhf_lm::lora::{is_lora_tensor, Adapters, Dropout, LoraConfig};
 use rlhf_lm::pretrained::{
     save_hf_with, write_dir_atomic, write_generation_config, GenerationDefaults, SaveExtras,
@@ -43,6 +43,8 @@ pub struct LoraState {
     pub initial: HashMap<String, Tensor>,
     /// Adapter dropout while training (its mask counter shared by the models built).
     pub dropout: Option<Dropout>,
+    /// The projections kept quantised (`lora.quantize_base`), out of `frozen`.
+    pub quantized: QuantizedWeights,
 }
 
 impl TrainableLm {
@@ -96,7 +98,13 @@ impl TrainableLm {
                     scale: l.config.scale(),
                     dropout: l.dropout.clone(),
                 };
-                Llama::from_weights_with_adapters(&self.config, &weights, Some(&adapters), device)?
+                Llama::from_parts(
+                    &self.config,
+                    &weights,
+                    Some(&adapters),
+                    &l.quantized,
+                    device,
+                )?
             }
         };
         Ok(model.with_gradient_checkpointing(checkpoint))
@@ -117,7 +125,13 @@ impl TrainableLm {
                     scale: l.config.scale(),
                     dropout: None,
                 };
-                Llama::from_weights_with_adapters(&self.config, &weights, Some(&adapters), device)
+                Llama::from_parts(
+                    &self.config,
+                    &weights,
+                    Some(&adapters),
+                    &l.quantized,
+                    device,
+                )
             }
         }
     }
@@ -130,7 +144,7 @@ impl TrainableLm {
             Some(l) => {
                 let mut weights = l.frozen.clone();
                 weights.extend(l.initial.iter().map(|(n, t)| (n.clone(), t.clone())));
-                Llama::from_weights(&self.config, &weights, device)
+                Llama::from_parts(&self.config, &weights, None, &l.quantized, device)
             }
             None => Llama::from_weights(&self.config, &self.snapshot()?, device),
         }
@@ -179,6 +193,20 @@ impl TrainableLm {
             &device,
         )?);
         self.params = Trainable::new(&trained)?;
+        let quantized = match lora.base_dtype().map_err(rlhf_lm::LmError::Invalid)? {
+            None => QuantizedWeights::new(),
+            Some(dtype) => {
+                let (q, before, after) = rlhf_lm::lora::quantize_projections(&mut frozen, dtype)?;
+                eprintln!(
+                    "lora: base projections kept as {} ({} tensors): {:.1} MiB -> {:.1} MiB",
+                    lora.quantize_base,
+                    q.len(),
+                    before as f64 / 1048576.0,
+                    after as f64 / 1048576.0
+                );
+                q
+            }
+        };
         let dropout = (lora.dropout > 0.0).then(|| Dropout {
             p: lora.dropout,
             seed: rlhf_train::rng::stream_seed(seed, "lodr"),
@@ -189,6 +217,7 @@ impl TrainableLm {
             frozen,
             initial,
             dropout,
+            quantized,
         });
         Ok(())
     }
@@ -203,7 +232,11 @@ impl TrainableLm {
                     .snapshot()?
                     .into_iter()
                     .partition(|(n, _)| is_lora_tensor(n));
-                let mut merged = rlhf_lm::lora::merge(&l.frozen, &adapters, l.config.scale())?;
+                let mut base = l.frozen.clone();
+                for (n, q) in &l.quantized {
+                    base.insert(n.clone(), q.dequantize(&self.device())?);
+                }
+                let mut merged = rlhf_lm::lora::merge(&base, &adapters, l.config.scale())?;
                 merged.extend(heads);
                 Ok(merged)
             }
