@@ -67,6 +67,13 @@ struct Common {
     /// checkpointing) instead of keeping its activations.
     #[arg(long)]
     checkpoint: bool,
+    /// `train`: LoRA adapters of this rank on every projection (alpha = 2r) instead of full
+    /// fine-tuning (0).
+    #[arg(long, default_value_t = 0)]
+    lora_r: usize,
+    /// `train` with `--lora-r`: keep the frozen base as "q8_0" or "q4_0" blocks (QLoRA-style).
+    #[arg(long, default_value = "none")]
+    quantize_base: String,
 }
 
 #[derive(Subcommand)]
@@ -467,19 +474,29 @@ fn bench_train(
     ensure!(steps >= 1, "need at least one timed step");
     let (pre, load_s) = load(common)?;
     let pad = pre.pad_id();
-    let Pretrained {
-        config, weights, ..
-    } = pre;
     let rss_loaded = proc_status_bytes("VmRSS:");
-    let trainable = Trainable::new(&weights)?;
-    drop(weights); // the trainable copy is the only one kept, as on the torch side
+    // The trainable copy is the only one kept, as on the torch side; with LoRA the base is
+    // frozen (or quantised) and only the adapters are `Var`s.
+    let mut lm = rlhf_rl::policy::TrainableLm::from_pretrained(pre)?;
+    lm.enable_lora(
+        &rlhf_lm::lora::LoraConfig {
+            r: common.lora_r,
+            alpha: 2.0 * common.lora_r as f64,
+            target_modules: rlhf_lm::lora::TargetModules::Preset("all-linear".into()),
+            quantize_base: common.quantize_base.clone(),
+            ..Default::default()
+        },
+        0,
+    )?;
+    let config = lm.config.clone();
     let device = Device::Cpu;
-    let model = Llama::from_weights(&config, &trainable.tensors(), &device)?
+    let model = lm
+        .model(&device)?
         .with_gradient_checkpointing(common.checkpoint);
-    let n_params: usize = trainable.vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let n_params = lm.trainable_parameters();
     // The toolkit's own optimiser (in-place f32 update), as every trainer uses.
     let mut opt = rlhf_train::AdamW::new(
-        trainable.vars.clone(),
+        lm.params.vars.clone(),
         rlhf_train::AdamWConfig {
             lr,
             // torch.optim.AdamW's default, which the anchor uses.
@@ -530,6 +547,8 @@ fn bench_train(
         "side": "ours",
         "bench": "train",
         "gradient_checkpointing": common.checkpoint,
+        "lora_r": common.lora_r,
+        "quantize_base": common.quantize_base,
         "label": common.label,
         "threads": common.threads,
         "batch": batch,
