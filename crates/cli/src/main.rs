@@ -2,6 +2,7 @@
 //! command (name, help line, flags, `--print-config`) is generated from `rlhf_methods::registry`.
 
 mod model_cmds;
+mod serve;
 mod train_cmds;
 
 use anyhow::{bail, Context, Result};
@@ -34,6 +35,8 @@ enum Command {
     Score(model_cmds::ScoreArgs),
     /// Architecture, size, tokenizer and chat template of a model.
     Info(model_cmds::InfoArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (chat and text completions, log-probs).
+    Serve(serve::ServeArgs),
     /// Win-rate of a policy against a reference (gold and/or reward-model judge); writes eval.json.
     Eval(train_cmds::RunArgs),
     /// Write a built-in testbed task's data files and tokenizer.
@@ -195,6 +198,7 @@ fn real_main() -> Result<()> {
         Command::Generate(a) => model_cmds::generate(a, &device),
         Command::Score(a) => model_cmds::score(a, &device),
         Command::Info(a) => model_cmds::info(a, &device),
+        Command::Serve(a) => serve::serve(a, &device),
         Command::Eval(a) => train_cmds::eval(a, &device),
         Command::Testbed(a) => train_cmds::testbed(a),
         Command::Quickstart(a) => train_cmds::quickstart(a, &device),
