@@ -330,7 +330,7 @@ fn echoed_prompt_logprobs_match_the_scorer() {
     };
     let sample = generate(
         &reference.llama,
-        &[ids.clone()],
+        std::slice::from_ref(&ids),
         reference.pretrained.pad_id(),
         &params,
         None,
@@ -529,5 +529,39 @@ fn concurrent_requests_each_get_their_own_answer() {
     assert!(
         stats["largest_shared_batch"].as_u64().unwrap() > 1,
         "no batching happened: {stats}"
+    );
+}
+
+#[test]
+fn a_full_queue_is_refused_with_503() {
+    // One request decoding, one waiting: the rest of a simultaneous burst is refused.
+    let server = Arc::new(Server::start(&["--max-queue", "1", "--max-batch", "1"]));
+    const BURST: usize = 24;
+    let start = Arc::new(Barrier::new(BURST));
+    let body =
+        json!({"prompt": "the day", "max_tokens": 200, "n": 8, "temperature": 0.8}).to_string();
+    let handles: Vec<_> = (0..BURST)
+        .map(|_| {
+            let (server, start, body) = (server.clone(), start.clone(), body.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                server.post("/v1/completions", &body)
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let refused: Vec<&String> = answers
+        .iter()
+        .filter(|(status, _)| *status == 503)
+        .map(|(_, text)| text)
+        .collect();
+    assert!(!refused.is_empty(), "nothing was refused");
+    assert!(answers.iter().all(|(s, _)| *s == 200 || *s == 503));
+    let e: Value = serde_json::from_str(refused[0]).unwrap();
+    assert_eq!(e["error"]["code"], "queue_full");
+    // Once the burst is over, requests are taken again.
+    server.ok(
+        "/v1/completions",
+        json!({"prompt": "the day", "max_tokens": 2}),
     );
 }

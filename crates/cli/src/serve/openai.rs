@@ -257,7 +257,7 @@ fn parse_common(f: &Fields, ctx: &ModelContext) -> Result<Common, ApiError> {
                 format!("`top_p` must be in (0, 1], got {p}"),
             ))
         }
-        Some(p) if p == 1.0 => None,
+        Some(1.0) => None,
         Some(p) => Some(p),
         None => defaults.top_p.filter(|&p| p > 0.0 && p < 1.0),
     };
@@ -320,15 +320,22 @@ fn parse_common(f: &Fields, ctx: &ModelContext) -> Result<Common, ApiError> {
     })
 }
 
-/// Check `max_tokens` against the limit and every prompt against the context, and put the
-/// settings together. `requested` is the client's `max_tokens` (under `param`); when absent,
-/// `default` if given, else whatever room the longest prompt leaves (capped at the limit).
+/// How many tokens a request may generate, before it is checked.
+struct TokenBudget {
+    /// The client's value, and the field it came in (`max_tokens` or `max_completion_tokens`).
+    requested: Option<(u64, &'static str)>,
+    /// Used when the client gives none; `None`: whatever room the longest prompt leaves (capped
+    /// at the limit).
+    default: Option<usize>,
+}
+
+/// Check the token budget against the limit and every prompt against the context, and put the
+/// settings together.
 fn finish_request(
     endpoint: Endpoint,
     prompts: Vec<Prompt>,
     common: Common,
-    requested: Option<(u64, &str)>,
-    default: Option<usize>,
+    budget: TokenBudget,
     logprobs: Option<LogprobRequest>,
     echo: bool,
     ctx: &ModelContext,
@@ -353,7 +360,7 @@ fn finish_request(
     if longest >= context {
         return Err(context_error(prompt_param, longest, 0, context));
     }
-    let max_tokens = match requested {
+    let max_tokens = match budget.requested {
         Some((m, param)) => {
             if m > ctx.max_tokens_limit as u64 {
                 return Err(ApiError::invalid(
@@ -366,7 +373,9 @@ fn finish_request(
             }
             m as usize
         }
-        None => default.unwrap_or_else(|| (context - longest).min(ctx.max_tokens_limit)),
+        None => budget
+            .default
+            .unwrap_or_else(|| (context - longest).min(ctx.max_tokens_limit)),
     };
     if longest + max_tokens > context {
         return Err(context_error(prompt_param, longest, max_tokens, context));
@@ -503,8 +512,10 @@ pub fn parse_chat(body: &[u8], ctx: &ModelContext) -> Result<Request, ApiError> 
         Endpoint::Chat,
         vec![prompt],
         common,
-        requested,
-        None,
+        TokenBudget {
+            requested,
+            default: None,
+        },
         logprobs,
         false,
         ctx,
@@ -624,8 +635,10 @@ pub fn parse_completion(body: &[u8], ctx: &ModelContext) -> Result<Request, ApiE
         Endpoint::Completions,
         prompts,
         common,
-        requested,
-        Some(DEFAULT_COMPLETION_TOKENS),
+        TokenBudget {
+            requested,
+            default: Some(DEFAULT_COMPLETION_TOKENS),
+        },
         logprobs,
         echo,
         ctx,
@@ -890,8 +903,13 @@ pub fn choices(
             Some(_) => offsets.iter().filter(|&&o| o < text.len()).count(),
             None => row.tokens.len(),
         };
+        // Shown after the prompt's last token, as the alternatives are (see `piece_after`).
         let shown = match lps {
-            Some(_) => token_pieces(tok, &row.tokens[..kept], false),
+            Some(_) => {
+                let mut in_context = vec![prompt.ids[prompt.ids.len() - 1]];
+                in_context.extend_from_slice(&row.tokens[..kept]);
+                token_pieces(tok, &in_context, false).split_off(1)
+            }
             None => Vec::new(),
         };
         for i in 0..kept {
