@@ -2,6 +2,7 @@
 //! command (name, help line, flags, `--print-config`) is generated from `rlhf_methods::registry`.
 
 mod model_cmds;
+mod serve;
 mod train_cmds;
 
 use anyhow::{bail, Context, Result};
@@ -36,6 +37,8 @@ enum Command {
     Info(model_cmds::InfoArgs),
     /// Fold a LoRA adapter directory into its base model: a plain Hugging Face directory.
     Merge(model_cmds::MergeArgs),
+    /// Serve a model over an OpenAI-compatible HTTP API (chat and text completions, log-probs).
+    Serve(serve::ServeArgs),
     /// Win-rate of a policy against a reference (gold and/or reward-model judge); writes eval.json.
     Eval(train_cmds::RunArgs),
     /// Write a built-in testbed task's data files and tokenizer.
@@ -198,6 +201,7 @@ fn real_main() -> Result<()> {
         Command::Score(a) => model_cmds::score(a, &device),
         Command::Info(a) => model_cmds::info(a, &device),
         Command::Merge(a) => model_cmds::merge(a, &device),
+        Command::Serve(a) => serve::serve(a, &device),
         Command::Eval(a) => train_cmds::eval(a, &device),
         Command::Testbed(a) => train_cmds::testbed(a),
         Command::Quickstart(a) => train_cmds::quickstart(a, &device),

@@ -1,0 +1,264 @@
+//! `rlhf serve`: an OpenAI-compatible HTTP server over one model.
+//!
+//! `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`
+//! (with `echo` and `logprobs`, which is what lm-evaluation-harness's `local-completions` reads
+//! for log-likelihood tasks), plus `GET /stats` with batching counters. The HTTP side (axum on a
+//! tokio runtime) checks and tokenises requests; the model runs on one worker thread that batches
+//! concurrent requests ([`engine`]); [`openai`] holds the wire format.
+//!
+//! Streaming sends the finished completion as per-token chunks: the generation loop has no
+//! per-token callback, so the first chunk arrives when the whole completion is done.
+
+mod engine;
+mod openai;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use candle_core::Device;
+use clap::Args;
+use rlhf_lm::Pretrained;
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use engine::{Engine, Job, SubmitError};
+use openai::{ApiError, Endpoint, Meta, ModelContext};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// An HF model directory or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the bound address is printed on the first line).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The name clients use in `model` (default: --model as given).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Most waiting requests decoded together in one batched generation (also the most rows in
+    /// one generate call).
+    #[arg(long, default_value_t = 8)]
+    pub max_batch: usize,
+    /// Most requests waiting for the model; more are refused with 503.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Largest request body; larger ones are refused with 413.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+    /// Largest `max_tokens` a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_limit: usize,
+}
+
+/// What every handler shares.
+struct App {
+    ctx: ModelContext,
+    engine: Engine,
+    /// For response ids: distinct within a run.
+    next_id: AtomicU64,
+    /// When the server started (the model's `created` in `/v1/models`).
+    started: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
+    let pretrained = Arc::new(Pretrained::load(&a.model, device)?);
+    let name = a
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| a.model.display().to_string());
+    let context_length = pretrained.config.max_position_embeddings;
+    let engine = Engine::start(pretrained.clone(), device.clone(), a.max_batch, a.max_queue)?;
+    let app = Arc::new(App {
+        ctx: ModelContext {
+            name,
+            pretrained,
+            context_length,
+            max_tokens_limit: a.max_tokens_limit,
+        },
+        engine,
+        next_id: AtomicU64::new(0),
+        started: unix_now(),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_io()
+        .thread_name("rlhf-serve-http")
+        .build()
+        .context("starting the HTTP runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((a.host.as_str(), a.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", a.host, a.port))?;
+        let address = listener.local_addr()?;
+        // The first line of standard output, for scripts and tests started with --port 0.
+        println!("listening on http://{address}");
+        std::io::stdout().flush()?;
+        eprintln!(
+            "serving {} as {:?} (context {} tokens, batches of up to {}, queue {})",
+            app.ctx.pretrained.source.display(),
+            app.ctx.name,
+            app.ctx.context_length,
+            a.max_batch,
+            a.max_queue
+        );
+        axum::serve(listener, router(app, a.max_body_bytes))
+            .await
+            .context("serving HTTP")
+    })
+}
+
+fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models))
+        .route("/stats", get(stats))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .fallback(|| async {
+            ApiError::invalid(None, "no such endpoint")
+                .with_status(StatusCode::NOT_FOUND)
+                .with_code("not_found")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::invalid(None, "this endpoint does not take that method")
+                .with_status(StatusCode::METHOD_NOT_ALLOWED)
+        })
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(app)
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": app.ctx.name,
+            "object": "model",
+            "created": app.started,
+            "owned_by": "rlhf",
+            "max_model_len": app.ctx.context_length,
+        }],
+    }))
+}
+
+async fn stats(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let s = &app.engine.stats;
+    Json(json!({
+        "jobs_done": s.jobs.load(Ordering::Relaxed),
+        "generate_calls": s.generate_calls.load(Ordering::Relaxed),
+        "largest_shared_batch": s.largest_shared_batch.load(Ordering::Relaxed),
+        "queued": s.queued.load(Ordering::Relaxed),
+    }))
+}
+
+async fn chat_completions(
+    State(app): State<Arc<App>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    answer(app, body, Endpoint::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    answer(app, body, Endpoint::Completions)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Check the request, queue it for the model, and shape what comes back.
+async fn answer(
+    app: Arc<App>,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        let error = ApiError::invalid(None, rejection.body_text()).with_status(status);
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            error.with_code("request_too_large")
+        } else {
+            error
+        }
+    })?;
+    let request = match endpoint {
+        Endpoint::Chat => openai::parse_chat(&body, &app.ctx)?,
+        Endpoint::Completions => openai::parse_completion(&body, &app.ctx)?,
+    };
+    let (reply, rows) = oneshot::channel();
+    app.engine
+        .submit(Job {
+            rows: request.rows(),
+            params: request.params.clone(),
+            sharing: request.sharing,
+            logprobs: request.logprobs,
+            reply,
+        })
+        .map_err(|e| match e {
+            SubmitError::QueueFull => ApiError::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is busy: its request queue is full (--max-queue); retry later",
+            )
+            .with_code("queue_full"),
+            SubmitError::Stopped => {
+                ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "the model worker stopped")
+            }
+        })?;
+    let rows = rows
+        .await
+        .map_err(|_| {
+            ApiError::server(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the model worker dropped the request",
+            )
+        })?
+        .map_err(|message| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, message))?;
+    let choices = openai::choices(&request, &rows, &app.ctx.pretrained.tokenizer)?;
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    let meta = Meta {
+        id: format!(
+            "{prefix}-{:x}{:06x}",
+            app.started,
+            app.next_id.fetch_add(1, Ordering::Relaxed)
+        ),
+        created: unix_now(),
+        model: app.ctx.name.clone(),
+    };
+    if request.stream {
+        let events = openai::stream_events(&request, &choices, &meta);
+        let body = Body::from_stream(futures_util::stream::iter(
+            events.into_iter().map(Ok::<_, std::convert::Infallible>),
+        ));
+        Ok((
+            [
+                (header::CONTENT_TYPE, "text/event-stream"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            body,
+        )
+            .into_response())
+    } else {
+        Ok(Json(openai::response_body(&request, &choices, &meta)).into_response())
+    }
+}
