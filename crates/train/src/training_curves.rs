@@ -237,6 +237,15 @@ fn parse_record(line: &str) -> std::result::Result<BTreeMap<String, f64>, String
         .collect())
 }
 
+/// One panel to draw: a [`Family`], or a single metric `--metrics` asked for.
+struct PanelSpec<'a> {
+    title: &'a str,
+    y_label: &'a str,
+    x_key: &'a str,
+    x_label: &'a str,
+    metrics: Vec<&'a str>,
+}
+
 /// A run to draw: its legend label and its metrics.
 #[derive(Debug, Clone)]
 pub struct LabelledRun {
@@ -250,9 +259,9 @@ pub struct LabelledRun {
 /// a panel holds one metric, else `label: metric`. Empty panels are left out; naming a metric no
 /// run has is an error listing the ones they do have.
 pub fn panels(runs: &[LabelledRun], only: Option<&[String]>) -> Result<Vec<Panel>> {
-    let groups: Vec<(String, String, &str, &str, Vec<&str>)> = match only {
+    let specs: Vec<PanelSpec> = match only {
         Some(names) => {
-            let mut groups = Vec::new();
+            let mut specs = Vec::new();
             for name in names {
                 if !runs
                     .iter()
@@ -270,37 +279,36 @@ pub fn panels(runs: &[LabelledRun], only: Option<&[String]>) -> Result<Vec<Panel
                     )));
                 }
                 let (x_key, x_label) = family_of(name).map_or(STEP_AXIS, |f| (f.x_key, f.x_label));
-                groups.push((
-                    name.clone(),
-                    name.clone(),
+                specs.push(PanelSpec {
+                    title: name,
+                    y_label: name,
                     x_key,
                     x_label,
-                    vec![name.as_str()],
-                ));
+                    metrics: vec![name],
+                });
             }
-            groups
+            specs
         }
         None => FAMILIES
             .iter()
-            .map(|f| {
-                (
-                    f.title.to_string(),
-                    f.y_label.to_string(),
-                    f.x_key,
-                    f.x_label,
-                    f.metrics.to_vec(),
-                )
+            .map(|f| PanelSpec {
+                title: f.title,
+                y_label: f.y_label,
+                x_key: f.x_key,
+                x_label: f.x_label,
+                metrics: f.metrics.to_vec(),
             })
             .collect(),
     };
     let mut out = Vec::new();
-    for (title, y_label, x_key, x_label, metrics) in groups {
-        let lines: Vec<(&LabelledRun, &str, Vec<(f64, f64)>)> = runs
+    for spec in specs {
+        // (run, metric, points) of every line with something to draw.
+        let lines: Vec<_> = runs
             .iter()
             .flat_map(|run| {
-                metrics
+                spec.metrics
                     .iter()
-                    .map(move |m| (run, *m, run.metrics.points(m, x_key)))
+                    .map(move |m| (run, *m, run.metrics.points(m, spec.x_key)))
             })
             .filter(|(_, _, points)| !points.is_empty())
             .collect();
@@ -313,8 +321,8 @@ pub fn panels(runs: &[LabelledRun], only: Option<&[String]>) -> Result<Vec<Panel
         let one_metric = drawn_metrics.len() == 1;
         // A lone line has no legend (see `plot`), so its metric names the vertical axis.
         let y_label = match lines.as_slice() {
-            [(_, metric, _)] => metric.to_string(),
-            _ => y_label,
+            [(_, metric, _)] => metric,
+            _ => spec.y_label,
         };
         let series = lines
             .into_iter()
@@ -330,9 +338,9 @@ pub fn panels(runs: &[LabelledRun], only: Option<&[String]>) -> Result<Vec<Panel
             })
             .collect();
         out.push(Panel {
-            title,
-            x_label: x_label.into(),
-            y_label,
+            title: spec.title.into(),
+            x_label: spec.x_label.into(),
+            y_label: y_label.into(),
             series,
         });
     }
