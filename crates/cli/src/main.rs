@@ -2,6 +2,7 @@
 //! command (name, help line, flags, `--print-config`) is generated from `rlhf_methods::registry`.
 
 mod model_cmds;
+mod plot_cmd;
 mod serve;
 mod train_cmds;
 
@@ -64,6 +65,9 @@ enum Command {
     /// The testbed `dialogue` game's scripted user as a command (JSON on stdin and stdout), for
     /// `dialogue-rl`'s `environment.source = "command"`.
     DialogueUser,
+    /// Training curves of run directories as SVG: one run's every metric family, or several runs
+    /// overlaid (`--metrics loss,kl` to choose).
+    Plot(plot_cmd::PlotArgs),
 }
 
 /// `cpu` or `cuda:N`.
@@ -211,5 +215,6 @@ fn real_main() -> Result<()> {
         Command::RlpTable(a) => train_cmds::rlp_table(a),
         Command::CompareDialogue(a) => train_cmds::compare_dialogue(a, &device),
         Command::DialogueUser => train_cmds::dialogue_user(),
+        Command::Plot(a) => plot_cmd::plot(a),
     }
 }

@@ -214,3 +214,68 @@ fn method_shorthand_flags_set_their_key() {
     let (ok, _, err) = run(rlhf().args(["dpo", "--loss", "nope", "--set", "model=x"]));
     assert!(!ok && err.contains("nope"), "{err}");
 }
+
+/// `rlhf plot`: one run redraws its own `curves.svg`; several are overlaid into `--out` with the
+/// run directories' names as the legend; an unknown metric, a malformed line and a missing run
+/// are errors that say which.
+#[test]
+fn plot_draws_one_run_or_overlays_several() {
+    let root = std::env::temp_dir().join(format!("rlhf-cli-plot-{}", std::process::id()));
+    std::fs::remove_dir_all(&root).ok();
+    let write = |name: &str, text: &str| -> PathBuf {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("metrics.jsonl"), text).unwrap();
+        dir
+    };
+    let a = write(
+        "beta-0.1",
+        "{\"step\":1,\"loss\":1.0,\"kl\":0.5}\n{\"step\":2,\"loss\":0.5,\"kl\":0.75}\n",
+    );
+    let b = write(
+        "beta-0.5",
+        "{\"step\":1,\"loss\":1.25,\"kl\":0.25}\n{\"step\":2,\"loss\":1.0,\"kl\":0.5}\n",
+    );
+
+    let (ok, out, err) = run(rlhf().arg("plot").arg(&a));
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(&a.join("curves.svg").display().to_string()),
+        "{out}"
+    );
+    assert!(std::fs::read_to_string(a.join("curves.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+
+    let fig = root.join("figs/kl.svg");
+    let (ok, _, err) = run(rlhf()
+        .arg("plot")
+        .arg(&a)
+        .arg(&b)
+        .args(["--metrics", "kl,loss", "--out"])
+        .arg(&fig));
+    assert!(ok, "{err}");
+    let svg = std::fs::read_to_string(&fig).unwrap();
+    for text in ["\nbeta-0.1\n", "\nbeta-0.5\n", "\nkl\n", "\nloss\n"] {
+        assert!(svg.contains(text), "{text:?} not in the picture");
+    }
+
+    let (ok, _, err) = run(rlhf()
+        .arg("plot")
+        .arg(&a)
+        .args(["--metrics", "reward", "--out"])
+        .arg(&fig));
+    assert!(
+        !ok && err.contains("`reward`") && err.contains("kl, loss"),
+        "{err}"
+    );
+    let c = write("broken", "{\"step\":1,\"loss\":1.0}\n{oops\n{\"step\":3}\n");
+    let (ok, _, err) = run(rlhf().arg("plot").arg(&c));
+    assert!(
+        !ok && err.contains("broken") && err.contains("line 2"),
+        "{err}"
+    );
+    let (ok, _, err) = run(rlhf().arg("plot").arg(root.join("missing")));
+    assert!(!ok && err.contains("missing"), "{err}");
+    std::fs::remove_dir_all(&root).ok();
+}

@@ -4,7 +4,7 @@
 //! monitors, resume, the trip-wire).
 
 mod common;
-use common::{assert_all_close, close, metrics, scratch, tiny_model};
+use common::{assert_all_close, close, curves_texts, metrics, scratch, tiny_model};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -359,6 +359,19 @@ fn ppo_max_run_layout_monitors_and_resume() {
         );
     }
     assert!(last["perplexity"].as_f64().unwrap() >= 1.0);
+    // The curves, drawn when the run ended: the final evaluation (logged after the model was
+    // saved) is in them, and critic pre-training has its own panel.
+    let texts = curves_texts(&dir);
+    for t in [
+        "reward",
+        "KL to the reference",
+        "completion length",
+        "eval/winrate",
+        "critic pre-training",
+        "pre-training iteration",
+    ] {
+        assert!(texts.iter().any(|x| x == t), "{t} not in {texts:?}");
+    }
 
     let mut short = full.clone();
     short.output_dir = root.join("resumed");

@@ -1,7 +1,7 @@
 //! SFT and reward-model losses against hand-computed values, and determinism of whole runs.
 
 mod common;
-use common::{metrics, scratch, tiny_lm};
+use common::{curves_texts, metrics, scratch, tiny_lm};
 
 use std::path::Path;
 
@@ -223,6 +223,16 @@ fn sft_is_deterministic_and_learns() {
         "loss {first} -> {}",
         a.final_train_loss
     );
+    // The run drew its curves: the loss, learning-rate and gradient-norm panels of the fit loop.
+    let texts = curves_texts(&root.join("a"));
+    for t in [
+        "loss",
+        "learning rate",
+        "gradient norm (before clipping)",
+        "optimiser step",
+    ] {
+        assert!(texts.iter().any(|x| x == t), "{t} not in {texts:?}");
+    }
     let wa = std::fs::read(root.join("a/model/model.safetensors")).unwrap();
     let wb = std::fs::read(root.join("b/model/model.safetensors")).unwrap();
     assert!(wa == wb, "identical weights");

@@ -24,7 +24,7 @@ use rlhf_rl::reward_source::SourceKind;
 use crate::curves::{
     at_first_crossing, mean_curve, mean_monitors, read_run, CurvePoint, MonitorPoint,
 };
-use crate::plot::{Panel, Series};
+use crate::plot::{Interval, IntervalChart, Panel, Series};
 use crate::stats::{holm, paired_by_seed, PairedTest};
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -602,12 +602,14 @@ pub struct Plots {
     pub frontier: String,
     pub curves: String,
     pub monitors: String,
+    pub winrates: String,
 }
 
 /// The figures of a report, as SVG beside `table` (or in `plots_dir`), named after it:
 /// `-frontier` (gold win-rate, gold and proxy reward against KL: the reward-KL frontier),
 /// `-curves` (win-rate and KL against samples consumed), `-monitors` (the training-time collapse
-/// monitors against iterations). Each line is a row's seed-mean curve.
+/// monitors against iterations), each line a row's seed-mean curve; and `-winrates` (the table's
+/// final gold win-rates with their 95% intervals, the SFT reference first).
 pub fn write_plots(r: &CompareReport, table: &Path) -> Result<Plots> {
     let dir = match &r.config.plots_dir {
         Some(d) => d.clone(),
@@ -712,10 +714,34 @@ pub fn write_plots(r: &CompareReport, table: &Path) -> Result<Plots> {
     ] {
         crate::plot::write_svg(&dir.join(file_name(name)), panels, columns)?;
     }
+    let interval = |name: &str, estimate: f64, interval: [f64; 2]| Interval {
+        name: name.into(),
+        estimate,
+        interval,
+    };
+    let winrates = IntervalChart {
+        title: "final gold win-rate vs SFT (95% interval)".into(),
+        x_label: "gold win-rate".into(),
+        rows: std::iter::once(interval(
+            "SFT (reference)",
+            r.sft.winrate,
+            r.sft.winrate_ci95,
+        ))
+        .chain(
+            r.rows
+                .iter()
+                .map(|row| interval(&row.method, row.winrate, row.winrate_ci95)),
+        )
+        .collect(),
+        // A policy no better than SFT ties it half the time.
+        reference: Some(0.5),
+    };
+    crate::plot::write_interval_svg(&dir.join(file_name("winrates")), &winrates)?;
     Ok(Plots {
         frontier: link("frontier"),
         curves: link("curves"),
         monitors: link("monitors"),
+        winrates: link("winrates"),
     })
 }
 
@@ -816,6 +842,10 @@ pub fn format_markdown(r: &CompareReport, plots: &Plots) -> String {
             row.seconds
         ));
     }
+    s.push_str(&format!(
+        "\n![final gold win-rates with 95% intervals]({})\n",
+        plots.winrates
+    ));
     let has_curves = r.rows.iter().any(|row| row.curve.len() > 2);
     if has_curves {
         s.push_str(&format!(

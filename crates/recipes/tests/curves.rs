@@ -318,8 +318,19 @@ fn a_comparison_row_from_curves_by_hand() {
     };
     let plots = rlhf_recipes::compare::write_plots(&report, &table).unwrap();
     assert_eq!(plots.frontier, "cmp-frontier.svg");
-    for f in ["cmp-frontier.svg", "cmp-curves.svg", "cmp-monitors.svg"] {
+    for f in [
+        "cmp-frontier.svg",
+        "cmp-curves.svg",
+        "cmp-monitors.svg",
+        "cmp-winrates.svg",
+    ] {
         assert!(dir.path().join(f).is_file(), "{f}");
+    }
+    // The table's chart: a row per method after the SFT reference, with the reference line.
+    let svg = std::fs::read_to_string(dir.path().join("cmp-winrates.svg")).unwrap();
+    assert!(svg.starts_with("<svg"));
+    for name in ["SFT (reference)", "x", "y", "gold win-rate"] {
+        assert!(svg.contains(&format!("\n{name}\n")), "{name}");
     }
     let md = rlhf_recipes::compare::format_markdown(&report, &plots);
     for line in [
@@ -327,6 +338,7 @@ fn a_comparison_row_from_curves_by_hand() {
         "| x | 0.620 | - |",
         "| x | 0.700 | 20 | 1280 | 2.00 | 0.700 | +0.000 |",
         "![reward-KL frontier](cmp-frontier.svg)",
+        "![final gold win-rates with 95% intervals](cmp-winrates.svg)",
     ] {
         assert!(md.lines().any(|l| l == line), "{line}\n{md}");
     }

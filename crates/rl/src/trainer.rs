@@ -270,6 +270,9 @@ impl Trainer {
                 Ok::<(), rlhf_train::TrainError>(())
             },
         )?;
+        // The picture follows the checkpoints, so a long run's curves can be looked at while it
+        // trains (the metrics logger draws the final one when the run ends).
+        self.metrics.refresh_curves();
         Ok(())
     }
 

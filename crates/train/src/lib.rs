@@ -6,6 +6,8 @@
 //! - [`run`]: the run directory (resolved `config.toml`, `metrics.jsonl`, TensorBoard events,
 //!   atomic checkpoints, resume);
 //! - [`tensorboard`]: the TensorBoard event-file writer (and a reader, for tests);
+//! - [`plot`]: SVG charts (line charts in panels, dot-and-whisker interval charts);
+//! - [`training_curves`]: a run's `metrics.jsonl` drawn as `curves.svg`, and several runs overlaid;
 //! - [`rng`]: a seedable RNG whose full state round-trips through JSON, for exact resume;
 //! - [`mod@progress`]: progress bars that stay quiet when stderr is not a terminal.
 
@@ -13,11 +15,13 @@ pub mod clip;
 pub mod config;
 pub mod error;
 pub mod optim;
+pub mod plot;
 pub mod progress;
 pub mod rng;
 pub mod run;
 pub mod schedule;
 pub mod tensorboard;
+pub mod training_curves;
 
 pub use clip::{clip_grad_norm, grad_norm, GradAccumulator};
 pub use error::{Result, TrainError};

@@ -4,6 +4,7 @@
 //! RUN/
 //!   config.toml                 the resolved configuration (written once, atomically)
 //!   metrics.jsonl               one JSON object a line: {"step":..,"wall_time":..,<metric>:..}
+//!   curves.svg                  the metrics drawn (redrawn at each checkpoint and at the end)
 //!   tb/events.out.tfevents.*    the same scalars for TensorBoard (one file per process)
 //!   checkpoints/
 //!     latest                    "step-<N>": the newest complete checkpoint
@@ -35,6 +36,8 @@ use crate::tensorboard::{unix_time, EventWriter};
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
+/// The training curves drawn from `metrics.jsonl` ([`crate::training_curves`]).
+pub const CURVES_FILE: &str = "curves.svg";
 pub const TB_DIR: &str = "tb";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const LATEST_FILE: &str = "latest";
@@ -276,13 +279,19 @@ impl RunDir {
     }
 
     /// [`RunDir::create`] after removing what an earlier run left in `path` (its `config.toml`,
-    /// `metrics.jsonl`, `tb/` and `checkpoints/`; nothing else).
+    /// `metrics.jsonl`, `curves.svg`, `tb/` and `checkpoints/`; nothing else).
     pub fn create_overwriting(
         path: impl AsRef<Path>,
         resolved_config: &impl Serialize,
     ) -> Result<RunDir> {
         let root = path.as_ref();
-        for entry in [CONFIG_FILE, METRICS_FILE, TB_DIR, CHECKPOINTS_DIR] {
+        for entry in [
+            CONFIG_FILE,
+            METRICS_FILE,
+            CURVES_FILE,
+            TB_DIR,
+            CHECKPOINTS_DIR,
+        ] {
             remove_any(&root.join(entry))?;
         }
         Self::create(root, resolved_config)
@@ -498,7 +507,10 @@ impl RunDir {
 
 // ---- metrics -------------------------------------------------------------------------------------
 
-/// Appends metrics to `metrics.jsonl` (one flushed line per call) and to a TensorBoard event file.
+/// Appends metrics to `metrics.jsonl` (one flushed line per call) and to a TensorBoard event file,
+/// and draws them as `curves.svg` when it is dropped, i.e. when the run ends: this is the one
+/// place every method's run goes through, however it finishes (a final evaluation logged after
+/// the model is saved is in the picture too; so is the last step of a run that failed).
 pub struct MetricsLogger {
     path: PathBuf,
     file: File,
@@ -584,6 +596,26 @@ impl MetricsLogger {
     pub fn metrics_path(&self) -> &Path {
         &self.path
     }
+
+    /// Draw what has been logged so far as `curves.svg` beside `metrics.jsonl`
+    /// ([`crate::training_curves::write_run_curves`]); `None` when there is nothing to draw yet.
+    pub fn draw_curves(&self) -> Result<Option<PathBuf>> {
+        let run_dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        crate::training_curves::write_run_curves(run_dir)
+    }
+
+    /// [`MetricsLogger::draw_curves`] for the training loop: the picture is a by-product, so a
+    /// failure to draw it is reported on stderr and never stops the run.
+    pub fn refresh_curves(&self) {
+        if let Err(e) = self.draw_curves() {
+            eprintln!("warning: training curves not drawn: {e}");
+        }
+    }
+
     pub fn tb_path(&self) -> &Path {
         self.tb.path()
     }
@@ -635,6 +667,15 @@ impl MetricsLogger {
                 .and_then(|_| self.file.flush()),
         )?;
         self.tb.add_scalars(step as i64, unix_time(), metrics)
+    }
+}
+
+impl Drop for MetricsLogger {
+    fn drop(&mut self) {
+        // Not while unwinding from a panic: drawing could panic again and abort the process.
+        if !std::thread::panicking() {
+            self.refresh_curves();
+        }
     }
 }
 

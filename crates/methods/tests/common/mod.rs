@@ -58,3 +58,18 @@ pub fn assert_all_close(got: &[f64], want: &[f64], tol: f64) {
         assert!(close(*g, *w, tol), "{got:?} vs {want:?}");
     }
 }
+
+/// The texts (titles, axis labels, legend entries) of the `curves.svg` a run left in `run_dir`;
+/// fails if there is none or it is not an SVG.
+pub fn curves_texts(run_dir: &Path) -> Vec<String> {
+    let path = run_dir.join("curves.svg");
+    let svg = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let body = &t[t.find('>')? + 1..];
+            Some(body[..body.find("</text>")?].trim().to_string())
+        })
+        .collect()
+}
