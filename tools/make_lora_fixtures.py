@@ -16,6 +16,12 @@ Both adapters get random A *and* B (``init_lora_weights=False``), so the adapter
 model's outputs and a wrong scale, transpose or name shows up. ``base_model_name_or_path`` is
 ``../tiny-llama`` (relative to the adapter directory, as this toolkit reads it).
 
+* ``tiny-llama-lora-ours/`` (when present) is an adapter written by this toolkit, not by this
+  script: ``rlhf sft --set model=crates/lm/tests/fixtures/tiny-llama`` on 64 random prompt /
+  completion rows of the fixture's vocabulary, r = 4, lora_alpha = 8, all-linear, with
+  ``modules_to_save = ["embed_tokens"]`` (``base_model_name_or_path`` edited to ``../tiny-llama``);
+  its ``peft`` log-probs go into the reference file under ``ours``.
+
 Optionally, ``--check DIR`` loads an adapter directory written by this toolkit in ``peft`` and
 prints its per-token log-probs of that batch as JSON (to compare with ``rlhf score``).
 
@@ -91,6 +97,10 @@ def main():
         merged = model.merge_and_unload()
         reference[name] = {"peft": peft_lp, "merged": token_logprobs(merged, batch)}
     reference["base"] = token_logprobs(base_model(), batch)
+    # An adapter this toolkit trained (see the module docs), as peft reads it.
+    ours = FIXTURES / "tiny-llama-lora-ours"
+    if ours.exists():
+        reference["ours"] = {"peft": token_logprobs(PeftModel.from_pretrained(base_model(), ours).eval(), batch)}
     (FIXTURES / "tiny-llama-lora.reference.json").write_text(json.dumps(reference) + "\n")
     print("wrote", ", ".join(adapters), "adapters and tiny-llama-lora.reference.json")
 

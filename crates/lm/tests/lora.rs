@@ -381,3 +381,16 @@ fn adapter_dropout_is_reproducible_and_replayed_by_gradient_checkpointing() {
     let kept = y.iter().filter(|&&v| v == 2.0).count() as f64 / 1e5;
     assert!((kept - 0.5).abs() < 0.01, "kept {kept}");
 }
+
+/// An adapter this toolkit wrote (`rlhf sft` with LoRA and a saved embedding; see
+/// `tools/make_lora_fixtures.py`) gives the log-probs Python `peft` computes from it.
+#[test]
+fn our_adapter_gives_in_peft_the_logprobs_it_gives_here() {
+    let reference = json(&fixtures().join("tiny-llama-lora.reference.json"));
+    let p = Pretrained::load(&fixtures().join("tiny-llama-lora-ours"), &CPU).unwrap();
+    assert!(p.adapter.as_ref().unwrap().tensors.contains_key("model.embed_tokens.weight"));
+    let worst = worst_diff(&p.model(&CPU).unwrap(), &reference["ours"]["peft"]);
+    assert!(worst <= 1e-4, "max |diff| {worst}");
+    let base = Pretrained::load(&fixtures().join("tiny-llama"), &CPU).unwrap();
+    assert!(worst_diff(&base.model(&CPU).unwrap(), &reference["ours"]["peft"]) > 0.1);
+}
