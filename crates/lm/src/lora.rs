@@ -412,6 +412,10 @@ pub struct PeftConfig {
     pub fan_in_fan_out: bool,
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    /// With tied embeddings, whether a saved `embed_tokens` also replaces the LM head (`peft`
+    /// keeps the head on the original weight otherwise).
+    #[serde(default)]
+    pub ensure_weight_tying: bool,
     #[serde(default)]
     pub layers_to_transform: Option<serde_json::Value>,
     #[serde(default)]
@@ -587,6 +591,18 @@ impl PeftAdapter {
     /// Check every tensor's shape against the base model's configuration.
     pub fn check_shapes(&self, config: &LlamaConfig) -> Result<()> {
         let file = self.dir.join(ADAPTER_WEIGHTS);
+        if config.tie_word_embeddings
+            && self.tensors.contains_key("model.embed_tokens.weight")
+            && !self.config.ensure_weight_tying
+        {
+            return Err(LmError::bad_field(
+                self.dir.join(ADAPTER_CONFIG),
+                "ensure_weight_tying",
+                "the base ties its embeddings and the adapter saves embed_tokens without \
+                 ensure_weight_tying: peft would change the input embeddings only, which one \
+                 tied tensor cannot express",
+            ));
+        }
         for (name, t) in &self.tensors {
             let Some((module, which)) = name
                 .strip_suffix(".lora_A.weight")
@@ -669,6 +685,7 @@ pub fn save_adapter(
     tensors: &HashMap<String, Tensor>,
     base_model: &str,
     task_type: &str,
+    tied_embeddings: bool,
 ) -> Result<()> {
     let mut saved: Vec<String> = tensors
         .keys()
@@ -693,6 +710,8 @@ pub fn save_adapter(
         use_dora: false,
         lora_bias: false,
         fan_in_fan_out: false,
+        // One tensor is both embedding and head here; peft must keep them tied too.
+        ensure_weight_tying: tied_embeddings && saved.iter().any(|m| m == "embed_tokens"),
         modules_to_save: (!saved.is_empty()).then_some(saved),
         layers_to_transform: None,
         rank_pattern: HashMap::new(),

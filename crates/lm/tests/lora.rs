@@ -102,6 +102,7 @@ fn our_adapter_files_round_trip_with_peft_names() {
         &theirs.tensors,
         &base.to_string_lossy(),
         "CAUSAL_LM",
+        false,
     )
     .unwrap();
     // peft's key layout: prefix, no adapter name, A = (r, in), B = (out, r).
@@ -388,7 +389,12 @@ fn adapter_dropout_is_reproducible_and_replayed_by_gradient_checkpointing() {
 fn our_adapter_gives_in_peft_the_logprobs_it_gives_here() {
     let reference = json(&fixtures().join("tiny-llama-lora.reference.json"));
     let p = Pretrained::load(&fixtures().join("tiny-llama-lora-ours"), &CPU).unwrap();
-    assert!(p.adapter.as_ref().unwrap().tensors.contains_key("model.embed_tokens.weight"));
+    assert!(p
+        .adapter
+        .as_ref()
+        .unwrap()
+        .tensors
+        .contains_key("model.embed_tokens.weight"));
     let worst = worst_diff(&p.model(&CPU).unwrap(), &reference["ours"]["peft"]);
     assert!(worst <= 1e-4, "max |diff| {worst}");
     let base = Pretrained::load(&fixtures().join("tiny-llama"), &CPU).unwrap();

@@ -312,6 +312,8 @@ fn modules_to_save_train_whole_and_travel_with_the_adapter() {
         config["modules_to_save"],
         serde_json::json!(["embed_tokens"])
     );
+    // The testbed's model ties its embeddings: peft must keep the head on the trained copy.
+    assert_eq!(config["ensure_weight_tying"], true);
     let raw = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &CPU).unwrap();
     assert!(raw.contains_key("base_model.model.model.embed_tokens.weight"));
     let loaded = Pretrained::load(&dir, &CPU).unwrap().model(&CPU).unwrap();

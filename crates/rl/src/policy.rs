@@ -292,7 +292,14 @@ impl TrainableLm {
         };
         let base = std::fs::canonicalize(&self.source).unwrap_or_else(|_| self.source.clone());
         write_dir_atomic(dir, |tmp| {
-            rlhf_lm::lora::save_adapter(tmp, &l.config, &tensors, &base.to_string_lossy(), task)?;
+            rlhf_lm::lora::save_adapter(
+                tmp,
+                &l.config,
+                &tensors,
+                &base.to_string_lossy(),
+                task,
+                self.config.tie_word_embeddings,
+            )?;
             self.tokenizer.save_hf(tmp, self.chat_template.as_ref())?;
             write_generation_config(tmp, &self.config, &self.generation)?;
             for (file, contents) in &extras.files {
