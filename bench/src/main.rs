@@ -478,6 +478,45 @@ fn bench_train(
     // The trainable copy is the only one kept, as on the torch side; with LoRA the base is
     // frozen (or quantised) and only the adapters are `Var`s.
     let mut lm = rlhf_rl::policy::TrainableLm::from_pretrained(pre)?;
+    let device = Device::Cpu;
+    let rows = token_rows(batch, seq, lm.config.vocab_size);
+    let split = seq - completion;
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = rows
+        .iter()
+        .map(|r| (r[..split].to_vec(), r[split..].to_vec()))
+        .collect();
+    // A quantised base: the completion log-probs of two rows before (f32) and after (quantised,
+    // adapters at zero), to report how far quantising moves them.
+    // Real text (this repository's testbed page), not random ids: how far the log-probs of text
+    // the model reads move.
+    let text = lm
+        .tokenizer
+        .encode(include_str!("../../docs/testbed.md"), false)?;
+    let text: Vec<(Vec<u32>, Vec<u32>)> = text
+        .chunks(seq)
+        .take(2)
+        .filter(|c| c.len() == seq)
+        .map(|c| (c[..split].to_vec(), c[split..].to_vec()))
+        .collect();
+    let probe = CompletionBatch::new(&text, pad, &device)?;
+    let probe_lp = |lm: &rlhf_rl::policy::TrainableLm| -> Result<Vec<f32>> {
+        let lp = completion_logprobs(&lm.model(&device)?.detached(), &probe, 1.0)?;
+        let mask = probe.completion_mask.to_dtype(lp.dtype())?;
+        let kept: Vec<f32> = lp.flatten_all()?.to_vec1()?;
+        let m: Vec<f32> = mask.flatten_all()?.to_vec1()?;
+        Ok(kept
+            .into_iter()
+            .zip(m)
+            .filter(|(_, k)| *k > 0.0)
+            .map(|(x, _)| x)
+            .collect())
+    };
+    let quantized = common.quantize_base != "none";
+    let f32_lp = if quantized {
+        Some(probe_lp(&lm)?)
+    } else {
+        None
+    };
     lm.enable_lora(
         &rlhf_lm::lora::LoraConfig {
             r: common.lora_r,
@@ -488,8 +527,22 @@ fn bench_train(
         },
         0,
     )?;
-    let config = lm.config.clone();
-    let device = Device::Cpu;
+    let logprob_shift = match &f32_lp {
+        Some(before) => {
+            let after = probe_lp(&lm)?;
+            let d: Vec<f64> = before
+                .iter()
+                .zip(&after)
+                .map(|(a, b)| (a - b).abs() as f64)
+                .collect();
+            json!({
+                "max_abs": d.iter().copied().fold(0.0, f64::max),
+                "mean_abs": d.iter().sum::<f64>() / d.len().max(1) as f64,
+                "tokens": d.len(),
+            })
+        }
+        None => serde_json::Value::Null,
+    };
     let model = lm
         .model(&device)?
         .with_gradient_checkpointing(common.checkpoint);
@@ -505,12 +558,6 @@ fn bench_train(
         },
     )?;
 
-    let rows = token_rows(batch, seq, config.vocab_size);
-    let split = seq - completion;
-    let pairs: Vec<(Vec<u32>, Vec<u32>)> = rows
-        .iter()
-        .map(|r| (r[..split].to_vec(), r[split..].to_vec()))
-        .collect();
     let cb = CompletionBatch::new(&pairs, pad, &device)?;
     let n_tokens = cb.completion_mask.sum_all()?.to_scalar::<f32>()? as f64;
     ensure!(
@@ -549,6 +596,7 @@ fn bench_train(
         "gradient_checkpointing": common.checkpoint,
         "lora_r": common.lora_r,
         "quantize_base": common.quantize_base,
+        "logprob_shift_vs_f32": logprob_shift,
         "label": common.label,
         "threads": common.threads,
         "batch": batch,

@@ -111,9 +111,10 @@ pub struct LoraConfig {
     /// and/or `lm_head` (one tensor when the embeddings are tied). A reward or value head always
     /// trains whole.
     pub modules_to_save: Vec<String>,
-    /// Keep the frozen base's projections quantised (QLoRA-style): "q8_0" or "q4_0" (ggml's
-    /// blocks of 32 weights with one scale; a projection whose input size is not a multiple of
-    /// 32 stays f32), or "none". The adapters and every activation stay f32.
+    /// Keep the frozen base's projections quantised (QLoRA-style): "q8_0", "q4_0" or "q4_1"
+    /// (ggml's blocks of 32 weights with a scale, and for q4_1 a minimum; a projection whose
+    /// input size is not a multiple of 32 stays f32), or "none". A base read from a Q4_1 GGUF
+    /// gets its own blocks back exactly with "q4_1". The adapters and activations stay f32.
     pub quantize_base: String,
 }
 
@@ -177,8 +178,9 @@ impl LoraConfig {
             "none" | "" => Ok(None),
             "q8_0" => Ok(Some(GgmlDType::Q8_0)),
             "q4_0" => Ok(Some(GgmlDType::Q4_0)),
+            "q4_1" => Ok(Some(GgmlDType::Q4_1)),
             other => Err(format!(
-                "quantize_base = \"{other}\": expected \"none\", \"q8_0\" or \"q4_0\""
+                "quantize_base = \"{other}\": expected \"none\", \"q8_0\", \"q4_0\" or \"q4_1\""
             )),
         }
     }

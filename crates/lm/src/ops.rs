@@ -99,13 +99,15 @@ fn few_rows_linear(layers: &[&candle_nn::Linear], x: &Tensor) -> Result<Option<V
     Ok(Some(ys))
 }
 
-/// x · Wᵀ for a quantised, frozen W (`(n, k)` blocks; QLoRA's base): candle's quantised product
-/// forward (it quantises x's rows to 8 bits for the block dot products, as llama.cpp does), and
-/// a backward for x only, dx = g · dequant(W), with W dequantised for that product and dropped.
-/// The same op for every row count, so rollouts and training score tokens alike.
+/// x · Wᵀ for a quantised, frozen W (`(n, k)` blocks; QLoRA's base). Decoding (a few rows, no
+/// gradient) uses candle's quantised product, which also rounds x's rows to 8-bit blocks as
+/// llama.cpp does and reads only the blocks; everything else (scoring, training) dequantises W
+/// for one f32 product and drops it, with a backward for x only (dx = g · dequant(W), W
+/// dequantised again), so no f32 copy of the base outlives its layer.
 pub fn quantized_linear(w: &std::sync::Arc<QTensor>, x: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
-    if !x.track_op() {
+    let k = x.dim(D::Minus1)?;
+    if !x.track_op() && k > 0 && x.elem_count() / k <= skinny::MAX_ROWS {
         return Ok(x.apply_op1_no_bwd(w.as_ref())?);
     }
     Ok(x.apply_op1(QuantizedLinear(w.clone()))?)
@@ -125,7 +127,20 @@ impl candle_core::CustomOp1 for QuantizedLinear {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.0.cpu_fwd(storage, layout)
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("quantized-linear: f32 input expected")
+        };
+        let Some((from, to)) = layout.contiguous_offsets() else {
+            candle_core::bail!("quantized-linear: contiguous input expected")
+        };
+        let x = Tensor::from_slice(&data[from..to], layout.shape(), &candle_core::Device::Cpu)?;
+        let w = self.0.dequantize(&candle_core::Device::Cpu)?;
+        let y = fused::linear(&x, &w)?;
+        let shape = y.shape().clone();
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+            shape,
+        ))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
