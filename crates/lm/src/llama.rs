@@ -102,6 +102,9 @@ impl Projection {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.fused_lora(x)? {
+            return Ok(y);
+        }
         let y = match &self.quantized {
             Some(q) => {
                 let y = ops::quantized_linear(q, x)?;
@@ -113,6 +116,32 @@ impl Projection {
             None => ops::linear(&self.linear, x)?,
         };
         self.add_adapter(y, x)
+    }
+
+    /// Training through an adapter (f32 on the CPU, no dropout): the projection and its update
+    /// as one node ([`crate::lora::fused_lora_linear`]). `None` when that does not apply.
+    fn fused_lora(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(l) = &self.lora else {
+            return Ok(None);
+        };
+        let (a, b) = (l.a.weight(), l.b.weight());
+        let training = x.track_op() || a.track_op() || b.track_op();
+        let dropout = l.dropout.as_ref().is_some_and(|d| d.p > 0.0);
+        if !training || dropout || ![x, a, b].iter().all(|t| fused::supported(t)) {
+            return Ok(None);
+        }
+        let base = match &self.quantized {
+            Some(q) => crate::lora::FrozenWeight::Quantized(q.clone()),
+            None if !self.linear.weight().track_op() && fused::supported(self.linear.weight()) => {
+                crate::lora::FrozenWeight::Dense(self.linear.weight().clone())
+            }
+            None => return Ok(None),
+        };
+        let y = crate::lora::fused_lora_linear(x, &base, a, b, l.scale)?;
+        Ok(Some(match self.linear.bias() {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        }))
     }
 
     /// y + the adapter's update of x (y itself when there is no adapter).
@@ -131,7 +160,15 @@ impl Projection {
 
     /// Several projections of the same x (q/k/v, gate/up): the frozen products in one pass.
     fn forward_many(layers: &[&Projection], x: &Tensor) -> Result<Vec<Tensor>> {
-        if layers.iter().any(|p| p.quantized.is_some()) {
+        let adapter_trains = |p: &&Projection| {
+            p.lora
+                .as_ref()
+                .is_some_and(|l| x.track_op() || l.a.weight().track_op() || l.b.weight().track_op())
+        };
+        if layers
+            .iter()
+            .any(|p| p.quantized.is_some() || adapter_trains(p))
+        {
             return layers.iter().map(|p| p.forward(x)).collect();
         }
         let linears: Vec<&Linear> = layers.iter().map(|p| &p.linear).collect();

@@ -733,3 +733,130 @@ pub fn save_adapter(
     candle_core::safetensors::save(&named, &file)
         .map_err(|e| LmError::bad_file(&file, e.to_string()))
 }
+
+/// A frozen base weight as a fused LoRA projection reads it.
+#[derive(Clone)]
+pub enum FrozenWeight {
+    /// (out, in) f32.
+    Dense(Tensor),
+    /// ggml blocks, dequantised for each product and dropped.
+    Quantized(Arc<QTensor>),
+}
+
+impl FrozenWeight {
+    fn dense(&self) -> candle_core::Result<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => Ok(w.detach()),
+            FrozenWeight::Quantized(q) => q.dequantize(&Device::Cpu),
+        }
+    }
+}
+
+/// y = x·Wᵀ + s·(x·Aᵀ)·Bᵀ as ONE graph node (f32 on the CPU, no dropout): only x, A and B are
+/// kept for the backward pass, as for a plain projection, instead of the base output, the
+/// low-rank product, the update and its scaled copy of the composed form (three more tensors
+/// of the output's size per projection, which made LoRA use more memory than full
+/// fine-tuning). The backward pass computes, with g = dL/dy and gB = g·B:
+///
+///   dx = g·W + s·gB·A,   dA = s·gBᵀ·x,   dB = s·gᵀ·(x·Aᵀ),
+///
+/// each only for an input that takes a gradient; W never gets one.
+pub fn fused_lora_linear(
+    x: &Tensor,
+    w: &FrozenWeight,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let op = LoraLinear {
+        w: w.clone(),
+        scale,
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?)
+}
+
+struct LoraLinear {
+    w: FrozenWeight,
+    scale: f64,
+}
+
+/// (rows, k) view of x's values.
+fn rows_of(t: &Tensor) -> candle_core::Result<Tensor> {
+    let k = t.dim(candle_core::D::Minus1)?;
+    t.reshape((t.elem_count() / k.max(1), k))
+}
+
+fn cpu_tensor(s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<Tensor> {
+    let candle_core::CpuStorage::F32(data) = s else {
+        candle_core::bail!("fused-lora-linear: f32 inputs expected")
+    };
+    let Some((from, to)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused-lora-linear: contiguous inputs expected")
+    };
+    Tensor::from_slice(&data[from..to], l.shape(), &Device::Cpu)
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "fused-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (x, a, b) = (
+            cpu_tensor(s1, l1)?,
+            cpu_tensor(s2, l2)?,
+            cpu_tensor(s3, l3)?,
+        );
+        let x2 = rows_of(&x)?;
+        let y = crate::fused::linear(&x2, &self.w.dense()?)?; // (m, out)
+        let low = (crate::fused::linear(&x2, &a)? * self.scale)?; // (m, r), scaled while small
+        let y = (y + crate::fused::linear(&low, &b)?)?;
+        let mut dims = l1.shape().dims().to_vec();
+        *dims.last_mut().expect("rank >= 1") = b.dim(0)?;
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+            candle_core::Shape::from(dims),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (xd, ad, bd) = (x.detach(), a.detach(), b.detach());
+        let x2 = rows_of(&xd)?;
+        let g2 = rows_of(&g.detach().contiguous()?)?; // (m, out)
+        let gb = (g2.matmul(&bd)? * self.scale)?; // s·g·B, (m, r)
+        let dx = if x.track_op() {
+            let w = self.w.dense()?;
+            Some((g2.matmul(&w)? + gb.matmul(&ad)?)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let da = if a.track_op() {
+            Some(gb.t()?.matmul(&x2)?) // (r, k)
+        } else {
+            None
+        };
+        let db = if b.track_op() {
+            let low = (crate::fused::linear(&x2, &ad)? * self.scale)?; // (m, r)
+            Some(g2.t()?.matmul(&low)?) // (out, r)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
+}
