@@ -166,7 +166,8 @@ fn eval_nll(
 
 pub fn run(cfg: &DialogueSftConfig, resume: bool, device: &Device) -> Result<DialogueSftSummary> {
     // 1. The model and its examples: assistant views (cloning) and user views (the user model).
-    let lm = TrainableLm::load(&cfg.model, device)?;
+    let mut lm = TrainableLm::load(&cfg.model, device)?;
+    lm.enable_lora(&cfg.fit.lora, cfg.fit.seed)?;
     let user_file = cfg.user_file.as_deref().unwrap_or(&cfg.train_file);
     let train = examples(&lm, cfg, &cfg.train_file, user_file)?;
     let eval = match &cfg.fit.eval_file {

@@ -222,6 +222,10 @@ impl Default for RestConfig {
 impl RestConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::invalid(m));
+        if self.fit.lora.enabled() {
+            // Improve steps restart from and keep the best full weights; not written for adapters.
+            return bad("lora: ReST trains every weight (lora.r must be 0)".into());
+        }
         if self.model.as_os_str().is_empty() {
             return bad("`model` (the BC policy to start from) is required".into());
         }

@@ -155,6 +155,10 @@ impl Default for RlpRmConfig {
 impl RlpRmConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(TrainError::invalid(m.to_string()));
+        if self.fit.lora.enabled() {
+            // The information-bottleneck heads are extra modules not written for adapters.
+            return bad("lora: rlp-rm trains every weight (lora.r must be 0)");
+        }
         if self.model.as_os_str().is_empty() {
             return bad("`model` (the reward model to refresh) is required");
         }
