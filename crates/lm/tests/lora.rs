@@ -159,7 +159,8 @@ fn load_error(edit: impl Fn(&mut Value)) -> String {
 
 #[test]
 fn bad_adapters_are_refused_naming_the_file_and_field() {
-    let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|c| c["peft_type"] = "PREFIX_TUNING".into()),
             "peft_type",

@@ -181,7 +181,6 @@ fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
             lora: lora(8),
             ..SftConfig::default().fit
         },
-        ..SftConfig::default()
     }
 }
 

@@ -62,6 +62,7 @@ impl ValueModel {
     }
 
     /// Start (or, with `resume_step`, continue from `<dir>/checkpoints/step-<N>`) the value model.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         init: &Path,
         dir: &Path,
