@@ -203,35 +203,6 @@ async fn answer(
         Endpoint::Chat => openai::parse_chat(&body, &app.ctx)?,
         Endpoint::Completions => openai::parse_completion(&body, &app.ctx)?,
     };
-    let (reply, rows) = oneshot::channel();
-    app.engine
-        .submit(Job {
-            rows: request.rows(),
-            params: request.params.clone(),
-            sharing: request.sharing,
-            logprobs: request.logprobs,
-            reply,
-        })
-        .map_err(|e| match e {
-            SubmitError::QueueFull => ApiError::server(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the server is busy: its request queue is full (--max-queue); retry later",
-            )
-            .with_code("queue_full"),
-            SubmitError::Stopped => {
-                ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "the model worker stopped")
-            }
-        })?;
-    let rows = rows
-        .await
-        .map_err(|_| {
-            ApiError::server(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the model worker dropped the request",
-            )
-        })?
-        .map_err(|message| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, message))?;
-    let choices = openai::choices(&request, &rows, &app.ctx.pretrained.tokenizer)?;
     let prefix = match endpoint {
         Endpoint::Chat => "chatcmpl",
         Endpoint::Completions => "cmpl",
@@ -245,20 +216,176 @@ async fn answer(
         created: unix_now(),
         model: app.ctx.name.clone(),
     };
+    // One streamed completion of plain text is sent token by token as it is sampled; several
+    // choices, stop strings, log-probs or echo are streamed once the completion is done.
+    let incremental = request.stream
+        && request.n == 1
+        && request.prompts.len() == 1
+        && request.logprobs.is_none()
+        && request.params.stop_strings.is_empty()
+        && !request.echo;
+    let (progress, tokens) = match incremental {
+        true => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
+    let (reply, rows) = oneshot::channel();
+    app.engine
+        .submit(Job {
+            rows: request.rows(),
+            params: request.params.clone(),
+            sharing: request.sharing,
+            logprobs: request.logprobs,
+            reply,
+            progress,
+        })
+        .map_err(|e| match e {
+            SubmitError::QueueFull => ApiError::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is busy: its request queue is full (--max-queue); retry later",
+            )
+            .with_code("queue_full"),
+            SubmitError::Stopped => {
+                ApiError::server(StatusCode::SERVICE_UNAVAILABLE, "the model worker stopped")
+            }
+        })?;
+    if let Some(tokens) = tokens {
+        return Ok(event_stream(Body::from_stream(live_events(
+            app, request, meta, tokens, rows,
+        ))));
+    }
+    let rows = rows
+        .await
+        .map_err(|_| {
+            ApiError::server(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the model worker dropped the request",
+            )
+        })?
+        .map_err(|message| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, message))?;
+    let choices = openai::choices(&request, &rows, &app.ctx.pretrained.tokenizer)?;
     if request.stream {
         let events = openai::stream_events(&request, &choices, &meta);
-        let body = Body::from_stream(futures_util::stream::iter(
+        Ok(event_stream(Body::from_stream(futures_util::stream::iter(
             events.into_iter().map(Ok::<_, std::convert::Infallible>),
-        ));
-        Ok((
-            [
-                (header::CONTENT_TYPE, "text/event-stream"),
-                (header::CACHE_CONTROL, "no-cache"),
-            ],
-            body,
-        )
-            .into_response())
+        ))))
     } else {
         Ok(Json(openai::response_body(&request, &choices, &meta)).into_response())
     }
+}
+
+fn event_stream(body: Body) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Server-sent events of one completion as the worker samples it: the role (chat), then the
+/// text each new token adds (decoded with the tokens before it; a token that ends inside a
+/// character waits for the next one), then, once the worker answers, whatever text the finished
+/// completion has beyond what was sent, the finish reason, usage when asked and `[DONE]`. The
+/// text sent adds up to the non-streamed answer's.
+fn live_events(
+    app: Arc<App>,
+    request: openai::Request,
+    meta: Meta,
+    tokens: tokio::sync::mpsc::UnboundedReceiver<u32>,
+    reply: oneshot::Receiver<Result<Vec<engine::RowOutput>, String>>,
+) -> impl futures_util::Stream<Item = Result<String, std::convert::Infallible>> {
+    struct Live {
+        app: Arc<App>,
+        request: openai::Request,
+        meta: Meta,
+        tokens: tokio::sync::mpsc::UnboundedReceiver<u32>,
+        reply: Option<oneshot::Receiver<Result<Vec<engine::RowOutput>, String>>>,
+        ids: Vec<u32>,
+        sent: String,
+        started: bool,
+    }
+    let event = |v: serde_json::Value| format!("data: {v}\n\n");
+    let state = Live {
+        app,
+        request,
+        meta,
+        tokens,
+        reply: Some(reply),
+        ids: Vec::new(),
+        sent: String::new(),
+        started: false,
+    };
+    futures_util::stream::unfold(state, move |mut st| async move {
+        if !st.started {
+            st.started = true;
+            let first = match st.request.endpoint {
+                Endpoint::Chat => event(openai::role_event(&st.request, &st.meta, 0)),
+                Endpoint::Completions => String::new(),
+            };
+            return Some((Ok(first), st));
+        }
+        let tokenizer = &st.app.ctx.pretrained.tokenizer;
+        if let Some(token) = st.tokens.recv().await {
+            st.ids.push(token);
+            let text = tokenizer.decode(&st.ids, true).unwrap_or_default();
+            let out = match text.strip_prefix(st.sent.as_str()) {
+                Some(new) if !new.is_empty() && !new.ends_with('\u{FFFD}') => {
+                    let new = new.to_string();
+                    st.sent = text;
+                    event(openai::choice_event(
+                        &st.request,
+                        &st.meta,
+                        0,
+                        Some(&new),
+                        serde_json::Value::Null,
+                        None,
+                    ))
+                }
+                _ => String::new(),
+            };
+            return Some((Ok(out), st));
+        }
+        // The worker has sent every token: its answer closes the stream.
+        let reply = st.reply.take()?;
+        let rows = match reply.await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(message)) => return Some((Ok(stream_error(&message)), st)),
+            Err(_) => return Some((Ok(stream_error("the model worker dropped the request")), st)),
+        };
+        let choices = match openai::choices(&st.request, &rows, tokenizer) {
+            Ok(c) => c,
+            Err(_) => return Some((Ok(stream_error("could not shape the answer")), st)),
+        };
+        let full = choices.first().map(|c| c.text()).unwrap_or_default();
+        let mut out = String::new();
+        if let Some(rest) = full
+            .strip_prefix(st.sent.as_str())
+            .filter(|r| !r.is_empty())
+        {
+            out.push_str(&event(openai::choice_event(
+                &st.request,
+                &st.meta,
+                0,
+                Some(rest),
+                serde_json::Value::Null,
+                None,
+            )));
+        }
+        // The finished stream's closing events: finish reason, usage when asked, [DONE].
+        let closing = openai::stream_events(&st.request, &choices, &st.meta);
+        let tail = 2 + st.request.include_usage as usize;
+        out.push_str(&closing[closing.len().saturating_sub(tail)..].concat());
+        Some((Ok(out), st))
+    })
+}
+
+/// An error inside a stream that has already started: an error event, then `[DONE]`.
+fn stream_error(message: &str) -> String {
+    let v = json!({"error": {"message": message, "type": "server_error"}});
+    format!("data: {v}\n\ndata: [DONE]\n\n")
 }

@@ -195,6 +195,19 @@ pub fn generate(
     params: &SamplingParams,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<Vec<Sample>> {
+    generate_with(model, prompts, pad_id, params, tokenizer, &mut |_, _| {})
+}
+
+/// [`generate`], calling `on_token(row, token)` as each token is sampled (a server streams them
+/// as they come). The samples are the same as [`generate`]'s.
+pub fn generate_with(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    params: &SamplingParams,
+    tokenizer: Option<&Tokenizer>,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Sample>> {
     params.validate()?;
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
         return Err(LmError::Invalid(format!("prompt {i} is empty")));
@@ -273,6 +286,7 @@ pub fn generate(
                 continue;
             };
             step_ids[i] = tok;
+            on_token(r, tok);
             let s = &mut samples[r];
             s.tokens.push(tok);
             s.logprobs.push(lp);

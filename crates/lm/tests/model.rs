@@ -36,9 +36,16 @@ fn tiny(family: Family, tied: bool) -> LlamaConfig {
 }
 
 /// Random weights, with random (non-zero) biases so their gradients are tested too.
+/// Random weights with norms and biases spread around 1 and 0, all drawn from `seed` (candle's
+/// own `Tensor::rand` is unseeded, which made the samples, and the tests that look at their
+/// lengths, differ from process to process).
 fn weights(c: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
+    use rand::{Rng, SeedableRng};
     let mut w = random_weights(c, seed, 0.3, &Device::Cpu).unwrap();
-    for (name, t) in w.iter_mut() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let mut names: Vec<String> = w.keys().cloned().collect();
+    names.sort();
+    for name in names {
         let centre = if name.ends_with(".bias") {
             0.0
         } else if name.ends_with("norm.weight") {
@@ -46,7 +53,12 @@ fn weights(c: &LlamaConfig, seed: u64) -> HashMap<String, Tensor> {
         } else {
             continue;
         };
-        *t = (Tensor::rand(-0.3f32, 0.3, t.dims(), &Device::Cpu).unwrap() + centre).unwrap();
+        let t = &w[&name];
+        let values: Vec<f32> = (0..t.elem_count())
+            .map(|_| centre + rng.random_range(-0.3f32..0.3))
+            .collect();
+        let fresh = Tensor::from_vec(values, t.dims(), &Device::Cpu).unwrap();
+        w.insert(name, fresh);
     }
     w
 }
@@ -294,7 +306,6 @@ fn sampled_logprobs_equal_scored_logprobs() {
 #[test]
 fn rows_that_finish_early_leave_the_batch_without_disturbing_the_rest() {
     let c = tiny(Family::Llama, true);
-    let model = Llama::from_weights(&c, &weights(&c, 29), &Device::Cpu).unwrap();
     let prompts: Vec<Vec<u32>> = (0..12u32)
         .map(|i| (0..2 + i % 5).map(|j| 1 + (i * 7 + j * 3) % 40).collect())
         .collect();
@@ -306,17 +317,36 @@ fn rows_that_finish_early_leave_the_batch_without_disturbing_the_rest() {
         eos_token_ids: vec![3, 17, 41],
         ..Default::default()
     };
-    let samples = generate(&model, &prompts, 0, &params, None).unwrap();
-    let lengths: std::collections::BTreeSet<usize> =
-        samples.iter().map(|s| s.tokens.len()).collect();
-    assert!(
-        lengths.len() >= 4 && samples.iter().any(|s| s.tokens.len() == 24),
-        "want rows finishing at several steps and some running to the end: {lengths:?}"
-    );
+    // The first weights (by seed) whose samples have rows finishing at several steps and some
+    // running to the end, the situation under test.
+    let (model, samples) = (29..60)
+        .map(|seed| {
+            let model = Llama::from_weights(&c, &weights(&c, seed), &Device::Cpu).unwrap();
+            let samples = generate(&model, &prompts, 0, &params, None).unwrap();
+            (model, samples)
+        })
+        .find(|(_, samples)| {
+            let lengths: std::collections::BTreeSet<usize> =
+                samples.iter().map(|s| s.tokens.len()).collect();
+            lengths.len() >= 4 && samples.iter().any(|s| s.tokens.len() == 24)
+        })
+        .expect("some seed gives rows of several lengths");
     assert_eq!(
         samples,
         generate(&model, &prompts, 0, &params, None).unwrap()
     );
+    // The streaming variant reports each row's tokens in order as they are drawn (rows leaving
+    // the batch included), and returns the same samples.
+    let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); prompts.len()];
+    let again =
+        rlhf_lm::generate::generate_with(&model, &prompts, 0, &params, None, &mut |r, t| {
+            streamed[r].push(t)
+        })
+        .unwrap();
+    assert_eq!(again, samples);
+    for (s, row) in samples.iter().zip(&streamed) {
+        assert_eq!(&s.tokens, row);
+    }
     let pairs: Vec<_> = prompts
         .iter()
         .cloned()

@@ -20,7 +20,7 @@ use anyhow::{anyhow, Context, Result};
 use candle_core::{DType, Device};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rlhf_lm::batch::TokenBatch;
-use rlhf_lm::generate::{generate, FinishReason, SamplingParams};
+use rlhf_lm::generate::{generate_with, FinishReason, SamplingParams};
 use rlhf_lm::llama::Llama;
 use rlhf_lm::Pretrained;
 use tokio::sync::oneshot;
@@ -58,6 +58,8 @@ pub struct Job {
     pub sharing: Sharing,
     pub logprobs: Option<LogprobRequest>,
     pub reply: oneshot::Sender<Result<Vec<RowOutput>, String>>,
+    /// Each token of the job's first row as it is sampled (streaming), before `reply` answers.
+    pub progress: Option<tokio::sync::mpsc::UnboundedSender<u32>>,
 }
 
 /// The log-prob of one token and the most likely tokens at its position.
@@ -228,6 +230,11 @@ impl Worker {
             params.seed = self.seeds.random();
         }
         let rows: Vec<Vec<u32>> = jobs.iter().flat_map(|j| j.rows.iter().cloned()).collect();
+        // Row -> the stream its tokens go to (a streaming job's first row).
+        let streams: Vec<Option<tokio::sync::mpsc::UnboundedSender<u32>>> = jobs
+            .iter()
+            .flat_map(|j| (0..j.rows.len()).map(move |i| j.progress.clone().filter(|_| i == 0)))
+            .collect();
         self.stats
             .largest_shared_batch
             .fetch_max(jobs.len() as u64, Ordering::Relaxed);
@@ -239,12 +246,19 @@ impl Worker {
                     ..params.clone()
                 };
                 self.stats.generate_calls.fetch_add(1, Ordering::Relaxed);
-                samples.extend(generate(
+                let first = chunk_no * self.max_batch;
+                samples.extend(generate_with(
                     &self.model,
                     chunk,
                     self.pretrained.pad_id(),
                     &chunk_params,
                     Some(&self.pretrained.tokenizer),
+                    &mut |row, token| {
+                        if let Some(tx) = &streams[first + row] {
+                            // A closed stream (client gone) is not the worker's error.
+                            let _ = tx.send(token);
+                        }
+                    },
                 )?);
             }
             Ok(samples)

@@ -1058,46 +1058,70 @@ pub fn response_body(request: &Request, choices: &[Choice], meta: &Meta) -> Valu
 /// The streamed response: server-sent events, one `data: {chunk}` per segment of each choice (a
 /// chat stream opens each choice with its role), a last chunk per choice with its finish reason,
 /// the usage when asked, then `data: [DONE]`.
+/// One streamed chunk object holding `choices`.
+fn chunk_value(request: &Request, meta: &Meta, choices: Value) -> Value {
+    json!({
+        "id": meta.id,
+        "object": match request.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completions => "text_completion",
+        },
+        "created": meta.created,
+        "model": meta.model,
+        "choices": choices,
+    })
+}
+
+/// A streamed chunk of one choice: new text, its log-probs, and/or the finish reason.
+pub fn choice_event(
+    request: &Request,
+    meta: &Meta,
+    index: usize,
+    text: Option<&str>,
+    logprobs: Value,
+    finish: Option<&str>,
+) -> Value {
+    let choice = match request.endpoint {
+        Endpoint::Chat => json!({
+            "index": index,
+            "delta": match text { Some(t) => json!({"content": t}), None => json!({}) },
+            "logprobs": logprobs,
+            "finish_reason": finish,
+        }),
+        Endpoint::Completions => json!({
+            "index": index,
+            "text": text.unwrap_or(""),
+            "logprobs": logprobs,
+            "finish_reason": finish,
+        }),
+    };
+    chunk_value(request, meta, json!([choice]))
+}
+
+/// The chat stream's first chunk of a choice: the assistant role, no text yet.
+pub fn role_event(request: &Request, meta: &Meta, index: usize) -> Value {
+    chunk_value(
+        request,
+        meta,
+        json!([{
+            "index": index,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": null,
+            "finish_reason": null,
+        }]),
+    )
+}
+
 pub fn stream_events(request: &Request, choices: &[Choice], meta: &Meta) -> Vec<String> {
     let with_logprobs = request.logprobs.is_some();
-    let chunk = |choices: Value| {
-        json!({
-            "id": meta.id,
-            "object": match request.endpoint {
-                Endpoint::Chat => "chat.completion.chunk",
-                Endpoint::Completions => "text_completion",
-            },
-            "created": meta.created,
-            "model": meta.model,
-            "choices": choices,
-        })
-    };
+    let chunk = |choices: Value| chunk_value(request, meta, choices);
     let choice_chunk = |index: usize, text: Option<&str>, logprobs: Value, finish: Option<&str>| {
-        let choice = match request.endpoint {
-            Endpoint::Chat => json!({
-                "index": index,
-                "delta": match text { Some(t) => json!({"content": t}), None => json!({}) },
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }),
-            Endpoint::Completions => json!({
-                "index": index,
-                "text": text.unwrap_or(""),
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }),
-        };
-        chunk(json!([choice]))
+        choice_event(request, meta, index, text, logprobs, finish)
     };
     let mut events = Vec::new();
     for c in choices {
         if request.endpoint == Endpoint::Chat {
-            events.push(chunk(json!([{
-                "index": c.index,
-                "delta": {"role": "assistant", "content": ""},
-                "logprobs": null,
-                "finish_reason": null,
-            }])));
+            events.push(role_event(request, meta, c.index));
         }
         for s in &c.segments {
             if s.text.is_empty() && s.entries.is_empty() {
