@@ -29,6 +29,7 @@ use axum::{Json, Router};
 use candle_core::Device;
 use clap::Args;
 use rlhf_lm::Pretrained;
+use rlhf_rl::reward::RewardModel;
 use serde_json::json;
 use tokio::sync::oneshot;
 
@@ -68,6 +69,8 @@ pub struct ServeArgs {
 struct App {
     ctx: ModelContext,
     engine: Engine,
+    /// A reward model's trunk and head (the model has `score.weight`), for `/v1/rewards`.
+    rewards: Option<Arc<RewardModel>>,
     /// For response ids: distinct within a run.
     next_id: AtomicU64,
     /// When the server started (the model's `created` in `/v1/models`).
@@ -88,7 +91,12 @@ pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
         .unwrap_or_else(|| a.model.display().to_string());
     let context_length = pretrained.config.max_position_embeddings;
     let engine = Engine::start(pretrained.clone(), device.clone(), a.max_batch, a.max_queue)?;
+    let rewards = match pretrained.weights.contains_key(rlhf_rl::reward::HEAD) {
+        true => Some(Arc::new(reward_model(&pretrained, &a.model, device)?)),
+        false => None,
+    };
     let app = Arc::new(App {
+        rewards,
         ctx: ModelContext {
             name,
             pretrained,
@@ -133,6 +141,7 @@ fn router(app: Arc<App>, max_body_bytes: usize) -> Router {
         .route("/stats", get(stats))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/rewards", post(rewards))
         .fallback(|| async {
             ApiError::invalid(None, "no such endpoint")
                 .with_status(StatusCode::NOT_FOUND)
@@ -382,6 +391,98 @@ fn live_events(
         out.push_str(&closing[closing.len().saturating_sub(tail)..].concat());
         Some((Ok(out), st))
     })
+}
+
+/// The reward model of a served directory with a scalar head, sharing the loaded weights, and
+/// its saved normalisation when there is one.
+fn reward_model(p: &Pretrained, path: &std::path::Path, device: &Device) -> Result<RewardModel> {
+    let norm_path = path.join(rlhf_rl::reward::NORM_FILE);
+    let norm = match norm_path.is_file() {
+        true => Some(
+            serde_json::from_str(&std::fs::read_to_string(&norm_path)?)
+                .with_context(|| norm_path.display().to_string())?,
+        ),
+        false => None,
+    };
+    Ok(RewardModel {
+        model: p.model(device)?,
+        head: rlhf_lm::llama::ScalarHead::from_weights(&p.weights)?,
+        tokenizer: p.tokenizer.clone(),
+        norm,
+        pad_id: p.pad_id(),
+    })
+}
+
+/// `POST /v1/rewards` with `{"prompts": [...], "completions": [...]}`: `{"scores": [...]}`, the
+/// served reward model's raw scores, as `reward.source = "http"` (and `"command"`) ask for them.
+/// Texts are tokenised as a reward model of another tokenizer reads them in a run (the prompt
+/// with special tokens, the completion without, then EOS), so a run pointed here gets the scores
+/// it would get from the model in process.
+async fn rewards(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    score_texts(app, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn score_texts(
+    app: Arc<App>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| ApiError::invalid(None, r.body_text()).with_status(r.status()))?;
+    let Some(rm) = app.rewards.clone() else {
+        return Err(ApiError::invalid(
+            None,
+            "this model has no reward head (`score.weight`): serve a reward model for /v1/rewards",
+        )
+        .with_status(StatusCode::NOT_FOUND)
+        .with_code("not_a_reward_model"));
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid(None, format!("the body is not JSON: {e}")))?;
+    let texts = |field: &str| -> Result<Vec<String>, ApiError> {
+        v.get(field)
+            .and_then(|x| x.as_array())
+            .ok_or_else(|| {
+                ApiError::invalid(Some(field), format!("`{field}` must be a list of strings"))
+            })?
+            .iter()
+            .map(|x| {
+                x.as_str().map(String::from).ok_or_else(|| {
+                    ApiError::invalid(Some(field), format!("`{field}` must be a list of strings"))
+                })
+            })
+            .collect()
+    };
+    let (prompts, completions) = (texts("prompts")?, texts("completions")?);
+    if prompts.len() != completions.len() {
+        return Err(ApiError::invalid(
+            Some("completions"),
+            format!(
+                "{} prompts but {} completions",
+                prompts.len(),
+                completions.len()
+            ),
+        ));
+    }
+    let scored = tokio::task::spawn_blocking(move || -> Result<Vec<f64>, String> {
+        let rows = prompts
+            .iter()
+            .zip(&completions)
+            .map(|(p, c)| {
+                let (p, mut c) = rlhf_lm::score::encode_pair(&rm.tokenizer, p, c)?;
+                if let Some(eos) = rm.tokenizer.eos_token_id() {
+                    c.push(eos);
+                }
+                Ok((p, c))
+            })
+            .collect::<rlhf_lm::Result<Vec<_>>>()
+            .map_err(|e| e.to_string())?;
+        rm.score_raw(&rows, 16).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| ApiError::server(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError::invalid(None, e))?;
+    Ok(Json(json!({"scores": scored})).into_response())
 }
 
 /// An error inside a stream that has already started: an error event, then `[DONE]`.

@@ -31,6 +31,10 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Server::start_with(&tiny_model(), extra)
+    }
+
+    fn start_with(model: &Path, extra: &[&str]) -> Server {
         let mut child = rlhf()
             .args([
                 "serve",
@@ -40,7 +44,7 @@ impl Server {
                 "0",
                 "--model",
             ])
-            .arg(tiny_model())
+            .arg(model)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -564,4 +568,72 @@ fn a_full_queue_is_refused_with_503() {
         "/v1/completions",
         json!({"prompt": "the day", "max_tokens": 2}),
     );
+}
+
+/// A served reward model answers `/v1/rewards`, and the toolkit's own HTTP reward source
+/// (`reward.source = "http"`) pointed at it gets the scores the reward model gives in process
+/// to the same texts; a model without a head says it has none.
+#[test]
+fn a_served_reward_model_scores_for_the_http_reward_source() {
+    use rlhf_rl::reward_source::{HttpSource, Query, RewardSource};
+    let dir = std::env::temp_dir().join(format!("rlhf-serve-rm-{}", std::process::id()));
+    let lm = rlhf_rl::policy::TrainableLm::load(&tiny_model(), &Device::Cpu).unwrap();
+    let mut w = lm.snapshot().unwrap();
+    rlhf_rl::reward::add_head(&mut w, lm.config.hidden_size, 3, &Device::Cpu).unwrap();
+    let lm = rlhf_rl::policy::TrainableLm {
+        params: rlhf_lm::llama::Trainable::new(&w).unwrap(),
+        ..lm
+    };
+    rlhf_rl::reward::save(&lm, None, &dir).unwrap();
+    let server = Server::start_with(&dir, &[]);
+    let texts = [
+        ("the cat", " is on the mat"),
+        ("where is it", " in the box"),
+        ("a", " b"),
+    ];
+    let queries: Vec<Query> = texts
+        .iter()
+        .map(|(p, c)| Query {
+            prompt: p,
+            completion: c,
+            prompt_ids: &[],
+            completion_ids: &[],
+        })
+        .collect();
+    let source = HttpSource::new(
+        &format!("{}/v1/rewards", server.base),
+        Duration::from_secs(60),
+        0,
+        0.0,
+    )
+    .unwrap();
+    let got = source.score(&queries).unwrap();
+    let rm = rlhf_rl::reward::RewardModel::load(&dir, &Device::Cpu).unwrap();
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = texts
+        .iter()
+        .map(|(p, c)| {
+            let (p, mut c) = rlhf_lm::score::encode_pair(&rm.tokenizer, p, c).unwrap();
+            c.push(rm.tokenizer.eos_token_id().unwrap());
+            (p, c)
+        })
+        .collect();
+    let want = rm.score_raw(&rows, 8).unwrap();
+    assert_eq!(got.len(), 3);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+    }
+    assert!(
+        (want[0] - want[1]).abs() > 1e-6,
+        "the texts score alike: {want:?}"
+    );
+    // Mismatched lists are a 400 naming the field; a plain LM has no rewards to give.
+    let (status, body) = server.post("/v1/rewards", r#"{"prompts": ["a"], "completions": []}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("completions"), "{body}");
+    drop(server);
+    let plain = Server::start(&[]);
+    let (status, body) = plain.post("/v1/rewards", r#"{"prompts": ["a"], "completions": ["b"]}"#);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("not_a_reward_model"), "{body}");
+    std::fs::remove_dir_all(&dir).ok();
 }
