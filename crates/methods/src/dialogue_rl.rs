@@ -241,6 +241,10 @@ pub struct DialogueRlConfig {
     pub log_every: u64,
     /// Optimiser (AdamW) of the policy (and of a separate user model), schedule and clipping.
     pub optim: OptimConfig,
+    /// LoRA adapters instead of full fine-tuning (`r = 0`, the default: every weight trains); a
+    /// separate user model gets adapters of its own, and the reference (without `ref_model`) is
+    /// the base with adapters off.
+    pub lora: rlhf_lm::lora::LoraConfig,
 }
 
 impl Default for DialogueRlConfig {
@@ -284,6 +288,7 @@ impl Default for DialogueRlConfig {
                 lr: 1e-4,
                 ..OptimConfig::default()
             },
+            lora: Default::default(),
         }
     }
 }
@@ -634,17 +639,22 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
         ));
     }
     // 1. Models: the policy (and shared user model), the reference, a separate user model if asked.
-    let lm = TrainableLm::load(&cfg.model, device)?;
-    let reference = TrainableLm::load(cfg.ref_model.as_deref().unwrap_or(&cfg.model), device)?
-        .model(device)?
-        .detached();
+    let mut lm = TrainableLm::load(&cfg.model, device)?;
+    lm.enable_lora(&cfg.lora, cfg.seed)?;
+    // Taken before a resumed run loads its checkpoint: the starting weights.
+    let reference = match &cfg.ref_model {
+        Some(p) => TrainableLm::load(p, device)?.model(device)?.detached(),
+        None => lm.reference_model(device)?,
+    };
     let renderer = renderer_for(lm.chat_template.as_ref(), &lm.tokenizer, &lm.eos_ids)?;
     let separate = match cfg.user_model {
         UserModelKind::Shared => None,
-        UserModelKind::Separate => Some(TrainableLm::load(
-            cfg.user_model_path.as_deref().unwrap_or(&cfg.model),
-            device,
-        )?),
+        UserModelKind::Separate => {
+            let mut u =
+                TrainableLm::load(cfg.user_model_path.as_deref().unwrap_or(&cfg.model), device)?;
+            u.enable_lora(&cfg.lora, rlhf_train::rng::stream_seed(cfg.seed, "ulor"))?;
+            Some(u)
+        }
     };
     let data = load_data(cfg)?;
     let env = environment(cfg)?;
@@ -686,9 +696,10 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             .map_err(|e| TrainError::invalid(format!("checkpoint state: {e}")))?,
         None => State::default(),
     };
+    // The user's frozen snapshot: whole weights (with LoRA, the adapters merged into a copy).
     let mut snapshot: HashMap<String, Tensor> = match &separate {
-        Some(u) => u.snapshot()?,
-        None => lm.snapshot()?,
+        Some(u) => u.full_weights()?,
+        None => lm.full_weights()?,
     };
     if let Some(dir) = trainer.resumed_from.clone() {
         snapshot = load_safetensors(&dir.join("user_snapshot.safetensors"), device)?;
@@ -979,8 +990,8 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             && state.iteration.is_multiple_of(cfg.snapshot_every)
         {
             snapshot = match &separate {
-                Some(u) => u.snapshot()?,
-                None => lm.snapshot()?,
+                Some(u) => u.full_weights()?,
+                None => lm.full_weights()?,
             };
         }
         metrics.push(("time/iteration_s", started.elapsed().as_secs_f64()));

@@ -218,3 +218,56 @@ fn prefixes_and_leave_one_out_advantages() {
         assert!((x - y).abs() < 1e-12, "{a:?}");
     }
 }
+
+/// With LoRA the policy (and a separate user model) train adapters only: the run writes adapter
+/// directories on the untouched base, and the user's frozen snapshot holds whole weights (the
+/// base itself while adapters are unchanged, since `snapshot_every = 0` keeps the first one).
+#[test]
+fn dialogue_rl_with_lora_trains_adapters_and_keeps_whole_user_snapshots() {
+    let root = common::scratch("dialogue-lora");
+    let init = game_model(&root);
+    let base = weights(&init);
+    for (name, user) in [
+        ("shared", UserModelKind::Shared),
+        ("separate", UserModelKind::Separate),
+    ] {
+        let mut c = small(&init, root.join(name));
+        c.user_model = user;
+        c.snapshot_every = 0;
+        c.supervised_every = 1;
+        c.lora = rlhf_lm::lora::LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            target_modules: rlhf_lm::lora::TargetModules::Preset("all-linear".into()),
+            ..Default::default()
+        };
+        dialogue_rl::run(&c, false, &CPU).unwrap();
+        let model = root.join(name).join("model");
+        assert!(
+            model.join("adapter_config.json").exists(),
+            "{name}: an adapter"
+        );
+        let p = rlhf_lm::Pretrained::load(&model, &CPU).unwrap();
+        assert!(
+            identical(&p.weights, &base),
+            "{name}: the base is untouched"
+        );
+        let snap = load_safetensors(
+            &root
+                .join(name)
+                .join("checkpoints/step-2/user_snapshot.safetensors"),
+            &CPU,
+        )
+        .unwrap();
+        assert!(
+            identical(&snap, &base),
+            "{name}: the first snapshot is the base"
+        );
+        if user == UserModelKind::Separate {
+            assert!(root
+                .join(name)
+                .join("user_model/adapter_config.json")
+                .exists());
+        }
+    }
+}
