@@ -222,10 +222,6 @@ impl Default for RestConfig {
 impl RestConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(TrainError::invalid(m));
-        if self.fit.lora.enabled() {
-            // Improve steps restart from and keep the best full weights; not written for adapters.
-            return bad("lora: ReST trains every weight (lora.r must be 0)".into());
-        }
         if self.model.as_os_str().is_empty() {
             return bad("`model` (the BC policy to start from) is required".into());
         }
@@ -876,7 +872,11 @@ impl Setup<'_> {
             return Ok(rec);
         }
         // 2. The kept rows as token ids, and their rewards (GOLD's returns).
+        // With LoRA each Improve step trains fresh adapters on its starting policy (an adapter
+        // directory of the step before is merged into its base when loaded).
+        let seed = step_seed(cfg.fit.seed, ((g as u64) << 16) | i as u64);
         let mut lm = TrainableLm::load(start, &self.device)?;
+        lm.enable_lora(&cfg.fit.lora, seed)?;
         let train: Vec<(Vec<u32>, Vec<u32>)> = kept
             .iter()
             .map(|&j| lm.encode(&rows[j].prompt, &rows[j].completion, true, cfg.fit.max_len))
@@ -885,7 +885,7 @@ impl Setup<'_> {
         //    every `eval_every` steps).
         let fit_cfg = FitConfig {
             output_dir: dir.to_path_buf(),
-            seed: step_seed(cfg.fit.seed, ((g as u64) << 16) | i as u64),
+            seed,
             optim: rlhf_rl::trainer::OptimConfig {
                 lr,
                 ..cfg.fit.optim.clone()
@@ -943,7 +943,12 @@ impl Setup<'_> {
         if validating {
             match &best.weights {
                 Some(file) => lm.load_weights(&load_safetensors(&dir.join(file), &device)?)?,
-                None => lm.load_weights(&TrainableLm::load(start, &device)?.snapshot()?)?,
+                None => {
+                    // The starting weights: with LoRA, the adapters as they started (B = 0).
+                    let mut fresh = TrainableLm::load(start, &device)?;
+                    fresh.enable_lora(&cfg.fit.lora, seed)?;
+                    lm.load_weights(&fresh.snapshot()?)?
+                }
             }
         }
         lm.generation

@@ -390,3 +390,48 @@ fn bad_configurations_are_refused_with_a_message() {
     let e = run(&c, false, &CPU).unwrap_err().to_string();
     assert!(e.contains("missing.jsonl"), "{e}");
 }
+
+/// ReST with LoRA: each Improve step trains fresh adapters on its starting policy, keeps the
+/// best-validated ones (or the start's), and writes an adapter directory whose base is the step's
+/// start, so the chain of steps loads back as one model.
+#[test]
+fn rest_with_lora_chains_adapter_directories() {
+    let root = scratch("rest-lora");
+    setup(&root, 12);
+    let mut cfg = small_config(&root, "run");
+    cfg.grow_steps = 2;
+    cfg.thresholds = vec![0.0, 0.5];
+    cfg.validation.prompts = 4;
+    cfg.fit.lora = rlhf_lm::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: rlhf_lm::lora::TargetModules::Preset("all-linear".into()),
+        modules_to_save: vec!["embed_tokens".into()],
+        ..Default::default()
+    };
+    let summary = run(&cfg, false, &CPU).unwrap();
+    let improve: Vec<_> = summary
+        .stages
+        .iter()
+        .filter(|s| s.optimizer_steps > 0)
+        .collect();
+    assert!(improve.len() >= 2, "{} improve steps", improve.len());
+    let mut previous = std::fs::canonicalize(root.join("init-5")).unwrap();
+    for s in &improve {
+        let cfg_path = s.model.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let base = std::path::PathBuf::from(v["base_model_name_or_path"].as_str().unwrap());
+        assert_eq!(
+            std::fs::canonicalize(&base).unwrap(),
+            previous,
+            "{}",
+            s.model.display()
+        );
+        previous = std::fs::canonicalize(&s.model).unwrap();
+        // Loads as a model (the chain merged), and trains on from there.
+        let lm = TrainableLm::load(&s.model, &CPU).unwrap();
+        assert!(lm.lora.is_none());
+        assert!(lm.params.vars.iter().all(|(n, _)| !n.contains(".lora_")));
+    }
+}
