@@ -155,10 +155,6 @@ impl Default for RlpRmConfig {
 impl RlpRmConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(TrainError::invalid(m.to_string()));
-        if self.fit.lora.enabled() {
-            // The information-bottleneck heads are extra modules not written for adapters.
-            return bad("lora: rlp-rm trains every weight (lora.r must be 0)");
-        }
         if self.model.as_os_str().is_empty() {
             return bad("`model` (the reward model to refresh) is required");
         }
@@ -466,10 +462,13 @@ pub fn run(cfg: &RlpRmConfig, resume: bool, device: &Device) -> Result<RlpRmSumm
             device,
         )?;
     }
-    let lm = TrainableLm {
+    let mut lm = TrainableLm {
         params: rlhf_lm::llama::Trainable::new(&weights)?,
         ..lm
     };
+    // With LoRA the trunk trains adapters; the scalar and MIB heads train whole (they are not
+    // decoder weights), and the saved reward model is an adapter with its head.
+    lm.enable_lora(&cfg.fit.lora, cfg.fit.seed)?;
     let max_len = cfg.fit.max_len;
     let (mut pairs, eval) = load_with_eval(&cfg.train_file, cfg.fit.eval_file.as_deref(), |p| {
         load_pair_ids(&lm, p, max_len, cfg.fit.skip_bad_lines)

@@ -298,3 +298,31 @@ fn bad_configurations_are_clear_errors() {
     });
     assert!(e.contains("two different samples"), "{e}");
 }
+
+/// UML with LoRA: the trunk trains adapters, the scalar and MIB heads train whole, and the saved
+/// reward model is a peft adapter (SEQ_CLS, with its head, without the MIB heads) that loads as a
+/// reward model.
+#[test]
+fn uml_with_lora_saves_a_reward_model_adapter() {
+    let root = scratch("rlp-uml-lora");
+    let mut cfg = setup(&root);
+    cfg.fit.lora = rlhf_lm::lora::LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        target_modules: rlhf_lm::lora::TargetModules::Preset("all-linear".into()),
+        ..Default::default()
+    };
+    let a = rlp::run(&cfg, false, &CPU).unwrap();
+    assert!(a.mib_mi.is_some_and(f64::is_finite));
+    let dir = root.join("out/model");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["task_type"], "SEQ_CLS");
+    let raw = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &CPU).unwrap();
+    assert!(raw.contains_key("base_model.model.score.weight"));
+    assert!(raw.keys().all(|k| !k.contains("mib.")), "{:?}", raw.keys());
+    let rm = rlhf_rl::reward::RewardModel::load(&dir, &CPU).unwrap();
+    let s = rm.score_raw(&[(vec![1, 10, 11], vec![12, 2])], 1).unwrap();
+    assert!(s[0].is_finite());
+}
