@@ -637,3 +637,60 @@ fn a_served_reward_model_scores_for_the_http_reward_source() {
     assert!(body.contains("not_a_reward_model"), "{body}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A run's LLM judge pointed at `rlhf serve` of the same model (`judge.url`) gives the judgements
+/// the in-process judge gives (greedy, so both are deterministic).
+#[test]
+fn the_llm_judge_can_judge_through_the_server() {
+    use rlhf_rl::judge::{judge_candidates, Judge, JudgeConfig, JudgePrompt};
+    let server = Server::start(&[]);
+    let p = Pretrained::load(&tiny_model(), &Device::Cpu).unwrap();
+    let model = p.model(&Device::Cpu).unwrap();
+    let judge = Judge {
+        model: &model,
+        tokenizer: &p.tokenizer,
+        chat_template: None,
+        pad_id: p.pad_id(),
+        eos_ids: p.eos_token_ids(),
+    };
+    let local_cfg = JudgeConfig {
+        template: Some("{prompt} {response} .".into()),
+        prefill: Some("the".into()),
+        chat: Some(false),
+        judgements: 2,
+        temperature: 0.0,
+        top_p: None,
+        max_new_tokens: Some(5),
+        ..JudgeConfig::default()
+    };
+    let prompt = JudgePrompt::resolve(&local_cfg, false, None).unwrap();
+    let items: Vec<(String, String)> = vec![
+        ("where is the cat".into(), "on the mat".into()),
+        ("what is it".into(), "a box".into()),
+    ];
+    let local = judge_candidates(&judge, &prompt, &local_cfg, &items, 3).unwrap();
+    let remote_cfg = JudgeConfig {
+        url: Some(server.base.clone()),
+        ..local_cfg.clone()
+    };
+    let remote = judge_candidates(&judge, &prompt, &remote_cfg, &items, 3).unwrap();
+    assert_eq!(local.replies.len(), 2);
+    assert_eq!(local.replies, remote.replies);
+    assert!(
+        local.replies[0][0].0.len() > "the".len(),
+        "{:?}",
+        local.replies
+    );
+    // An unreachable judge is an error naming its endpoint.
+    let bad = JudgeConfig {
+        url: Some("http://127.0.0.1:9".into()),
+        ..local_cfg
+    };
+    let e = judge_candidates(&judge, &prompt, &bad, &items, 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("judge.url http://127.0.0.1:9/v1/completions"),
+        "{e}"
+    );
+}

@@ -80,6 +80,11 @@ pub struct JudgeConfig {
     pub max_prompt_len: usize,
     /// Judge prompts per generation batch.
     pub batch_size: usize,
+    /// Judge through an OpenAI-compatible server instead of in process (`rlhf serve` of the judge
+    /// model, vLLM, ...): its base URL, `http://HOST:PORT`. The judge prompts are rendered and
+    /// tokenised here as for a local judge and sent as token ids to `/v1/completions`, so the
+    /// server must serve the same model (tokenizer) the run names as its judge.
+    pub url: Option<String>,
 }
 
 impl Default for JudgeConfig {
@@ -96,6 +101,7 @@ impl Default for JudgeConfig {
             max_new_tokens: None,
             max_prompt_len: 2048,
             batch_size: 16,
+            url: None,
         }
     }
 }
@@ -289,27 +295,35 @@ pub fn judge_candidates(
             rows.push((text.clone(), ids.clone()));
         }
     }
-    let params = SamplingParams {
-        max_new_tokens: prompt.max_new_tokens,
-        temperature: cfg.temperature,
-        top_p: cfg.top_p,
-        seed,
-        eos_token_ids: judge.eos_ids.clone(),
-        ..Default::default()
+    let replies: Vec<String> = match &cfg.url {
+        Some(url) => remote_judgements(url, &rows, n, prompt, cfg, seed)?,
+        None => {
+            let params = SamplingParams {
+                max_new_tokens: prompt.max_new_tokens,
+                temperature: cfg.temperature,
+                top_p: cfg.top_p,
+                seed,
+                eos_token_ids: judge.eos_ids.clone(),
+                ..Default::default()
+            };
+            sample(
+                judge.model,
+                judge.tokenizer,
+                judge.pad_id,
+                &rows,
+                &params,
+                cfg.batch_size,
+            )?
+            .into_iter()
+            .map(|g| g.completion)
+            .collect()
+        }
     };
-    let replies = sample(
-        judge.model,
-        judge.tokenizer,
-        judge.pad_id,
-        &rows,
-        &params,
-        cfg.batch_size,
-    )?;
     let mut out = Judged::default();
     for chunk in replies.chunks(n) {
         let mut mine = Vec::with_capacity(n);
         for g in chunk {
-            let reply = format!("{}{}", prompt.prefill, g.completion);
+            let reply = format!("{}{}", prompt.prefill, g);
             let s = parse_score(&reply);
             out.judgements += 1;
             out.parsed += s.is_some() as usize;
@@ -322,6 +336,75 @@ pub fn judge_candidates(
             Some(ok.iter().sum::<f64>() / ok.len() as f64)
         });
         out.replies.push(mine);
+    }
+    Ok(out)
+}
+
+/// The judgements of `rows` (each judge prompt `n` times in a row) from an OpenAI-compatible
+/// server: one `/v1/completions` request per prompt, its token ids as the prompt and `n` choices
+/// (seeded per prompt from `seed`), the replies in choice order.
+fn remote_judgements(
+    url: &str,
+    rows: &[(String, Vec<u32>)],
+    n: usize,
+    prompt: &JudgePrompt,
+    cfg: &JudgeConfig,
+    seed: u64,
+) -> Result<Vec<String>> {
+    let endpoint = format!("{}/v1/completions", url.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(600)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let fail = |why: String| TrainError::invalid(format!("judge.url {endpoint}: {why}"));
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, (_, ids)) in rows.iter().step_by(n.max(1)).enumerate() {
+        let mut body = serde_json::json!({
+            "prompt": ids,
+            "n": n,
+            "max_tokens": prompt.max_new_tokens,
+            "temperature": cfg.temperature,
+            "seed": seed.wrapping_add(i as u64),
+        });
+        if let Some(p) = cfg.top_p {
+            body["top_p"] = p.into();
+        }
+        let mut response = agent
+            .post(&endpoint)
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .map_err(|e| fail(format!("request failed: {e}")))?;
+        let status = response.status();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| fail(format!("reading the response failed: {e}")))?;
+        if !status.is_success() {
+            let cut: String = text.chars().take(300).collect();
+            return Err(fail(format!("HTTP status {status}: {cut}")));
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
+        let mut choices: Vec<(u64, String)> = v["choices"]
+            .as_array()
+            .ok_or_else(|| fail("no `choices` in the response".into()))?
+            .iter()
+            .map(|c| {
+                Ok((
+                    c["index"].as_u64().unwrap_or(0),
+                    c["text"]
+                        .as_str()
+                        .ok_or_else(|| fail("a choice without `text`".into()))?
+                        .to_string(),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        if choices.len() != n {
+            return Err(fail(format!("{} choices for n = {n}", choices.len())));
+        }
+        choices.sort_by_key(|c| c.0);
+        out.extend(choices.into_iter().map(|c| c.1));
     }
     Ok(out)
 }
