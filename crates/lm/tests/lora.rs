@@ -266,13 +266,18 @@ fn random_adapters(config: &LlamaConfig) -> HashMap<String, Tensor> {
         ..LoraConfig::default()
     };
     let mut ad = lora::init_adapters(config, &lcfg, 7, &CPU).unwrap();
-    // B away from zero, so that A's gradient is not zero too.
-    for (n, t) in ad.iter_mut() {
-        if n.ends_with("lora_B.weight") {
-            *t = (t.randn_like(0.0, 0.05).unwrap())
-                .to_dtype(DType::F32)
-                .unwrap();
-        }
+    // B away from zero, so that A's gradient is not zero too (seeded, in name order).
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let mut names: Vec<String> = ad.keys().cloned().collect();
+    names.sort();
+    for n in names.iter().filter(|n| n.ends_with("lora_B.weight")) {
+        let t = &ad[n];
+        let values: Vec<f32> = (0..t.elem_count())
+            .map(|_| rng.random_range(-0.08f32..0.08))
+            .collect();
+        let fresh = Tensor::from_vec(values, t.shape(), &CPU).unwrap();
+        ad.insert(n.clone(), fresh);
     }
     ad
 }

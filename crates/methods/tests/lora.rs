@@ -47,11 +47,18 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// Give every lora_B a value, as training would.
+/// Give every lora_B a value, as training would (uniform in ±0.08, seeded: the same values in
+/// every run).
 fn perturb_adapters(lm: &rlhf_rl::policy::TrainableLm) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     for (n, v) in &lm.params.vars {
         if n.ends_with("lora_B.weight") {
-            v.set(&v.randn_like(0.0, 0.05).unwrap()).unwrap();
+            let values: Vec<f32> = (0..v.elem_count())
+                .map(|_| rng.random_range(-0.08f32..0.08))
+                .collect();
+            v.set(&candle_core::Tensor::from_vec(values, v.shape(), &CPU).unwrap())
+                .unwrap();
         }
     }
 }
