@@ -389,6 +389,16 @@ fn model_only_decode(
     Ok((t.elapsed().as_secs_f64(), cpu_seconds() - c))
 }
 
+/// Each row cut into (prompt, completion) after its first `split` ids.
+fn split_rows<'a>(
+    rows: impl IntoIterator<Item = &'a [u32]>,
+    split: usize,
+) -> Vec<(Vec<u32>, Vec<u32>)> {
+    rows.into_iter()
+        .map(|r| (r[..split].to_vec(), r[split..].to_vec()))
+        .collect()
+}
+
 /// Deterministic pseudo-random token ids, identical to `anchor_torch.py`'s `token_rows`.
 pub fn token_rows(batch: usize, seq: usize, vocab: usize) -> Vec<Vec<u32>> {
     let mut state: u64 = 0x2545_f491_4f6c_dd1d;
@@ -481,10 +491,7 @@ fn bench_train(
     let device = Device::Cpu;
     let rows = token_rows(batch, seq, lm.config.vocab_size);
     let split = seq - completion;
-    let pairs: Vec<(Vec<u32>, Vec<u32>)> = rows
-        .iter()
-        .map(|r| (r[..split].to_vec(), r[split..].to_vec()))
-        .collect();
+    let pairs = split_rows(rows.iter().map(Vec::as_slice), split);
     // A quantised base: the completion log-probs of two rows before (f32) and after (quantised,
     // adapters at zero), to report how far quantising moves them.
     // Real text (this repository's testbed page), not random ids: how far the log-probs of text
@@ -492,12 +499,7 @@ fn bench_train(
     let text = lm
         .tokenizer
         .encode(include_str!("../../docs/testbed.md"), false)?;
-    let text: Vec<(Vec<u32>, Vec<u32>)> = text
-        .chunks(seq)
-        .take(2)
-        .filter(|c| c.len() == seq)
-        .map(|c| (c[..split].to_vec(), c[split..].to_vec()))
-        .collect();
+    let text = split_rows(text.chunks(seq).take(2).filter(|c| c.len() == seq), split);
     let probe = CompletionBatch::new(&text, pad, &device)?;
     let probe_lp = |lm: &rlhf_rl::policy::TrainableLm| -> Result<Vec<f32>> {
         let lp = completion_logprobs(&lm.model(&device)?.detached(), &probe, 1.0)?;
@@ -634,10 +636,7 @@ fn bench_parity(
     let device = Device::Cpu;
     let rows = token_rows(batch, seq, pre.config.vocab_size);
     let split = seq - completion;
-    let pairs: Vec<(Vec<u32>, Vec<u32>)> = rows
-        .iter()
-        .map(|r| (r[..split].to_vec(), r[split..].to_vec()))
-        .collect();
+    let pairs = split_rows(rows.iter().map(Vec::as_slice), split);
     let cb = CompletionBatch::new(&pairs, pad, &device)?;
     let n_tokens = (batch * completion) as f64;
     // The same loss as the training benchmark, in each precision / path.

@@ -102,14 +102,7 @@ pub fn merge(a: MergeArgs, device: &Device) -> Result<()> {
         .iter()
         .any(|(n, _)| n == rlhf_rl::reward::HEAD)
     {
-        let norm_path = a.adapter.join(rlhf_rl::reward::NORM_FILE);
-        let norm = match norm_path.exists() {
-            true => Some(
-                serde_json::from_str(&std::fs::read_to_string(&norm_path)?)
-                    .with_context(|| format!("{}", norm_path.display()))?,
-            ),
-            false => None,
-        };
+        let norm = rlhf_rl::reward::read_norm(&a.adapter)?;
         rlhf_rl::reward::save(&lm, norm, &a.out)?;
     } else {
         lm.save(&a.out)?;

@@ -92,7 +92,7 @@ pub fn serve(a: ServeArgs, device: &Device) -> Result<()> {
     let context_length = pretrained.config.max_position_embeddings;
     let engine = Engine::start(pretrained.clone(), device.clone(), a.max_batch, a.max_queue)?;
     let rewards = match pretrained.weights.contains_key(rlhf_rl::reward::HEAD) {
-        true => Some(Arc::new(reward_model(&pretrained, &a.model, device)?)),
+        true => Some(Arc::new(RewardModel::from_pretrained(&pretrained, device)?)),
         false => None,
     };
     let app = Arc::new(App {
@@ -390,26 +390,6 @@ fn live_events(
         let tail = 2 + st.request.include_usage as usize;
         out.push_str(&closing[closing.len().saturating_sub(tail)..].concat());
         Some((Ok(out), st))
-    })
-}
-
-/// The reward model of a served directory with a scalar head, sharing the loaded weights, and
-/// its saved normalisation when there is one.
-fn reward_model(p: &Pretrained, path: &std::path::Path, device: &Device) -> Result<RewardModel> {
-    let norm_path = path.join(rlhf_rl::reward::NORM_FILE);
-    let norm = match norm_path.is_file() {
-        true => Some(
-            serde_json::from_str(&std::fs::read_to_string(&norm_path)?)
-                .with_context(|| norm_path.display().to_string())?,
-        ),
-        false => None,
-    };
-    Ok(RewardModel {
-        model: p.model(device)?,
-        head: rlhf_lm::llama::ScalarHead::from_weights(&p.weights)?,
-        tokenizer: p.tokenizer.clone(),
-        norm,
-        pad_id: p.pad_id(),
     })
 }
 

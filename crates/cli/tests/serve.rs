@@ -601,6 +601,7 @@ fn a_served_reward_model_scores_for_the_http_reward_source() {
         })
         .collect();
     let source = HttpSource::new(
+        "reward.url",
         &format!("{}/v1/rewards", server.base),
         Duration::from_secs(60),
         0,

@@ -138,6 +138,20 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// A custom op's f32 input as a tensor of its own (a copy), for ops whose forward pass is made of
+/// other tensor ops (a checkpointed layer, a quantised or LoRA projection).
+pub(crate) fn input_tensor(s: &CpuStorage, l: &Layout, op: &str) -> Result<Tensor> {
+    Tensor::from_slice(f32_slice(s, l, op)?, l.shape(), &candle_core::Device::Cpu)
+}
+
+/// A tensor's values as a custom op's f32 output.
+pub(crate) fn output_storage(y: &Tensor) -> Result<(CpuStorage, Shape)> {
+    Ok((
+        CpuStorage::F32(y.flatten_all()?.to_vec1()?),
+        y.shape().clone(),
+    ))
+}
+
 fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [u32]> {
     let Some((a, b)) = l.contiguous_offsets() else {
         bail!("{op}: input must be contiguous")

@@ -125,9 +125,8 @@ impl Projection {
             return Ok(None);
         };
         let (a, b) = (l.a.weight(), l.b.weight());
-        let training = x.track_op() || a.track_op() || b.track_op();
         let dropout = l.dropout.as_ref().is_some_and(|d| d.p > 0.0);
-        if !training || dropout || ![x, a, b].iter().all(|t| fused::supported(t)) {
+        if !self.adapter_trains(x) || dropout || ![x, a, b].iter().all(|t| fused::supported(t)) {
             return Ok(None);
         }
         let base = match &self.quantized {
@@ -142,6 +141,13 @@ impl Projection {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
         }))
+    }
+
+    /// Whether a gradient flows through this projection's adapter on `x` (training).
+    fn adapter_trains(&self, x: &Tensor) -> bool {
+        self.lora
+            .as_ref()
+            .is_some_and(|l| x.track_op() || l.a.weight().track_op() || l.b.weight().track_op())
     }
 
     /// y + the adapter's update of x (y itself when there is no adapter).
@@ -160,14 +166,9 @@ impl Projection {
 
     /// Several projections of the same x (q/k/v, gate/up): the frozen products in one pass.
     fn forward_many(layers: &[&Projection], x: &Tensor) -> Result<Vec<Tensor>> {
-        let adapter_trains = |p: &&Projection| {
-            p.lora
-                .as_ref()
-                .is_some_and(|l| x.track_op() || l.a.weight().track_op() || l.b.weight().track_op())
-        };
         if layers
             .iter()
-            .any(|p| p.quantized.is_some() || adapter_trains(p))
+            .any(|p| p.quantized.is_some() || p.adapter_trains(x))
         {
             return layers.iter().map(|p| p.forward(x)).collect();
         }
@@ -508,16 +509,8 @@ impl candle_core::CustomOp1 for CheckpointedLayer {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("checkpointed layer: f32 input expected")
-        };
-        let Some((from, to)) = layout.contiguous_offsets() else {
-            candle_core::bail!("checkpointed layer: contiguous input expected")
-        };
-        let x = Tensor::from_slice(&data[from..to], layout.shape(), &Device::Cpu)?;
-        let y = self.run(&x)?;
-        let values = y.flatten_all()?.to_vec1::<f32>()?;
-        Ok((candle_core::CpuStorage::F32(values), layout.shape().clone()))
+        let x = fused::input_tensor(storage, layout, self.name())?;
+        fused::output_storage(&self.run(&x)?)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

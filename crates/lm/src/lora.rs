@@ -787,16 +787,6 @@ fn rows_of(t: &Tensor) -> candle_core::Result<Tensor> {
     t.reshape((t.elem_count() / k.max(1), k))
 }
 
-fn cpu_tensor(s: &candle_core::CpuStorage, l: &candle_core::Layout) -> candle_core::Result<Tensor> {
-    let candle_core::CpuStorage::F32(data) = s else {
-        candle_core::bail!("fused-lora-linear: f32 inputs expected")
-    };
-    let Some((from, to)) = l.contiguous_offsets() else {
-        candle_core::bail!("fused-lora-linear: contiguous inputs expected")
-    };
-    Tensor::from_slice(&data[from..to], l.shape(), &Device::Cpu)
-}
-
 impl candle_core::CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "fused-lora-linear"
@@ -811,10 +801,12 @@ impl candle_core::CustomOp3 for LoraLinear {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use crate::fused::input_tensor;
+        let name = self.name();
         let (x, a, b) = (
-            cpu_tensor(s1, l1)?,
-            cpu_tensor(s2, l2)?,
-            cpu_tensor(s3, l3)?,
+            input_tensor(s1, l1, name)?,
+            input_tensor(s2, l2, name)?,
+            input_tensor(s3, l3, name)?,
         );
         let x2 = rows_of(&x)?;
         let y = crate::fused::linear(&x2, &self.w.dense()?)?; // (m, out)
@@ -822,10 +814,7 @@ impl candle_core::CustomOp3 for LoraLinear {
         let y = (y + crate::fused::linear(&low, &b)?)?;
         let mut dims = l1.shape().dims().to_vec();
         *dims.last_mut().expect("rank >= 1") = b.dim(0)?;
-        Ok((
-            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?),
-            candle_core::Shape::from(dims),
-        ))
+        crate::fused::output_storage(&y.reshape(dims)?)
     }
 
     fn bwd(

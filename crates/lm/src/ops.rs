@@ -7,6 +7,7 @@
 //! for f32 on the CPU, the fused kernels with a backward in [`crate::fused`]; otherwise (f64
 //! gradient checks, other devices) the composed versions (`*_composed`), one tensor op per step.
 
+use candle_core::quantized::QTensor;
 use candle_core::{Tensor, D};
 
 use crate::error::Result;
@@ -113,8 +114,6 @@ pub fn quantized_linear(w: &std::sync::Arc<QTensor>, x: &Tensor) -> Result<Tenso
     Ok(x.apply_op1(QuantizedLinear(w.clone()))?)
 }
 
-use candle_core::quantized::QTensor;
-
 struct QuantizedLinear(std::sync::Arc<QTensor>);
 
 impl candle_core::CustomOp1 for QuantizedLinear {
@@ -127,20 +126,9 @@ impl candle_core::CustomOp1 for QuantizedLinear {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("quantized-linear: f32 input expected")
-        };
-        let Some((from, to)) = layout.contiguous_offsets() else {
-            candle_core::bail!("quantized-linear: contiguous input expected")
-        };
-        let x = Tensor::from_slice(&data[from..to], layout.shape(), &candle_core::Device::Cpu)?;
+        let x = fused::input_tensor(storage, layout, self.name())?;
         let w = self.0.dequantize(&candle_core::Device::Cpu)?;
-        let y = fused::linear(&x, &w)?;
-        let shape = y.shape().clone();
-        Ok((
-            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1()?),
-            shape,
-        ))
+        fused::output_storage(&fused::linear(&x, &w)?)
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -2,19 +2,16 @@
 //! and what a run writes is a `peft` adapter directory that loads back as the trained model.
 
 mod common;
-use common::{scratch, tiny_lm, CPU};
+use common::{scratch, sft_config, sft_data_and_init, tiny_lm, CPU};
 
 use std::path::Path;
 
-use rlhf_data::testbed::task_by_name;
 use rlhf_lm::llama::Llama;
 use rlhf_lm::lora::{LoraConfig, TargetModules};
 use rlhf_lm::score::score_pairs;
 use rlhf_lm::Pretrained;
 use rlhf_methods::sft::{self, SftConfig};
-use rlhf_rl::fit::FitConfig;
 use rlhf_rl::reward::{self, add_head, RewardModel};
-use rlhf_rl::trainer::OptimConfig;
 
 fn lora(r: usize) -> LoraConfig {
     LoraConfig {
@@ -156,48 +153,21 @@ fn a_lora_reward_model_saves_its_head_and_scores_the_same_after_loading() {
     }
 }
 
-fn sft_data(root: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let task = task_by_name("sentiment", 0).unwrap();
-    let data = root.join("sft.jsonl");
-    let lines: Vec<String> = task.demonstrations()[..48]
-        .iter()
-        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let init = root.join("init");
-    tiny_lm(0).save(&init).unwrap();
-    (data, init)
-}
-
-fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
-    SftConfig {
-        model: init.to_path_buf(),
-        train_file: data.to_path_buf(),
-        fit: FitConfig {
-            output_dir: dir.to_path_buf(),
-            epochs: 2,
-            batch_size: 8,
-            max_len: 48,
-            save_every: 3,
-            log_every: 1,
-            seed: 7,
-            optim: OptimConfig {
-                lr: 1e-2,
-                ..OptimConfig::default()
-            },
-            lora: lora(8),
-            ..SftConfig::default().fit
-        },
-    }
+/// The SFT run of `sft_rm.rs` with LoRA r 8 (and a LoRA-sized learning rate).
+fn lora_sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
+    let mut c = sft_config(dir, data, init);
+    c.fit.optim.lr = 1e-2;
+    c.fit.lora = lora(8);
+    c
 }
 
 /// SFT with LoRA learns, writes a `peft` adapter on an untouched base, and is deterministic.
 #[test]
 fn sft_with_lora_learns_and_writes_a_peft_adapter() {
     let root = scratch("lora-sft");
-    let (data, init) = sft_data(&root);
-    let a = sft::run(&sft_config(&root.join("a"), &data, &init), false, &CPU).unwrap();
-    sft::run(&sft_config(&root.join("b"), &data, &init), false, &CPU).unwrap();
+    let (data, init) = sft_data_and_init(&root, 48);
+    let a = sft::run(&lora_sft_config(&root.join("a"), &data, &init), false, &CPU).unwrap();
+    sft::run(&lora_sft_config(&root.join("b"), &data, &init), false, &CPU).unwrap();
     let first = common::metrics(&root.join("a/metrics.jsonl"))[0]["loss"]
         .as_f64()
         .unwrap();

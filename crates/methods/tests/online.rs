@@ -535,16 +535,16 @@ fn http_reward_source_scores_retries_and_fails_clearly() {
     let life = Duration::from_secs(30);
     // Answers.
     let (url, _) = serve(|_| Reply::Ok, 4, life);
-    let ok = HttpSource::new(&url, Duration::from_secs(10), 0, 0.01).unwrap();
+    let ok = HttpSource::new("reward.url", &url, Duration::from_secs(10), 0, 0.01).unwrap();
     assert_eq!(ok.score(&q).unwrap(), vec![3.0, 2.0]);
     // Junk once, then answers: one retry is enough.
     let (url, hits) = serve(|n| if n == 0 { Reply::Junk } else { Reply::Ok }, 4, life);
-    let retrying = HttpSource::new(&url, Duration::from_secs(10), 1, 0.01).unwrap();
+    let retrying = HttpSource::new("reward.url", &url, Duration::from_secs(10), 1, 0.01).unwrap();
     assert_eq!(retrying.score(&q).unwrap(), vec![3.0, 2.0]);
     assert_eq!(hits.load(Ordering::SeqCst), 2);
     // Junk every time: a clear error after 1 + retries attempts.
     let (url, hits) = serve(|_| Reply::Junk, 4, life);
-    let e = HttpSource::new(&url, Duration::from_secs(10), 2, 0.01)
+    let e = HttpSource::new("reward.url", &url, Duration::from_secs(10), 2, 0.01)
         .unwrap()
         .score(&q)
         .unwrap_err()
@@ -559,7 +559,7 @@ fn http_reward_source_scores_retries_and_fails_clearly() {
     assert_eq!(hits.load(Ordering::SeqCst), 3);
     // An error status.
     let (url, _) = serve(|_| Reply::Status500, 2, life);
-    let e = HttpSource::new(&url, Duration::from_secs(10), 0, 0.01)
+    let e = HttpSource::new("reward.url", &url, Duration::from_secs(10), 0, 0.01)
         .unwrap()
         .score(&q)
         .unwrap_err()
@@ -568,7 +568,7 @@ fn http_reward_source_scores_retries_and_fails_clearly() {
     // Times out.
     let (url, hits) = serve(|_| Reply::Slow(Duration::from_millis(1500)), 2, life);
     let started = Instant::now();
-    let e = HttpSource::new(&url, Duration::from_millis(300), 1, 0.01)
+    let e = HttpSource::new("reward.url", &url, Duration::from_millis(300), 1, 0.01)
         .unwrap()
         .score(&q)
         .unwrap_err()
@@ -585,13 +585,13 @@ fn http_reward_source_scores_retries_and_fails_clearly() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}/score", l.local_addr().unwrap())
     };
-    let e = HttpSource::new(&closed, Duration::from_secs(2), 0, 0.01)
+    let e = HttpSource::new("reward.url", &closed, Duration::from_secs(2), 0, 0.01)
         .unwrap()
         .score(&q)
         .unwrap_err()
         .to_string();
     assert!(e.contains("request failed"), "{e}");
-    assert!(HttpSource::new("ftp://x", Duration::from_secs(1), 0, 0.0).is_err());
+    assert!(HttpSource::new("reward.url", "ftp://x", Duration::from_secs(1), 0, 0.0).is_err());
 }
 
 // ---- short runs on the tiny model ----------------------------------------------------------------

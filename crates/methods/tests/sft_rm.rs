@@ -1,21 +1,16 @@
 //! SFT and reward-model losses against hand-computed values, and determinism of whole runs.
 
 mod common;
-use common::{curves_texts, metrics, scratch, tiny_lm};
-
-use std::path::Path;
+use common::{curves_texts, metrics, scratch, sft_config, sft_data_and_init, tiny_lm};
 
 use candle_core::{Device, Tensor};
-use rlhf_data::testbed::task_by_name;
 use rlhf_methods::rm::pair_loss;
-use rlhf_methods::sft::{self, SftConfig};
-use rlhf_rl::fit::FitConfig;
+use rlhf_methods::sft;
 use rlhf_rl::losses::neg_log_sigmoid;
 use rlhf_rl::objectives::nll_sum;
 use rlhf_rl::pairs::PairIds;
 use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::reward::{add_head, RewardModel};
-use rlhf_rl::trainer::OptimConfig;
 
 /// With every weight zero the logits are zero, so each completion token costs exactly ln(V);
 /// prompt tokens and padding cost nothing.
@@ -155,43 +150,6 @@ fn pair_loss_matches_scores() {
         "{with_lm} vs {}",
         want + 0.3 * nll
     );
-}
-
-/// The sentiment task's first `n` demonstrations as an SFT file, and a fresh tiny model to start
-/// from, under `root`: (data file, model directory).
-fn sft_data_and_init(root: &Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
-    let task = task_by_name("sentiment", 0).unwrap();
-    let data = root.join("sft.jsonl");
-    let lines: Vec<String> = task.demonstrations()[..n]
-        .iter()
-        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
-        .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    let init = root.join("init");
-    tiny_lm(0).save(&init).unwrap();
-    (data, init)
-}
-
-fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
-    SftConfig {
-        model: init.to_path_buf(),
-        train_file: data.to_path_buf(),
-        fit: FitConfig {
-            output_dir: dir.to_path_buf(),
-            epochs: 2,
-            batch_size: 8,
-            max_len: 48,
-            save_every: 3,
-            log_every: 1,
-            seed: 7,
-            optim: OptimConfig {
-                lr: 1e-3,
-                ..OptimConfig::default()
-            },
-            ..SftConfig::default().fit
-        },
-        ..SftConfig::default()
-    }
 }
 
 /// Same config + seed -> identical metrics and weights; and SFT lowers the loss.

@@ -285,7 +285,13 @@ impl ExternalUser {
         win_prefixes: Vec<String>,
     ) -> Result<Self> {
         Ok(ExternalUser {
-            transport: Transport::Http(HttpSource::new(url, timeout, retries, retry_backoff_s)?),
+            transport: Transport::Http(HttpSource::new(
+                "environment.url",
+                url,
+                timeout,
+                retries,
+                retry_backoff_s,
+            )?),
             retries,
             retry_backoff_s,
             win_prefixes,

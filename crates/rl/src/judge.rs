@@ -352,11 +352,13 @@ fn remote_judgements(
     seed: u64,
 ) -> Result<Vec<String>> {
     let endpoint = format!("{}/v1/completions", url.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(std::time::Duration::from_secs(600)))
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let http = crate::reward_source::HttpSource::new(
+        "judge.url",
+        &endpoint,
+        std::time::Duration::from_secs(600),
+        0,
+        0.0,
+    )?;
     let fail = |why: String| TrainError::invalid(format!("judge.url {endpoint}: {why}"));
     let mut out = Vec::with_capacity(rows.len());
     for (i, (_, ids)) in rows.iter().step_by(n.max(1)).enumerate() {
@@ -370,20 +372,7 @@ fn remote_judgements(
         if let Some(p) = cfg.top_p {
             body["top_p"] = p.into();
         }
-        let mut response = agent
-            .post(&endpoint)
-            .header("content-type", "application/json")
-            .send(body.to_string())
-            .map_err(|e| fail(format!("request failed: {e}")))?;
-        let status = response.status();
-        let text = response
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| fail(format!("reading the response failed: {e}")))?;
-        if !status.is_success() {
-            let cut: String = text.chars().take(300).collect();
-            return Err(fail(format!("HTTP status {status}: {cut}")));
-        }
+        let text = http.post(&body.to_string()).map_err(fail)?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| fail(format!("not JSON: {e}")))?;
         let mut choices: Vec<(u64, String)> = v["choices"]

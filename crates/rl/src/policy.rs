@@ -84,56 +84,43 @@ impl TrainableLm {
         let checkpoint = self
             .gradient_checkpointing
             .load(std::sync::atomic::Ordering::Relaxed);
-        let model = match &self.lora {
-            None => Llama::from_weights(&self.config, &self.params.tensors(), device)?,
-            Some(l) => {
-                let (adapters, mut weights): (HashMap<_, _>, HashMap<_, _>) = self
-                    .params
-                    .tensors()
-                    .into_iter()
-                    .partition(|(n, _)| is_lora_tensor(n));
-                weights.extend(l.frozen.iter().map(|(n, t)| (n.clone(), t.clone())));
-                let adapters = Adapters {
-                    tensors: adapters,
-                    scale: l.config.scale(),
-                    dropout: l.dropout.clone(),
-                };
-                Llama::from_parts(
-                    &self.config,
-                    &weights,
-                    Some(&adapters),
-                    &l.quantized,
-                    device,
-                )?
-            }
-        };
+        let dropout = self.lora.as_ref().and_then(|l| l.dropout.clone());
+        let model = self.build(self.params.tensors(), dropout, device)?;
         Ok(model.with_gradient_checkpointing(checkpoint))
     }
 
     /// A frozen model of the weights as they are now, unaffected by later training: a deep copy
     /// of what trains (with LoRA only the adapters; the frozen base is shared).
     pub fn frozen_model(&self, device: &Device) -> Result<Llama> {
-        let trained = self.snapshot()?;
-        match &self.lora {
-            None => Llama::from_weights(&self.config, &trained, device),
-            Some(l) => {
-                let (adapters, mut weights): (HashMap<_, _>, HashMap<_, _>) =
-                    trained.into_iter().partition(|(n, _)| is_lora_tensor(n));
-                weights.extend(l.frozen.iter().map(|(n, t)| (n.clone(), t.clone())));
-                let adapters = Adapters {
-                    tensors: adapters,
-                    scale: l.config.scale(),
-                    dropout: None,
-                };
-                Llama::from_parts(
-                    &self.config,
-                    &weights,
-                    Some(&adapters),
-                    &l.quantized,
-                    device,
-                )
-            }
-        }
+        self.build(self.snapshot()?, None, device)
+    }
+
+    /// A model over `trained` (the `Var`s themselves or a copy of them): with LoRA, the adapters
+    /// among them on the frozen (or quantised) base, with `dropout`.
+    fn build(
+        &self,
+        trained: HashMap<String, Tensor>,
+        dropout: Option<Dropout>,
+        device: &Device,
+    ) -> Result<Llama> {
+        let Some(l) = &self.lora else {
+            return Llama::from_weights(&self.config, &trained, device);
+        };
+        let (adapters, mut weights): (HashMap<_, _>, HashMap<_, _>) =
+            trained.into_iter().partition(|(n, _)| is_lora_tensor(n));
+        weights.extend(l.frozen.iter().map(|(n, t)| (n.clone(), t.clone())));
+        let adapters = Adapters {
+            tensors: adapters,
+            scale: l.config.scale(),
+            dropout,
+        };
+        Llama::from_parts(
+            &self.config,
+            &weights,
+            Some(&adapters),
+            &l.quantized,
+            device,
+        )
     }
 
     /// The frozen reference policy: the initial weights. With LoRA, the base model with adapters

@@ -119,32 +119,37 @@ pub struct RewardModel {
     pub pad_id: u32,
 }
 
+/// The normalisation saved beside a reward model in `dir` (`None` when it has none).
+pub fn read_norm(dir: &Path) -> Result<Option<RewardNorm>> {
+    let path = dir.join(NORM_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| LmError::io(&path, e))?;
+    let norm = serde_json::from_str(&text).map_err(|e| LmError::bad_file(&path, e.to_string()))?;
+    Ok(Some(norm))
+}
+
 impl RewardModel {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let p = Pretrained::load(path, device)?;
+        Self::from_pretrained(&Pretrained::load(path, device)?, device)
+    }
+
+    /// A reward model over loaded weights (shared, not copied), with the normalisation saved in
+    /// its directory (`p.source`).
+    pub fn from_pretrained(p: &Pretrained, device: &Device) -> Result<Self> {
         if !p.weights.contains_key(HEAD) {
             return Err(LmError::bad_file(
-                path,
+                &p.source,
                 format!("not a reward model: no `{HEAD}` tensor"),
             ));
         }
-        let norm_path = path.join(NORM_FILE);
-        let norm = if norm_path.exists() {
-            let text =
-                std::fs::read_to_string(&norm_path).map_err(|e| LmError::io(&norm_path, e))?;
-            Some(
-                serde_json::from_str(&text)
-                    .map_err(|e| LmError::bad_file(&norm_path, e.to_string()))?,
-            )
-        } else {
-            None
-        };
         Ok(RewardModel {
             model: p.model(device)?,
             head: ScalarHead::from_weights(&p.weights)?,
             pad_id: p.pad_id(),
-            tokenizer: p.tokenizer,
-            norm,
+            tokenizer: p.tokenizer.clone(),
+            norm: read_norm(&p.source)?,
         })
     }
 

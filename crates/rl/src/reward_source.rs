@@ -345,15 +345,23 @@ pub struct HttpSource {
 }
 
 impl HttpSource {
-    pub fn new(url: &str, timeout: Duration, retries: usize, retry_backoff_s: f64) -> Result<Self> {
+    /// A JSON endpoint at `url`; `setting` (`reward.url`, `judge.url`) names where the URL came
+    /// from in errors.
+    pub fn new(
+        setting: &str,
+        url: &str,
+        timeout: Duration,
+        retries: usize,
+        retry_backoff_s: f64,
+    ) -> Result<Self> {
         if url.starts_with("https://") && !cfg!(feature = "https") {
             return Err(TrainError::invalid(format!(
-                "reward.url {url}: this build has no TLS; build with `--features rlhf-methods/https`, or serve the endpoint over plain http on localhost"
+                "{setting} {url}: this build has no TLS; build with `--features rlhf-methods/https`, or serve the endpoint over plain http on localhost"
             )));
         }
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(TrainError::invalid(format!(
-                "reward.url {url:?}: expected an http:// or https:// URL"
+                "{setting} {url:?}: expected an http:// or https:// URL"
             )));
         }
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -511,6 +519,7 @@ impl Rewarder {
                     TrainError::invalid("reward.source = \"http\" needs reward.url")
                 })?;
                 Box::new(HttpSource::new(
+                    "reward.url",
                     url,
                     timeout,
                     cfg.retries,

@@ -257,6 +257,7 @@ impl<'a> Entailment<'a> {
                 })?;
                 Entailment::External {
                     source: Box::new(crate::reward_source::HttpSource::new(
+                        "equivalence.url",
                         url,
                         Duration::from_secs_f64(cfg.timeout_s.max(0.001)),
                         cfg.retries,

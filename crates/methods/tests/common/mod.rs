@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use rlhf_data::testbed::{task_by_name, tokenizer_for};
+use rlhf_methods::sft::SftConfig;
+use rlhf_rl::fit::FitConfig;
 use rlhf_rl::policy::{fresh_tiny, TrainableLm};
+use rlhf_rl::trainer::OptimConfig;
 
 pub const CPU: Device = Device::Cpu;
 
@@ -72,4 +75,41 @@ pub fn curves_texts(run_dir: &Path) -> Vec<String> {
             Some(body[..body.find("</text>")?].trim().to_string())
         })
         .collect()
+}
+
+/// The sentiment task's first `n` demonstrations as an SFT file, and a fresh tiny model to start
+/// from, under `root`: (data file, model directory).
+pub fn sft_data_and_init(root: &Path, n: usize) -> (std::path::PathBuf, std::path::PathBuf) {
+    let task = task_by_name("sentiment", 0).unwrap();
+    let data = root.join("sft.jsonl");
+    let lines: Vec<String> = task.demonstrations()[..n]
+        .iter()
+        .map(|(p, r)| serde_json::json!({"prompt": p, "completion": format!(" {r}")}).to_string())
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let init = root.join("init");
+    tiny_lm(0).save(&init).unwrap();
+    (data, init)
+}
+
+/// SFT of the tiny model on `data`: 2 epochs of 8 rows, checkpoints every 3 steps, seed 7, lr 1e-3.
+pub fn sft_config(dir: &Path, data: &Path, init: &Path) -> SftConfig {
+    SftConfig {
+        model: init.to_path_buf(),
+        train_file: data.to_path_buf(),
+        fit: FitConfig {
+            output_dir: dir.to_path_buf(),
+            epochs: 2,
+            batch_size: 8,
+            max_len: 48,
+            save_every: 3,
+            log_every: 1,
+            seed: 7,
+            optim: OptimConfig {
+                lr: 1e-3,
+                ..OptimConfig::default()
+            },
+            ..SftConfig::default().fit
+        },
+    }
 }
