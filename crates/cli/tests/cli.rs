@@ -279,3 +279,80 @@ fn plot_draws_one_run_or_overlays_several() {
     assert!(!ok && err.contains("missing"), "{err}");
     std::fs::remove_dir_all(&root).ok();
 }
+
+/// `rlhf merge` folds peft's adapter fixture into its base: the merged directory is a plain model
+/// whose log-probs are those peft's `merge_and_unload` gives (`tools/make_lora_fixtures.py`), and
+/// a directory that is not an adapter is refused by name.
+#[test]
+fn merge_writes_the_model_peft_merges() {
+    use rlhf_lm::batch::TokenBatch;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures");
+    let out = common::scratch("merge").join("merged");
+    let status = rlhf()
+        .args(["merge", "--adapter"])
+        .arg(fixtures.join("tiny-llama-lora-all"))
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(out.join("model.safetensors").exists() && !out.join("adapter_config.json").exists());
+    let merged = rlhf_lm::Pretrained::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert!(merged.adapter.is_none());
+    let r: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("tiny-llama.reference.json")).unwrap(),
+    )
+    .unwrap();
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("tiny-llama-lora.reference.json")).unwrap(),
+    )
+    .unwrap();
+    let rows = |v: &serde_json::Value| -> Vec<Vec<f64>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
+            .collect()
+    };
+    let ids: Vec<Vec<u32>> = rows(&r["input_ids"])
+        .iter()
+        .map(|r| r.iter().map(|&x| x as u32).collect())
+        .collect();
+    let real: Vec<Vec<bool>> = rows(&r["attention_mask"])
+        .iter()
+        .map(|r| r.iter().map(|&x| x == 1.0).collect())
+        .collect();
+    let batch = TokenBatch::new(ids, real.clone(), &candle_core::Device::Cpu).unwrap();
+    let model = merged.model(&candle_core::Device::Cpu).unwrap();
+    let ours = rlhf_lm::score::next_token_logprobs(&model, &batch, 1.0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (b, row) in rows(&want["all"]["merged"]).iter().enumerate() {
+        for (t, &x) in row.iter().enumerate() {
+            if real[b][t] && real[b][t + 1] {
+                assert!(
+                    (ours[b][t] as f64 - x).abs() < 1e-4,
+                    "[{b}][{t}] {} vs {x}",
+                    ours[b][t]
+                );
+            }
+        }
+    }
+    let refused = rlhf()
+        .args(["merge", "--adapter"])
+        .arg(fixtures.join("tiny-llama"))
+        .arg("--out")
+        .arg(common::scratch("merge-bad"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("not a LoRA adapter directory"), "{err}");
+}
