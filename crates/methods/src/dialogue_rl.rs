@@ -970,7 +970,13 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
                         metrics.push(("user_nll", l.to_scalar::<f32>()? as f64));
                         let mut acc = opt.accumulator();
                         acc.add(rlhf_lm::llama::backward(&l)?)?;
-                        opt.apply(acc.finish(), it / cfg.supervised_every)?;
+                        let stats = opt.apply(acc.finish(), it / cfg.supervised_every)?;
+                        if !stats.applied {
+                            return Err(TrainError::invalid(format!(
+                                "the user model's gradient norm is {} at iteration {it}: stopped before it reached its weights",
+                                rlhf_train::faults::describe(stats.grad_norm)
+                            )));
+                        }
                     }
                     if cfg.assistant_nll_weight > 0.0 {
                         let l = nll(&lm.model(device)?, &asst_eps, View::Assistant)?;

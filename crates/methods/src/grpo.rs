@@ -154,6 +154,10 @@ pub fn run(cfg: &GrpoConfig, resume: bool, device: &Device) -> Result<OnlineSumm
     while !s.done() {
         // 1. A group of k samples per prompt; the raw scores (KL goes into the loss instead).
         let rollout = s.rollout()?;
+        // The trip-wire (when set) judges the batch before anything learns from it.
+        if !s.judge(&rollout, &mut (), None)? {
+            continue;
+        }
         let adv = advantages(&rollout.scores(), rollout.k, p.std_eps);
         // 2. Clipped-ratio steps with the k3 penalty, against the sampling policy's log-probs.
         let beta = s.kl.beta;
@@ -187,7 +191,7 @@ pub fn run(cfg: &GrpoConfig, resume: bool, device: &Device) -> Result<OnlineSumm
         let mut m = steps.metrics();
         m.extend([("clip_fraction", mean(&clip)), ("kl_k3", mean(&k3))]);
         m.extend(advantage_metrics(&adv));
-        s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
+        s.end_iteration(&rollout, &m, &mut (), None)?;
     }
     s.finish()
 }

@@ -22,11 +22,11 @@
 //!
 //! Collapse monitors (spec 4.3) are logged every iteration: the policy's perplexity on its own
 //! samples, response length, KL to the reference, the reward's mean and 95th percentile, clip
-//! fractions, approx-KL, value loss and explained variance. A trip-wire (`[method.tripwire]`)
-//! checks KL, length and perplexity on each rollout batch, before the policy learns from it, and
-//! stops the run or rolls back to the last snapshot whose following rollout passed (the weights
-//! and AdamW moments of policy and critic, the KL coefficient and the running reward moments),
-//! writing the reason to `<run>/tripwire.json`.
+//! fractions, approx-KL, value loss and explained variance. The shared trip-wire (`[tripwire]`,
+//! `rlhf_rl::tripwire`) checks KL, length, perplexity and loss on each rollout batch, before the
+//! policy learns from it, and stops the run or rolls back to the last snapshot whose following
+//! rollout passed (the weights and AdamW moments of policy and critic, the KL coefficient and the
+//! running reward moments), writing the reason to `<run>/tripwire.json`.
 //!
 //! The math is in pure functions ([`gae`], [`clipped_surrogate`], [`clipped_value_loss`],
 //! [`RunningMoments`], [`token_rewards`]) with tensor twins for training.
@@ -74,75 +74,6 @@ pub enum Whiten {
     Minibatch,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum TripAction {
-    /// Restore the last good state (see [`Snapshot`]), write the final model and eval.json, and end the run.
-    Stop,
-    /// Restore the last good state and carry on (at most `max_rollbacks` times, then stop).
-    Rollback,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, default)]
-pub struct TripwireConfig {
-    /// Mean sequence KL(pi || pi_ref) of a rollout batch above this trips.
-    pub max_kl: Option<f64>,
-    /// Mean response length (tokens) above this trips.
-    pub max_length: Option<f64>,
-    /// The policy's perplexity on its own samples below this trips (collapse lowers it).
-    pub min_perplexity: Option<f64>,
-    /// What a tripped wire does: stop (restore the last good state, write the final model, end) |
-    /// rollback (restore it and carry on).
-    pub action: TripAction,
-    /// Rollbacks allowed before the run stops.
-    pub max_rollbacks: usize,
-    /// Snapshot the weights every this many iterations (0: `save_every`, or 10 when that is 0).
-    pub snapshot_every: u64,
-}
-
-impl Default for TripwireConfig {
-    fn default() -> Self {
-        TripwireConfig {
-            max_kl: None,
-            max_length: None,
-            min_perplexity: None,
-            action: TripAction::Stop,
-            max_rollbacks: 2,
-            snapshot_every: 0,
-        }
-    }
-}
-
-impl TripwireConfig {
-    pub fn enabled(&self) -> bool {
-        self.max_kl.is_some() || self.max_length.is_some() || self.min_perplexity.is_some()
-    }
-
-    /// Why the monitors of a rollout batch trip the wire, if they do.
-    pub fn check(&self, kl: f64, length: f64, perplexity: f64) -> Option<String> {
-        let mut why = Vec::new();
-        if let Some(b) = self.max_kl {
-            if !(kl <= b) {
-                why.push(format!("KL to the reference {kl:.3} > max_kl {b}"));
-            }
-        }
-        if let Some(b) = self.max_length {
-            if !(length <= b) {
-                why.push(format!("mean response length {length:.2} > max_length {b}"));
-            }
-        }
-        if let Some(b) = self.min_perplexity {
-            if !(perplexity >= b) {
-                why.push(format!(
-                    "policy perplexity on its samples {perplexity:.4} < min_perplexity {b}"
-                ));
-            }
-        }
-        (!why.is_empty()).then(|| why.join("; "))
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PpoParams {
@@ -183,8 +114,6 @@ pub struct PpoParams {
     pub ptx_batch_size: usize,
     /// Entropy bonus (full-distribution entropy per token); 0 turns it off.
     pub entropy_coef: f64,
-    /// Collapse trip-wire: bounds on KL, length and perplexity, and what to do when one is crossed.
-    pub tripwire: TripwireConfig,
 }
 
 impl Default for PpoParams {
@@ -210,7 +139,6 @@ impl Default for PpoParams {
             ptx_file: None,
             ptx_batch_size: 16,
             entropy_coef: 0.0,
-            tripwire: TripwireConfig::default(),
         }
     }
 }
@@ -514,7 +442,6 @@ pub fn approx_kl_token(old_logp: f64, new_logp: f64) -> f64 {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 struct PpoState {
     moments: RunningMoments,
-    rollbacks: usize,
 }
 
 /// Everything computed from a rollout batch before the updates.
@@ -670,55 +597,6 @@ fn pretrain_rollout(s: &Session<PpoParams>, i: u64) -> Result<Rollout> {
     s.collect_rollout(&s.prompts_for((1 << 20) + i), seed)
 }
 
-/// What a trip-wire rollback returns to: the weights and AdamW moments of the policy and the
-/// critic, the KL coefficient and the running reward moments, as they were after `iteration`.
-/// (The optimiser step count and learning-rate schedule go on: rolled-back iterations still
-/// count toward `steps`.)
-pub struct Snapshot {
-    policy: HashMap<String, Tensor>,
-    value: HashMap<String, Tensor>,
-    policy_opt: HashMap<String, Tensor>,
-    value_opt: HashMap<String, Tensor>,
-    beta: f64,
-    moments: RunningMoments,
-    pub iteration: u64,
-}
-
-impl Snapshot {
-    /// Deep copies of the current state.
-    pub fn take(
-        s: &Session<PpoParams>,
-        value: &ValueModel,
-        moments: &RunningMoments,
-    ) -> Result<Snapshot> {
-        Ok(Snapshot {
-            policy: s.lm.snapshot()?,
-            value: value.lm.snapshot()?,
-            policy_opt: s.trainer.optimizer_state()?,
-            value_opt: value.optimizer_state()?,
-            beta: s.kl.beta,
-            moments: *moments,
-            iteration: s.iteration(),
-        })
-    }
-
-    /// Put everything [`Snapshot::take`] copied back.
-    pub fn restore(
-        &self,
-        s: &mut Session<PpoParams>,
-        value: &mut ValueModel,
-        moments: &mut RunningMoments,
-    ) -> Result<()> {
-        s.lm.load_weights(&self.policy)?;
-        value.lm.load_weights(&self.value)?;
-        s.trainer.restore_optimizer_state(&self.policy_opt)?;
-        value.restore_optimizer_state(&self.value_opt)?;
-        s.kl.beta = self.beta;
-        *moments = self.moments;
-        Ok(())
-    }
-}
-
 pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSummary> {
     let mut s = Session::start(cfg, resume, device)?;
     let m = &cfg.method;
@@ -798,19 +676,6 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
         state.moments = moments;
     }
 
-    let tw = &m.tripwire;
-    let snapshot_every = match (tw.snapshot_every, cfg.save_every) {
-        (0, 0) => 10,
-        (0, e) => e,
-        (e, _) => e,
-    };
-    let mut good: Option<Snapshot> = if tw.enabled() {
-        Some(Snapshot::take(&s, &value, &state.moments)?)
-    } else {
-        None
-    };
-    let mut pending: Option<Snapshot> = None;
-
     while !s.done() {
         // 1. Sample and score with the current policy; the critic's values at rollout time.
         let rollout = s.rollout()?;
@@ -828,52 +693,10 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
                 .exp()
         };
 
-        // 2. Trip-wire: judge the policy that produced this batch before learning from it.
-        if tw.enabled() {
-            match tw.check(st.kl_mean, st.length_mean, perplexity) {
-                None => {
-                    if let Some(p) = pending.take() {
-                        good = Some(p);
-                    }
-                }
-                Some(why) => {
-                    pending = None;
-                    let to = good.as_ref().expect("set when enabled");
-                    let it = s.iteration();
-                    to.restore(&mut s, &mut value, &mut state.moments)?;
-                    let stop = tw.action == TripAction::Stop || state.rollbacks >= tw.max_rollbacks;
-                    let what = if stop { "stopped" } else { "rolled back" };
-                    let msg = format!(
-                        "trip-wire at iteration {it}: {why}; {what} (weights, optimiser moments, KL coefficient and reward statistics restored to iteration {})",
-                        to.iteration
-                    );
-                    eprintln!("{msg}");
-                    s.trainer.log(&[
-                        ("tripwire/tripped", 1.0),
-                        ("tripwire/restored_iteration", to.iteration as f64),
-                        ("kl", st.kl_mean),
-                        ("response_length", st.length_mean),
-                        ("perplexity", perplexity),
-                    ])?;
-                    let record = serde_json::json!({
-                        "iteration": it,
-                        "reason": why,
-                        "action": what,
-                        "restored_iteration": to.iteration,
-                        "kl": st.kl_mean,
-                        "response_length": st.length_mean,
-                        "perplexity": perplexity,
-                    });
-                    let path = s.trainer.run.path().join("tripwire.json");
-                    std::fs::write(&path, serde_json::to_string_pretty(&record).expect("json"))
-                        .map_err(|e| TrainError::io(&path, e))?;
-                    if stop {
-                        break;
-                    }
-                    state.rollbacks += 1;
-                    continue;
-                }
-            }
+        // 2. Trip-wire (when set): judge the policy that produced this batch before learning
+        //    from it.
+        if !s.judge(&rollout, &mut state, Some(&mut value))? {
+            continue;
         }
 
         let v_old = predict_values(&value, &rollout, pad, bs, device)?;
@@ -1000,20 +823,8 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
         if !ptx_losses.is_empty() {
             metrics.push(("ptx_loss", mean(&ptx_losses)));
         }
-        if tw.enabled() {
-            metrics.push(("tripwire/rollbacks", state.rollbacks as f64));
-        }
         metrics.extend(advantage_metrics(&flat_adv));
-        let due = s.checkpoint_due();
-        if due {
-            value.checkpoint(s.trainer.step)?;
-        }
-        let method_state = serde_json::to_value(&state).expect("serialisable");
-        s.end_iteration(&rollout, &metrics, &method_state)?;
-        if tw.enabled() && s.iteration() % snapshot_every == 0 {
-            // Good once the next rollout of these weights passes the trip-wire.
-            pending = Some(Snapshot::take(&s, &value, &state.moments)?);
-        }
+        s.end_iteration(&rollout, &metrics, &mut state, Some(&mut value))?;
     }
     s.finish()
 }

@@ -71,6 +71,10 @@ pub fn run(cfg: &RaftConfig, resume: bool, device: &Device) -> Result<OnlineSumm
     while !s.done() {
         // 1. k samples per prompt; rank by the (KL-shaped) reward and keep the best of each group.
         let rollout = s.rollout()?;
+        // The trip-wire (when set) judges the batch before anything learns from it.
+        if !s.judge(&rollout, &mut (), None)? {
+            continue;
+        }
         let rewards = rollout.shaped_rewards(s.kl.beta);
         let kept = best_of_groups(&rewards, rollout.k);
         // 2. NLL steps on the kept completions (token mean over each minibatch).
@@ -102,7 +106,7 @@ pub fn run(cfg: &RaftConfig, resume: bool, device: &Device) -> Result<OnlineSumm
             ("kept_length", mean(&kept_len)),
         ]);
         m.extend(advantage_metrics(&centred));
-        s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
+        s.end_iteration(&rollout, &m, &mut (), None)?;
     }
     s.finish()
 }

@@ -71,28 +71,38 @@ pub fn advantages(rewards: &[f64], baseline: f64) -> Vec<f64> {
     rewards.iter().map(|r| r - baseline).collect()
 }
 
+/// What a checkpoint (and a trip-wire snapshot) keeps besides the weights.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ReinforceState {
+    baseline: MovingAverage,
+}
+
 pub fn run(cfg: &ReinforceConfig, resume: bool, device: &Device) -> Result<OnlineSummary> {
     let mut s = Session::start(cfg, resume, device)?;
-    let mut baseline: MovingAverage = match &s.resumed_method_state {
-        Some(v) => serde_json::from_value(v["baseline"].clone()).unwrap_or_default(),
-        None => MovingAverage::default(),
+    let mut state: ReinforceState = match &s.resumed_method_state {
+        Some(v) => serde_json::from_value(v.clone()).unwrap_or_default(),
+        None => ReinforceState::default(),
     };
     while !s.done() {
         // 1. Sample and score; shape the reward with the KL to the reference.
         let rollout = s.rollout()?;
+        // The trip-wire (when set) judges the batch before anything learns from it.
+        if !s.judge(&rollout, &mut state, None)? {
+            continue;
+        }
         let rewards = rollout.shaped_rewards(s.kl.beta);
         // 2. Advantages against the baseline of the rewards seen *before* this batch.
-        let b = baseline.mean();
+        let b = state.baseline.mean();
         let adv = advantages(&rewards, b);
         // 3. Gradient steps, each on its share of the batch.
         let steps = s.sequence_pg_steps(&rollout, &adv, cfg.method.minibatches, 1)?;
         // 4. Only now does the baseline see this batch.
-        baseline.update(&rewards);
+        state.baseline.update(&rewards);
         let mut m = steps.metrics();
         m.push(("shaped_reward", mean(&rewards)));
         m.push(("baseline", b));
         m.extend(advantage_metrics(&adv));
-        s.end_iteration(&rollout, &m, &serde_json::json!({ "baseline": baseline }))?;
+        s.end_iteration(&rollout, &m, &mut state, None)?;
     }
     s.finish()
 }

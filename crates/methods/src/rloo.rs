@@ -78,6 +78,10 @@ pub fn run(cfg: &RlooConfig, resume: bool, device: &Device) -> Result<OnlineSumm
     while !s.done() {
         // 1. k samples per prompt from the current policy, scored; KL-shaped rewards.
         let rollout = s.rollout()?;
+        // The trip-wire (when set) judges the batch before anything learns from it.
+        if !s.judge(&rollout, &mut (), None)? {
+            continue;
+        }
         let rewards = rollout.shaped_rewards(s.kl.beta);
         // 2. Leave-one-out baseline within each prompt's group.
         let adv = advantages(&rewards, rollout.k);
@@ -87,7 +91,7 @@ pub fn run(cfg: &RlooConfig, resume: bool, device: &Device) -> Result<OnlineSumm
         let mut m = steps.metrics();
         m.push(("shaped_reward", mean(&rewards)));
         m.extend(advantage_metrics(&adv));
-        s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
+        s.end_iteration(&rollout, &m, &mut (), None)?;
     }
     s.finish()
 }

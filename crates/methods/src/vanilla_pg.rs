@@ -133,6 +133,10 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
     while !s.done() {
         // 1. Sample and score; the value model's predictions at rollout time.
         let rollout = s.rollout()?;
+        // The trip-wire (when set) judges the batch before anything learns from it.
+        if !s.judge(&rollout, &mut (), Some(&mut value))? {
+            continue;
+        }
         let all: Vec<usize> = (0..rollout.len()).collect();
         let mut v_old: Vec<Vec<f32>> = Vec::with_capacity(rollout.len());
         for chunk in all.chunks(cfg.rollout.batch_size.max(1)) {
@@ -205,10 +209,7 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
             ),
         ]);
         m.extend(advantage_metrics(&flat));
-        if s.checkpoint_due() {
-            value.checkpoint(s.trainer.step)?;
-        }
-        s.end_iteration(&rollout, &m, &serde_json::Value::Null)?;
+        s.end_iteration(&rollout, &m, &mut (), Some(&mut value))?;
     }
     s.finish()
 }

@@ -13,10 +13,11 @@ use candle_core::{Device, Tensor, Var};
 use rlhf_methods::ppo::{
     self, clipped_surrogate, clipped_value_loss, explained_variance, gae, normalize_scores,
     quantile, surrogate_loss, token_rewards, value_loss_tensor, whiten, PpoConfig, PpoParams,
-    RewardScaling, RunningMoments, TripAction, Whiten,
+    RewardScaling, RunningMoments, Whiten,
 };
 use rlhf_rl::online::{OnlineConfig, Session};
 use rlhf_rl::reward_source::SourceKind;
+use rlhf_rl::tripwire::TripAction;
 use rlhf_rl::value::ValueModel;
 
 // ---- GAE ---------------------------------------------------------------------------------------------
@@ -250,18 +251,6 @@ fn whitening_explained_variance_and_quantiles() {
     assert_eq!(quantile(&[4.0, 1.0, 3.0], 0.5), 3.0);
 }
 
-#[test]
-fn tripwire_says_why() {
-    let mut tw = ppo::TripwireConfig::default();
-    assert!(!tw.enabled());
-    tw.max_kl = Some(5.0);
-    tw.min_perplexity = Some(1.1);
-    assert_eq!(tw.check(4.0, 100.0, 2.0), None);
-    let why = tw.check(6.0, 3.0, 1.05).unwrap();
-    assert!(why.contains("KL") && why.contains("perplexity"), "{why}");
-    assert!(tw.check(f64::NAN, 3.0, 2.0).is_some());
-}
-
 // ---- configuration -------------------------------------------------------------------------------------
 
 #[test]
@@ -281,11 +270,11 @@ fn the_default_is_the_ppo_max_preset() {
     let bad: Result<PpoConfig, _> = serde_json::from_str(r#"{"method": {"clip_rnage": 0.1}}"#);
     assert!(bad.unwrap_err().to_string().contains("clip_rnage"));
     let ok: PpoConfig = serde_json::from_str(
-        r#"{"method": {"whiten": "minibatch", "reward_scaling": "scale", "tripwire": {"max_kl": 8.0, "action": "rollback"}}}"#,
+        r#"{"method": {"whiten": "minibatch", "reward_scaling": "scale"}, "tripwire": {"max_kl": 8.0, "action": "rollback"}}"#,
     )
     .unwrap();
     assert_eq!(ok.method.whiten, Whiten::Minibatch);
-    assert_eq!(ok.method.tripwire.action, TripAction::Rollback);
+    assert_eq!(ok.tripwire.action, TripAction::Rollback);
 }
 
 // ---- short runs on the tiny model ----------------------------------------------------------------------
@@ -395,7 +384,7 @@ fn tripwire_stops_or_rolls_back() {
     let model = tiny_model(&root, 2);
     let mut c = tiny_config(&model, &root.join("stop"));
     c.method.critic_pretrain_iterations = 0;
-    c.method.tripwire.max_length = Some(0.5);
+    c.tripwire.max_length = Some(0.5);
     ppo::run(&c, false, &Device::Cpu).unwrap();
     let trip: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("stop/tripwire.json")).unwrap())
@@ -424,9 +413,9 @@ fn tripwire_stops_or_rolls_back() {
 
     let mut c = tiny_config(&model, &root.join("rollback"));
     c.method.critic_pretrain_iterations = 0;
-    c.method.tripwire.max_length = Some(0.5);
-    c.method.tripwire.action = TripAction::Rollback;
-    c.method.tripwire.max_rollbacks = 2;
+    c.tripwire.max_length = Some(0.5);
+    c.tripwire.action = TripAction::Rollback;
+    c.tripwire.max_rollbacks = 2;
     ppo::run(&c, false, &Device::Cpu).unwrap();
     let m = metrics(&root.join("rollback/metrics.jsonl"));
     assert_eq!(
@@ -524,7 +513,9 @@ fn rollback_restores_optimiser_moments_beta_and_reward_moments() {
     step_both(&mut s, &mut value);
     moments.update(&[1.0, 3.0]);
     s.kl.beta = 0.07;
-    let snap = ppo::Snapshot::take(&s, &value, &moments).unwrap();
+    let snap = s
+        .snapshot(&serde_json::to_value(moments).unwrap(), Some(&value))
+        .unwrap();
     let (p_opt, v_opt) = (
         s.trainer.optimizer_state().unwrap(),
         value.optimizer_state().unwrap(),
@@ -536,7 +527,7 @@ fn rollback_restores_optimiser_moments_beta_and_reward_moments() {
     s.kl.beta = 0.5;
     assert!(!state_equal(&p_opt, &s.trainer.optimizer_state().unwrap()));
     assert!(!state_equal(&v_opt, &value.optimizer_state().unwrap()));
-    snap.restore(&mut s, &mut value, &mut moments).unwrap();
+    s.restore(&snap, &mut moments, Some(&mut value)).unwrap();
     assert!(state_equal(&p_w, &s.lm.snapshot().unwrap()));
     assert!(state_equal(&v_w, &value.lm.snapshot().unwrap()));
     assert!(
@@ -552,7 +543,7 @@ fn rollback_restores_optimiser_moments_beta_and_reward_moments() {
     // The restored copies are independent of the live state: a step after the restore leaves
     // the snapshot as it was, and restoring again gives the same state.
     step_both(&mut s, &mut value);
-    snap.restore(&mut s, &mut value, &mut moments).unwrap();
+    s.restore(&snap, &mut moments, Some(&mut value)).unwrap();
     assert!(state_equal(&p_opt, &s.trainer.optimizer_state().unwrap()));
     assert!(state_equal(&v_opt, &value.optimizer_state().unwrap()));
     std::fs::remove_dir_all(root).ok();
@@ -576,9 +567,9 @@ fn rollback_in_a_run_restores_beta_and_reward_moments() {
     c.kl.beta = 0.1;
     c.kl.target = Some(1.0);
     c.kl.horizon = 100.0;
-    c.method.tripwire.max_kl = Some(1e-3);
-    c.method.tripwire.action = TripAction::Rollback;
-    c.method.tripwire.max_rollbacks = 1;
+    c.tripwire.max_kl = Some(1e-3);
+    c.tripwire.action = TripAction::Rollback;
+    c.tripwire.max_rollbacks = 1;
     ppo::run(&c, false, &Device::Cpu).unwrap();
     let m = metrics(&root.join("run/metrics.jsonl"));
     let trips = m

@@ -231,12 +231,9 @@ pub fn fit(
             for part in batch.chunks(micro) {
                 let (loss, metrics) = loss_of(lm, batch, part)?;
                 let v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-                if !v.is_finite() {
-                    return Err(TrainError::invalid(format!(
-                        "{}: the loss is {v} at optimiser step {}",
-                        plan.label,
-                        trainer.step + 1
-                    )));
+                if !trainer.check_loss("loss", v)? {
+                    loss_sum = f64::NAN;
+                    break;
                 }
                 loss_sum += v;
                 acc.add(rlhf_lm::llama::backward(&loss)?)?;

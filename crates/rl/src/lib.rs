@@ -45,4 +45,5 @@ pub mod rollout;
 pub mod sampling;
 pub mod spg;
 pub mod trainer;
+pub mod tripwire;
 pub mod value;

@@ -45,6 +45,8 @@ use crate::reward_source::{Query, RewardConfig, Rewarder, SourceKind};
 use crate::rollout::{collect, summary, Policies, Rollout, RolloutConfig};
 use crate::sampling::{sample, Generated};
 use crate::trainer::{epoch_order, OptimConfig, StepStats, Trainer};
+use crate::tripwire::{Guard, Snapshot, TripAction, TripwireConfig};
+use crate::value::ValueModel;
 
 /// A method's own parameters (the `[method]` table) and how it changes the shared defaults.
 pub trait Method:
@@ -159,6 +161,9 @@ pub struct OnlineConfig<M> {
     /// LoRA adapters instead of full fine-tuning (`r = 0`, the default: every weight trains);
     /// the reference is then the base model with adapters off. PPO's critic gets its own.
     pub lora: LoraConfig,
+    /// Divergence trip-wire: bounds on KL, length, perplexity and loss, and what to do when one
+    /// is crossed (roll back to the last good state, or stop there). Off unless a bound is set.
+    pub tripwire: TripwireConfig,
     /// The method's own parameters.
     pub method: M,
 }
@@ -190,6 +195,7 @@ impl<M: Method> Default for OnlineConfig<M> {
             gradient_checkpointing: false,
             eval: OnlineEvalConfig::default(),
             lora: LoraConfig::default(),
+            tripwire: TripwireConfig::default(),
             method: M::default(),
         };
         M::adjust_defaults(&mut c);
@@ -251,6 +257,10 @@ pub struct Session<M: Method> {
     pub updates_per_iteration: u64,
     /// The method's own state from the checkpoint a resumed run started from.
     pub resumed_method_state: Option<serde_json::Value>,
+    /// The trip-wire's snapshots and rollbacks (`[tripwire]`).
+    pub guard: Guard,
+    /// The trip-wire ended the run.
+    stopped: bool,
     iteration_started: Instant,
     last_reward: f64,
     last_kl: f64,
@@ -328,7 +338,11 @@ impl<M: Method> Session<M> {
         }
         let mut kl = KlController::new(&cfg.kl);
         let mut resumed_method_state = None;
+        let mut guard = Guard::default();
         if let Some(state) = &trainer.resumed_state {
+            if let Some(n) = state.get("tripwire_rollbacks").and_then(|n| n.as_u64()) {
+                guard.rollbacks = n as usize;
+            }
             if let Some(b) = state.get("beta").and_then(|b| b.as_f64()) {
                 kl.beta = b;
             }
@@ -355,6 +369,8 @@ impl<M: Method> Session<M> {
             kl,
             updates_per_iteration,
             resumed_method_state,
+            guard,
+            stopped: false,
             iteration_started: Instant::now(),
             last_reward: f64::NAN,
             last_kl: f64::NAN,
@@ -405,7 +421,7 @@ impl<M: Method> Session<M> {
     }
 
     pub fn done(&self) -> bool {
-        self.iteration() >= self.cfg.steps
+        self.stopped || self.iteration() >= self.cfg.steps
     }
 
     /// The prompts of rollout batch `iteration`: consecutive positions in a stream of shuffled
@@ -453,7 +469,32 @@ impl<M: Method> Session<M> {
             pad_id: self.lm.pad_id,
             eos_ids: &self.lm.eos_ids,
         };
-        collect(&models, prompts, &self.cfg.rollout, &self.rewarder, seed)
+        let mut rollout = collect(&models, prompts, &self.cfg.rollout, &self.rewarder, seed)?;
+        let step = self.trainer.step + 1;
+        if let Some(first) = rollout.samples.first_mut() {
+            if rlhf_train::faults::inject("reward", step) {
+                // What a reward source's NaN becomes: raw and normalised alike.
+                first.raw_score = f64::NAN;
+                first.score = f64::NAN;
+            }
+            if rlhf_train::faults::inject("logprob", step) {
+                if let Some(lp) = first.logprobs.first_mut() {
+                    *lp = f32::NAN;
+                }
+            }
+        }
+        // A batch with a non-finite reward or log-prob is never learned from: every sample's
+        // advantage or KL term could be poisoned through the batch's statistics.
+        if let Some(what) = rollout.first_nonfinite() {
+            return Err(self.trainer.stop_error(
+                &format!(
+                    "{what} in the rollout batch of optimiser step {step} (iteration {})",
+                    self.iteration() + 1
+                ),
+                "a rollout batch with a non-finite reward or log-prob is never learned from",
+            ));
+        }
+        Ok(rollout)
     }
 
     /// Groups of a rollout (indices of the k samples of each prompt) split into `parts`
@@ -477,21 +518,29 @@ impl<M: Method> Session<M> {
         idx: &[usize],
         mut loss_of: impl FnMut(&TrainableLm, &[usize]) -> Result<Tensor>,
     ) -> Result<(f64, StepStats)> {
+        if self.guard.loss_breach.is_some() {
+            // The wire tripped on an earlier step of this batch: the iteration is rolled back at
+            // its end, so its remaining steps are not worth computing.
+            return Ok((f64::NAN, self.trainer.skip()?));
+        }
         let micro = idx.len().div_ceil(self.cfg.optim.grad_accum.max(1)).max(1);
         let mut acc = self.trainer.accumulator();
         let mut total = 0.0;
         for part in idx.chunks(micro) {
             let loss = loss_of(&self.lm, part)?;
             let v = loss.to_scalar::<f32>()? as f64;
-            if !v.is_finite() {
-                return Err(TrainError::invalid(format!(
-                    "{}: the loss is {v} at optimiser step {}",
-                    M::NAME,
-                    self.trainer.step + 1
-                )));
+            if !self.trainer.check_loss("loss", v)? {
+                total = f64::NAN;
+                break;
             }
             total += v;
             acc.add(rlhf_lm::llama::backward(&loss)?)?;
+        }
+        if let Some(why) = self.cfg.tripwire.check_loss(total, self.trainer.step + 1) {
+            if total.is_finite() {
+                self.guard.loss_breach = Some(why);
+                return Ok((total, self.trainer.skip()?));
+            }
         }
         let stats = self.trainer.apply(acc.finish())?;
         Ok((total, stats))
@@ -539,18 +588,31 @@ impl<M: Method> Session<M> {
             "iteration": self.iteration(),
             "beta": self.kl.beta,
             "reward_norm": self.rewarder.norm,
+            "tripwire_rollbacks": self.guard.rollbacks,
             "method": method_state,
         })
     }
 
     /// After a rollout batch's updates: log the shared metrics (plus `extra`), update an adaptive
-    /// beta, evaluate and checkpoint when due.
-    pub fn end_iteration(
+    /// beta, evaluate and checkpoint when due (the critic too, when the method has one). With the
+    /// trip-wire on, a loss bound crossed during the updates rolls the iteration back instead
+    /// (or ends the run: [`Session::done`]); `method_state` is then the snapshot's.
+    pub fn end_iteration<S: Serialize + DeserializeOwned>(
         &mut self,
         rollout: &Rollout,
         extra: &[(&str, f64)],
-        method_state: &serde_json::Value,
+        method_state: &mut S,
+        critic: Option<&mut ValueModel>,
     ) -> Result<()> {
+        if let Some(why) = self.guard.loss_breach.take() {
+            let st = rollout.stats();
+            return self.trip(
+                &why,
+                &[("kl", st.kl_mean), ("response_length", st.length_mean)],
+                method_state,
+                critic,
+            );
+        }
         let it = self.iteration();
         let st = rollout.stats();
         let secs = self.iteration_started.elapsed().as_secs_f64();
@@ -580,6 +642,9 @@ impl<M: Method> Session<M> {
             m.push(("gold", gold));
         }
         m.extend_from_slice(extra);
+        if self.cfg.tripwire.enabled() {
+            m.push(("tripwire/rollbacks", self.guard.rollbacks as f64));
+        }
         self.kl.update(st.kl_mean, rollout.len());
         let last = it >= self.cfg.steps;
         if it % self.cfg.log_every.max(1) == 0 || last {
@@ -590,9 +655,153 @@ impl<M: Method> Session<M> {
                 self.log_eval(&r)?;
             }
         }
+        let state_value = serde_json::to_value(&*method_state)
+            .map_err(|e| TrainError::invalid(format!("{}: method state: {e}", M::NAME)))?;
         if self.checkpoint_due() {
-            let state = self.state(method_state);
+            if let Some(c) = critic.as_deref() {
+                c.checkpoint(self.trainer.step)?;
+            }
+            let state = self.state(&state_value);
             self.trainer.checkpoint(&self.lm, state)?;
+        }
+        let tw = &self.cfg.tripwire;
+        if tw.enabled() && it % tw.snapshot_interval(self.cfg.save_every) == 0 {
+            // Good once the next rollout of these weights passes the wire.
+            self.guard.pending = Some(self.snapshot(&state_value, critic.as_deref())?);
+        }
+        Ok(())
+    }
+
+    /// The trip-wire's judgement of a rollout batch, before anything learns from it: whether to
+    /// learn from it (always, when no bound is set). A batch within the bounds confirms the
+    /// pending snapshot; one outside them restores the last good state (`method_state` and
+    /// `critic` included), and the run goes on with the next iteration or ends
+    /// ([`Session::done`]).
+    pub fn judge<S: Serialize + DeserializeOwned>(
+        &mut self,
+        rollout: &Rollout,
+        method_state: &mut S,
+        critic: Option<&mut ValueModel>,
+    ) -> Result<bool> {
+        if !self.cfg.tripwire.enabled() {
+            return Ok(true);
+        }
+        if self.guard.good.is_none() {
+            // The state this process starts learning from (initial, or resumed) is the first good one.
+            let state_value = serde_json::to_value(&*method_state)
+                .map_err(|e| TrainError::invalid(format!("{}: method state: {e}", M::NAME)))?;
+            self.guard.good = Some(self.snapshot(&state_value, critic.as_deref())?);
+        }
+        let st = rollout.stats();
+        let perplexity = st.entropy.exp();
+        match self
+            .cfg
+            .tripwire
+            .check(st.kl_mean, st.length_mean, perplexity)
+        {
+            None => {
+                if let Some(p) = self.guard.pending.take() {
+                    self.guard.good = Some(p);
+                }
+                Ok(true)
+            }
+            Some(why) => self
+                .trip(
+                    &format!("iteration {}: {why}", self.iteration() + 1),
+                    &[
+                        ("kl", st.kl_mean),
+                        ("response_length", st.length_mean),
+                        ("perplexity", perplexity),
+                    ],
+                    method_state,
+                    critic,
+                )
+                .map(|()| false),
+        }
+    }
+
+    /// Deep copies of everything a rollback restores.
+    pub fn snapshot(
+        &self,
+        method_state: &serde_json::Value,
+        critic: Option<&ValueModel>,
+    ) -> Result<Snapshot> {
+        Ok(Snapshot {
+            policy: self.lm.snapshot()?,
+            policy_optimizer: self.trainer.optimizer_state()?,
+            critic: critic
+                .map(|c| Ok::<_, TrainError>((c.lm.snapshot()?, c.optimizer_state()?)))
+                .transpose()?,
+            beta: self.kl.beta,
+            method_state: method_state.clone(),
+            iteration: self.iteration(),
+        })
+    }
+
+    /// Put back everything [`Session::snapshot`] copied (the snapshot stays as it is).
+    pub fn restore<S: DeserializeOwned>(
+        &mut self,
+        to: &Snapshot,
+        method_state: &mut S,
+        critic: Option<&mut ValueModel>,
+    ) -> Result<()> {
+        self.lm.load_weights(&to.policy)?;
+        self.trainer.restore_optimizer_state(&to.policy_optimizer)?;
+        if let (Some(c), Some((w, o))) = (critic, &to.critic) {
+            c.lm.load_weights(w)?;
+            c.restore_optimizer_state(o)?;
+        }
+        self.kl.beta = to.beta;
+        *method_state = serde_json::from_value(to.method_state.clone()).map_err(|e| {
+            TrainError::invalid(format!("{}: snapshot's method state: {e}", M::NAME))
+        })?;
+        Ok(())
+    }
+
+    /// Restore the last good snapshot, log and record why (`tripwire.json`), and end the run when
+    /// that is the action or the rollbacks are used up.
+    fn trip<S: DeserializeOwned>(
+        &mut self,
+        why: &str,
+        monitors: &[(&str, f64)],
+        method_state: &mut S,
+        critic: Option<&mut ValueModel>,
+    ) -> Result<()> {
+        self.guard.pending = None;
+        let to = self
+            .guard
+            .good
+            .take()
+            .expect("a good snapshot is taken before any rollout is learned from");
+        self.restore(&to, method_state, critic)?;
+        let tw = &self.cfg.tripwire;
+        let stop = tw.action == TripAction::Stop || self.guard.rollbacks >= tw.max_rollbacks;
+        let what = if stop { "stopped" } else { "rolled back" };
+        eprintln!(
+            "trip-wire: {why}; {what} (weights, optimiser moments, KL coefficient and method state restored to iteration {})",
+            to.iteration
+        );
+        let mut row = vec![
+            ("tripwire/tripped", 1.0),
+            ("tripwire/restored_iteration", to.iteration as f64),
+        ];
+        row.extend_from_slice(monitors);
+        self.trainer.log(&row)?;
+        let mut record = serde_json::json!({
+            "reason": why,
+            "action": what,
+            "optimizer_step": self.trainer.step,
+            "restored_iteration": to.iteration,
+        });
+        for (k, v) in monitors {
+            record[*k] = serde_json::json!(v);
+        }
+        rlhf_train::run::write_json(&self.trainer.run.path().join("tripwire.json"), &record)?;
+        self.guard.good = Some(to);
+        if stop {
+            self.stopped = true;
+        } else {
+            self.guard.rollbacks += 1;
         }
         Ok(())
     }

@@ -246,6 +246,27 @@ pub fn collect(
 }
 
 impl Rollout {
+    /// The first non-finite number of the batch, described ("the reward is NaN for sample 3
+    /// (prompt \"...\")"), if there is one: scores, the policy's and the reference's log-probs.
+    pub fn first_nonfinite(&self) -> Option<String> {
+        let describe = rlhf_train::faults::describe;
+        self.samples.iter().enumerate().find_map(|(i, s)| {
+            let what = if !s.raw_score.is_finite() {
+                format!("the reward is {}", describe(s.raw_score))
+            } else if !s.score.is_finite() {
+                format!("the (normalised) reward is {}", describe(s.score))
+            } else if let Some(&x) = s.logprobs.iter().find(|x| !x.is_finite()) {
+                format!("the policy's log-prob is {}", describe(x as f64))
+            } else if let Some(&x) = s.ref_logprobs.iter().find(|x| !x.is_finite()) {
+                format!("the reference's log-prob is {}", describe(x as f64))
+            } else {
+                return None;
+            };
+            let prompt: String = s.prompt.chars().take(60).collect();
+            Some(format!("{what} for sample {i} (prompt {prompt:?})"))
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.samples.len()
     }

@@ -12,6 +12,7 @@ use rlhf_train::{
 use serde::{Deserialize, Serialize};
 
 use crate::policy::TrainableLm;
+use rlhf_train::faults::{self, OnNonFinite};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +37,11 @@ pub struct OptimConfig {
     pub max_grad_norm: f64,
     /// Micro-batches per optimiser step (the batch is split; the update is the same).
     pub grad_accum: usize,
+    /// A step whose loss or gradient is NaN/Inf: `skip` it (weights and moments untouched) or
+    /// `stop` the run. Either way nothing non-finite reaches the weights.
+    pub on_nonfinite: OnNonFinite,
+    /// Non-finite steps skipped in a row before the run stops anyway.
+    pub max_nonfinite_skips: usize,
 }
 
 impl Default for OptimConfig {
@@ -51,6 +57,8 @@ impl Default for OptimConfig {
             min_lr_ratio: 0.0,
             max_grad_norm: 1.0,
             grad_accum: 1,
+            on_nonfinite: OnNonFinite::Skip,
+            max_nonfinite_skips: 3,
         }
     }
 }
@@ -59,6 +67,8 @@ pub struct StepStats {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// False when the step was not taken: its loss or gradient was not finite.
+    pub applied: bool,
 }
 
 /// AdamW with its learning-rate schedule and global-norm clipping over one parameter set (a
@@ -107,16 +117,27 @@ impl Optimizer {
         GradAccumulator::new(&self.vars)
     }
 
-    /// Clip, then step at the schedule's learning rate for optimiser step `step` (0-based).
+    /// Clip, then step at the schedule's learning rate for optimiser step `step` (0-based). A
+    /// non-finite gradient norm takes no step (`applied: false`): the caller decides what it means.
     pub fn apply(&mut self, mut grads: GradStore, step: u64) -> Result<StepStats> {
+        if faults::inject("grad", step + 1) {
+            poison(&mut grads, &self.vars)?;
+        }
         let grad_norm = if self.max_grad_norm > 0.0 {
             clip_grad_norm(&mut grads, &self.vars, self.max_grad_norm)?
         } else {
             rlhf_train::grad_norm(&grads, &self.vars)?
         };
         let lr = self.schedule.lr_at(step, self.base_lr);
-        self.opt.step(&grads, lr)?;
-        Ok(StepStats { lr, grad_norm })
+        let applied = grad_norm.is_finite();
+        if applied {
+            self.opt.step(&grads, lr)?;
+        }
+        Ok(StepStats {
+            lr,
+            grad_norm,
+            applied,
+        })
     }
 
     /// A deep copy of the state (AdamW moments and step counts), for checkpoints and rollbacks.
@@ -130,6 +151,17 @@ impl Optimizer {
     ) -> Result<()> {
         Ok(self.opt.load_state(state)?)
     }
+}
+
+/// The fault injection's NaN gradient (`RLHF_TEST_NONFINITE=grad@<step>`): the first parameter's
+/// gradient times NaN, so the norm computation is what finds it.
+fn poison(grads: &mut GradStore, vars: &[Var]) -> Result<()> {
+    if let Some(v) = vars.iter().find(|v| grads.get(v.as_tensor()).is_some()) {
+        let g = grads.get(v.as_tensor()).expect("found above");
+        let bad = g.affine(f64::NAN, 0.0)?;
+        grads.insert(v.as_tensor(), bad);
+    }
+    Ok(())
 }
 
 /// A training run of one model: its [`Optimizer`], the run directory (metrics, checkpoints) and
@@ -146,6 +178,12 @@ pub struct Trainer {
     /// `RLHF_TEST_KILL_AT_STEP`: fail right after this step, leaving the run directory as a killed
     /// process would (metrics past the last checkpoint, no final model). For resume tests.
     kill_at: Option<u64>,
+    on_nonfinite: OnNonFinite,
+    max_nonfinite_skips: usize,
+    /// Why the step being computed will not be applied (a non-finite loss), if it will not.
+    pending_skip: Option<String>,
+    /// Non-finite steps skipped in a row.
+    skipped_in_a_row: usize,
 }
 
 impl Trainer {
@@ -160,6 +198,16 @@ impl Trainer {
         resume: bool,
     ) -> Result<Self> {
         let mut optimizer = Optimizer::new(lm, optim, total_steps)?;
+        // `--resume` on a directory that holds no run yet (a job restarted before its first
+        // start got as far as writing its configuration) simply starts the run, so a scheduler
+        // can always pass `--resume`.
+        let resume = resume && {
+            let has_run = dir.join(rlhf_train::run::CONFIG_FILE).is_file();
+            if !has_run {
+                eprintln!("nothing to resume in {}: starting a new run", dir.display());
+            }
+            has_run
+        };
         let (run, metrics, step, resumed_state, resumed_from) = if resume {
             let run = RunDir::open_for_resume(dir)?;
             match run.latest_checkpoint()? {
@@ -191,6 +239,10 @@ impl Trainer {
             kill_at: std::env::var("RLHF_TEST_KILL_AT_STEP")
                 .ok()
                 .and_then(|s| s.parse().ok()),
+            on_nonfinite: optim.on_nonfinite,
+            max_nonfinite_skips: optim.max_nonfinite_skips,
+            pending_skip: None,
+            skipped_in_a_row: 0,
         })
     }
 
@@ -198,10 +250,87 @@ impl Trainer {
         self.optimizer.accumulator()
     }
 
-    /// Clip, step the optimiser at the scheduled learning rate, advance the step.
+    /// A loss of the step being computed is `value` (a number the caller has just read back):
+    /// when it is not finite, the step will be skipped (`optim.on_nonfinite = "skip"`, below the
+    /// limit of skips in a row) or the run stops with an error naming the loss and the step.
+    /// Returns whether the loss is usable (skip its backward pass when it is not).
+    pub fn check_loss(&mut self, name: &str, value: f64) -> Result<bool> {
+        let value = if faults::inject("loss", self.step + 1) {
+            f64::NAN
+        } else {
+            value
+        };
+        if value.is_finite() {
+            return Ok(true);
+        }
+        self.nonfinite(name, value)?;
+        Ok(false)
+    }
+
+    /// A non-finite `quantity` in the step being computed: mark the step to be skipped, or stop.
+    fn nonfinite(&mut self, quantity: &str, value: f64) -> Result<()> {
+        let what = format!(
+            "the {quantity} is {} at optimiser step {}",
+            faults::describe(value),
+            self.step + 1
+        );
+        if self.on_nonfinite == OnNonFinite::Stop {
+            return Err(self.stop_error(&what, "optim.on_nonfinite = \"stop\""));
+        }
+        if self.skipped_in_a_row >= self.max_nonfinite_skips {
+            let why = format!(
+                "{} non-finite steps in a row were skipped already, optim.max_nonfinite_skips",
+                self.skipped_in_a_row
+            );
+            return Err(self.stop_error(&what, &why));
+        }
+        self.pending_skip.get_or_insert(what);
+        Ok(())
+    }
+
+    /// The error a run stops with on a non-finite number (`what`, stopped `why`), naming its last
+    /// good state.
+    pub fn stop_error(&self, what: &str, why: &str) -> rlhf_train::TrainError {
+        let last = match self.run.latest_checkpoint() {
+            Ok(Some(ck)) => format!(
+                "the last checkpoint, {} (step {}), holds the last good state",
+                ck.dir.display(),
+                ck.step
+            ),
+            _ => "there is no checkpoint yet".to_string(),
+        };
+        rlhf_train::TrainError::Invalid(format!(
+            "{what}: stopped before it reached the weights ({why}); {last}"
+        ))
+    }
+
+    /// Clip, step the optimiser at the scheduled learning rate, advance the step. A step whose
+    /// loss ([`Trainer::check_loss`]) or gradient is not finite is skipped or stops the run
+    /// (`optim.on_nonfinite`); `applied` says which.
     pub fn apply(&mut self, grads: GradStore) -> Result<StepStats> {
-        let stats = self.optimizer.apply(grads, self.step)?;
-        self.step += 1;
+        let stats = match self.pending_skip.is_some() {
+            true => StepStats {
+                lr: f64::NAN,
+                grad_norm: f64::NAN,
+                applied: false,
+            },
+            false => {
+                let stats = self.optimizer.apply(grads, self.step)?;
+                if !stats.applied {
+                    self.nonfinite("gradient norm", stats.grad_norm)?;
+                }
+                stats
+            }
+        };
+        if let Some(what) = self.pending_skip.take() {
+            self.skipped_in_a_row += 1;
+            eprintln!("warning: {what}: step skipped (weights and optimiser state unchanged)");
+            self.step += 1;
+            self.log(&[("nonfinite_skipped", 1.0)])?;
+        } else {
+            self.skipped_in_a_row = 0;
+            self.step += 1;
+        }
         if self.kill_at == Some(self.step) {
             return Err(rlhf_train::TrainError::Invalid(format!(
                 "killed at step {} (RLHF_TEST_KILL_AT_STEP)",
@@ -209,6 +338,22 @@ impl Trainer {
             )));
         }
         Ok(stats)
+    }
+
+    /// Count a step without computing or applying it (the trip-wire's rolled-back iteration).
+    pub fn skip(&mut self) -> Result<StepStats> {
+        self.step += 1;
+        if self.kill_at == Some(self.step) {
+            return Err(rlhf_train::TrainError::Invalid(format!(
+                "killed at step {} (RLHF_TEST_KILL_AT_STEP)",
+                self.step
+            )));
+        }
+        Ok(StepStats {
+            lr: f64::NAN,
+            grad_norm: f64::NAN,
+            applied: false,
+        })
     }
 
     /// A deep copy of the optimiser's state (AdamW moments and step counts).

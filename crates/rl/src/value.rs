@@ -142,7 +142,14 @@ impl ValueModel {
 
     /// Clip and step; returns the gradient norm before clipping.
     pub fn step(&mut self, grads: GradStore) -> Result<f64> {
-        Ok(self.optimizer.apply(grads, 0)?.grad_norm)
+        let stats = self.optimizer.apply(grads, 0)?;
+        if !stats.applied {
+            return Err(rlhf_train::TrainError::invalid(format!(
+                "the critic's gradient norm is {}: stopped before it reached the critic's weights",
+                rlhf_train::faults::describe(stats.grad_norm)
+            )));
+        }
+        Ok(stats.grad_norm)
     }
 
     /// A deep copy of the critic's optimiser state (AdamW moments and step counts).

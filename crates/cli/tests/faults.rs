@@ -1,0 +1,333 @@
+//! Numerical faults and divergence, from the outside: a NaN injected into a loss, a gradient, a
+//! reward or a log-prob (`RLHF_TEST_NONFINITE`) never reaches the weights; the step is skipped or
+//! the run stops, saying which quantity went non-finite at which step, with its last good
+//! checkpoint on disk. A diverging run trips the shared trip-wire in every online method.
+
+mod common;
+use common::{demonstrations_file, metrics, rlhf, scratch, tiny_model};
+
+use std::path::{Path, PathBuf};
+
+use rlhf_data::testbed::task_by_name;
+
+/// `rlhf --threads 1 <method> --config <toml> --set ...` with `inject` as the fault injection:
+/// (success, stderr).
+fn run(method: &str, toml: &Path, sets: &[String], inject: Option<&str>) -> (bool, String) {
+    let mut c = rlhf();
+    c.args(["--threads", "1", method, "--config"]).arg(toml);
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    if let Some(i) = inject {
+        c.env("RLHF_TEST_NONFINITE", i);
+    }
+    let o = c.output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+fn out(dir: &Path) -> String {
+    format!("output_dir={}", dir.display())
+}
+
+fn bytes(path: PathBuf) -> Vec<u8> {
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn latest(run: &Path) -> String {
+    std::fs::read_to_string(run.join("checkpoints/latest"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The weights of a checkpoint or model file are all finite.
+fn all_finite(path: &Path) -> bool {
+    let t = rlhf_train::load_safetensors(path, &candle_core::Device::Cpu).unwrap();
+    t.values().all(|x| {
+        x.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite())
+    })
+}
+
+fn sft_setup(root: &Path) -> PathBuf {
+    let task = task_by_name("sentiment", 0).unwrap();
+    demonstrations_file(&root.join("sft.jsonl"), task.as_ref(), 24, " ");
+    let init = tiny_model(root, task.as_ref(), 3);
+    let toml = root.join("sft.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "model = {init:?}\ntrain_file = {:?}\nepochs = 1\nbatch_size = 4\nmax_len = 48\nsave_every = 1\nlog_every = 1\nseed = 5\n[optim]\nlr = 1e-3\n",
+            root.join("sft.jsonl")
+        ),
+    )
+    .unwrap();
+    toml
+}
+
+#[test]
+fn a_nan_loss_or_gradient_is_skipped_and_never_reaches_the_weights() {
+    let root = scratch("faults-skip");
+    let toml = sft_setup(&root);
+    for (inject, quantity) in [("loss@3", "loss"), ("grad@3", "gradient norm")] {
+        let dir = root.join(inject.replace('@', "-"));
+        let (ok, err) = run("sft", &toml, &[out(&dir)], Some(inject));
+        assert!(ok, "{err}");
+        assert!(
+            err.contains(&format!("the {quantity} is NaN at optimiser step 3"))
+                && err.contains("step skipped"),
+            "{err}"
+        );
+        let m = metrics(&dir.join("metrics.jsonl"));
+        let skipped: Vec<u64> = m
+            .iter()
+            .filter(|r| r.get("nonfinite_skipped").is_some())
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(skipped, vec![3], "{inject}");
+        assert!(all_finite(&dir.join("model/model.safetensors")));
+    }
+    // Stopped right after the skipped step 3 (RLHF_TEST_KILL_AT_STEP): steps 2 and 3 have the
+    // same weights and optimiser state, byte for byte.
+    let dir = root.join("kill-after-skip");
+    let mut c = rlhf();
+    c.args(["--threads", "1", "sft", "--config"])
+        .arg(&toml)
+        .args(["--set", &out(&dir)])
+        .env("RLHF_TEST_NONFINITE", "grad@3")
+        .env("RLHF_TEST_KILL_AT_STEP", "4");
+    let o = c.output().unwrap();
+    assert!(!o.status.success());
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let a = bytes(dir.join("checkpoints/step-2").join(f));
+        let b = bytes(dir.join("checkpoints/step-3").join(f));
+        assert!(a == b, "{f}: the skipped step changed the state");
+    }
+    // A clean run's step 3 does change them (so the comparison above can fail).
+    let clean = root.join("clean");
+    let mut c = rlhf();
+    c.args(["--threads", "1", "sft", "--config"])
+        .arg(&toml)
+        .args(["--set", &out(&clean)])
+        .env("RLHF_TEST_KILL_AT_STEP", "4");
+    assert!(!c.output().unwrap().status.success());
+    let a = bytes(clean.join("checkpoints/step-2/model.safetensors"));
+    let b = bytes(clean.join("checkpoints/step-3/model.safetensors"));
+    assert!(a != b);
+    std::fs::remove_dir_all(root).ok();
+}
+
+#[test]
+fn a_nan_stops_the_run_when_asked_or_when_it_persists() {
+    let root = scratch("faults-stop");
+    let toml = sft_setup(&root);
+    // on_nonfinite = "stop": the run ends at the faulty step, naming it and the last checkpoint.
+    let dir = root.join("stop");
+    let (ok, err) = run(
+        "sft",
+        &toml,
+        &[out(&dir), "optim.on_nonfinite=\"stop\"".into()],
+        Some("grad@3"),
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("the gradient norm is NaN at optimiser step 3")
+            && err.contains("stopped before it reached the weights")
+            && err.contains("step-2"),
+        "{err}"
+    );
+    assert_eq!(latest(&dir), "step-2");
+    assert!(!dir.join("model").exists());
+    assert!(all_finite(
+        &dir.join("checkpoints/step-2/model.safetensors")
+    ));
+    // Skips in a row are bounded: the third NaN in a row stops a run allowed two.
+    let dir = root.join("persist");
+    let (ok, err) = run(
+        "sft",
+        &toml,
+        &[out(&dir), "optim.max_nonfinite_skips=2".into()],
+        Some("loss@2,loss@3,loss@4"),
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("the loss is NaN at optimiser step 4")
+            && err.contains("2 non-finite steps in a row were skipped already"),
+        "{err}"
+    );
+    assert_eq!(latest(&dir), "step-3");
+    std::fs::remove_dir_all(root).ok();
+}
+
+fn online_setup(root: &Path) -> PathBuf {
+    let task = task_by_name("sentiment", 0).unwrap();
+    let init = tiny_model(root, task.as_ref(), 4);
+    let toml = root.join("online.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "model = {init:?}\ntask = \"sentiment\"\nsteps = 4\nprompts_per_step = 4\nsave_every = 1\nseed = 3\n\
+             [rollout]\nk = 2\nmax_new_tokens = 6\n[reward]\nsource = \"gold\"\nnormalize_samples = 8\n\
+             [optim]\nlr = 1e-3\nwarmup_ratio = 0.0\n[eval]\nprompts = 4\n"
+        ),
+    )
+    .unwrap();
+    toml
+}
+
+#[test]
+fn a_nan_reward_or_log_prob_stops_an_online_run_before_it_learns_from_the_batch() {
+    let root = scratch("faults-online");
+    let toml = online_setup(&root);
+    for (inject, what) in [
+        ("reward@3", "the reward is NaN for sample 0"),
+        ("logprob@3", "the policy's log-prob is NaN for sample 0"),
+    ] {
+        let dir = root.join(inject.replace('@', "-"));
+        let (ok, err) = run("rloo", &toml, &[out(&dir)], Some(inject));
+        assert!(!ok);
+        assert!(
+            err.contains(what)
+                // RLOO takes 2 optimiser steps per batch: step 3 opens the second batch.
+                && err.contains("optimiser step 3 (iteration 2)")
+                && err.contains("step-2"),
+            "{err}"
+        );
+        assert_eq!(latest(&dir), "step-2");
+        assert!(all_finite(
+            &dir.join("checkpoints/step-2/model.safetensors")
+        ));
+    }
+    // A NaN loss in an online step is skipped like an offline one.
+    let dir = root.join("loss");
+    let (ok, err) = run("grpo", &toml, &[out(&dir)], Some("loss@2"));
+    assert!(
+        ok && err.contains("the loss is NaN at optimiser step 2"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// Every online method: a bound the policy breaks from the start trips the wire on the first
+/// batch, the run stops there with its initial weights restored, and says why in tripwire.json.
+#[test]
+fn every_online_method_stops_at_its_tripwire_with_the_last_good_weights() {
+    let root = scratch("faults-trip");
+    let toml = online_setup(&root);
+    let init = bytes(root.join("init/model.safetensors"));
+    for method in ["reinforce", "rloo", "grpo", "raft", "vanilla-pg", "ppo"] {
+        let dir = root.join(method);
+        let (ok, err) = run(
+            method,
+            &toml,
+            &[
+                out(&dir),
+                "tripwire.max_length=0.5".into(),
+                "method.critic_pretrain_iterations=0".into(),
+            ]
+            .into_iter()
+            .filter(|s| method == "ppo" || !s.starts_with("method."))
+            .collect::<Vec<_>>(),
+            None,
+        );
+        assert!(ok, "{method}: {err}");
+        let trip: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tripwire.json")).unwrap())
+                .unwrap();
+        assert_eq!(trip["action"], "stopped", "{method}");
+        assert!(
+            trip["reason"].as_str().unwrap().contains("max_length 0.5"),
+            "{method}: {trip}"
+        );
+        assert!(
+            bytes(dir.join("model/model.safetensors")) == init,
+            "{method}: the final model is not the restored initial one"
+        );
+        assert!(dir.join("eval.json").is_file(), "{method}");
+    }
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// A loss past `max_loss` is not applied; the iteration rolls back, and after `max_rollbacks`
+/// the run stops, with the initial weights.
+#[test]
+fn a_loss_past_its_bound_rolls_back_then_stops() {
+    let root = scratch("faults-loss-bound");
+    let toml = online_setup(&root);
+    let dir = root.join("run");
+    let (ok, err) = run(
+        "rloo",
+        &toml,
+        &[
+            out(&dir),
+            "tripwire.max_loss=1e-12".into(),
+            "tripwire.action=\"rollback\"".into(),
+            "tripwire.max_rollbacks=1".into(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let m = metrics(&dir.join("metrics.jsonl"));
+    let trips = m
+        .iter()
+        .filter(|r| r["tripwire/tripped"].as_f64() == Some(1.0))
+        .count();
+    assert_eq!(trips, 2, "{m:?}");
+    let trip: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tripwire.json")).unwrap()).unwrap();
+    assert_eq!(trip["action"], "stopped");
+    assert!(
+        trip["reason"].as_str().unwrap().contains("max_loss"),
+        "{trip}"
+    );
+    assert!(
+        bytes(dir.join("model/model.safetensors")) == bytes(root.join("init/model.safetensors"))
+    );
+    std::fs::remove_dir_all(root).ok();
+}
+
+/// A rollback restores the method's own state too: REINFORCE's baseline after a rollback to the
+/// initial snapshot is the empty one again, not the one that had seen the first batch.
+#[test]
+fn a_kl_rollback_restores_the_methods_state() {
+    let root = scratch("faults-kl-rollback");
+    let toml = online_setup(&root);
+    let dir = root.join("run");
+    let (ok, err) = run(
+        "reinforce",
+        &toml,
+        &[
+            out(&dir),
+            "steps=2".into(),
+            "optim.lr=1e-2".into(),
+            "tripwire.max_kl=1e-3".into(),
+            "tripwire.action=\"rollback\"".into(),
+            "tripwire.max_rollbacks=3".into(),
+        ],
+        None,
+    );
+    assert!(ok, "{err}");
+    let m = metrics(&dir.join("metrics.jsonl"));
+    let rows: Vec<_> = m.iter().filter(|r| r.get("baseline").is_some()).collect();
+    let trips: Vec<_> = m
+        .iter()
+        .filter(|r| r["tripwire/tripped"].as_f64() == Some(1.0))
+        .collect();
+    assert!(
+        !trips.is_empty(),
+        "the large step should push KL past 1e-3: {m:?}"
+    );
+    assert_eq!(trips[0]["tripwire/restored_iteration"].as_f64(), Some(0.0));
+    // The batch learned from after the rollback is baselined by the restored (empty) average.
+    assert_eq!(rows[0]["baseline"], rows[1]["baseline"], "{m:?}");
+    // ... and sampled from the restored (initial) weights: KL to the reference ~ 0 again.
+    assert!(rows[1]["kl"].as_f64().unwrap().abs() < 1e-4, "{m:?}");
+    std::fs::remove_dir_all(root).ok();
+}
