@@ -382,4 +382,5 @@ fn killed_at_random_instants_runs_resume_to_the_uninterrupted_result() {
         report.push(line);
     }
     eprintln!("kill drill summary (seed {seed}):\n{}", report.join("\n"));
+    std::fs::remove_dir_all(root).ok();
 }

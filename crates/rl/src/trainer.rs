@@ -164,6 +164,48 @@ fn poison(grads: &mut GradStore, vars: &[Var]) -> Result<()> {
     Ok(())
 }
 
+/// Load the newest checkpoint that reads back whole into `lm` and `optimizer`. One that does not
+/// (a file truncated or damaged after it was written: checkpoints are never half-written by
+/// us) is reported and passed over for the next older one, so a damaged file costs the steps
+/// since the older checkpoint rather than the run. `None`: the run has no checkpoint.
+fn load_newest_readable(
+    run: &RunDir,
+    lm: &TrainableLm,
+    optimizer: &mut Optimizer,
+) -> Result<Option<rlhf_train::Checkpoint>> {
+    let device = lm.device();
+    let mut first_error = None;
+    for step in run.resume_steps()? {
+        let attempt = (|| -> Result<rlhf_train::Checkpoint> {
+            let ck = run.checkpoint(step)?;
+            let weights = ck.load_model(&device)?;
+            let moments = ck.load_optimizer(&device)?;
+            lm.load_weights(&weights)?;
+            optimizer.load_state(&moments)?;
+            Ok(ck)
+        })();
+        match attempt {
+            Ok(ck) => {
+                if first_error.is_some() {
+                    eprintln!(
+                        "warning: resuming from the older checkpoint {} instead",
+                        ck.dir.display()
+                    );
+                }
+                return Ok(Some(ck));
+            }
+            Err(e) => {
+                eprintln!("warning: checkpoint step-{step} cannot be resumed from: {e}");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(None),
+    }
+}
+
 /// A training run of one model: its [`Optimizer`], the run directory (metrics, checkpoints) and
 /// the optimiser step, restored from the latest checkpoint on resume.
 pub struct Trainer {
@@ -210,11 +252,8 @@ impl Trainer {
         };
         let (run, metrics, step, resumed_state, resumed_from) = if resume {
             let run = RunDir::open_for_resume(dir)?;
-            match run.latest_checkpoint()? {
+            match load_newest_readable(&run, lm, &mut optimizer)? {
                 Some(ck) => {
-                    let device = lm.device();
-                    lm.load_weights(&ck.load_model(&device)?)?;
-                    optimizer.load_state(&ck.load_optimizer(&device)?)?;
                     let metrics = MetricsLogger::resume(&run, ck.step)?;
                     eprintln!("resuming from {} (step {})", ck.dir.display(), ck.step);
                     (run, metrics, ck.step, Some(ck.state), Some(ck.dir))

@@ -462,6 +462,24 @@ impl RunDir {
         }
     }
 
+    /// The checkpoint of `step` (its `state.json` read; the tensors are loaded on demand).
+    pub fn checkpoint(&self, step: u64) -> Result<Checkpoint> {
+        Checkpoint::read(step, self.checkpoints_dir().join(format!("step-{step}")))
+    }
+
+    /// The steps a resume may start from, best first: the one `latest` names (or the newest
+    /// complete one), then the older complete ones, newest first (to fall back on when the
+    /// newest turns out unreadable).
+    pub fn resume_steps(&self) -> Result<Vec<u64>> {
+        let mut steps = self.checkpoint_steps()?;
+        steps.reverse();
+        if let Some(ck) = self.latest_checkpoint().ok().flatten() {
+            steps.retain(|&s| s < ck.step);
+            steps.insert(0, ck.step);
+        }
+        Ok(steps)
+    }
+
     /// Remove what an interrupted save or prune left behind (`checkpoints/.tmp-*`).
     fn remove_stray_temporaries(&self) -> Result<()> {
         let ck = self.checkpoints_dir();
