@@ -331,3 +331,58 @@ fn a_kl_rollback_restores_the_methods_state() {
     assert!(rows[1]["kl"].as_f64().unwrap().abs() < 1e-4, "{m:?}");
     std::fs::remove_dir_all(root).ok();
 }
+
+/// dialogue-rl (its own loop, not the online session) has the same wire: a length bound its
+/// first iteration breaks stops it with its initial weights (and the separate user model's)
+/// restored.
+#[test]
+fn dialogue_rl_stops_at_its_tripwire_with_the_last_good_weights() {
+    let root = scratch("faults-dialogue");
+    let data = root.join("data");
+    let o = rlhf()
+        .args(["testbed", "--task", "dialogue", "--out"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let toml = root.join("run.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "model = {:?}\ntask = \"dialogue\"\ntrain_file = {:?}\neval_file = {:?}\nuser_model = \"separate\"\n\
+             iterations = 3\nprompts_per_step = 2\nk = 2\nsupervised_every = 1\nsnapshot_every = 1\neval_every = 0\n\
+             eval_games = 4\neval_conversations = 2\nsave_every = 1\nseed = 5\n\
+             [turns]\nturn_limit = 3\nmax_turn_tokens = 6\n[optim]\nlr = 0.01\n[tripwire]\nmax_length = 0.5\n",
+            data.join("init"),
+            data.join("logs.jsonl"),
+            data.join("eval_logs.jsonl"),
+        ),
+    )
+    .unwrap();
+    let dir = root.join("run");
+    let (ok, err) = run("dialogue-rl", &toml, &[out(&dir)], None);
+    assert!(ok, "{err}");
+    let trip: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tripwire.json")).unwrap()).unwrap();
+    assert_eq!(trip["action"], "stopped");
+    assert!(
+        trip["reason"].as_str().unwrap().contains("max_length 0.5"),
+        "{trip}"
+    );
+    let init = bytes(data.join("init/model.safetensors"));
+    assert!(bytes(dir.join("model/model.safetensors")) == init);
+    assert!(bytes(dir.join("user_model/model.safetensors")) == init);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    // Stopped in its first iteration: the start's evaluation is the restored model's.
+    let evals = summary["evals"].as_array().unwrap();
+    assert_eq!(evals.len(), 1);
+    assert_eq!(
+        (
+            evals[0]["iteration"].as_u64(),
+            summary["iterations"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
+    std::fs::remove_dir_all(root).ok();
+}

@@ -47,6 +47,7 @@ use rlhf_lm::episode::{Episode, Role};
 use rlhf_lm::llama::Llama;
 use rlhf_lm::score::{episode_logprobs, EpisodeBatch};
 use rlhf_lm::Message;
+use rlhf_rl::tripwire::{TripAction, TripwireConfig};
 use rlhf_train::rng::{step_seed, stream_seed};
 use rlhf_train::run::{load_safetensors, read_jsonl, write_json, write_jsonl};
 use rlhf_train::{Result, TrainError};
@@ -245,6 +246,10 @@ pub struct DialogueRlConfig {
     /// separate user model gets adapters of its own, and the reference (without `ref_model`) is
     /// the base with adapters off.
     pub lora: rlhf_lm::lora::LoraConfig,
+    /// Divergence trip-wire on each iteration's branches before the policy learns from them:
+    /// mean assistant-only KL, mean assistant tokens per branch, the policy's perplexity on its own
+    /// tokens, the RLOO loss. Off unless a bound is set.
+    pub tripwire: TripwireConfig,
 }
 
 impl Default for DialogueRlConfig {
@@ -289,6 +294,7 @@ impl Default for DialogueRlConfig {
                 ..OptimConfig::default()
             },
             lora: Default::default(),
+            tripwire: TripwireConfig::default(),
         }
     }
 }
@@ -326,6 +332,19 @@ struct State {
     iteration: u64,
     real_episodes: u64,
     imagined_episodes: u64,
+    #[serde(default)]
+    tripwire_rollbacks: usize,
+}
+
+/// What a trip-wire rollback returns to: the policy's weights and AdamW moments, a separate
+/// user model's, and the user's frozen snapshot, as they were after `iteration` iterations.
+/// (The iteration count goes on: a rolled-back iteration still counts.)
+struct Restore {
+    policy: HashMap<String, Tensor>,
+    policy_optimizer: HashMap<String, Tensor>,
+    user: Option<(HashMap<String, Tensor>, HashMap<String, Tensor>)>,
+    user_snapshot: HashMap<String, Tensor>,
+    iteration: u64,
 }
 
 /// Where a real conversation can be cut for a branch to continue it: after each user message
@@ -799,6 +818,25 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
     let progress = rlhf_train::progress(cfg.iterations, "dialogue-rl");
     progress.set_position(state.iteration);
     let seed = stream_seed(cfg.seed, "dlg-rl");
+    let tw = &cfg.tripwire;
+    let take = |lm: &TrainableLm,
+                trainer: &Trainer,
+                user_optimizer: &Option<Optimizer>,
+                snapshot: &HashMap<String, Tensor>,
+                iteration: u64|
+     -> Result<Restore> {
+        Ok(Restore {
+            policy: lm.snapshot()?,
+            policy_optimizer: trainer.optimizer_state()?,
+            user: match (&separate, user_optimizer) {
+                (Some(u), Some(o)) => Some((u.snapshot()?, o.state()?)),
+                _ => None,
+            },
+            user_snapshot: snapshot.clone(),
+            iteration,
+        })
+    };
+    let (mut good, mut pending): (Option<Restore>, Option<Restore>) = (None, None);
     while state.iteration < cfg.iterations {
         let it = state.iteration;
         let started = std::time::Instant::now();
@@ -881,16 +919,89 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             .map(|(g, k)| g - cfg.kl_beta * k)
             .collect();
         let adv = loo_advantages(&shaped, cfg.k);
+        // The trip-wire (when set) judges the branches before the policy learns from them.
+        let mut tripped = None;
+        if tw.enabled() {
+            if good.is_none() {
+                good = Some(take(&lm, &trainer, &user_optimizer, &snapshot, it)?);
+            }
+            let sampled: Vec<f32> = branches.iter().flat_map(|b| b.sampled_logprobs()).collect();
+            let tokens = sampled.len().max(1) as f64;
+            let length = sampled.len() as f64 / branches.len().max(1) as f64;
+            let perplexity = (-sampled.iter().map(|&x| x as f64).sum::<f64>() / tokens).exp();
+            let monitors = vec![
+                ("kl", mean(&kl)),
+                ("response_length", length),
+                ("perplexity", perplexity),
+            ];
+            match tw.check(mean(&kl), length, perplexity) {
+                None => {
+                    if let Some(p) = pending.take() {
+                        good = Some(p);
+                    }
+                }
+                Some(why) => tripped = Some((format!("iteration {}: {why}", it + 1), monitors)),
+            }
+        }
         // 4. One RLOO step on the assistant tokens of the branches (the prefix is context).
         let mut acc = trainer.accumulator();
         let n = episodes.len();
-        for (idx, chunk) in episodes.chunks(cfg.micro_batch).enumerate() {
-            let batch = EpisodeBatch::new(chunk, lm.pad_id, device)?;
-            let lp = episode_logprobs(&lm.model(device)?, &batch, 1.0)?;
-            let a = &adv[idx * cfg.micro_batch..idx * cfg.micro_batch + chunk.len()];
-            let loss = (masked_sequence_loss(&lp, &batch.assistant_mask, a)?
-                * (chunk.len() as f64 / n as f64))?;
-            acc.add(rlhf_lm::llama::backward(&loss)?)?;
+        let mut loss_sum = 0.0;
+        if tripped.is_none() {
+            for (idx, chunk) in episodes.chunks(cfg.micro_batch).enumerate() {
+                let batch = EpisodeBatch::new(chunk, lm.pad_id, device)?;
+                let lp = episode_logprobs(&lm.model(device)?, &batch, 1.0)?;
+                let a = &adv[idx * cfg.micro_batch..idx * cfg.micro_batch + chunk.len()];
+                let loss = (masked_sequence_loss(&lp, &batch.assistant_mask, a)?
+                    * (chunk.len() as f64 / n as f64))?;
+                let v = loss.to_scalar::<f32>()? as f64;
+                if !trainer.check_loss("loss", v)? {
+                    loss_sum = f64::NAN;
+                    break;
+                }
+                loss_sum += v;
+                acc.add(rlhf_lm::llama::backward(&loss)?)?;
+            }
+            if let Some(why) = tw.check_loss(loss_sum, trainer.step + 1) {
+                if loss_sum.is_finite() {
+                    tripped = Some((why, vec![("loss", loss_sum)]));
+                }
+            }
+        }
+        if let Some((why, monitors)) = tripped {
+            let to = good.take().expect("taken before the first judgement");
+            lm.load_weights(&to.policy)?;
+            trainer.restore_optimizer_state(&to.policy_optimizer)?;
+            if let (Some(u), Some(o), Some((w, m))) = (&separate, user_optimizer.as_mut(), &to.user)
+            {
+                u.load_weights(w)?;
+                o.load_state(m)?;
+            }
+            snapshot = to.user_snapshot.clone();
+            pending = None;
+            let stop =
+                tw.action == TripAction::Stop || state.tripwire_rollbacks >= tw.max_rollbacks;
+            let step = trainer.step;
+            let run_dir = trainer.run.path().to_path_buf();
+            rlhf_rl::tripwire::record(
+                &mut |row| trainer.log(row),
+                &run_dir,
+                &why,
+                stop,
+                step,
+                to.iteration,
+                &monitors,
+            )?;
+            good = Some(to);
+            if stop {
+                break;
+            }
+            state.tripwire_rollbacks += 1;
+            // The iteration counts (its policy step too), as a rolled-back PPO iteration does.
+            trainer.skip()?;
+            state.iteration += 1;
+            progress.set_position(state.iteration);
+            continue;
         }
         let stats = trainer.apply(acc.finish())?;
         let mut metrics = vec![
@@ -1042,11 +1153,36 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             let value = serde_json::to_value(&state).expect("serialisable");
             trainer.checkpoint_with(&lm, value, &extra)?;
         }
+        if tw.enabled()
+            && state
+                .iteration
+                .is_multiple_of(tw.snapshot_interval(cfg.save_every))
+        {
+            // Good once the next iteration's branches pass the wire.
+            pending = Some(take(
+                &lm,
+                &trainer,
+                &user_optimizer,
+                &snapshot,
+                state.iteration,
+            )?);
+        }
         progress.set_position(state.iteration);
         progress.set_message(format!("return {:.3}", mean(&g)));
     }
     progress.finish_and_clear();
-    // 8. The final policy (and a separate user model beside it).
+    // 8. The final policy (and a separate user model beside it), evaluated if the trip-wire
+    //    ended the run (or its last iterations) before the regular final evaluation.
+    if evals.last().map(|e| e.iteration) != Some(state.iteration) {
+        let e = evaluate(&lm, &snapshot, &state)?;
+        trainer.log(&[
+            ("eval/success_rate", e.success_rate),
+            ("eval/mean_turns", e.mean_turns),
+            ("eval/mean_return", e.mean_return),
+        ])?;
+        evals.push(e);
+        write_jsonl(&evals_path, &evals)?;
+    }
     trainer.finish(&lm)?;
     if let Some(u) = &separate {
         u.save(&cfg.output_dir.join("user_model"))?;

@@ -776,27 +776,16 @@ impl<M: Method> Session<M> {
         self.restore(&to, method_state, critic)?;
         let tw = &self.cfg.tripwire;
         let stop = tw.action == TripAction::Stop || self.guard.rollbacks >= tw.max_rollbacks;
-        let what = if stop { "stopped" } else { "rolled back" };
-        eprintln!(
-            "trip-wire: {why}; {what} (weights, optimiser moments, KL coefficient and method state restored to iteration {})",
-            to.iteration
-        );
-        let mut row = vec![
-            ("tripwire/tripped", 1.0),
-            ("tripwire/restored_iteration", to.iteration as f64),
-        ];
-        row.extend_from_slice(monitors);
-        self.trainer.log(&row)?;
-        let mut record = serde_json::json!({
-            "reason": why,
-            "action": what,
-            "optimizer_step": self.trainer.step,
-            "restored_iteration": to.iteration,
-        });
-        for (k, v) in monitors {
-            record[*k] = serde_json::json!(v);
-        }
-        rlhf_train::run::write_json(&self.trainer.run.path().join("tripwire.json"), &record)?;
+        let (run_dir, step) = (self.trainer.run.path().to_path_buf(), self.trainer.step);
+        crate::tripwire::record(
+            &mut |row| self.trainer.log(row),
+            &run_dir,
+            why,
+            stop,
+            step,
+            to.iteration,
+            monitors,
+        )?;
         self.guard.good = Some(to);
         if stop {
             self.stopped = true;

@@ -111,6 +111,39 @@ impl TripwireConfig {
     }
 }
 
+/// Say why the wire tripped: on stderr, as a `tripwire/tripped` row of the run's metrics (with
+/// the `monitors` that tripped it) and in `<run>/tripwire.json`. `stopped`: the run ends here.
+pub fn record(
+    metrics: &mut impl FnMut(&[(&str, f64)]) -> rlhf_train::Result<()>,
+    run_dir: &std::path::Path,
+    why: &str,
+    stopped: bool,
+    optimizer_step: u64,
+    restored_iteration: u64,
+    monitors: &[(&str, f64)],
+) -> rlhf_train::Result<()> {
+    let what = if stopped { "stopped" } else { "rolled back" };
+    eprintln!(
+        "trip-wire: {why}; {what} (weights, optimiser moments and the method's state restored to iteration {restored_iteration})"
+    );
+    let mut row = vec![
+        ("tripwire/tripped", 1.0),
+        ("tripwire/restored_iteration", restored_iteration as f64),
+    ];
+    row.extend_from_slice(monitors);
+    metrics(&row)?;
+    let mut record = serde_json::json!({
+        "reason": why,
+        "action": what,
+        "optimizer_step": optimizer_step,
+        "restored_iteration": restored_iteration,
+    });
+    for (k, v) in monitors {
+        record[*k] = serde_json::json!(v);
+    }
+    rlhf_train::run::write_json(&run_dir.join("tripwire.json"), &record)
+}
+
 /// What a rollback returns to: the weights and AdamW moments of the policy and of the critic
 /// (when the method has one), the KL coefficient and the method's own state, as they were after
 /// `iteration`.
