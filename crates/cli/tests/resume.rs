@@ -157,3 +157,62 @@ fn killed_rest_resumes_mid_improve_and_mid_grow_to_the_same_result() {
     let b = std::fs::read(killed.join("grow-2/improve-1/model/model.safetensors")).unwrap();
     assert!(a == b, "resumed weights differ from the uninterrupted run");
 }
+
+/// Killed before its first checkpoint (here in PPO's first policy step, after the critic's
+/// pre-training was logged), a resumed run starts over: its log has each pre-training row once,
+/// as the uninterrupted run's does. (Found by the kill drill.)
+#[test]
+fn killed_before_the_first_checkpoint_starts_over_without_repeating_rows() {
+    let root = scratch("resume-first");
+    let task = task_by_name("sentiment", 0).unwrap();
+    tiny_model(&root, task.as_ref(), 4);
+    std::fs::write(
+        root.join("run.toml"),
+        format!(
+            "model = {:?}\ntask = \"sentiment\"\nsteps = 2\nprompts_per_step = 4\nsave_every = 1\nseed = 5\n\
+             [method]\ncritic_pretrain_iterations = 2\n\
+             [rollout]\nk = 2\nmax_new_tokens = 6\n[reward]\nsource = \"gold\"\nnormalize_samples = 8\n\
+             [optim]\nlr = 1e-3\nwarmup_ratio = 0.0\n[eval]\nprompts = 4\n",
+            root.join("init")
+        ),
+    )
+    .unwrap();
+    let out = |d: &str| format!("output_dir={}", root.join(d).display());
+    let (ok, err) = train(
+        &root,
+        &["--threads", "1", "ppo"],
+        &[out("full")],
+        None,
+        false,
+    );
+    assert!(ok, "{err}");
+    let (ok, err) = train(
+        &root,
+        &["--threads", "1", "ppo"],
+        &[out("killed")],
+        Some(1),
+        false,
+    );
+    assert!(!ok && err.contains("killed at step 1"), "{err}");
+    let (ok, err) = train(
+        &root,
+        &["--threads", "1", "ppo"],
+        &[out("killed")],
+        None,
+        true,
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("starting the run over"), "{err}");
+    let full = metrics(&root.join("full/metrics.jsonl"));
+    assert_eq!(
+        full.iter()
+            .filter(|r| r.get("critic_pretrain/iteration").is_some())
+            .count(),
+        2
+    );
+    assert_eq!(full, metrics(&root.join("killed/metrics.jsonl")));
+    let a = std::fs::read(root.join("full/model/model.safetensors")).unwrap();
+    let b = std::fs::read(root.join("killed/model/model.safetensors")).unwrap();
+    assert!(a == b);
+    std::fs::remove_dir_all(root).ok();
+}

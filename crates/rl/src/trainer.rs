@@ -259,7 +259,14 @@ impl Trainer {
                     (run, metrics, ck.step, Some(ck.state), Some(ck.dir))
                 }
                 None => {
-                    let metrics = MetricsLogger::resume(&run, 0)?;
+                    // Killed before its first checkpoint: everything it logged (e.g. PPO's critic
+                    // pre-training) will be done again, so the run starts over.
+                    eprintln!(
+                        "no checkpoint in {} yet: starting the run over",
+                        dir.display()
+                    );
+                    let run = RunDir::create_overwriting(dir, resolved_config)?;
+                    let metrics = MetricsLogger::new(&run)?;
                     (run, metrics, 0, None, None)
                 }
             }
