@@ -152,29 +152,38 @@ fn fit_respects_the_micro_batch_floor_and_rejects_non_finite_losses() {
         "4 micro-batches asked, but none smaller than 2"
     );
 
+    // A loss that is always NaN: skipped (weights untouched) up to `max_nonfinite_skips` steps
+    // in a row, then the run stops at the next one.
     let lm = tiny_lm(0);
+    let before = lm.params.snapshot().unwrap();
     let mut trainer = Trainer::start(
         &scratch("nan"),
         &serde_json::json!({}),
         &lm,
         &optim,
-        1,
+        5,
         false,
     )
     .unwrap();
     let err = fit(
         &mut trainer,
         &lm,
-        2,
+        10,
         &FitPlan::new("nan-loss", 1, 2, 0),
         |_, _, _| Ok((Tensor::new(f32::NAN, &CPU).unwrap(), vec![])),
         |_, _| Ok(()),
     )
     .unwrap_err();
     assert!(
-        err.to_string().contains("nan-loss") && err.to_string().contains("NaN"),
+        err.to_string().contains("the loss is NaN at optimiser step 4")
+            && err.to_string().contains("3 non-finite steps in a row"),
         "{err}"
     );
+    let after = lm.params.snapshot().unwrap();
+    for (k, t) in &before {
+        let d = (t - &after[k]).unwrap().abs().unwrap().max_all().unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{k} changed");
+    }
 }
 
 #[test]
