@@ -336,7 +336,7 @@ fn truncated_model_files_are_named_or_passed_over() {
         &toml2,
         std::fs::read_to_string(&toml).unwrap().replace(
             &*root.join("init").to_string_lossy(),
-            &*base.to_string_lossy(),
+            &base.to_string_lossy(),
         ),
     )
     .unwrap();

@@ -63,6 +63,8 @@ impl Default for TripwireConfig {
     }
 }
 
+// The bounds are written `!(x <= bound)` on purpose: a NaN monitor must trip the wire too.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 impl TripwireConfig {
     pub fn enabled(&self) -> bool {
         self.max_kl.is_some()
