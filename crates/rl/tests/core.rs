@@ -175,7 +175,8 @@ fn fit_respects_the_micro_batch_floor_and_rejects_non_finite_losses() {
     )
     .unwrap_err();
     assert!(
-        err.to_string().contains("the loss is NaN at optimiser step 4")
+        err.to_string()
+            .contains("the loss is NaN at optimiser step 4")
             && err.to_string().contains("3 non-finite steps in a row"),
         "{err}"
     );
