@@ -957,3 +957,96 @@ fn fuzz_peft_adapter_config() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Regressions: the inputs fuzzing found, each fixed in the loader.
+
+fn err_text(r: Result<impl Sized, LmError>) -> String {
+    match r {
+        Ok(_) => panic!("accepted an input that must be rejected"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn chat_template_with_overlapping_tag_marks_is_a_syntax_error() {
+    // `{%}`: the `%}` overlaps the `{%`; rewriting `{% generation %}` tags sliced backwards.
+    let dir = fuzz::scratch_dir("regression-template");
+    std::fs::write(dir.join("chat_template.jinja"), "{%} message['content'] }}").unwrap();
+    let tokenizer = Tokenizer::from_hf_dir(&lm_fixture("tiny-llama")).unwrap();
+    let msg = err_text(ChatTemplate::from_hf_dir(&dir, &tokenizer));
+    assert!(
+        msg.contains("chat_template.jinja") && msg.contains("syntax error"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn tokenizer_json_with_malformed_decoder_is_an_error() {
+    // The tokenizers crate `expect`s its decoder helper to deserialize: a syntax error inside
+    // `decoder` panicked.
+    let dir = fuzz::scratch_dir("regression-tokenizer");
+    let text = std::fs::read_to_string(lm_fixture("tiny-llama/tokenizer.json")).unwrap();
+    let broken = text.replace("\"decoder\": null", "\"decoder\": {\"type\": }");
+    assert_ne!(text, broken);
+    std::fs::write(dir.join("tokenizer.json"), broken).unwrap();
+    let msg = err_text(Tokenizer::from_hf_dir(&dir));
+    assert!(
+        msg.contains(&dir.join("tokenizer.json").display().to_string())
+            && msg.contains("not a valid tokenizer.json"),
+        "{msg}"
+    );
+}
+
+fn gguf_err(g: &Gguf, tag: &str) -> String {
+    let path = fuzz::scratch_dir(tag).join("model.gguf");
+    std::fs::write(&path, g.to_bytes()).unwrap();
+    let msg = err_text(load_gguf(&path, &Device::Cpu));
+    assert!(msg.contains(&path.display().to_string()), "{msg}");
+    msg
+}
+
+/// The tiny model with token_embd.weight's dims replaced.
+fn with_embedding_dims(dims: Vec<u64>) -> Gguf {
+    let mut g = tiny_gguf();
+    let t = g
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "token_embd.weight")
+        .unwrap();
+    t.dims = dims;
+    g
+}
+
+#[test]
+fn gguf_tensor_with_wrapping_size_is_an_error() {
+    // 2^63 f32 elements is 0 bytes in wrapping arithmetic: candle's bounds check passed and the
+    // allocation of the declared elements panicked (capacity overflow).
+    let msg = gguf_err(&with_embedding_dims(vec![1 << 63]), "regression-gguf-size");
+    assert!(msg.contains("does not fit in the file"), "{msg}");
+}
+
+#[test]
+fn gguf_scalar_token_embedding_is_an_error() {
+    // Rejected by candle already; `load_gguf` no longer indexes the embedding's dims()[0] either.
+    let msg = gguf_err(&with_embedding_dims(vec![]), "regression-gguf-scalar");
+    assert!(msg.contains("token_embd"), "{msg}");
+}
+
+#[test]
+fn gguf_huge_block_count_is_an_error_not_a_hang() {
+    // 2^31 layers: checking the weights listed every expected tensor name first.
+    let start = std::time::Instant::now();
+    let mut g = tiny_gguf();
+    for (k, v) in &mut g.metadata {
+        if k == "llama.block_count" {
+            *v = Gv::U64(1 << 31);
+        }
+    }
+    let msg = gguf_err(&g, "regression-gguf-layers");
+    assert!(
+        msg.contains("model.layers.1.") && msg.contains("missing"),
+        "{msg}"
+    );
+    assert!(start.elapsed() < std::time::Duration::from_secs(2));
+}

@@ -142,10 +142,10 @@ where
             Err(why) => Err(TestCaseError::fail(format!("{loader}: {why}"))),
         }
     });
+    let total = started.elapsed();
     watch.stop();
     let tried = tried.into_inner();
     let accepted = accepted.into_inner();
-    let total = started.elapsed();
     println!(
         "fuzz {loader}: {tried} inputs, {accepted} accepted, {} rejected, max {:.2} ms per input, \
          {:.1} s in all ({:.0} us per input)",
@@ -174,7 +174,7 @@ impl Watchdog {
         let (c, d, name) = (current.clone(), done.clone(), loader.to_string());
         let thread = std::thread::spawn(move || {
             while !d.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::park_timeout(Duration::from_millis(200));
                 if let Some((since, input)) = &*c.lock().unwrap_or_else(|p| p.into_inner()) {
                     if since.elapsed() > HANG {
                         eprintln!("fuzz {name}: HANG: an input ran past {HANG:?}: {input}");
@@ -204,6 +204,7 @@ impl Watchdog {
     fn stop(mut self) {
         self.done.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             t.join().ok();
         }
     }
