@@ -23,5 +23,5 @@ done
 echo
 echo "per loader (seed $RLHF_FUZZ_SEED):"
 grep -a '^fuzz ' "$log" | sort
-rm -f "$log"
+echo "full output (a failing input, its panic): $log"
 exit $status

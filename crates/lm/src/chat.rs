@@ -164,7 +164,20 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| LmError::Invalid(format!("chat template: {}", describe(&e))))?;
-        tmpl.render(ctx).map_err(|e| {
+        // minijinja panics on some templates (an index out of range while iterating a crafted
+        // sequence, found by fuzzing); a user's template must give an error instead.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
+            .map_err(|panic| {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("no message");
+                LmError::Invalid(format!(
+                    "chat template: cannot render: the template engine failed ({why})"
+                ))
+            })?;
+        rendered.map_err(|e| {
             LmError::Invalid(format!("chat template: cannot render: {}", describe(&e)))
         })
     }

@@ -29,7 +29,13 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
     let file = std::fs::File::open(path).map_err(|e| LmError::io(path, e))?;
     let file_len = file.metadata().map_err(|e| LmError::io(path, e))?.len();
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| {
+    // candle's header reader panics on some corrupt headers (`general.alignment` = 0 divides by
+    // zero, found by fuzzing): a panic there is a corrupt file too.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Content::read(&mut reader).map_err(|e| e.to_string())
+    }))
+    .unwrap_or_else(|_| Err("the GGUF reader failed on its header".into()));
+    let content = read.map_err(|e| {
         LmError::bad_file(
             path,
             format!("not a valid GGUF file (truncated or corrupt?): {e}"),

@@ -121,8 +121,11 @@ impl Tokenizer {
         };
         // Probe what the post-processor does rather than trusting flags: this is what `encode` gives.
         let probe = "a";
-        let with = tok.encode(probe, true)?;
-        let without = tok.encode(probe, false)?;
+        // A tokenizer that cannot encode it (a WordLevel model without its unknown token, ...) is
+        // the file's fault: say which file.
+        let probe_err = |e: LmError| err("model", format!("cannot encode text: {e}"));
+        let with = tok.encode(probe, true).map_err(probe_err)?;
+        let without = tok.encode(probe, false).map_err(probe_err)?;
         tok.add_bos = bos_id.is_some()
             && with.first() == bos_id.as_ref()
             && without.first() != bos_id.as_ref();

@@ -1050,3 +1050,42 @@ fn gguf_huge_block_count_is_an_error_not_a_hang() {
     );
     assert!(start.elapsed() < std::time::Duration::from_secs(2));
 }
+
+#[test]
+fn chat_template_reversing_an_empty_list_is_an_error_not_a_panic() {
+    // minijinja panics iterating `messages[::-1]` when there are no messages.
+    let t = ChatTemplate::new(
+        "{% for m in messages[::-1] %}{{ m.content }}{% endfor %}",
+        None,
+        None,
+    )
+    .unwrap();
+    let _ = t.render(&[], false);
+    assert!(t.render(&[Message::new("user", "hi")], false).is_ok());
+}
+
+#[test]
+fn gguf_alignment_zero_is_an_error() {
+    // candle divides the header's end by `general.alignment`.
+    let mut g = tiny_gguf();
+    g.metadata.push(("general.alignment".into(), Gv::U8(0)));
+    let msg = gguf_err(&g, "regression-gguf-alignment");
+    assert!(msg.contains("not a valid GGUF file"), "{msg}");
+}
+
+#[test]
+fn tokenizer_that_cannot_encode_names_its_file() {
+    // A WordLevel model whose vocabulary lacks its unknown token fails on the first encode.
+    let dir = fuzz::scratch_dir("regression-tokenizer-encode");
+    let mut doc = json_seed(lm_fixture("tiny-llama/tokenizer.json"));
+    doc["model"] =
+        serde_json::json!({ "type": "WordLevel", "vocab": { "b": 0 }, "unk_token": "[UNK]" });
+    doc["added_tokens"] = serde_json::json!([]);
+    std::fs::write(dir.join("tokenizer.json"), doc.to_string()).unwrap();
+    let msg = err_text(Tokenizer::from_hf_dir(&dir));
+    assert!(
+        msg.contains(&dir.join("tokenizer.json").display().to_string())
+            && msg.contains("cannot encode"),
+        "{msg}"
+    );
+}
