@@ -36,6 +36,9 @@ impl Message {
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// The most minijinja instructions one rendering may run.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// A compiled chat template. Compiled once in [`ChatTemplate::new`]; rendering reuses it.
 #[derive(Clone)]
 pub struct ChatTemplate {
@@ -75,6 +78,10 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
+        // A template is a program from the model's files: nested `range(100000)` loops would
+        // render for hours (found by fuzzing). Real templates use a few hundred instructions a
+        // message, so this bound only stops runaway ones, in well under a second.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_formatter(python_formatter);
         env.add_filter("tojson", tojson_filter);

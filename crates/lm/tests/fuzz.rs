@@ -1089,3 +1089,22 @@ fn tokenizer_that_cannot_encode_names_its_file() {
         "{msg}"
     );
 }
+
+#[test]
+fn runaway_chat_template_stops_with_an_error() {
+    // Nested loops of 10^10 iterations rendered for hours before the template got a fuel bound.
+    let t = ChatTemplate::new(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
+        None,
+        None,
+    )
+    .unwrap();
+    let start = std::time::Instant::now();
+    let msg = err_text(t.render(&[Message::new("user", "hi")], false));
+    assert!(msg.contains("fuel"), "{msg}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}

@@ -106,6 +106,8 @@ where
         // files written into the source tree.
         failure_persistence: None,
         max_shrink_iters: 2000,
+        // Shrinking a slow input re-runs slow inputs: bound it, the input is printed anyway.
+        max_shrink_time: 60_000,
         max_global_rejects: cases.saturating_mul(2),
         ..Config::default()
     };
@@ -129,6 +131,7 @@ where
         tried.fetch_add(1, Ordering::Relaxed);
         max_nanos.fetch_max(took.as_nanos() as u64, Ordering::Relaxed);
         if took > SLOW {
+            eprintln!("fuzz {loader}: slow input ({took:?}): {input:?}");
             return Err(TestCaseError::fail(format!(
                 "{loader}: one input took {took:?} (more than {SLOW:?})"
             )));
