@@ -605,7 +605,7 @@ fn tiny_gguf() -> Gguf {
         for i in 0..n {
             data.extend(((i as f32 * 0.37).sin() * 0.5).to_le_bytes());
         }
-        while data.len() % 32 != 0 {
+        while !data.len().is_multiple_of(32) {
             data.push(0);
         }
     }
@@ -690,7 +690,7 @@ impl Gguf {
             out.extend(t.dtype.to_le_bytes());
             out.extend(t.offset.to_le_bytes());
         }
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(32) {
             out.push(0);
         }
         out.extend(&self.data);
@@ -761,7 +761,7 @@ fn gguf_value() -> impl Strategy<Value = Gv> {
     let int = prop_oneof![prop::sample::select(EDGE_INTS.to_vec()), 0u64..40,];
     let leaf = prop_oneof![
         int.clone().prop_map(|x| Gv::U32(x as u32)),
-        int.clone().prop_map(|x| Gv::U64(x)),
+        int.clone().prop_map(Gv::U64),
         int.clone().prop_map(|x| Gv::I32(x as i32)),
         int.clone().prop_map(|x| Gv::I64((x as i64).wrapping_neg())),
         int.clone().prop_map(|x| Gv::U8(x as u8)),
