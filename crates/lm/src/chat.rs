@@ -87,8 +87,20 @@ impl ChatTemplate {
         env.add_filter("tojson", tojson_filter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(&source))
-            .map_err(|e| LmError::Invalid(format!("chat template: {}", describe(&e))))?;
+        // minijinja's compiler panics on some syntax it accepted while parsing (`{% import 'x'
+        // as y.z() %}` hits an `unreachable!`, found by fuzzing): that is a bad template too.
+        let source_for_env = strip_generation_tags(&source);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            env.add_template_owned(TEMPLATE_NAME, source_for_env)
+                .map_err(|e| format!("chat template: {}", describe(&e)))
+        }))
+        .unwrap_or_else(|panic| {
+            Err(format!(
+                "chat template: the template compiler failed on it ({})",
+                panic_message(&*panic)
+            ))
+        })
+        .map_err(LmError::Invalid)?;
         Ok(ChatTemplate {
             source,
             bos_token,
@@ -175,13 +187,9 @@ impl ChatTemplate {
         // sequence, found by fuzzing); a user's template must give an error instead.
         let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
             .map_err(|panic| {
-                let why = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("no message");
                 LmError::Invalid(format!(
-                    "chat template: cannot render: the template engine failed ({why})"
+                    "chat template: cannot render: the template engine failed ({})",
+                    panic_message(&*panic)
                 ))
             })?;
         rendered.map_err(|e| {
@@ -238,6 +246,15 @@ fn strip_generation_tags(source: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
 }
 
 /// The error's own message plus its line, without minijinja's multi-line debug dump.

@@ -1108,3 +1108,17 @@ fn runaway_chat_template_stops_with_an_error() {
         start.elapsed()
     );
 }
+
+#[test]
+fn chat_template_the_compiler_panics_on_is_an_error() {
+    // minijinja parses `{% import 'x' as y.z() %}` and then hits `unreachable!` compiling it.
+    let dir = fuzz::scratch_dir("regression-template-compile");
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for m in messages %}{% import 'x' as yloop.cycle(1, 2) %}{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    let tokenizer = Tokenizer::from_hf_dir(&lm_fixture("tiny-llama")).unwrap();
+    let msg = err_text(ChatTemplate::from_hf_dir(&dir, &tokenizer));
+    assert!(msg.contains("chat_template.jinja"), "{msg}");
+}
