@@ -9,6 +9,10 @@
 //! Compression: uncompressed and Snappy (the default of pyarrow, pandas, `datasets` and Spark) are
 //! read. Other codecs (zstd, gzip, lz4, brotli) are not compiled in, to keep the build small; such a
 //! file is reported with the codec's name.
+//!
+//! Corrupt files: the `parquet` crate panics on some corrupt pages and footers (an index out of
+//! range in its bit readers, found by fuzzing) instead of returning an error. Every call into its
+//! decoder goes through [`decoder`], which turns such a panic into an error naming the file.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -36,7 +40,7 @@ pub struct Rows {
 /// them as missing); a file with none of them is an error that lists the columns it has.
 pub fn rows(path: &Path, columns: Option<&[&str]>) -> Result<Rows> {
     let file = File::open(path).map_err(|e| LmError::io(path, e))?;
-    let reader = SerializedFileReader::new(file)
+    let reader = decoder(path, || SerializedFileReader::new(file))?
         .map_err(|e| LmError::bad_file(path, format!("not a readable Parquet file: {e}")))?;
     let schema = reader.metadata().file_metadata().schema();
     let projection = match columns {
@@ -66,14 +70,31 @@ pub fn rows(path: &Path, columns: Option<&[&str]>) -> Result<Rows> {
             Some(proj)
         }
     };
-    let iter = RowIter::from_file_into(Box::new(reader))
-        .project(projection)
-        .map_err(|e| LmError::bad_file(path, format!("cannot select columns: {e}")))?;
+    let iter = decoder(path, || {
+        RowIter::from_file_into(Box::new(reader)).project(projection)
+    })?
+    .map_err(|e| LmError::bad_file(path, format!("cannot select columns: {e}")))?;
     Ok(Rows {
         path: path.to_path_buf(),
         iter,
         next_row: 1,
         failed: false,
+    })
+}
+
+/// Run a call into the `parquet` crate's decoder, turning a panic of the decoder on corrupt data
+/// into an error that names the file.
+fn decoder<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        LmError::bad_file(
+            path,
+            format!("corrupt Parquet file: the decoder failed ({why})"),
+        )
     })
 }
 
@@ -96,7 +117,15 @@ impl Iterator for Rows {
             return None;
         }
         let row = self.next_row;
-        let item = match self.iter.next()? {
+        // After a decoder panic the iterator's state is unknown: it is never used again.
+        let next = match decoder(&self.path, || self.iter.next()) {
+            Ok(next) => next?,
+            Err(e) => {
+                self.failed = true;
+                return Some(Err(e));
+            }
+        };
+        let item = match next {
             Ok(r) => {
                 self.next_row += 1;
                 row_to_line(&self.path, row, r)

@@ -36,6 +36,9 @@ impl Message {
 
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// The most minijinja instructions one rendering may run.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
 /// A compiled chat template. Compiled once in [`ChatTemplate::new`]; rendering reuses it.
 #[derive(Clone)]
 pub struct ChatTemplate {
@@ -75,13 +78,29 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
+        // A template is a program from the model's files: nested `range(100000)` loops would
+        // render for hours (found by fuzzing). Real templates use a few hundred instructions a
+        // message, so this bound only stops runaway ones, in well under a second.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.set_formatter(python_formatter);
         env.add_filter("tojson", tojson_filter);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(TEMPLATE_NAME, strip_generation_tags(&source))
-            .map_err(|e| LmError::Invalid(format!("chat template: {}", describe(&e))))?;
+        // minijinja's compiler panics on some syntax it accepted while parsing (`{% import 'x'
+        // as y.z() %}` hits an `unreachable!`, found by fuzzing): that is a bad template too.
+        let source_for_env = strip_generation_tags(&source);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            env.add_template_owned(TEMPLATE_NAME, source_for_env)
+                .map_err(|e| format!("chat template: {}", describe(&e)))
+        }))
+        .unwrap_or_else(|panic| {
+            Err(format!(
+                "chat template: the template compiler failed on it ({})",
+                panic_message(&*panic)
+            ))
+        })
+        .map_err(LmError::Invalid)?;
         Ok(ChatTemplate {
             source,
             bos_token,
@@ -164,7 +183,16 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| LmError::Invalid(format!("chat template: {}", describe(&e))))?;
-        tmpl.render(ctx).map_err(|e| {
+        // minijinja panics on some templates (an index out of range while iterating a crafted
+        // sequence, found by fuzzing); a user's template must give an error instead.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
+            .map_err(|panic| {
+                LmError::Invalid(format!(
+                    "chat template: cannot render: the template engine failed ({})",
+                    panic_message(&*panic)
+                ))
+            })?;
+        rendered.map_err(|e| {
             LmError::Invalid(format!("chat template: cannot render: {}", describe(&e)))
         })
     }
@@ -188,7 +216,9 @@ fn strip_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` is searched after the opening `{%`: in `{%}` they overlap, and the
+        // tag's inside would be a backwards slice.
+        let Some(end) = tag[2..].find("%}").map(|i| i + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -216,6 +246,15 @@ fn strip_generation_tags(source: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("no message")
 }
 
 /// The error's own message plus its line, without minijinja's multi-line debug dump.

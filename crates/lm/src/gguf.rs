@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::BufReader;
 use std::path::Path;
 
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{Content, TensorInfo};
 use candle_core::{DType, Device, Tensor};
 
 use crate::chat::ChatTemplate;
@@ -27,8 +27,15 @@ use crate::tokenizer::{Meta, Tokenizer};
 /// and chat template.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
     let file = std::fs::File::open(path).map_err(|e| LmError::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| LmError::io(path, e))?.len();
     let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| {
+    // candle's header reader panics on some corrupt headers (`general.alignment` = 0 divides by
+    // zero, found by fuzzing): a panic there is a corrupt file too.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        Content::read(&mut reader).map_err(|e| e.to_string())
+    }))
+    .unwrap_or_else(|_| Err("the GGUF reader failed on its header".into()));
+    let content = read.map_err(|e| {
         LmError::bad_file(
             path,
             format!("not a valid GGUF file (truncated or corrupt?): {e}"),
@@ -163,6 +170,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
             )
         })?;
         let info = &content.tensor_infos[name];
+        check_extent(name, info, content.tensor_data_offset, file_len, path)?;
         let tensor = info
             .read(&mut reader, content.tensor_data_offset, device)
             .and_then(|q| q.dequantize(device))
@@ -189,7 +197,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
 
     let embed_rows = weights
         .get("model.embed_tokens.weight")
-        .map(|t| t.dims()[0])
+        .map(|t| t.dims().first().copied().unwrap_or(0))
         .ok_or_else(|| LmError::bad_file(path, "tensor `token_embd.weight` is missing"))?;
     let vocab_size = match md.uint(&key("vocab_size"))? {
         Some(v) if v as usize != embed_rows => {
@@ -257,6 +265,38 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
         source: path.to_path_buf(),
         adapter: None,
     })
+}
+
+/// Check that a tensor's declared shape and type fit in the file before reading it. candle sizes
+/// the data with unchecked arithmetic, so a crafted shape (2^63 elements of f32 is 0 bytes after
+/// wrapping) passes its bounds check and then asks for the declared element count: a capacity
+/// overflow panic, or an allocation of terabytes that aborts the process (found by fuzzing).
+fn check_extent(
+    name: &str,
+    info: &TensorInfo,
+    data_offset: u64,
+    file_len: u64,
+    path: &Path,
+) -> Result<()> {
+    let dims = info.shape.dims();
+    let block = info.ggml_dtype.block_size() as u64;
+    let bytes = dims
+        .iter()
+        .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+        .filter(|n| n % block == 0)
+        .and_then(|n| (n / block).checked_mul(info.ggml_dtype.type_size() as u64));
+    let end = bytes.and_then(|b| data_offset.checked_add(info.offset)?.checked_add(b));
+    match end {
+        Some(end) if end <= file_len => Ok(()),
+        _ => Err(LmError::bad_file(
+            path,
+            format!(
+                "tensor `{name}`: shape {dims:?} of {:?} at offset {} does not fit in the file \
+                 ({file_len} bytes; truncated or corrupt?)",
+                info.ggml_dtype, info.offset
+            ),
+        )),
+    }
 }
 
 /// The Hugging Face parameter name for a llama.cpp tensor name (`None` if there is none).

@@ -228,7 +228,9 @@ pub fn check_weights(
     weights: &HashMap<String, Tensor>,
     source: &Path,
 ) -> Result<()> {
-    for (name, shape) in expected_shapes(config) {
+    // Lazily, layer by layer: a corrupt layer count (2^31 in a fuzzed GGUF or config.json) must
+    // fail at the first missing layer, not list billions of names first (which hung).
+    for (name, shape) in shapes(config) {
         match weights.get(&name) {
             None => {
                 return Err(LmError::bad_file(
@@ -252,34 +254,46 @@ pub fn check_weights(
 
 /// Parameter names and shapes (HF names, `[out, in]` for linear weights).
 pub fn expected_shapes(c: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-    let q = c.num_attention_heads * c.head_dim;
-    let kv = c.num_key_value_heads * c.head_dim;
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
-    for l in 0..c.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        for (n, o) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-            out.push((format!("{p}.self_attn.{n}.weight"), vec![o, h]));
-            if c.qkv_bias {
-                out.push((format!("{p}.self_attn.{n}.bias"), vec![o]));
-            }
-        }
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-        if c.o_bias {
-            out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
-        }
-        for (n, o, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
-            out.push((format!("{p}.mlp.{n}.weight"), vec![o, inp]));
-            if c.mlp_bias {
-                out.push((format!("{p}.mlp.{n}.bias"), vec![o]));
-            }
+    shapes(c).collect()
+}
+
+/// [`expected_shapes`], one layer at a time.
+fn shapes(c: &LlamaConfig) -> impl Iterator<Item = (String, Vec<usize>)> + '_ {
+    let (h, v) = (c.hidden_size, c.vocab_size);
+    let head = std::iter::once(("model.embed_tokens.weight".to_string(), vec![v, h]));
+    let layers = (0..c.num_hidden_layers).flat_map(move |l| layer_shapes(c, l));
+    let mut tail = vec![("model.norm.weight".to_string(), vec![h])];
+    if !c.tie_word_embeddings {
+        tail.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    head.chain(layers).chain(tail)
+}
+
+fn layer_shapes(c: &LlamaConfig, l: usize) -> Vec<(String, Vec<usize>)> {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    // Saturating: a corrupt config's sizes must give a shape mismatch, not an overflow panic.
+    let q = c.num_attention_heads.saturating_mul(c.head_dim);
+    let kv = c.num_key_value_heads.saturating_mul(c.head_dim);
+    let p = format!("model.layers.{l}");
+    let mut out = vec![
+        (format!("{p}.input_layernorm.weight"), vec![h]),
+        (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+    ];
+    for (n, o) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+        out.push((format!("{p}.self_attn.{n}.weight"), vec![o, h]));
+        if c.qkv_bias {
+            out.push((format!("{p}.self_attn.{n}.bias"), vec![o]));
         }
     }
-    out.push(("model.norm.weight".to_string(), vec![h]));
-    if !c.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
+    if c.o_bias {
+        out.push((format!("{p}.self_attn.o_proj.bias"), vec![h]));
+    }
+    for (n, o, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+        out.push((format!("{p}.mlp.{n}.weight"), vec![o, inp]));
+        if c.mlp_bias {
+            out.push((format!("{p}.mlp.{n}.bias"), vec![o]));
+        }
     }
     out
 }

@@ -121,8 +121,11 @@ impl Tokenizer {
         };
         // Probe what the post-processor does rather than trusting flags: this is what `encode` gives.
         let probe = "a";
-        let with = tok.encode(probe, true)?;
-        let without = tok.encode(probe, false)?;
+        // A tokenizer that cannot encode it (a WordLevel model without its unknown token, ...) is
+        // the file's fault: say which file.
+        let probe_err = |e: LmError| err("model", format!("cannot encode text: {e}"));
+        let with = tok.encode(probe, true).map_err(probe_err)?;
+        let without = tok.encode(probe, false).map_err(probe_err)?;
         tok.add_bos = bos_id.is_some()
             && with.first() == bos_id.as_ref()
             && without.first() != bos_id.as_ref();
@@ -142,9 +145,10 @@ impl Tokenizer {
             });
         }
         let text = std::fs::read_to_string(&tok_path).map_err(|e| LmError::io(&tok_path, e))?;
-        let inner: tokenizers::Tokenizer = text.parse().map_err(|e| {
-            LmError::bad_file(&tok_path, format!("not a valid tokenizer.json: {e}"))
-        })?;
+        let inner: tokenizers::Tokenizer =
+            without_panics(&tok_path, || text.parse())?.map_err(|e| {
+                LmError::bad_file(&tok_path, format!("not a valid tokenizer.json: {e}"))
+            })?;
 
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg = read_json_object(&cfg_path)?;
@@ -519,6 +523,23 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         LmError::io(path, e)
+    })
+}
+
+/// Run a call into the `tokenizers` crate on a user's file. It panics on some malformed
+/// tokenizer.json files instead of returning an error (an `expect` in its decoder deserializer,
+/// found by fuzzing); such a file is reported as not a valid tokenizer.json, naming it.
+fn without_panics<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        LmError::bad_file(
+            path,
+            format!("not a valid tokenizer.json: the tokenizers library failed on it ({why})"),
+        )
     })
 }
 
