@@ -85,12 +85,7 @@ pub fn rows(path: &Path, columns: Option<&[&str]>) -> Result<Rows> {
 /// Run a call into the `parquet` crate's decoder, turning a panic of the decoder on corrupt data
 /// into an error that names the file.
 fn decoder<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
-        let why = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("no message");
+    rlhf_lm::error::without_panics(call).map_err(|why| {
         LmError::bad_file(
             path,
             format!("corrupt Parquet file: the decoder failed ({why})"),

@@ -90,14 +90,13 @@ impl ChatTemplate {
         // minijinja's compiler panics on some syntax it accepted while parsing (`{% import 'x'
         // as y.z() %}` hits an `unreachable!`, found by fuzzing): that is a bad template too.
         let source_for_env = strip_generation_tags(&source);
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::error::without_panics(|| {
             env.add_template_owned(TEMPLATE_NAME, source_for_env)
                 .map_err(|e| format!("chat template: {}", describe(&e)))
-        }))
-        .unwrap_or_else(|panic| {
+        })
+        .unwrap_or_else(|why| {
             Err(format!(
-                "chat template: the template compiler failed on it ({})",
-                panic_message(&*panic)
+                "chat template: the template compiler failed on it ({why})"
             ))
         })
         .map_err(LmError::Invalid)?;
@@ -185,13 +184,11 @@ impl ChatTemplate {
             .map_err(|e| LmError::Invalid(format!("chat template: {}", describe(&e))))?;
         // minijinja panics on some templates (an index out of range while iterating a crafted
         // sequence, found by fuzzing); a user's template must give an error instead.
-        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tmpl.render(ctx)))
-            .map_err(|panic| {
-                LmError::Invalid(format!(
-                    "chat template: cannot render: the template engine failed ({})",
-                    panic_message(&*panic)
-                ))
-            })?;
+        let rendered = crate::error::without_panics(|| tmpl.render(ctx)).map_err(|why| {
+            LmError::Invalid(format!(
+                "chat template: cannot render: the template engine failed ({why})"
+            ))
+        })?;
         rendered.map_err(|e| {
             LmError::Invalid(format!("chat template: cannot render: {}", describe(&e)))
         })
@@ -246,15 +243,6 @@ fn strip_generation_tags(source: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-/// The message of a caught panic.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| panic.downcast_ref::<&str>().copied())
-        .unwrap_or("no message")
 }
 
 /// The error's own message plus its line, without minijinja's multi-line debug dump.

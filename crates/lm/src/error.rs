@@ -70,3 +70,17 @@ impl LmError {
         }
     }
 }
+
+/// Run a call into a dependency that panics on some malformed inputs instead of returning an
+/// error (found by fuzzing: the parquet decoder, the tokenizers crate, minijinja, candle's GGUF
+/// reader), turning such a panic into the message it carried, for an error that names the
+/// user's file.
+pub fn without_panics<T>(call: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "no message".into())
+    })
+}

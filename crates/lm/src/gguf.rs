@@ -31,10 +31,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Pretrained> {
     let mut reader = BufReader::new(file);
     // candle's header reader panics on some corrupt headers (`general.alignment` = 0 divides by
     // zero, found by fuzzing): a panic there is a corrupt file too.
-    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        Content::read(&mut reader).map_err(|e| e.to_string())
-    }))
-    .unwrap_or_else(|_| Err("the GGUF reader failed on its header".into()));
+    let read =
+        crate::error::without_panics(|| Content::read(&mut reader).map_err(|e| e.to_string()))
+            .unwrap_or_else(|why| Err(format!("the GGUF reader failed on its header ({why})")));
     let content = read.map_err(|e| {
         LmError::bad_file(
             path,

@@ -530,12 +530,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// tokenizer.json files instead of returning an error (an `expect` in its decoder deserializer,
 /// found by fuzzing); such a file is reported as not a valid tokenizer.json, naming it.
 fn without_panics<T>(path: &Path, call: impl FnOnce() -> T) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)).map_err(|panic| {
-        let why = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("no message");
+    crate::error::without_panics(call).map_err(|why| {
         LmError::bad_file(
             path,
             format!("not a valid tokenizer.json: the tokenizers library failed on it ({why})"),

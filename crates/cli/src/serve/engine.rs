@@ -11,7 +11,6 @@
 //! [`generate`] call, so concurrent requests decode together instead of one after another.
 
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -312,17 +311,10 @@ impl Worker {
 /// Run `work`, turning an error or a panic into a message for the client, so that no input can
 /// take the worker (and with it the server) down.
 fn guarded<T>(work: impl FnOnce() -> Result<T>) -> Result<T, String> {
-    match catch_unwind(AssertUnwindSafe(work)) {
+    match rlhf_lm::error::without_panics(work) {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(e)) => Err(format!("{e:#}")),
-        Err(panic) => Err(format!(
-            "the model failed on this request: {}",
-            panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("internal error")
-        )),
+        Err(why) => Err(format!("the model failed on this request: {why}")),
     }
 }
 
