@@ -9,12 +9,20 @@
 //! read-only directory with permissions (skipped as root, which permissions do not stop).
 
 mod common;
-use common::{demonstrations_file, metrics, rlhf, scratch, tiny_model};
+use common::{metrics, rlhf, run_method, scratch, small_sft, tiny_model};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rlhf_data::testbed::task_by_name;
+
+fn sft(toml: &Path, out: &Path, resume: bool) -> (bool, String) {
+    run_method("sft", toml, out, &[], resume, &[])
+}
+
+fn online(toml: &Path, out: &Path, resume: bool) -> (bool, String) {
+    run_method("rloo", toml, out, &[], resume, &[])
+}
 
 fn bytes(path: PathBuf) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -52,38 +60,6 @@ fn sh(script: &str, namespace: bool) -> (bool, String) {
     )
 }
 
-fn sft_setup(root: &Path) -> PathBuf {
-    let task = task_by_name("sentiment", 0).unwrap();
-    demonstrations_file(&root.join("sft.jsonl"), task.as_ref(), 32, " ");
-    let init = tiny_model(root, task.as_ref(), 3);
-    let toml = root.join("sft.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "model = {init:?}\ntrain_file = {:?}\nepochs = 1\nbatch_size = 4\nmax_len = 48\nsave_every = 1\nlog_every = 1\nseed = 5\n[optim]\nlr = 1e-3\n",
-            root.join("sft.jsonl")
-        ),
-    )
-    .unwrap();
-    toml
-}
-
-fn sft(toml: &Path, out: &Path, resume: bool) -> (bool, String) {
-    let mut c = rlhf();
-    c.args(["--threads", "1", "sft", "--config"])
-        .arg(toml)
-        .arg("--set")
-        .arg(format!("output_dir={}", out.display()));
-    if resume {
-        c.arg("--resume");
-    }
-    let o = c.output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
-
 /// Every checkpoint left in `run` reads back (weights and optimiser state), and no temporary is
 /// left behind; returns the steps.
 fn readable_checkpoints(run: &Path) -> Vec<u64> {
@@ -107,7 +83,7 @@ fn readable_checkpoints(run: &Path) -> Vec<u64> {
 #[test]
 fn a_full_disk_stops_the_run_cleanly_and_resume_finishes_it() {
     let root = scratch("env-full");
-    let toml = sft_setup(&root);
+    let toml = small_sft(&root, 32);
     let clean = root.join("clean");
     let (ok, err) = sft(&toml, &clean, false);
     assert!(ok, "{err}");
@@ -170,7 +146,7 @@ fn a_full_disk_stops_the_run_cleanly_and_resume_finishes_it() {
 #[test]
 fn a_read_only_output_directory_is_a_clear_error() {
     let root = scratch("env-ro");
-    let toml = sft_setup(&root);
+    let toml = small_sft(&root, 32);
     let ro = root.join("ro");
     std::fs::create_dir_all(&ro).unwrap();
     let (ok, err) = if namespaces_work() {
@@ -215,22 +191,6 @@ fn online_toml(root: &Path, command: &str, timeout_s: f64) -> PathBuf {
     )
     .unwrap();
     toml
-}
-
-fn online(toml: &Path, out: &Path, resume: bool) -> (bool, String) {
-    let mut c = rlhf();
-    c.args(["--threads", "1", "rloo", "--config"])
-        .arg(toml)
-        .arg("--set")
-        .arg(format!("output_dir={}", out.display()));
-    if resume {
-        c.arg("--resume");
-    }
-    let o = c.output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
 }
 
 /// A reward command that hangs (or dies) at its third call stops the run with an error naming
@@ -294,7 +254,7 @@ fn truncate(path: &Path) {
 #[test]
 fn truncated_model_files_are_named_or_passed_over() {
     let root = scratch("env-truncated");
-    let toml = sft_setup(&root);
+    let toml = small_sft(&root, 32);
     let clean = root.join("clean");
     let (ok, err) = sft(&toml, &clean, false);
     assert!(ok, "{err}");

@@ -4,32 +4,25 @@
 //! checkpoint on disk. A diverging run trips the shared trip-wire in every online method.
 
 mod common;
-use common::{demonstrations_file, metrics, rlhf, scratch, tiny_model};
+use common::{metrics, rlhf, run_method, scratch, small_sft, tiny_model};
 
 use std::path::{Path, PathBuf};
 
 use rlhf_data::testbed::task_by_name;
 
-/// `rlhf --threads 1 <method> --config <toml> --set ...` with `inject` as the fault injection:
-/// (success, stderr).
-fn run(method: &str, toml: &Path, sets: &[String], inject: Option<&str>) -> (bool, String) {
-    let mut c = rlhf();
-    c.args(["--threads", "1", method, "--config"]).arg(toml);
-    for s in sets {
-        c.arg("--set").arg(s);
-    }
-    if let Some(i) = inject {
-        c.env("RLHF_TEST_NONFINITE", i);
-    }
-    let o = c.output().unwrap();
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
-}
-
-fn out(dir: &Path) -> String {
-    format!("output_dir={}", dir.display())
+/// `rlhf --threads 1 <method>` into `out` with `inject` as the fault injection: (success, stderr).
+fn run(
+    method: &str,
+    toml: &Path,
+    out: &Path,
+    sets: &[String],
+    inject: Option<&str>,
+) -> (bool, String) {
+    let env: Vec<(&str, &str)> = inject
+        .map(|i| ("RLHF_TEST_NONFINITE", i))
+        .into_iter()
+        .collect();
+    run_method(method, toml, out, sets, false, &env)
 }
 
 fn bytes(path: PathBuf) -> Vec<u8> {
@@ -56,29 +49,13 @@ fn all_finite(path: &Path) -> bool {
     })
 }
 
-fn sft_setup(root: &Path) -> PathBuf {
-    let task = task_by_name("sentiment", 0).unwrap();
-    demonstrations_file(&root.join("sft.jsonl"), task.as_ref(), 24, " ");
-    let init = tiny_model(root, task.as_ref(), 3);
-    let toml = root.join("sft.toml");
-    std::fs::write(
-        &toml,
-        format!(
-            "model = {init:?}\ntrain_file = {:?}\nepochs = 1\nbatch_size = 4\nmax_len = 48\nsave_every = 1\nlog_every = 1\nseed = 5\n[optim]\nlr = 1e-3\n",
-            root.join("sft.jsonl")
-        ),
-    )
-    .unwrap();
-    toml
-}
-
 #[test]
 fn a_nan_loss_or_gradient_is_skipped_and_never_reaches_the_weights() {
     let root = scratch("faults-skip");
-    let toml = sft_setup(&root);
+    let toml = small_sft(&root, 24);
     for (inject, quantity) in [("loss@3", "loss"), ("grad@3", "gradient norm")] {
         let dir = root.join(inject.replace('@', "-"));
-        let (ok, err) = run("sft", &toml, &[out(&dir)], Some(inject));
+        let (ok, err) = run("sft", &toml, &dir, &[], Some(inject));
         assert!(ok, "{err}");
         assert!(
             err.contains(&format!("the {quantity} is NaN at optimiser step 3"))
@@ -97,14 +74,11 @@ fn a_nan_loss_or_gradient_is_skipped_and_never_reaches_the_weights() {
     // Stopped right after the skipped step 3 (RLHF_TEST_KILL_AT_STEP): steps 2 and 3 have the
     // same weights and optimiser state, byte for byte.
     let dir = root.join("kill-after-skip");
-    let mut c = rlhf();
-    c.args(["--threads", "1", "sft", "--config"])
-        .arg(&toml)
-        .args(["--set", &out(&dir)])
-        .env("RLHF_TEST_NONFINITE", "grad@3")
-        .env("RLHF_TEST_KILL_AT_STEP", "4");
-    let o = c.output().unwrap();
-    assert!(!o.status.success());
+    let env = [
+        ("RLHF_TEST_NONFINITE", "grad@3"),
+        ("RLHF_TEST_KILL_AT_STEP", "4"),
+    ];
+    assert!(!run_method("sft", &toml, &dir, &[], false, &env).0);
     for f in ["model.safetensors", "optimizer.safetensors"] {
         let a = bytes(dir.join("checkpoints/step-2").join(f));
         let b = bytes(dir.join("checkpoints/step-3").join(f));
@@ -112,12 +86,8 @@ fn a_nan_loss_or_gradient_is_skipped_and_never_reaches_the_weights() {
     }
     // A clean run's step 3 does change them (so the comparison above can fail).
     let clean = root.join("clean");
-    let mut c = rlhf();
-    c.args(["--threads", "1", "sft", "--config"])
-        .arg(&toml)
-        .args(["--set", &out(&clean)])
-        .env("RLHF_TEST_KILL_AT_STEP", "4");
-    assert!(!c.output().unwrap().status.success());
+    let env = [("RLHF_TEST_KILL_AT_STEP", "4")];
+    assert!(!run_method("sft", &toml, &clean, &[], false, &env).0);
     let a = bytes(clean.join("checkpoints/step-2/model.safetensors"));
     let b = bytes(clean.join("checkpoints/step-3/model.safetensors"));
     assert!(a != b);
@@ -127,13 +97,14 @@ fn a_nan_loss_or_gradient_is_skipped_and_never_reaches_the_weights() {
 #[test]
 fn a_nan_stops_the_run_when_asked_or_when_it_persists() {
     let root = scratch("faults-stop");
-    let toml = sft_setup(&root);
+    let toml = small_sft(&root, 24);
     // on_nonfinite = "stop": the run ends at the faulty step, naming it and the last checkpoint.
     let dir = root.join("stop");
     let (ok, err) = run(
         "sft",
         &toml,
-        &[out(&dir), "optim.on_nonfinite=\"stop\"".into()],
+        &dir,
+        &["optim.on_nonfinite=\"stop\"".into()],
         Some("grad@3"),
     );
     assert!(!ok);
@@ -153,7 +124,8 @@ fn a_nan_stops_the_run_when_asked_or_when_it_persists() {
     let (ok, err) = run(
         "sft",
         &toml,
-        &[out(&dir), "optim.max_nonfinite_skips=2".into()],
+        &dir,
+        &["optim.max_nonfinite_skips=2".into()],
         Some("loss@2,loss@3,loss@4"),
     );
     assert!(!ok);
@@ -191,7 +163,7 @@ fn a_nan_reward_or_log_prob_stops_an_online_run_before_it_learns_from_the_batch(
         ("logprob@3", "the policy's log-prob is NaN for sample 0"),
     ] {
         let dir = root.join(inject.replace('@', "-"));
-        let (ok, err) = run("rloo", &toml, &[out(&dir)], Some(inject));
+        let (ok, err) = run("rloo", &toml, &dir, &[], Some(inject));
         assert!(!ok);
         assert!(
             err.contains(what)
@@ -207,7 +179,7 @@ fn a_nan_reward_or_log_prob_stops_an_online_run_before_it_learns_from_the_batch(
     }
     // A NaN loss in an online step is skipped like an offline one.
     let dir = root.join("loss");
-    let (ok, err) = run("grpo", &toml, &[out(&dir)], Some("loss@2"));
+    let (ok, err) = run("grpo", &toml, &dir, &[], Some("loss@2"));
     assert!(
         ok && err.contains("the loss is NaN at optimiser step 2"),
         "{err}"
@@ -224,19 +196,11 @@ fn every_online_method_stops_at_its_tripwire_with_the_last_good_weights() {
     let init = bytes(root.join("init/model.safetensors"));
     for method in ["reinforce", "rloo", "grpo", "raft", "vanilla-pg", "ppo"] {
         let dir = root.join(method);
-        let (ok, err) = run(
-            method,
-            &toml,
-            &[
-                out(&dir),
-                "tripwire.max_length=0.5".into(),
-                "method.critic_pretrain_iterations=0".into(),
-            ]
-            .into_iter()
-            .filter(|s| method == "ppo" || !s.starts_with("method."))
-            .collect::<Vec<_>>(),
-            None,
-        );
+        let mut sets = vec!["tripwire.max_length=0.5".to_string()];
+        if method == "ppo" {
+            sets.push("method.critic_pretrain_iterations=0".into());
+        }
+        let (ok, err) = run(method, &toml, &dir, &sets, None);
         assert!(ok, "{method}: {err}");
         let trip: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("tripwire.json")).unwrap())
@@ -265,8 +229,8 @@ fn a_loss_past_its_bound_rolls_back_then_stops() {
     let (ok, err) = run(
         "rloo",
         &toml,
+        &dir,
         &[
-            out(&dir),
             "tripwire.max_loss=1e-12".into(),
             "tripwire.action=\"rollback\"".into(),
             "tripwire.max_rollbacks=1".into(),
@@ -303,8 +267,8 @@ fn a_kl_rollback_restores_the_methods_state() {
     let (ok, err) = run(
         "reinforce",
         &toml,
+        &dir,
         &[
-            out(&dir),
             "steps=2".into(),
             "optim.lr=1e-2".into(),
             "tripwire.max_kl=1e-3".into(),
@@ -360,7 +324,7 @@ fn dialogue_rl_stops_at_its_tripwire_with_the_last_good_weights() {
     )
     .unwrap();
     let dir = root.join("run");
-    let (ok, err) = run("dialogue-rl", &toml, &[out(&dir)], None);
+    let (ok, err) = run("dialogue-rl", &toml, &dir, &[], None);
     assert!(ok, "{err}");
     let trip: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("tripwire.json")).unwrap()).unwrap();

@@ -94,3 +94,50 @@ pub fn demonstrations_file(
         .collect();
     std::fs::write(path, lines.join("\n")).unwrap();
 }
+
+/// `rlhf --threads 1 <method> --config <toml> --set output_dir=<out> [--set ...] [--resume]`,
+/// with `env` set for that process: (success, stderr).
+pub fn run_method(
+    method: &str,
+    toml: &Path,
+    out: &Path,
+    sets: &[String],
+    resume: bool,
+    env: &[(&str, &str)],
+) -> (bool, String) {
+    let mut c = rlhf();
+    c.args(["--threads", "1", method, "--config"])
+        .arg(toml)
+        .arg("--set")
+        .arg(format!("output_dir={}", out.display()));
+    for s in sets {
+        c.arg("--set").arg(s);
+    }
+    if resume {
+        c.arg("--resume");
+    }
+    c.envs(env.iter().copied());
+    let o = c.output().unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// A small SFT run on the sentiment task (`n` demonstrations, the tiny model at `<root>/init`,
+/// batch 4, a checkpoint every step): its config file.
+pub fn small_sft(root: &Path, n: usize) -> PathBuf {
+    let task = rlhf_data::testbed::task_by_name("sentiment", 0).unwrap();
+    demonstrations_file(&root.join("sft.jsonl"), task.as_ref(), n, " ");
+    let init = tiny_model(root, task.as_ref(), 3);
+    let toml = root.join("sft.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "model = {init:?}\ntrain_file = {:?}\nepochs = 1\nbatch_size = 4\nmax_len = 48\nsave_every = 1\nlog_every = 1\nseed = 5\n[optim]\nlr = 1e-3\n",
+            root.join("sft.jsonl")
+        ),
+    )
+    .unwrap();
+    toml
+}
