@@ -1129,13 +1129,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             || state.iteration == cfg.iterations;
         if eval_now {
             let e = evaluate(&lm, &snapshot, &state)?;
-            trainer.log(&[
-                ("eval/success_rate", e.success_rate),
-                ("eval/mean_turns", e.mean_turns),
-                ("eval/mean_return", e.mean_return),
-            ])?;
-            evals.push(e);
-            write_jsonl(&evals_path, &evals)?;
+            record_eval(e, &mut trainer, &mut evals, &evals_path)?;
         }
         if cfg.save_every > 0
             && state.iteration.is_multiple_of(cfg.save_every)
@@ -1175,13 +1169,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
     //    ended the run (or its last iterations) before the regular final evaluation.
     if evals.last().map(|e| e.iteration) != Some(state.iteration) {
         let e = evaluate(&lm, &snapshot, &state)?;
-        trainer.log(&[
-            ("eval/success_rate", e.success_rate),
-            ("eval/mean_turns", e.mean_turns),
-            ("eval/mean_return", e.mean_return),
-        ])?;
-        evals.push(e);
-        write_jsonl(&evals_path, &evals)?;
+        record_eval(e, &mut trainer, &mut evals, &evals_path)?;
     }
     trainer.finish(&lm)?;
     if let Some(u) = &separate {
@@ -1195,6 +1183,22 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
     };
     write_json(&cfg.output_dir.join("summary.json"), &summary)?;
     Ok(summary)
+}
+
+/// Log an evaluation's headline numbers and add it to `eval.jsonl`.
+fn record_eval(
+    e: DialogueEval,
+    trainer: &mut Trainer,
+    evals: &mut Vec<DialogueEval>,
+    path: &std::path::Path,
+) -> Result<()> {
+    trainer.log(&[
+        ("eval/success_rate", e.success_rate),
+        ("eval/mean_turns", e.mean_turns),
+        ("eval/mean_return", e.mean_return),
+    ])?;
+    evals.push(e);
+    write_jsonl(path, evals)
 }
 
 /// `rlhf dialogue-rl`.
