@@ -19,6 +19,11 @@
 //! `<output_dir>/eval.json` evaluates the last round's model against the first round's starting
 //! policy. `--resume` skips finished rounds and resumes the unfinished one from its checkpoint
 //! (sampling and labelling are deterministic in the seed, so they are redone identically).
+//!
+//! With `[tripwire]` bounds set, each round's candidates are judged before anything is learned
+//! from them (KL to the initial policy, length, perplexity): a tripped round does not train and
+//! the policy goes back to the last one whose candidates passed (or, `action = "stop"`, the
+//! rounds end there); `round.json` records it and `tripwire.json` says why.
 
 use rlhf_rl::fit::FitConfig;
 use rlhf_rl::registry::{Entry, Family};
@@ -40,6 +45,7 @@ use rlhf_rl::policy::TrainableLm;
 use rlhf_rl::pref::{DpoConfig, DpoSummary, PolicyEval};
 use rlhf_rl::reward_source::{Query, RewardConfig, Rewarder};
 use rlhf_rl::sampling::{sample, Generated};
+use rlhf_rl::tripwire::{TripAction, TripwireConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -102,6 +108,11 @@ pub struct OnlineDpoConfig {
     pub eval_reference: Option<PathBuf>,
     /// Also evaluate every round's model (`round-<t>/eval.json`).
     pub eval_every_round: bool,
+    /// Divergence trip-wire on each round's candidates, before the policy learns from them: KL
+    /// to the initial policy, mean length, the policy's perplexity on them (`max_loss` does not
+    /// apply here). A tripped round does not train; the policy goes back to the last one whose
+    /// candidates passed. Off unless a bound is set.
+    pub tripwire: TripwireConfig,
 }
 
 impl Default for OnlineDpoConfig {
@@ -137,6 +148,7 @@ impl Default for OnlineDpoConfig {
             eval: PolicyEval::default(),
             eval_reference: None,
             eval_every_round: false,
+            tripwire: TripwireConfig::default(),
         }
     }
 }
@@ -243,6 +255,23 @@ pub struct RoundStats {
     pub pairs_gold_agreement: Option<f64>,
     pub seconds_labelling: f64,
     pub dpo: Option<DpoSummary>,
+    /// The trip-wire's monitors of the round's candidates (when `[tripwire]` is on).
+    #[serde(default)]
+    pub monitors: Option<RoundMonitors>,
+    /// Why the trip-wire tripped on this round, and the policy it went back to.
+    #[serde(default)]
+    pub tripped: Option<(String, PathBuf)>,
+}
+
+/// What the trip-wire judges a round's candidates by.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct RoundMonitors {
+    /// Mean sequence KL(policy || initial policy) of the candidates.
+    pub kl: f64,
+    /// Mean completion tokens.
+    pub response_length: f64,
+    /// The policy's perplexity on its own candidates.
+    pub perplexity: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -298,6 +327,7 @@ fn label_round(
     task: Option<&dyn Task>,
     dir: &Path,
     max_new_tokens: usize,
+    initial: Option<&rlhf_lm::llama::Llama>,
     device: &Device,
 ) -> Result<(Vec<PairIds>, RoundStats)> {
     let started = std::time::Instant::now();
@@ -336,6 +366,9 @@ fn label_round(
         candidates: cands.len(),
         ..Default::default()
     };
+    if let Some(initial) = initial {
+        stats.monitors = Some(monitors(&cands, initial, lm.pad_id, cfg)?);
+    }
     if let Some(task) = task {
         let g: Vec<f64> = cands
             .iter()
@@ -496,6 +529,40 @@ fn label_round(
     Ok((pairs, stats))
 }
 
+/// The trip-wire's view of a round's candidates: their KL to the initial policy (sampled
+/// log-probs against the initial policy's, at the sampling temperature), length and perplexity.
+fn monitors(
+    cands: &[Generated],
+    initial: &rlhf_lm::llama::Llama,
+    pad_id: u32,
+    cfg: &OnlineDpoConfig,
+) -> Result<RoundMonitors> {
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = cands
+        .iter()
+        .map(|g| (g.prompt_ids.clone(), g.completion_ids.clone()))
+        .collect();
+    let initial_lp =
+        rlhf_lm::score::score_pairs(initial, &rows, pad_id, cfg.batch_size, cfg.temperature)?;
+    let n = cands.len().max(1) as f64;
+    let tokens: usize = cands.iter().map(|g| g.logprobs.len()).sum();
+    let logp_sum: f64 = cands
+        .iter()
+        .flat_map(|g| g.logprobs.iter())
+        .map(|&x| x as f64)
+        .sum();
+    let kl = cands
+        .iter()
+        .zip(&initial_lp)
+        .map(|(g, r)| rlhf_rl::kl::sequence_kl(&g.logprobs, r))
+        .sum::<f64>()
+        / n;
+    Ok(RoundMonitors {
+        kl,
+        response_length: tokens as f64 / n,
+        perplexity: (-logp_sum / tokens.max(1) as f64).exp(),
+    })
+}
+
 /// Mark a round done (`round.json`) and append it to `rounds.jsonl`.
 fn finish_round(done: &Path, log_path: &Path, stats: &RoundStats) -> Result<()> {
     rlhf_train::run::write_json(done, stats)?;
@@ -503,6 +570,13 @@ fn finish_round(done: &Path, log_path: &Path, stats: &RoundStats) -> Result<()> 
     log.push_str(&serde_json::to_string(stats).expect("serialisable"));
     log.push('\n');
     rlhf_train::run::write_atomic(log_path, log.as_bytes())
+}
+
+/// Whether a trip now ends the rounds: `action = "stop"`, or the rollbacks (earlier tripped
+/// rounds) are used up.
+fn trip_stops(tw: &TripwireConfig, earlier: &[RoundStats]) -> bool {
+    let rollbacks = earlier.iter().filter(|r| r.tripped.is_some()).count();
+    tw.action == TripAction::Stop || rollbacks >= tw.max_rollbacks
 }
 
 pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<OnlineDpoSummary> {
@@ -551,7 +625,18 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
         cfg.model.clone()
     };
     let mut policy = start.clone();
-    let mut rounds = Vec::new();
+    // The trip-wire's last good policy (one whose candidates passed) and the initial policy the
+    // KL is measured against.
+    let tw = &cfg.tripwire;
+    let mut good = start.clone();
+    // The round whose starting policy `good` is (its candidates passed), 1-based.
+    let mut good_round = 1;
+    let initial = if tw.enabled() {
+        Some(TrainableLm::load(&start, device)?.model(device)?.detached())
+    } else {
+        None
+    };
+    let mut rounds: Vec<RoundStats> = Vec::new();
     let log_path = out.join("rounds.jsonl");
     if !resume {
         std::fs::remove_file(&log_path).ok();
@@ -562,10 +647,21 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
         if resume && done.exists() {
             let stats: RoundStats = rlhf_train::run::read_json(&done)?;
             eprintln!("round {t}: done ({} pairs)", stats.pairs);
-            if stats.dpo.is_some() {
-                policy = dir.join("model");
+            match &stats.tripped {
+                Some((_, back_to)) => policy = back_to.clone(),
+                None => {
+                    good = stats.policy.clone();
+                    good_round = t;
+                    if stats.dpo.is_some() {
+                        policy = dir.join("model");
+                    }
+                }
             }
+            let stopped = stats.tripped.is_some() && trip_stops(tw, &rounds);
             rounds.push(stats);
+            if stopped {
+                break;
+            }
             continue;
         }
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
@@ -576,9 +672,51 @@ pub fn run(cfg: &OnlineDpoConfig, resume: bool, device: &Device) -> Result<Onlin
         );
         let lm = TrainableLm::load(&policy, device)?;
         let prompts = load_prompt_items(cfg, &lm, task)?;
-        let (pairs, mut stats) =
-            label_round(cfg, t, &lm, &prompts, task, &dir, max_new_tokens, device)?;
+        let (pairs, mut stats) = label_round(
+            cfg,
+            t,
+            &lm,
+            &prompts,
+            task,
+            &dir,
+            max_new_tokens,
+            initial.as_ref(),
+            device,
+        )?;
         stats.policy = policy.clone();
+        // The trip-wire judges the policy that sampled this round before it learns from them.
+        if let Some(m) = stats.monitors {
+            match tw.check(m.kl, m.response_length, m.perplexity) {
+                None => {
+                    good = policy.clone();
+                    good_round = t;
+                }
+                Some(why) => {
+                    let stop = trip_stops(tw, &rounds);
+                    rlhf_rl::tripwire::record(
+                        &mut |_| Ok(()),
+                        out,
+                        &format!("round {t}: {why}; back to round {good_round}'s starting policy"),
+                        stop,
+                        0,
+                        good_round as u64,
+                        &[
+                            ("kl", m.kl),
+                            ("response_length", m.response_length),
+                            ("perplexity", m.perplexity),
+                        ],
+                    )?;
+                    policy = good.clone();
+                    stats.tripped = Some((why, good.clone()));
+                    finish_round(&done, &log_path, &stats)?;
+                    rounds.push(stats);
+                    if stop {
+                        break;
+                    }
+                    continue;
+                }
+            }
+        }
         eprintln!(
             "   {} pairs from {} prompts ({} ties, {} unscored dropped){}",
             stats.pairs,

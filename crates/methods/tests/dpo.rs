@@ -872,3 +872,69 @@ fn self_rewarding_round_on_the_testbed() {
     other.0.judge.model = Some(dir.join("init"));
     assert!(self_reward::run_self_reward(&other, false, &CPU).is_err());
 }
+
+/// Online DPO's trip-wire judges each round's candidates against the initial policy: round 1's
+/// (sampled by the initial policy) pass, round 2's (sampled by round 1's model) are past a tight
+/// KL bound, so round 2 does not train and the policy goes back to the initial one; round 3
+/// samples from it again (passes) and trains. With `action = "stop"` the rounds end at round 2
+/// and the final model is the initial one. A resumed run reads the tripped round back.
+#[test]
+fn online_dpo_rounds_roll_back_at_the_tripwire() {
+    use rlhf_methods::online_dpo::{self, LabelerKind, OnlineDpoConfig};
+    use rlhf_rl::tripwire::{TripAction, TripwireConfig};
+    let dir = scratch("online-trip");
+    let model = tiny_model(&dir, 5);
+    let cfg = |out: &str, action: TripAction| OnlineDpoConfig {
+        model: model.clone(),
+        task: Some("sentiment".into()),
+        output_dir: dir.join(out),
+        rounds: 3,
+        prompts_per_round: 12,
+        max_new_tokens: Some(6),
+        labeler: LabelerKind::Annotators,
+        dpo: round_dpo(),
+        tripwire: TripwireConfig {
+            max_kl: Some(1e-3),
+            action,
+            max_rollbacks: 1,
+            ..Default::default()
+        },
+        ..OnlineDpoConfig::default()
+    };
+    let c = cfg("rollback", TripAction::Rollback);
+    let s = online_dpo::run(&c, false, &CPU).unwrap();
+    assert_eq!(s.rounds.len(), 3);
+    let kl = |i: usize| s.rounds[i].monitors.unwrap().kl;
+    assert!(
+        kl(0).abs() < 1e-3,
+        "the initial policy against itself: {}",
+        kl(0)
+    );
+    assert!(kl(1) > 1e-3, "round 1's model has moved: {}", kl(1));
+    assert!(s.rounds[0].tripped.is_none() && s.rounds[0].dpo.is_some());
+    let (why, back_to) = s.rounds[1].tripped.clone().unwrap();
+    assert!(why.contains("max_kl"), "{why}");
+    assert_eq!(back_to, model);
+    assert!(s.rounds[1].dpo.is_none());
+    assert_eq!(
+        s.rounds[2].policy, model,
+        "round 3 samples from the restored policy"
+    );
+    assert!(s.rounds[2].tripped.is_none() && kl(2).abs() < 1e-3);
+    assert_eq!(s.model, dir.join("rollback/round-3/model"));
+    let again = online_dpo::run(&c, true, &CPU).unwrap();
+    assert_eq!(again.model, s.model);
+    assert_eq!(again.rounds.len(), 3);
+
+    let s = online_dpo::run(&cfg("stop", TripAction::Stop), false, &CPU).unwrap();
+    assert_eq!(s.rounds.len(), 2);
+    assert_eq!(
+        s.model, model,
+        "the rounds end with the last good (initial) policy"
+    );
+    let trip: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("stop/tripwire.json")).unwrap())
+            .unwrap();
+    assert_eq!(trip["action"], "stopped");
+    std::fs::remove_dir_all(dir).ok();
+}
