@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{metrics, rlhf, scratch, train};
+use common::{metrics, scratch, train};
 
 fn file(path: &std::path::Path) -> Vec<u8> {
     std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -14,12 +14,7 @@ fn file(path: &std::path::Path) -> Vec<u8> {
 fn killed_dialogue_rl_resumes_to_the_same_result() {
     let root = scratch("dialogue-resume");
     let data = root.join("data");
-    let o = rlhf()
-        .args(["testbed", "--task", "dialogue", "--out"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::dialogue_testbed(&data);
     for f in [
         "logs.jsonl",
         "eval_logs.jsonl",

@@ -4,7 +4,7 @@
 //! checkpoint on disk. A diverging run trips the shared trip-wire in every online method.
 
 mod common;
-use common::{metrics, rlhf, run_method, scratch, small_sft, tiny_model};
+use common::{metrics, run_method, scratch, small_sft, tiny_model};
 
 use std::path::{Path, PathBuf};
 
@@ -303,12 +303,7 @@ fn a_kl_rollback_restores_the_methods_state() {
 fn dialogue_rl_stops_at_its_tripwire_with_the_last_good_weights() {
     let root = scratch("faults-dialogue");
     let data = root.join("data");
-    let o = rlhf()
-        .args(["testbed", "--task", "dialogue", "--out"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::dialogue_testbed(&data);
     let toml = root.join("run.toml");
     std::fs::write(
         &toml,

@@ -187,15 +187,8 @@ const LOADERS: &[(&str, Loader)] = &[
     }),
 ];
 
-const KNOWN_FIELDS: &[&str] = &[
-    "prompt",
-    "completion",
-    "messages",
-    "chosen",
-    "rejected",
-    "label",
-    "margin",
-];
+/// The fields of a data line (`FIELDS` without the message keys `role` and `content`).
+const KNOWN_FIELDS: &[&str] = FIELDS.split_at(7).0;
 
 fn known_field(field: &str) -> bool {
     field == "(line)"

@@ -141,3 +141,14 @@ pub fn small_sft(root: &Path, n: usize) -> PathBuf {
     .unwrap();
     toml
 }
+
+/// `rlhf testbed --task dialogue --out <dir>`: the game's logs, held-out logs, tokenizer and an
+/// `init/` tiny model with its chat template.
+pub fn dialogue_testbed(dir: &Path) {
+    let o = rlhf()
+        .args(["testbed", "--task", "dialogue", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
