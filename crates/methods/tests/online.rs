@@ -425,6 +425,24 @@ fn command_reward_source() {
         started.elapsed() < Duration::from_secs(3),
         "the slow command was killed"
     );
+    // What the command started is stopped with it: a background `sleep` of the timed-out shell
+    // is gone too (a zombie at most, until init reaps it).
+    let pid_file = std::env::temp_dir().join(format!("rlhf-reward-child-{}", std::process::id()));
+    let hung = sh(&format!("sleep 30 & echo $! > {pid_file:?}; wait"), 0.5, 0);
+    assert!(hung.score(&q).is_err());
+    let pid = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    std::thread::sleep(Duration::from_millis(200));
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let alive = state
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next())
+        .is_some_and(|st| st != "Z" && st != "X");
+    assert!(!alive, "the command's child survived the timeout: {state}");
+    std::fs::remove_file(pid_file).ok();
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]

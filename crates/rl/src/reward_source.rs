@@ -269,13 +269,17 @@ impl CommandSource {
 
     /// Run the command once with `body` on stdin; its stdout, or what went wrong.
     pub fn call(&self, body: &str) -> std::result::Result<String, String> {
-        let mut child = Command::new(&self.argv[0])
+        let mut command = Command::new(&self.argv[0]);
+        command
             .args(&self.argv[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start: {e}"))?;
+            .stderr(Stdio::piped());
+        // A process group of its own, so a timeout stops whatever the command started too (a
+        // shell's `sleep`, a server it forked), not only the command itself.
+        #[cfg(unix)]
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let mut child = command.spawn().map_err(|e| format!("cannot start: {e}"))?;
         // Feed stdin and drain stdout/stderr on their own threads so no pipe can fill up and block.
         let mut stdin = child.stdin.take().expect("piped");
         let body = body.to_string();
@@ -299,7 +303,7 @@ impl CommandSource {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) if started.elapsed() >= self.timeout => {
-                    let _ = child.kill();
+                    kill_group(&mut child);
                     let _ = child.wait();
                     return Err(format!(
                         "timed out after {:.1} s (killed)",
@@ -321,6 +325,20 @@ impl CommandSource {
         }
         Ok(out)
     }
+}
+
+/// SIGKILL a command started in a process group of its own, and everything in that group.
+fn kill_group(child: &mut std::process::Child) {
+    #[cfg(unix)]
+    {
+        // The group's id is the child's pid (`process_group(0)`); a negative pid names the group.
+        let pgid = child.id() as libc::pid_t;
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        if unsafe { libc::kill(-pgid, libc::SIGKILL) } == 0 {
+            return;
+        }
+    }
+    let _ = child.kill();
 }
 
 impl RewardSource for CommandSource {
