@@ -1,6 +1,6 @@
-//! The kill drill: SFT, RM, DPO, RLOO, PPO and ReST runs are killed with SIGKILL at random
-//! instants (checkpoint writes included: every run checkpoints at every step), resumed with
-//! `--resume`, killed again, and so on; the run that finally completes must end with the weights
+//! The kill drill: SFT, RM, DPO, KTO, online DPO, RLOO, PPO and ReST runs are killed with SIGKILL
+//! at random instants (checkpoint writes included: every run checkpoints at every step), resumed
+//! with `--resume`, killed again, and so on; the run that finally completes must end with the weights
 //! and the metrics of an uninterrupted run, bit for bit. After every kill each checkpoint on disk
 //! must be complete and readable, and `metrics.jsonl` must never repeat or skip a step.
 //!
@@ -268,6 +268,17 @@ fn drills(root: &Path) -> Vec<Drill> {
         })
         .collect();
     std::fs::write(root.join("pairs.jsonl"), pairs.join("\n")).unwrap();
+    // Unpaired (KTO): each demonstration desirable, the next one's completion undesirable.
+    let unpaired: Vec<String> = (0..32)
+        .flat_map(|i| {
+            [
+                serde_json::json!({"prompt": demos[i].0, "completion": format!(" {}", demos[i].1), "label": true}),
+                serde_json::json!({"prompt": demos[i].0, "completion": format!(" {}", demos[i + 1].1), "label": false}),
+            ]
+        })
+        .map(|v| v.to_string())
+        .collect();
+    std::fs::write(root.join("unpaired.jsonl"), unpaired.join("\n")).unwrap();
     let arith = task_by_name("arithmetic", 0).unwrap();
     let arith_root = root.join("arith");
     std::fs::create_dir_all(&arith_root).unwrap();
@@ -307,6 +318,23 @@ fn drills(root: &Path) -> Vec<Drill> {
             toml: offline("pairs.jsonl"),
             same_bytes: vec![model],
             same_metrics: vec!["metrics.jsonl"],
+        },
+        Drill {
+            name: "kto",
+            args: vec!["--threads", "1", "kto"],
+            toml: offline("unpaired.jsonl"),
+            same_bytes: vec![model],
+            same_metrics: vec!["metrics.jsonl"],
+        },
+        Drill {
+            name: "online-dpo",
+            args: vec!["--threads", "1", "online-dpo"],
+            toml: format!(
+                "model = {init:?}\ntask = \"sentiment\"\nrounds = 3\nprompts_per_round = 32\nmax_new_tokens = 6\nlabeler = \"annotators\"\nseed = 5\n\
+                 [dpo]\nbatch_size = 4\nmax_len = 48\nsave_every = 1\nlog_every = 1\n[dpo.optim]\nlr = 1e-3\n"
+            ),
+            same_bytes: vec!["round-3/model/model.safetensors", "round-2/pairs.jsonl", "round-3/pairs.jsonl"],
+            same_metrics: vec!["round-1/metrics.jsonl", "round-2/metrics.jsonl", "round-3/metrics.jsonl"],
         },
         Drill {
             name: "rloo",
