@@ -665,7 +665,7 @@ impl<M: Method> Session<M> {
             self.trainer.checkpoint(&self.lm, state)?;
         }
         let tw = &self.cfg.tripwire;
-        if tw.enabled() && it % tw.snapshot_interval(self.cfg.save_every) == 0 {
+        if tw.enabled() && it.is_multiple_of(tw.snapshot_interval(self.cfg.save_every)) {
             // Good once the next rollout of these weights passes the wire.
             self.guard.pending = Some(self.snapshot(&state_value, critic.as_deref())?);
         }

@@ -142,14 +142,14 @@ impl Optimizer {
 
     /// A deep copy of the state (AdamW moments and step counts), for checkpoints and rollbacks.
     pub fn state(&self) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
-        Ok(self.opt.state()?)
+        self.opt.state()
     }
 
     pub fn load_state(
         &mut self,
         state: &std::collections::HashMap<String, candle_core::Tensor>,
     ) -> Result<()> {
-        Ok(self.opt.load_state(state)?)
+        self.opt.load_state(state)
     }
 }
 
