@@ -575,8 +575,8 @@ impl<M: Method> Session<M> {
         Ok(steps)
     }
 
-    /// Whether `end_iteration` will checkpoint now (methods with state outside the policy, such
-    /// as a value model, save theirs first, at the same step).
+    /// Whether `end_iteration` will checkpoint now (the critic, when there is one, at the same
+    /// step).
     pub fn checkpoint_due(&self) -> bool {
         let it = self.iteration();
         self.cfg.save_every > 0 && it % self.cfg.save_every == 0 && it < self.cfg.steps
@@ -655,8 +655,7 @@ impl<M: Method> Session<M> {
                 self.log_eval(&r)?;
             }
         }
-        let state_value = serde_json::to_value(&*method_state)
-            .map_err(|e| TrainError::invalid(format!("{}: method state: {e}", M::NAME)))?;
+        let state_value = method_state_value::<M, S>(method_state)?;
         if self.checkpoint_due() {
             if let Some(c) = critic.as_deref() {
                 c.checkpoint(self.trainer.step)?;
@@ -688,8 +687,7 @@ impl<M: Method> Session<M> {
         }
         if self.guard.good.is_none() {
             // The state this process starts learning from (initial, or resumed) is the first good one.
-            let state_value = serde_json::to_value(&*method_state)
-                .map_err(|e| TrainError::invalid(format!("{}: method state: {e}", M::NAME)))?;
+            let state_value = method_state_value::<M, S>(method_state)?;
             self.guard.good = Some(self.snapshot(&state_value, critic.as_deref())?);
         }
         let st = rollout.stats();
@@ -928,6 +926,12 @@ pub fn policy_logprobs(
     device: &Device,
 ) -> Result<Tensor> {
     Ok(completion_logprobs(&lm.model(device)?, batch, temperature)?)
+}
+
+/// A method's own state as JSON (checkpoints and trip-wire snapshots keep it so).
+fn method_state_value<M: Method, S: Serialize>(state: &S) -> Result<serde_json::Value> {
+    serde_json::to_value(state)
+        .map_err(|e| TrainError::invalid(format!("{}: method state: {e}", M::NAME)))
 }
 
 fn query_of(g: &Generated) -> Query<'_> {

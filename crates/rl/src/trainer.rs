@@ -71,6 +71,17 @@ pub struct StepStats {
     pub applied: bool,
 }
 
+impl StepStats {
+    /// A step that was counted but not computed.
+    fn not_taken() -> Self {
+        StepStats {
+            lr: f64::NAN,
+            grad_norm: f64::NAN,
+            applied: false,
+        }
+    }
+}
+
 /// AdamW with its learning-rate schedule and global-norm clipping over one parameter set (a
 /// policy, a critic, a reward model): the one optimiser skeleton every trained model steps with.
 pub struct Optimizer {
@@ -354,52 +365,44 @@ impl Trainer {
     /// loss ([`Trainer::check_loss`]) or gradient is not finite is skipped or stops the run
     /// (`optim.on_nonfinite`); `applied` says which.
     pub fn apply(&mut self, grads: GradStore) -> Result<StepStats> {
-        let stats = match self.pending_skip.is_some() {
-            true => StepStats {
-                lr: f64::NAN,
-                grad_norm: f64::NAN,
-                applied: false,
-            },
-            false => {
-                let stats = self.optimizer.apply(grads, self.step)?;
-                if !stats.applied {
-                    self.nonfinite("gradient norm", stats.grad_norm)?;
-                }
-                stats
-            }
-        };
-        if let Some(what) = self.pending_skip.take() {
-            self.skipped_in_a_row += 1;
-            eprintln!("warning: {what}: step skipped (weights and optimiser state unchanged)");
-            self.step += 1;
-            self.log(&[("nonfinite_skipped", 1.0)])?;
+        let stats = if self.pending_skip.is_some() {
+            StepStats::not_taken()
         } else {
-            self.skipped_in_a_row = 0;
-            self.step += 1;
+            let stats = self.optimizer.apply(grads, self.step)?;
+            if !stats.applied {
+                self.nonfinite("gradient norm", stats.grad_norm)?;
+            }
+            stats
+        };
+        self.step += 1;
+        match self.pending_skip.take() {
+            Some(what) => {
+                self.skipped_in_a_row += 1;
+                eprintln!("warning: {what}: step skipped (weights and optimiser state unchanged)");
+                self.log(&[("nonfinite_skipped", 1.0)])?;
+            }
+            None => self.skipped_in_a_row = 0,
         }
-        if self.kill_at == Some(self.step) {
-            return Err(rlhf_train::TrainError::Invalid(format!(
-                "killed at step {} (RLHF_TEST_KILL_AT_STEP)",
-                self.step
-            )));
-        }
+        self.stop_if_killed()?;
         Ok(stats)
     }
 
     /// Count a step without computing or applying it (the trip-wire's rolled-back iteration).
     pub fn skip(&mut self) -> Result<StepStats> {
         self.step += 1;
+        self.stop_if_killed()?;
+        Ok(StepStats::not_taken())
+    }
+
+    /// `RLHF_TEST_KILL_AT_STEP`: fail right after that step.
+    fn stop_if_killed(&self) -> Result<()> {
         if self.kill_at == Some(self.step) {
             return Err(rlhf_train::TrainError::Invalid(format!(
                 "killed at step {} (RLHF_TEST_KILL_AT_STEP)",
                 self.step
             )));
         }
-        Ok(StepStats {
-            lr: f64::NAN,
-            grad_norm: f64::NAN,
-            applied: false,
-        })
+        Ok(())
     }
 
     /// A deep copy of the optimiser's state (AdamW moments and step counts).
