@@ -24,6 +24,20 @@ fn online(toml: &Path, out: &Path, resume: bool) -> (bool, String) {
     run_method("rloo", toml, out, &[], resume, &[])
 }
 
+/// `run` ended where the uninterrupted `clean` run ended: the same final weights, byte for byte,
+/// and the same metrics rows (wall-clock columns aside).
+fn assert_same_end(clean: &Path, run: &Path, what: &str) {
+    assert!(
+        bytes(clean.join("model/model.safetensors")) == bytes(run.join("model/model.safetensors")),
+        "{what}: the final weights differ"
+    );
+    assert_eq!(
+        metrics(&clean.join("metrics.jsonl")),
+        metrics(&run.join("metrics.jsonl")),
+        "{what}"
+    );
+}
+
 fn bytes(path: PathBuf) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
@@ -133,13 +147,7 @@ fn a_full_disk_stops_the_run_cleanly_and_resume_finishes_it() {
     // Room again (here: the copy on the real disk): resume ends where the clean run ended.
     let (ok, err) = sft(&toml, &copy, true);
     assert!(ok, "{err}");
-    assert!(
-        bytes(clean.join("model/model.safetensors")) == bytes(copy.join("model/model.safetensors"))
-    );
-    assert_eq!(
-        metrics(&clean.join("metrics.jsonl")),
-        metrics(&copy.join("metrics.jsonl"))
-    );
+    assert_same_end(&clean, &copy, "copy");
     std::fs::remove_dir_all(root).ok();
 }
 
@@ -232,15 +240,7 @@ fn a_reward_command_that_hangs_or_dies_mid_run_loses_nothing() {
         std::fs::copy(&good, &flaky).unwrap();
         let (ok, err) = online(&flaky, &dir, true);
         assert!(ok, "{err}");
-        assert!(
-            bytes(clean.join("model/model.safetensors"))
-                == bytes(dir.join("model/model.safetensors")),
-            "{fault}"
-        );
-        assert_eq!(
-            metrics(&clean.join("metrics.jsonl")),
-            metrics(&dir.join("metrics.jsonl"))
-        );
+        assert_same_end(&clean, &dir, fault);
     }
     std::fs::remove_dir_all(root).ok();
 }
@@ -262,13 +262,15 @@ fn truncated_model_files_are_named_or_passed_over() {
     // 1. The newest checkpoint damaged after it was written: resume says so, falls back to the
     //    one before, and still ends where the clean run ended.
     let dir = root.join("damaged");
-    let mut c = rlhf();
-    c.args(["--threads", "1", "sft", "--config"])
-        .arg(&toml)
-        .arg("--set")
-        .arg(format!("output_dir={}", dir.display()))
-        .env("RLHF_TEST_KILL_AT_STEP", "5");
-    assert!(!c.output().unwrap().status.success());
+    let killed = run_method(
+        "sft",
+        &toml,
+        &dir,
+        &[],
+        false,
+        &[("RLHF_TEST_KILL_AT_STEP", "5")],
+    );
+    assert!(!killed.0);
     truncate(&dir.join("checkpoints/step-4/model.safetensors"));
     let (ok, err) = sft(&toml, &dir, true);
     assert!(ok, "{err}");
@@ -280,13 +282,7 @@ fn truncated_model_files_are_named_or_passed_over() {
             && err.contains("step-3"),
         "{err}"
     );
-    assert!(
-        bytes(clean.join("model/model.safetensors")) == bytes(dir.join("model/model.safetensors"))
-    );
-    assert_eq!(
-        metrics(&clean.join("metrics.jsonl")),
-        metrics(&dir.join("metrics.jsonl"))
-    );
+    assert_same_end(&clean, &dir, "dir");
 
     // 2. The base model truncated while a run uses it: the run holds its weights in memory and
     //    finishes as the clean run does; a new run from the damaged file names it.
@@ -321,10 +317,7 @@ fn truncated_model_files_are_named_or_passed_over() {
     truncate(&base.join("model.safetensors"));
     let o = child.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(
-        bytes(clean.join("model/model.safetensors"))
-            == bytes(during.join("model/model.safetensors"))
-    );
+    assert_same_end(&clean, &during, "base truncated mid-run");
     let (ok, err) = sft(&toml2, &root.join("after"), false);
     assert!(!ok);
     assert!(

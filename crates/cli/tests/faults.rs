@@ -29,6 +29,11 @@ fn bytes(path: PathBuf) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// What the trip-wire wrote to `<run>/tripwire.json`.
+fn tripwire_record(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("tripwire.json")).unwrap()).unwrap()
+}
+
 fn latest(run: &Path) -> String {
     std::fs::read_to_string(run.join("checkpoints/latest"))
         .unwrap()
@@ -202,9 +207,7 @@ fn every_online_method_stops_at_its_tripwire_with_the_last_good_weights() {
         }
         let (ok, err) = run(method, &toml, &dir, &sets, None);
         assert!(ok, "{method}: {err}");
-        let trip: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("tripwire.json")).unwrap())
-                .unwrap();
+        let trip = tripwire_record(&dir);
         assert_eq!(trip["action"], "stopped", "{method}");
         assert!(
             trip["reason"].as_str().unwrap().contains("max_length 0.5"),
@@ -244,8 +247,7 @@ fn a_loss_past_its_bound_rolls_back_then_stops() {
         .filter(|r| r["tripwire/tripped"].as_f64() == Some(1.0))
         .count();
     assert_eq!(trips, 2, "{m:?}");
-    let trip: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tripwire.json")).unwrap()).unwrap();
+    let trip = tripwire_record(&dir);
     assert_eq!(trip["action"], "stopped");
     assert!(
         trip["reason"].as_str().unwrap().contains("max_loss"),
@@ -321,8 +323,7 @@ fn dialogue_rl_stops_at_its_tripwire_with_the_last_good_weights() {
     let dir = root.join("run");
     let (ok, err) = run("dialogue-rl", &toml, &dir, &[], None);
     assert!(ok, "{err}");
-    let trip: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tripwire.json")).unwrap()).unwrap();
+    let trip = tripwire_record(&dir);
     assert_eq!(trip["action"], "stopped");
     assert!(
         trip["reason"].as_str().unwrap().contains("max_length 0.5"),
