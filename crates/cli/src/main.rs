@@ -160,14 +160,35 @@ fn run_method(m: &'static dyn Registered, a: &ArgMatches, device: &Device) -> Re
             device,
         )
         .context(m.name())?;
-    println!("{}", serde_json::to_string_pretty(&summary)?);
+    if rlhf_train::dist::world().is_root() {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
     Ok(())
 }
 
 fn main() {
-    if let Err(e) = real_main() {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match real_main() {
+        Ok(()) => rlhf_train::dist::finalize(),
+        Err(e) => {
+            let world = rlhf_train::dist::world();
+            if world.size() > 1 {
+                eprintln!("error (rank {} of {}): {e:#}", world.rank(), world.size());
+                // The other ranks would wait for this one in their next collective forever.
+                rlhf_train::dist::abort_all(1);
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The default thread count: every core, shared among the ranks a launcher started on this node.
+fn default_threads() -> usize {
+    let cores = rlhf_lm::available_cores();
+    match rlhf_train::dist::local_ranks() {
+        Some(n) if rlhf_train::dist::world().size() > 1 => (cores / n).max(1),
+        _ => cores,
     }
 }
 
@@ -177,6 +198,8 @@ fn real_main() -> Result<()> {
         cmd = cmd.subcommand(method_command(m));
     }
     let matches = cmd.get_matches();
+    // Under mpirun / srun: join the other ranks (data parallelism) before any work.
+    rlhf_train::dist::init()?;
     let device = parse_device(
         matches
             .get_one::<String>("device")
@@ -185,7 +208,7 @@ fn real_main() -> Result<()> {
     let threads_arg = matches.get_one::<usize>("threads").copied();
     if let Some((name, sub)) = matches.subcommand() {
         if let Some(m) = rlhf_methods::method(name) {
-            rlhf_lm::set_threads(threads_arg.unwrap_or_else(rlhf_lm::available_cores));
+            rlhf_lm::set_threads(threads_arg.unwrap_or_else(default_threads));
             return run_method(m, sub, &device);
         }
     }
@@ -197,7 +220,7 @@ fn real_main() -> Result<()> {
         | Command::CompareRest(_)
         | Command::Rlp(_)
         | Command::CompareDialogue(_) => 1,
-        _ => rlhf_lm::available_cores(),
+        _ => default_threads(),
     });
     rlhf_lm::set_threads(threads);
     match cli.command {

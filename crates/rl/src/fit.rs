@@ -211,6 +211,7 @@ pub fn fit(
     lm.set_gradient_checkpointing(plan.gradient_checkpointing);
     let per_epoch = plan.steps_per_epoch(examples);
     let total = plan.total_steps(examples);
+    let world = rlhf_train::dist::world();
     let progress = rlhf_train::progress(total, &plan.label);
     progress.set_position(trainer.step);
     let mut history = History::new();
@@ -220,7 +221,11 @@ pub fn fit(
         let first = (trainer.step % per_epoch) as usize * plan.batch_size;
         for batch in order[first..].chunks(plan.batch_size) {
             let started = std::time::Instant::now();
-            let micro = batch
+            // Data parallelism: this rank's share of the batch (all of it in a world of one); the
+            // parts' losses are weighted by their share of the whole batch, so summing the ranks'
+            // gradients gives the batch's gradient.
+            let mine = &batch[world.share(batch.len())];
+            let micro = mine
                 .len()
                 .div_ceil(plan.grad_accum.max(1))
                 .max(plan.min_micro)
@@ -228,7 +233,7 @@ pub fn fit(
             let mut acc = trainer.accumulator();
             let mut loss_sum = 0.0;
             let mut sums: Vec<(&'static str, f64)> = Vec::new();
-            for part in batch.chunks(micro) {
+            for part in mine.chunks(micro) {
                 let (loss, metrics) = loss_of(lm, batch, part)?;
                 let v = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
                 if !trainer.check_loss("loss", v)? {
@@ -244,7 +249,15 @@ pub fn fit(
                     }
                 }
             }
-            let stats = trainer.apply(acc.finish())?;
+            let stats = trainer.apply(acc.finish_across_ranks()?)?;
+            let (loss_sum, sums) = if world.size() > 1 {
+                let mut all =
+                    world.sum_metrics([("loss", loss_sum)].into_iter().chain(sums).collect())?;
+                let loss = all.remove(0).1;
+                (loss, all)
+            } else {
+                (loss_sum, sums)
+            };
             let mut m = vec![("loss", loss_sum)];
             m.extend(sums);
             history.push(m.clone());

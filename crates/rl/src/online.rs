@@ -523,10 +523,14 @@ impl<M: Method> Session<M> {
             // its end, so its remaining steps are not worth computing.
             return Ok((f64::NAN, self.trainer.skip()?));
         }
-        let micro = idx.len().div_ceil(self.cfg.optim.grad_accum.max(1)).max(1);
+        // Data parallelism: this rank's share of the minibatch (`loss_of` weights each part by
+        // its share of the whole `idx`, so the ranks' gradients and losses add up).
+        let world = rlhf_train::dist::world();
+        let mine = &idx[world.share(idx.len())];
+        let micro = mine.len().div_ceil(self.cfg.optim.grad_accum.max(1)).max(1);
         let mut acc = self.trainer.accumulator();
         let mut total = 0.0;
-        for part in idx.chunks(micro) {
+        for part in mine.chunks(micro) {
             let loss = loss_of(&self.lm, part)?;
             let v = loss.to_scalar::<f32>()? as f64;
             if !self.trainer.check_loss("loss", v)? {
@@ -536,13 +540,18 @@ impl<M: Method> Session<M> {
             total += v;
             acc.add(rlhf_lm::llama::backward(&loss)?)?;
         }
+        if world.size() > 1 {
+            let mut t = [total];
+            world.sum_f64(&mut t)?;
+            total = t[0];
+        }
         if let Some(why) = self.cfg.tripwire.check_loss(total, self.trainer.step + 1) {
             if total.is_finite() {
                 self.guard.loss_breach = Some(why);
                 return Ok((total, self.trainer.skip()?));
             }
         }
-        let stats = self.trainer.apply(acc.finish())?;
+        let stats = self.trainer.apply(acc.finish_across_ranks()?)?;
         Ok((total, stats))
     }
 

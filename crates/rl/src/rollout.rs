@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kl::sequence_kl;
 use crate::reward_source::{Query, Rewarder};
-use crate::sampling::sample;
+use crate::sampling::sample_from_chunk;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -159,6 +159,11 @@ pub struct Policies<'a> {
 }
 
 /// Sample `cfg.k` completions for each prompt, score them, and take reference log-probs.
+///
+/// Data parallelism ([`rlhf_train::dist`]): the rows (each prompt `k` times) are cut into
+/// generation batches of `rollout.batch_size`, each rank samples, scores and rewards a run of whole
+/// batches, and the samples are gathered, so every rank returns the whole rollout, in order. A
+/// batch's random stream depends on its position only, so the samples are those of one process.
 pub fn collect(
     models: &Policies,
     prompts: &[(String, Vec<u32>)],
@@ -171,14 +176,45 @@ pub fn collect(
         .iter()
         .flat_map(|p| std::iter::repeat_n(p.clone(), k))
         .collect();
+    let world = rlhf_train::dist::world();
+    let batch = cfg.batch_size.max(1);
+    let chunks = world.share(repeated.len().div_ceil(batch));
+    let rows = (chunks.start * batch).min(repeated.len())..(chunks.end * batch).min(repeated.len());
+    let mut rollout = collect_rows(
+        models,
+        &repeated[rows],
+        chunks.start,
+        k,
+        cfg,
+        rewarder,
+        seed,
+    )?;
+    if world.size() > 1 {
+        let parts: Vec<Vec<RolloutSample>> = world.gather_json(&rollout.samples)?;
+        rollout.samples = parts.into_iter().flatten().collect();
+    }
+    Ok(rollout)
+}
+
+/// [`collect`]'s work on `repeated` (rows starting at generation batch `first_chunk`).
+fn collect_rows(
+    models: &Policies,
+    repeated: &[(String, Vec<u32>)],
+    first_chunk: usize,
+    k: usize,
+    cfg: &RolloutConfig,
+    rewarder: &Rewarder,
+    seed: u64,
+) -> Result<Rollout> {
     let t0 = std::time::Instant::now();
-    let generated = sample(
+    let generated = sample_from_chunk(
         models.policy,
         models.tokenizer,
         models.pad_id,
-        &repeated,
+        repeated,
         &cfg.sampling(seed, models.eos_ids.to_vec()),
         cfg.batch_size,
+        first_chunk,
     )?;
     let generate_s = t0.elapsed().as_secs_f64();
 

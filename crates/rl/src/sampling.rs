@@ -29,8 +29,25 @@ pub fn sample(
     params: &SamplingParams,
     batch_size: usize,
 ) -> Result<Vec<Generated>> {
+    sample_from_chunk(model, tokenizer, pad_id, prompts, params, batch_size, 0)
+}
+
+/// [`sample`] for the part of a longer list of prompts that starts at generation batch
+/// `first_chunk` (a multiple of `batch_size` rows into it): each batch gets the random stream it
+/// gets in the whole list, so a data-parallel rank that samples a run of whole batches draws
+/// exactly what a single process draws for them.
+pub fn sample_from_chunk(
+    model: &Llama,
+    tokenizer: &Tokenizer,
+    pad_id: u32,
+    prompts: &[(String, Vec<u32>)],
+    params: &SamplingParams,
+    batch_size: usize,
+    first_chunk: usize,
+) -> Result<Vec<Generated>> {
     let mut out = Vec::with_capacity(prompts.len());
     for (chunk_no, chunk) in prompts.chunks(batch_size.max(1)).enumerate() {
+        let chunk_no = first_chunk + chunk_no;
         // A different stream per chunk, still a pure function of the seed.
         let params = SamplingParams {
             seed: params.seed.wrapping_add(chunk_no as u64 * 7919),

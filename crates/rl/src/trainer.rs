@@ -221,7 +221,8 @@ fn load_newest_readable(
 /// the optimiser step, restored from the latest checkpoint on resume.
 pub struct Trainer {
     pub run: RunDir,
-    metrics: MetricsLogger,
+    /// `None` on ranks other than 0, which log nothing.
+    metrics: Option<MetricsLogger>,
     optimizer: Optimizer,
     pub step: u64,
     /// The method's own state from the checkpoint a resumed run started from.
@@ -237,6 +238,16 @@ pub struct Trainer {
     pending_skip: Option<String>,
     /// Non-finite steps skipped in a row.
     skipped_in_a_row: usize,
+    /// A rank other than 0: the scratch run directory to remove at the end.
+    scratch: Option<std::path::PathBuf>,
+}
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.scratch {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl Trainer {
@@ -250,6 +261,10 @@ impl Trainer {
         total_steps: u64,
         resume: bool,
     ) -> Result<Self> {
+        let world = rlhf_train::dist::world();
+        if !world.is_root() {
+            return Self::start_replica(dir, resolved_config, lm, optim, total_steps);
+        }
         let mut optimizer = Optimizer::new(lm, optim, total_steps)?;
         // `--resume` on a directory that holds no run yet (a job restarted before its first
         // start got as far as writing its configuration) simply starts the run, so a scheduler
@@ -286,7 +301,73 @@ impl Trainer {
             let metrics = MetricsLogger::new(&run)?;
             (run, metrics, 0, None, None)
         };
-        Ok(Trainer {
+        if world.size() > 1 {
+            // The other ranks start where this one did (their replicas load the same checkpoint).
+            let point = resumed_from.clone().map(|dir| (step, dir));
+            world.broadcast_json(&point)?;
+        }
+        Ok(Self::assemble(
+            run,
+            Some(metrics),
+            optimizer,
+            step,
+            resumed_state,
+            resumed_from,
+            optim,
+        ))
+    }
+
+    /// [`Trainer::start`] on a rank other than 0 ([`rlhf_train::dist`]): the replica loads the
+    /// checkpoint rank 0 resumed from (read-only: rank 0 alone writes the run directory). What a
+    /// method writes to its run directory on this rank (checkpoints, models it reads back later)
+    /// goes to a scratch directory that is removed when the trainer is dropped; it logs no
+    /// metrics.
+    fn start_replica(
+        dir: &Path,
+        resolved_config: &impl Serialize,
+        lm: &TrainableLm,
+        optim: &OptimConfig,
+        total_steps: u64,
+    ) -> Result<Self> {
+        let world = rlhf_train::dist::world();
+        let mut optimizer = Optimizer::new(lm, optim, total_steps)?;
+        let point: Option<(u64, std::path::PathBuf)> = world.broadcast_json(&None)?;
+        let (step, resumed_state, resumed_from) = match point {
+            Some((step, ck_dir)) => {
+                let ck = RunDir::open_for_resume(dir)?.checkpoint(step)?;
+                lm.load_weights(&ck.load_model(&lm.device())?)?;
+                optimizer.load_state(&ck.load_optimizer(&lm.device())?)?;
+                debug_assert_eq!(ck.dir, ck_dir);
+                (step, Some(ck.state), Some(ck_dir))
+            }
+            None => (0, None, None),
+        };
+        let scratch =
+            std::env::temp_dir().join(format!("rlhf-rank{}-{}", world.rank(), std::process::id()));
+        let run = RunDir::create_overwriting(&scratch, resolved_config)?;
+        let mut trainer = Self::assemble(
+            run,
+            None,
+            optimizer,
+            step,
+            resumed_state,
+            resumed_from,
+            optim,
+        );
+        trainer.scratch = Some(scratch);
+        Ok(trainer)
+    }
+
+    fn assemble(
+        run: RunDir,
+        metrics: Option<MetricsLogger>,
+        optimizer: Optimizer,
+        step: u64,
+        resumed_state: Option<serde_json::Value>,
+        resumed_from: Option<std::path::PathBuf>,
+        optim: &OptimConfig,
+    ) -> Self {
+        Trainer {
             run,
             metrics,
             optimizer,
@@ -300,7 +381,13 @@ impl Trainer {
             max_nonfinite_skips: optim.max_nonfinite_skips,
             pending_skip: None,
             skipped_in_a_row: 0,
-        })
+            scratch: None,
+        }
+    }
+
+    /// Whether this process writes the run directory (rank 0; the only process without MPI).
+    pub fn writes(&self) -> bool {
+        self.metrics.is_some()
     }
 
     pub fn accumulator(&self) -> GradAccumulator {
@@ -365,6 +452,16 @@ impl Trainer {
     /// loss ([`Trainer::check_loss`]) or gradient is not finite is skipped or stops the run
     /// (`optim.on_nonfinite`); `applied` says which.
     pub fn apply(&mut self, grads: GradStore) -> Result<StepStats> {
+        let world = rlhf_train::dist::world();
+        if world.size() > 1 && world.any(self.pending_skip.is_some())? {
+            // A non-finite loss on any rank: every rank skips, so the replicas stay equal.
+            self.pending_skip.get_or_insert_with(|| {
+                format!(
+                    "a loss is not finite on another rank at optimiser step {}",
+                    self.step + 1
+                )
+            });
+        }
         let stats = if self.pending_skip.is_some() {
             StepStats::not_taken()
         } else {
@@ -422,7 +519,10 @@ impl Trainer {
     }
 
     pub fn log(&mut self, metrics: &[(&str, f64)]) -> Result<()> {
-        self.metrics.log(self.step, metrics)
+        match &mut self.metrics {
+            Some(m) => m.log(self.step, metrics),
+            None => Ok(()),
+        }
     }
 
     /// A checkpoint of the current step: weights (as an HF directory), optimiser, method state.
@@ -466,7 +566,9 @@ impl Trainer {
         )?;
         // The picture follows the checkpoints, so a long run's curves can be looked at while it
         // trains (the metrics logger draws the final one when the run ends).
-        self.metrics.refresh_curves();
+        if let Some(m) = &self.metrics {
+            m.refresh_curves();
+        }
         Ok(())
     }
 

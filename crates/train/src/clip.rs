@@ -231,6 +231,45 @@ impl GradAccumulator {
         out
     }
 
+    /// The summed gradients of every rank's accumulator ([`crate::dist`]): each rank added the
+    /// gradients of its share of the batch, and all end with the same sum. A parameter that got a
+    /// gradient on no rank is left out, as [`GradAccumulator::finish`] leaves it out (AdamW then
+    /// does not touch it); one that got a gradient on some rank counts as zero on the others.
+    /// In a world of one this is [`GradAccumulator::finish`].
+    pub fn finish_across_ranks(self) -> Result<GradStore> {
+        let world = crate::dist::world();
+        if world.size() == 1 {
+            return Ok(self.finish());
+        }
+        // One flat buffer: a presence flag per parameter, then every parameter's values.
+        let sizes: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
+        let mut flat = Vec::with_capacity(self.vars.len() + sizes.iter().sum::<usize>());
+        flat.extend(self.slots.iter().map(|s| s.is_some() as u8 as f32));
+        for (slot, &n) in self.slots.iter().zip(&sizes) {
+            match slot {
+                Some(s) => flat.extend(
+                    s.sum
+                        .to_dtype(DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                ),
+                None => flat.extend(std::iter::repeat_n(0.0f32, n)),
+            }
+        }
+        world.sum_f32(&mut flat)?;
+        let mut out = GradStore::default();
+        let mut at = self.vars.len();
+        for (i, (v, &n)) in self.vars.iter().zip(&sizes).enumerate() {
+            if flat[i] > 0.0 {
+                let g = Tensor::from_slice(&flat[at..at + n], v.dims(), v.device())?
+                    .to_dtype(v.dtype())?;
+                out.insert(v.as_tensor(), g);
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
     /// The mean over micro-batches (the sum divided by `micro_batches()`).
     pub fn finish_mean(self) -> Result<GradStore> {
         let n = self.micro_batches.max(1) as f64;

@@ -8,12 +8,14 @@
 //! - [`tensorboard`]: the TensorBoard event-file writer (and a reader, for tests);
 //! - [`plot`]: SVG charts (line charts in panels, dot-and-whisker interval charts);
 //! - [`training_curves`]: a run's `metrics.jsonl` drawn as `curves.svg`, and several runs overlaid;
+//! - [`dist`]: data parallelism across MPI ranks (a world of one without the `mpi` feature);
 //! - [`faults`]: what a non-finite loss, gradient, reward or log-prob does, and its test injection;
 //! - [`rng`]: a seedable RNG whose full state round-trips through JSON, for exact resume;
 //! - [`mod@progress`]: progress bars that stay quiet when stderr is not a terminal.
 
 pub mod clip;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod faults;
 pub mod optim;

@@ -9,7 +9,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Whether progress bars are shown in this process.
 pub fn progress_enabled() -> bool {
     let disabled = std::env::var_os("RLHF_NO_PROGRESS").is_some_and(|v| !v.is_empty() && v != "0");
-    !disabled && std::io::stderr().is_terminal()
+    // Data parallelism: rank 0 alone shows progress.
+    !disabled && std::io::stderr().is_terminal() && crate::dist::world().is_root()
 }
 
 /// A bar counting to `total`, labelled `label`: `label [00:01:23] ====>    120/500 (eta 4m) msg`.

@@ -1,0 +1,429 @@
+//! Data parallelism across processes: every rank holds a replica of the model, works on its share
+//! of each batch, and the ranks' gradients are summed before every optimiser step, so the replicas
+//! take the same step and stay identical.
+//!
+//! Processes are started by MPI (`mpirun -n 2 rlhf sft ...`, or `srun` under Slurm), which also
+//! carries the few collective operations a run needs: a sum of gradients (all-reduce), a gather of
+//! rollout samples and metrics, a broadcast of the resume point, a barrier. Built without the `mpi`
+//! feature (the default) every process is a world of one and nothing here communicates; started by
+//! a launcher as one of several ranks, such a build refuses to run (the ranks would otherwise each
+//! train alone and overwrite each other's run directory).
+//!
+//! What a caller does with it:
+//! - [`World::share`]: this rank's contiguous share of a batch. A loss over a share is weighted by
+//!   the share's size over the whole batch's, so the ranks' parts add up to the batch's loss.
+//! - `GradAccumulator::finish_across_ranks` (in `clip`) sums the ranks' gradients.
+//! - [`World::is_root`]: rank 0 alone writes the run directory (metrics, checkpoints, models).
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::{Mutex, OnceLock};
+
+use crate::{Result, TrainError};
+
+/// This process's place among the processes of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct World {
+    rank: usize,
+    size: usize,
+}
+
+static WORLD: OnceLock<World> = OnceLock::new();
+
+#[cfg(feature = "mpi")]
+static UNIVERSE: Mutex<Option<mpi::environment::Universe>> = Mutex::new(None);
+
+/// Keys of metrics received from other ranks that this rank never logged itself, kept for the
+/// life of the process (a metric's name is a `&'static str` throughout the toolkit; the set of
+/// names is small and fixed by the code).
+static INTERNED: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+
+/// Largest piece of a collective on numbers (MPI counts are 32-bit; pieces also bound the
+/// temporary buffers).
+const PIECE: usize = 1 << 26;
+
+/// The size and rank a launcher (Open MPI's mpirun, MPICH's hydra, Slurm's srun through PMI/PMIx)
+/// gave this process, if one started it.
+fn launched_as() -> Option<(usize, usize)> {
+    let var = |names: &[&str]| -> Option<usize> {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().and_then(|v| v.trim().parse().ok()))
+    };
+    let size = var(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"])?;
+    let rank = var(&["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]).unwrap_or(0);
+    Some((size, rank))
+}
+
+/// Processes a launcher started on this node (to share its cores among them), if known.
+pub fn local_ranks() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "SLURM_NTASKS_PER_NODE",
+    ]
+    .iter()
+    .find_map(|n| std::env::var(n).ok().and_then(|v| v.trim().parse().ok()))
+    .filter(|&n: &usize| n >= 1)
+}
+
+/// Join the run's processes: MPI is initialised when a launcher started this process (and the
+/// binary was built with the `mpi` feature); otherwise this process is a world of one. Call once,
+/// early; later calls return the same world.
+pub fn init() -> Result<World> {
+    if let Some(w) = WORLD.get() {
+        return Ok(*w);
+    }
+    let world = match launched_as() {
+        None | Some((0 | 1, _)) => World { rank: 0, size: 1 },
+        Some((size, rank)) => start_mpi(size, rank)?,
+    };
+    Ok(*WORLD.get_or_init(|| world))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn start_mpi(size: usize, rank: usize) -> Result<World> {
+    Err(TrainError::invalid(format!(
+        "started as rank {rank} of {size} processes (by mpirun or srun), but this binary was built \
+         without MPI: rebuild with `cargo build --release --features mpi` (needs an MPI library and \
+         libclang), or run a single process"
+    )))
+}
+
+#[cfg(feature = "mpi")]
+fn start_mpi(size: usize, rank: usize) -> Result<World> {
+    use mpi::traits::Communicator;
+    // Only the main thread calls MPI; the compute threads never do.
+    let (universe, _level) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+        .ok_or_else(|| TrainError::invalid("MPI was initialised twice"))?;
+    let comm = universe.world();
+    let world = World {
+        rank: comm.rank() as usize,
+        size: comm.size() as usize,
+    };
+    if world.size != size || world.rank != rank {
+        return Err(TrainError::invalid(format!(
+            "MPI says rank {} of {}, the launcher's environment rank {rank} of {size}",
+            world.rank, world.size
+        )));
+    }
+    *UNIVERSE.lock().expect("not poisoned") = Some(universe);
+    Ok(world)
+}
+
+/// The world this process belongs to ([`init`]'s, or a world of one when `init` was not called).
+pub fn world() -> World {
+    WORLD.get().copied().unwrap_or(World { rank: 0, size: 1 })
+}
+
+/// Leave MPI cleanly (every rank, at the end of a successful run). Nothing without MPI.
+pub fn finalize() {
+    #[cfg(feature = "mpi")]
+    drop(UNIVERSE.lock().expect("not poisoned").take());
+}
+
+/// End every rank of the run now (a rank that failed: the others would wait for it forever in
+/// their next collective). Returns only in a world of one.
+pub fn abort_all(code: i32) {
+    #[cfg(feature = "mpi")]
+    if world().size > 1 {
+        use mpi::traits::Communicator;
+        mpi::topology::SimpleCommunicator::world().abort(code);
+    }
+    let _ = code;
+}
+
+impl World {
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Rank 0: the one that writes the run directory and prints.
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// This rank's share of `n` items: contiguous, in rank order, sizes differing by at most one
+    /// (the first `n % size` ranks take one more).
+    pub fn share(&self, n: usize) -> Range<usize> {
+        share_of(n, self.rank, self.size)
+    }
+
+    /// Element-wise sum over every rank of `values`, in place. Every rank ends with the same
+    /// numbers (the reduction is done once, on rank 0, and sent to all: no rank-dependent order
+    /// of additions can make the replicas drift apart).
+    pub fn sum_f32(&self, values: &mut [f32]) -> Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        for piece in values.chunks_mut(PIECE) {
+            reduce_then_broadcast(piece)?;
+        }
+        Ok(())
+    }
+
+    /// [`World::sum_f32`] for f64.
+    pub fn sum_f64(&self, values: &mut [f64]) -> Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        for piece in values.chunks_mut(PIECE) {
+            reduce_then_broadcast(piece)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `flag` holds on any rank.
+    pub fn any(&self, flag: bool) -> Result<bool> {
+        let mut v = [flag as u8 as f64];
+        self.sum_f64(&mut v)?;
+        Ok(v[0] > 0.0)
+    }
+
+    /// Every rank's `bytes`, in rank order.
+    pub fn gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        if self.size == 1 {
+            return Ok(vec![bytes.to_vec()]);
+        }
+        all_gather_bytes(bytes, self.size)
+    }
+
+    /// Rank 0's `bytes` on every rank (what other ranks pass is ignored).
+    pub fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+        if self.size == 1 {
+            return Ok(bytes);
+        }
+        broadcast_from_root(bytes, self.rank)
+    }
+
+    /// Every rank's value, in rank order, through JSON.
+    pub fn gather_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        value: &T,
+    ) -> Result<Vec<T>> {
+        if self.size == 1 {
+            let v = serde_json::to_value(value).map_err(|e| TrainError::invalid(e.to_string()))?;
+            return serde_json::from_value(v)
+                .map(|v| vec![v])
+                .map_err(|e| TrainError::invalid(e.to_string()));
+        }
+        let mine = serde_json::to_vec(value).map_err(|e| TrainError::invalid(e.to_string()))?;
+        self.gather_bytes(&mine)?
+            .iter()
+            .enumerate()
+            .map(|(r, b)| {
+                serde_json::from_slice(b).map_err(|e| {
+                    TrainError::invalid(format!(
+                        "data gathered from rank {r} does not read back: {e}"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// Rank 0's value on every rank, through JSON.
+    pub fn broadcast_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        value: &T,
+    ) -> Result<T> {
+        let bytes = if self.is_root() {
+            serde_json::to_vec(value).map_err(|e| TrainError::invalid(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        let bytes = self.broadcast_bytes(bytes)?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            TrainError::invalid(format!("data broadcast by rank 0 does not read back: {e}"))
+        })
+    }
+
+    /// Metrics summed over the ranks, key by key (a key some rank did not report counts as 0
+    /// there), in the order the keys first appear in rank order.
+    pub fn sum_metrics(
+        &self,
+        metrics: Vec<(&'static str, f64)>,
+    ) -> Result<Vec<(&'static str, f64)>> {
+        if self.size == 1 {
+            return Ok(metrics);
+        }
+        let mine: Vec<(String, f64)> = metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let all: Vec<Vec<(String, f64)>> = self.gather_json(&mine)?;
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        for (k, v) in all.into_iter().flatten() {
+            match out.iter_mut().find(|(n, _)| *n == k) {
+                Some((_, s)) => *s += v,
+                None => {
+                    let key = metrics
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .find(|n| *n == k)
+                        .unwrap_or_else(|| intern(k));
+                    out.push((key, v));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Wait until every rank gets here.
+    pub fn barrier(&self) {
+        #[cfg(feature = "mpi")]
+        if self.size > 1 {
+            use mpi::traits::CommunicatorCollectives;
+            mpi::topology::SimpleCommunicator::world().barrier();
+        }
+    }
+}
+
+/// Rank `rank`'s share of `n` items among `size` ranks (see [`World::share`]).
+pub fn share_of(n: usize, rank: usize, size: usize) -> Range<usize> {
+    let size = size.max(1);
+    let (base, extra) = (n / size, n % size);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
+fn intern(key: String) -> &'static str {
+    let mut set = INTERNED.lock().expect("not poisoned");
+    let set = set.get_or_insert_with(HashSet::new);
+    if let Some(k) = set.get(key.as_str()) {
+        return k;
+    }
+    let leaked: &'static str = Box::leak(key.into_boxed_str());
+    set.insert(leaked);
+    leaked
+}
+
+#[cfg(feature = "mpi")]
+fn reduce_then_broadcast<T>(piece: &mut [T]) -> Result<()>
+where
+    T: mpi::datatype::Equivalence + Copy + Default,
+{
+    use mpi::collective::SystemOperation;
+    use mpi::traits::{Communicator, Root};
+    let comm = mpi::topology::SimpleCommunicator::world();
+    let root = comm.process_at_rank(0);
+    if comm.rank() == 0 {
+        let mut sum = vec![T::default(); piece.len()];
+        root.reduce_into_root(&*piece, &mut sum[..], SystemOperation::sum());
+        piece.copy_from_slice(&sum);
+    } else {
+        root.reduce_into(&*piece, SystemOperation::sum());
+    }
+    root.broadcast_into(piece);
+    Ok(())
+}
+
+#[cfg(not(feature = "mpi"))]
+fn reduce_then_broadcast<T>(_piece: &mut [T]) -> Result<()> {
+    Err(TrainError::invalid("no MPI in this build"))
+}
+
+#[cfg(feature = "mpi")]
+fn all_gather_bytes(bytes: &[u8], size: usize) -> Result<Vec<Vec<u8>>> {
+    use mpi::datatype::PartitionMut;
+    use mpi::traits::CommunicatorCollectives;
+    let comm = mpi::topology::SimpleCommunicator::world();
+    let len = i32::try_from(bytes.len())
+        .map_err(|_| TrainError::invalid("more than 2 GiB to gather from one rank"))?;
+    let mut counts = vec![0i32; size];
+    comm.all_gather_into(&len, &mut counts[..]);
+    let displs: Vec<i32> = counts
+        .iter()
+        .scan(0i32, |at, &c| {
+            let d = *at;
+            *at += c;
+            Some(d)
+        })
+        .collect();
+    let total: usize = counts.iter().map(|&c| c as usize).sum();
+    let mut all = vec![0u8; total];
+    {
+        let mut part = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+        comm.all_gather_varcount_into(bytes, &mut part);
+    }
+    Ok(counts
+        .iter()
+        .zip(&displs)
+        .map(|(&c, &d)| all[d as usize..(d + c) as usize].to_vec())
+        .collect())
+}
+
+#[cfg(not(feature = "mpi"))]
+fn all_gather_bytes(_bytes: &[u8], _size: usize) -> Result<Vec<Vec<u8>>> {
+    Err(TrainError::invalid("no MPI in this build"))
+}
+
+#[cfg(feature = "mpi")]
+fn broadcast_from_root(mut bytes: Vec<u8>, rank: usize) -> Result<Vec<u8>> {
+    use mpi::traits::{Communicator, Root};
+    let comm = mpi::topology::SimpleCommunicator::world();
+    let root = comm.process_at_rank(0);
+    let mut len = bytes.len() as u64;
+    root.broadcast_into(&mut len);
+    if rank != 0 {
+        bytes = vec![0u8; len as usize];
+    }
+    for piece in bytes.chunks_mut(PIECE) {
+        root.broadcast_into(piece);
+    }
+    Ok(bytes)
+}
+
+#[cfg(not(feature = "mpi"))]
+fn broadcast_from_root(_bytes: Vec<u8>, _rank: usize) -> Result<Vec<u8>> {
+    Err(TrainError::invalid("no MPI in this build"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_cover_the_batch_in_order_and_differ_by_at_most_one() {
+        for n in 0..20 {
+            for size in 1..6 {
+                let shares: Vec<Range<usize>> = (0..size).map(|r| share_of(n, r, size)).collect();
+                let mut next = 0;
+                for s in &shares {
+                    assert_eq!(s.start, next, "n={n} size={size}: {shares:?}");
+                    next = s.end;
+                }
+                assert_eq!(next, n);
+                let lens: Vec<usize> = shares.iter().map(|s| s.len()).collect();
+                let (lo, hi) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
+                assert!(hi - lo <= 1, "n={n} size={size}: {lens:?}");
+            }
+        }
+        assert_eq!(share_of(10, 0, 3), 0..4);
+        assert_eq!(share_of(10, 1, 3), 4..7);
+        assert_eq!(share_of(10, 2, 3), 7..10);
+        assert_eq!(share_of(1, 1, 2), 1..1);
+    }
+
+    #[test]
+    fn a_world_of_one_passes_everything_through() {
+        let w = World { rank: 0, size: 1 };
+        let mut v = [1.5f32, -2.0];
+        w.sum_f32(&mut v).unwrap();
+        assert_eq!(v, [1.5, -2.0]);
+        assert!(w.any(true).unwrap());
+        assert!(!w.any(false).unwrap());
+        assert_eq!(w.gather_bytes(b"ab").unwrap(), vec![b"ab".to_vec()]);
+        assert_eq!(w.broadcast_json(&vec![3u32]).unwrap(), vec![3u32]);
+        let m = w.sum_metrics(vec![("loss", 0.5), ("acc", 1.0)]).unwrap();
+        assert_eq!(m, vec![("loss", 0.5), ("acc", 1.0)]);
+        assert_eq!(w.share(5), 0..5);
+    }
+
+    #[test]
+    fn unknown_metric_names_are_interned_once() {
+        let a = intern("some/metric".to_string());
+        let b = intern("some/metric".to_string());
+        assert!(std::ptr::eq(a, b));
+    }
+}
