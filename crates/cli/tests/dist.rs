@@ -1,0 +1,333 @@
+//! Data parallelism from the outside: `mpirun -n 2 rlhf <method>` against one process with the
+//! same global batch (SFT, DPO, RLOO), a rank killed mid-run and the run resumed at the same and
+//! at another world size, and a build without MPI refusing to run as one of several ranks.
+//!
+//! The MPI tests need the `mpi` feature (`cargo test --release -p rlhf-cli --features mpi --test
+//! dist`, which `scripts/test.sh` runs when an MPI library is installed) and Open MPI's `mpirun`.
+
+#![allow(dead_code)] // without the `mpi` feature only the last test runs
+
+mod common;
+use std::path::{Path, PathBuf};
+
+use common::{demonstrations_file, rlhf, scratch, tiny_model};
+use rlhf_data::testbed::task_by_name;
+
+/// A small run of every kind the issue names, on the sentiment task's tiny model: SFT on
+/// demonstrations, DPO on pairs (each demonstration preferred to the next one's completion),
+/// RLOO on the gold reward (explicitly asked for: the tests need no reward model), 2 generation
+/// batches per rollout so that the 2 ranks each sample one. Returns (method, config file) pairs.
+fn configs(root: &Path, demos: usize) -> Vec<(&'static str, PathBuf)> {
+    let senti = task_by_name("sentiment", 0).unwrap();
+    demonstrations_file(&root.join("sft.jsonl"), senti.as_ref(), demos, " ");
+    let init = tiny_model(root, senti.as_ref(), 3);
+    let d = senti.demonstrations();
+    let pairs: Vec<String> = (0..48)
+        .map(|i| {
+            serde_json::json!({"prompt": d[i].0, "chosen": format!(" {}", d[i].1),
+                               "rejected": format!(" {}", d[i + 1].1)})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(root.join("pairs.jsonl"), pairs.join("\n")).unwrap();
+    let offline = |file: &str, extra: &str| {
+        format!(
+            "model = {init:?}\ntrain_file = {:?}\nepochs = 1\nbatch_size = 8\nmax_len = 48\n\
+             save_every = 1\nlog_every = 1\nseed = 5\n{extra}[optim]\nlr = 1e-3\n",
+            root.join(file)
+        )
+    };
+    let online = format!(
+        "model = {init:?}\ntask = \"sentiment\"\nsteps = 6\nprompts_per_step = 4\nsave_every = 2\nseed = 5\n\
+         [rollout]\nk = 2\nmax_new_tokens = 6\nbatch_size = 4\n[reward]\nsource = \"gold\"\nnormalize_samples = 8\n\
+         [optim]\nlr = 1e-3\nwarmup_ratio = 0.0\n[eval]\nprompts = 16\n"
+    );
+    let mut out = Vec::new();
+    for (name, text) in [
+        ("sft", offline("sft.jsonl", "")),
+        ("dpo", offline("pairs.jsonl", "[eval]\ntask = \"sentiment\"\nmax_prompts = 16\n")),
+        ("rloo", online),
+    ] {
+        let path = root.join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        out.push((name, path));
+    }
+    out
+}
+
+/// Numbers of two runs agree to float tolerance: |a - b| <= 1e-5 + 1e-4 |a| (measured: the
+/// largest relative difference of a loss over these runs is a few 1e-6; sums are taken in another
+/// order when a batch is split between ranks).
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-5 + 1e-4 * a.abs()
+}
+
+/// Every numeric column of two metrics files (time columns left out) agrees row by row.
+fn assert_metrics_close(a: &Path, b: &Path) {
+    let (ra, rb) = (common::metrics(a), common::metrics(b));
+    assert_eq!(ra.len(), rb.len(), "{} vs {}", a.display(), b.display());
+    assert!(!ra.is_empty());
+    for (x, y) in ra.iter().zip(&rb) {
+        let (x, y) = (x.as_object().unwrap(), y.as_object().unwrap());
+        assert_eq!(
+            x.keys().collect::<Vec<_>>(),
+            y.keys().collect::<Vec<_>>(),
+            "{}",
+            a.display()
+        );
+        for (k, v) in x {
+            if let (Some(p), Some(q)) = (v.as_f64(), y[k].as_f64()) {
+                assert!(
+                    close(p, q),
+                    "{} vs {}: {k} at step {}: {p} vs {q}",
+                    a.display(),
+                    b.display(),
+                    x["step"]
+                );
+            }
+        }
+    }
+}
+
+/// The largest absolute difference between two saved models' tensors.
+fn weights_diff(a: &Path, b: &Path) -> f32 {
+    let dev = candle_core::Device::Cpu;
+    let wa = candle_core::safetensors::load(a.join("model.safetensors"), &dev).unwrap();
+    let wb = candle_core::safetensors::load(b.join("model.safetensors"), &dev).unwrap();
+    assert_eq!(wa.len(), wb.len());
+    wa.iter()
+        .map(|(k, t)| {
+            (t - &wb[k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+#[cfg(feature = "mpi")]
+mod with_mpi {
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+
+    /// `mpirun -n <ranks> rlhf --threads 1 <method> --config <toml> --set output_dir=<out>`.
+    fn mpirun(ranks: usize, method: &str, toml: &Path, out: &Path, resume: bool) -> Command {
+        let mut c = Command::new("mpirun");
+        c.args(["--allow-run-as-root", "--oversubscribe", "-n"])
+            .arg(ranks.to_string())
+            .args(["-x", "RLHF_NO_PROGRESS=1", "-x"])
+            // The ranks' scratch directories (see `Trainer::start`) go here, to be checked.
+            .arg(format!("TMPDIR={}", tmp_of(out).display()))
+            .arg(env!("CARGO_BIN_EXE_rlhf"))
+            .args(["--threads", "1", method, "--config"])
+            .arg(toml)
+            .arg("--set")
+            .arg(format!("output_dir={}", out.display()));
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    }
+
+    /// The temporary directory of the ranks of the run at `out`.
+    fn tmp_of(out: &Path) -> PathBuf {
+        let d = out.with_extension("tmp");
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn run_ok(mut c: Command, what: &str) -> String {
+        let o = c.output().expect("mpirun (Open MPI) on PATH");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{what}: {err}");
+        err
+    }
+
+    fn one_process(method: &str, toml: &Path, out: &Path) {
+        let mut c = rlhf();
+        c.args(["--threads", "1", method, "--config"])
+            .arg(toml)
+            .arg("--set")
+            .arg(format!("output_dir={}", out.display()));
+        run_ok(c, method);
+    }
+
+    #[test]
+    fn two_ranks_train_as_one_process_with_the_same_global_batch() {
+        let root = scratch("dist-same");
+        for (method, toml) in configs(&root, 96) {
+            let (one, two) = (root.join(format!("{method}-1")), root.join(format!("{method}-2")));
+            one_process(method, &toml, &one);
+            run_ok(mpirun(2, method, &toml, &two, false), method);
+            assert_metrics_close(&one.join("metrics.jsonl"), &two.join("metrics.jsonl"));
+            let diff = weights_diff(&one.join("model"), &two.join("model"));
+            assert!(diff < 1e-4, "{method}: final weights differ by {diff}");
+            if method != "sft" {
+                // The final evaluation: samples of the same weights up to float tolerance.
+                let read = |d: &Path| -> serde_json::Value {
+                    serde_json::from_str(&std::fs::read_to_string(d.join("eval.json")).unwrap())
+                        .unwrap()
+                };
+                let (a, b) = (read(&one), read(&two));
+                assert_eq!(a["winrate"], b["winrate"], "{method}");
+                assert_eq!(a["mean_len"], b["mean_len"], "{method}");
+            }
+            if method == "rloo" {
+                // The two ranks sampled one generation batch each: the very same completions as
+                // one process (same lengths, EOS, gold reward in every iteration).
+                let (ra, rb) = (
+                    common::metrics(&one.join("metrics.jsonl")),
+                    common::metrics(&two.join("metrics.jsonl")),
+                );
+                for (x, y) in ra.iter().zip(&rb) {
+                    for k in ["response_length", "eos_fraction", "gold"] {
+                        assert_eq!(x.get(k), y.get(k), "rloo: {k}");
+                    }
+                }
+            }
+            // Rank 0 alone wrote the run directory; the other rank's scratch directory is gone.
+            assert!(two.join("model/model.safetensors").is_file());
+            let left: Vec<_> = std::fs::read_dir(tmp_of(&two))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().starts_with("rlhf-rank"))
+                .collect();
+            assert!(left.is_empty(), "{method}: scratch directories left: {left:?}");
+        }
+        std::fs::remove_dir_all(&root).ok();
+    }
+
+    /// The process ids of the ranks of a run (the `rlhf` processes whose command line names
+    /// `out`), without `mpirun` itself.
+    fn ranks_of(out: &Path, mpirun_pid: u32) -> Vec<u32> {
+        let o = Command::new("pgrep")
+            .arg("-f")
+            .arg(format!("rlhf --threads 1 .*output_dir={}", out.display()))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .filter(|&p| p != mpirun_pid)
+            .collect()
+    }
+
+    fn rows(out: &Path) -> usize {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    /// Start a 2-rank run and SIGKILL one of its ranks (not rank 0's parent, `mpirun`) once
+    /// `after` steps are logged; mpirun then ends the other rank. Returns how many steps were
+    /// logged when the kill landed.
+    fn kill_one_rank(method: &str, toml: &Path, out: &Path, resume: bool, after: usize) -> usize {
+        let mut c = mpirun(2, method, toml, out, resume);
+        let mut child: Child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let start = std::time::Instant::now();
+        while rows(out) < after {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before {after} steps"
+            );
+            assert!(start.elapsed().as_secs() < 120, "no progress");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let ranks = ranks_of(out, child.id());
+        assert_eq!(ranks.len(), 2, "ranks: {ranks:?}");
+        let logged = rows(out);
+        let victim = *ranks.iter().max().unwrap();
+        Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .status()
+            .unwrap();
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "mpirun succeeded after a rank was killed");
+        assert!(!out.join("model").exists(), "a killed run wrote its final model");
+        logged
+    }
+
+    #[test]
+    fn a_killed_rank_resumes_at_the_same_or_another_world_size() {
+        let root = scratch("dist-kill");
+        let (_, toml) = configs(&root, 1200).remove(0); // SFT, 150 steps, a checkpoint every step
+        let full = root.join("full");
+        run_ok(mpirun(2, "sft", &toml, &full, false), "uninterrupted");
+
+        // Killed, resumed on 2 ranks: exactly the uninterrupted 2-rank run.
+        let killed = root.join("killed");
+        let logged = kill_one_rank("sft", &toml, &killed, false, 30);
+        let err = run_ok(mpirun(2, "sft", &toml, &killed, true), "resume on 2 ranks");
+        assert!(err.contains("resuming from"), "{err}");
+        assert!(logged < 150);
+        assert_eq!(
+            common::metrics(&full.join("metrics.jsonl")),
+            common::metrics(&killed.join("metrics.jsonl"))
+        );
+        assert_eq!(
+            std::fs::read(full.join("model/model.safetensors")).unwrap(),
+            std::fs::read(killed.join("model/model.safetensors")).unwrap()
+        );
+
+        // Killed on 2 ranks, resumed as one process: the same run to float tolerance.
+        let other = root.join("other");
+        kill_one_rank("sft", &toml, &other, false, 30);
+        let mut c = rlhf();
+        c.args(["--threads", "1", "sft", "--config"])
+            .arg(&toml)
+            .arg("--set")
+            .arg(format!("output_dir={}", other.display()))
+            .arg("--resume");
+        let err = run_ok(c, "resume as one process");
+        assert!(err.contains("resuming from"), "{err}");
+        assert_metrics_close(&full.join("metrics.jsonl"), &other.join("metrics.jsonl"));
+        let diff = weights_diff(&full.join("model"), &other.join("model"));
+        assert!(diff < 1e-4, "final weights differ by {diff}");
+        std::fs::remove_dir_all(&root).ok();
+    }
+}
+
+/// Started by a launcher as one of two ranks, a build without MPI stops before it writes anything
+/// (two such processes would each train alone and overwrite each other's run directory).
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
+    let root = scratch("dist-nompi");
+    let (_, toml) = configs(&root, 16).remove(0);
+    let out = root.join("run");
+    let o = rlhf()
+        .args(["--threads", "1", "sft", "--config"])
+        .arg(&toml)
+        .arg("--set")
+        .arg(format!("output_dir={}", out.display()))
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .env("OMPI_COMM_WORLD_RANK", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("rank 1 of 2") && err.contains("--features mpi"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    // Launched as a world of one (mpirun -n 1), it runs as usual.
+    let o = rlhf()
+        .args(["--threads", "1", "sft", "--config"])
+        .arg(&toml)
+        .arg("--set")
+        .arg(format!("output_dir={}", out.display()))
+        .env("OMPI_COMM_WORLD_SIZE", "1")
+        .env("OMPI_COMM_WORLD_RANK", "0")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_dir_all(&root).ok();
+}
