@@ -45,7 +45,13 @@ fn configs(root: &Path, demos: usize) -> Vec<(&'static str, PathBuf)> {
     let mut out = Vec::new();
     for (name, text) in [
         ("sft", offline("sft.jsonl", "")),
-        ("dpo", offline("pairs.jsonl", "[eval]\ntask = \"sentiment\"\nmax_prompts = 16\n")),
+        (
+            "dpo",
+            offline(
+                "pairs.jsonl",
+                "[eval]\ntask = \"sentiment\"\nmax_prompts = 16\n",
+            ),
+        ),
         ("rloo", online),
     ] {
         let path = root.join(format!("{name}.toml"));
@@ -162,7 +168,10 @@ mod with_mpi {
     fn two_ranks_train_as_one_process_with_the_same_global_batch() {
         let root = scratch("dist-same");
         for (method, toml) in configs(&root, 96) {
-            let (one, two) = (root.join(format!("{method}-1")), root.join(format!("{method}-2")));
+            let (one, two) = (
+                root.join(format!("{method}-1")),
+                root.join(format!("{method}-2")),
+            );
             one_process(method, &toml, &one);
             run_ok(mpirun(2, method, &toml, &two, false), method);
             assert_metrics_close(&one.join("metrics.jsonl"), &two.join("metrics.jsonl"));
@@ -199,7 +208,10 @@ mod with_mpi {
                 .map(|e| e.file_name())
                 .filter(|n| n.to_string_lossy().starts_with("rlhf-rank"))
                 .collect();
-            assert!(left.is_empty(), "{method}: scratch directories left: {left:?}");
+            assert!(
+                left.is_empty(),
+                "{method}: scratch directories left: {left:?}"
+            );
         }
         std::fs::remove_dir_all(&root).ok();
     }
@@ -230,7 +242,11 @@ mod with_mpi {
     /// logged when the kill landed.
     fn kill_one_rank(method: &str, toml: &Path, out: &Path, resume: bool, after: usize) -> usize {
         let mut c = mpirun(2, method, toml, out, resume);
-        let mut child: Child = c.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child: Child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let start = std::time::Instant::now();
         while rows(out) < after {
             assert!(
@@ -249,8 +265,14 @@ mod with_mpi {
             .status()
             .unwrap();
         let status = child.wait().unwrap();
-        assert!(!status.success(), "mpirun succeeded after a rank was killed");
-        assert!(!out.join("model").exists(), "a killed run wrote its final model");
+        assert!(
+            !status.success(),
+            "mpirun succeeded after a rank was killed"
+        );
+        assert!(
+            !out.join("model").exists(),
+            "a killed run wrote its final model"
+        );
         logged
     }
 

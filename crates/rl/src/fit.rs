@@ -249,7 +249,10 @@ pub fn fit(
                     }
                 }
             }
-            let stats = trainer.apply(acc.finish_across_ranks()?)?;
+            let reducing = std::time::Instant::now();
+            let grads = acc.finish_across_ranks()?;
+            let reduce_s = reducing.elapsed().as_secs_f64();
+            let stats = trainer.apply(grads)?;
             let (loss_sum, sums) = if world.size() > 1 {
                 let mut all =
                     world.sum_metrics([("loss", loss_sum)].into_iter().chain(sums).collect())?;
@@ -267,6 +270,10 @@ pub fn fit(
                 m.push(("grad_norm", stats.grad_norm));
                 m.push(("epoch", step as f64 / per_epoch as f64));
                 m.push(("time/step_s", started.elapsed().as_secs_f64()));
+                if world.size() > 1 {
+                    // Summing the ranks' gradients, including any wait for the slowest rank.
+                    m.push(("time/allreduce_s", reduce_s));
+                }
                 trainer.log(&m)?;
             }
             if plan.eval_every > 0 && step % plan.eval_every == 0 {

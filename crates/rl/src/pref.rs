@@ -307,7 +307,14 @@ pub fn two_row_reference_logps(
     pad: u32,
     batch_size: usize,
 ) -> Result<Vec<[f64; 2]>> {
-    let s = sequence_logps(reference, rows, pad, batch_size)?;
+    // Data parallelism: each rank scores a run of whole batches (the batches one process would
+    // score, so the same numbers), and every rank gets all of them.
+    let world = rlhf_train::dist::world();
+    let batch = batch_size.max(1);
+    let mine = world.share(rows.len().div_ceil(batch));
+    let part = (mine.start * batch).min(rows.len())..(mine.end * batch).min(rows.len());
+    let s = sequence_logps(reference, &rows[part], pad, batch_size)?;
+    let s: Vec<f64> = world.gather_json(&s)?.concat();
     Ok(s.chunks(2).map(|c| [c[0], c[1]]).collect())
 }
 
@@ -335,6 +342,13 @@ pub fn cached_reference_logps(
             && c.train.len() == n_train
             && c.eval.len() == n_eval
     });
+    // Data parallelism: rank 0's cache (or its decision to compute one) holds for every rank.
+    let world = rlhf_train::dist::world();
+    let cached = if world.size() > 1 {
+        world.broadcast_json(&cached)?
+    } else {
+        cached
+    };
     if let Some(c) = cached {
         return Ok(c);
     }
