@@ -216,6 +216,154 @@ mod with_mpi {
         std::fs::remove_dir_all(&root).ok();
     }
 
+    /// Every other method on 2 ranks ends where one process ends: the same final weights (to
+    /// float tolerance) from the same samples. Methods whose sampling is not sharded (online DPO's
+    /// rounds, ReST's Grow steps, RLP's refresh, dialogue RL's conversations) sample the same on
+    /// every rank, and still take their optimiser steps data-parallel.
+    #[test]
+    fn every_method_runs_on_two_ranks_as_on_one_process() {
+        let root = scratch("dist-all");
+        configs(&root, 16); // the tiny model at <root>/init, sft.jsonl, pairs.jsonl
+        let init = root.join("init");
+        let senti = task_by_name("sentiment", 0).unwrap();
+        let d = senti.demonstrations();
+        let unpaired: Vec<String> = (0..24)
+            .flat_map(|i| {
+                [
+                    serde_json::json!({"prompt": d[i].0, "completion": format!(" {}", d[i].1), "label": true}),
+                    serde_json::json!({"prompt": d[i].0, "completion": format!(" {}", d[i + 1].1), "label": false}),
+                ]
+            })
+            .map(|v| v.to_string())
+            .collect();
+        std::fs::write(root.join("unpaired.jsonl"), unpaired.join("\n")).unwrap();
+        let arith = task_by_name("arithmetic", 0).unwrap();
+        let arith_root = root.join("arith");
+        std::fs::create_dir_all(&arith_root).unwrap();
+        demonstrations_file(&arith_root.join("d.jsonl"), arith.as_ref(), 24, "");
+        let arith_init = tiny_model(&arith_root, arith.as_ref(), 3);
+        // RLP: a reward model with a head, human pairs, policy samples (as crates/cli/tests/rlp.rs).
+        let rlp_task = task_by_name("sentiment", 1).unwrap();
+        let lm = rlhf_rl::policy::fresh_tiny(
+            rlhf_data::testbed::tokenizer_for(rlp_task.as_ref()),
+            3,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let mut w = lm.snapshot().unwrap();
+        rlhf_rl::reward::add_head(&mut w, lm.config.hidden_size, 4, &candle_core::Device::Cpu)
+            .unwrap();
+        let lm = rlhf_rl::policy::TrainableLm {
+            params: rlhf_lm::llama::Trainable::new(&w).unwrap(),
+            ..lm
+        };
+        rlhf_rl::reward::save(&lm, None, &root.join("rlp-rm-init")).unwrap();
+        let rd = rlp_task.demonstrations();
+        let groups: Vec<String> = (0..12)
+            .map(|i| {
+                let s: Vec<&str> = (0..4).map(|j| rd[40 + 4 * i + j].1.as_str()).collect();
+                serde_json::json!({"prompt": rd[i].0, "samples": s}).to_string()
+            })
+            .collect();
+        std::fs::write(root.join("samples.jsonl"), groups.join("\n")).unwrap();
+        let dialogue = root.join("dialogue");
+        common::dialogue_testbed(&dialogue);
+
+        let offline = |file: &str, extra: &str| {
+            format!(
+                "model = {init:?}\ntrain_file = {:?}\nepochs = 1\nbatch_size = 8\nmax_len = 48\n\
+                 save_every = 2\nlog_every = 1\nseed = 5\n{extra}[optim]\nlr = 1e-3\n",
+                root.join(file)
+            )
+        };
+        let online = format!(
+            "model = {init:?}\ntask = \"sentiment\"\nsteps = 4\nprompts_per_step = 4\nsave_every = 2\nseed = 5\n\
+             [rollout]\nk = 2\nmax_new_tokens = 6\nbatch_size = 4\n[reward]\nsource = \"gold\"\nnormalize_samples = 8\n\
+             [optim]\nlr = 1e-3\nwarmup_ratio = 0.0\n[eval]\nprompts = 8\n"
+        );
+        let runs: Vec<(&str, String, &str)> = vec![
+            ("rm", offline("pairs.jsonl", "normalize_samples = 0\n"), "model"),
+            ("kto", offline("unpaired.jsonl", ""), "model"),
+            ("reinforce", online.clone(), "model"),
+            ("grpo", online.clone(), "model"),
+            ("raft", online.clone(), "model"),
+            ("vanilla-pg", online.clone(), "model"),
+            (
+                "ppo",
+                online.replace("[rollout]", "[method]\ncritic_pretrain_iterations = 2\n[rollout]"),
+                "model",
+            ),
+            (
+                "online-dpo",
+                format!(
+                    "model = {init:?}\ntask = \"sentiment\"\nrounds = 2\nprompts_per_round = 16\nmax_new_tokens = 6\n\
+                     labeler = \"annotators\"\nseed = 5\n[dpo]\nbatch_size = 8\nmax_len = 48\nsave_every = 2\n\
+                     log_every = 1\n[dpo.optim]\nlr = 1e-3\n"
+                ),
+                "round-2/model",
+            ),
+            (
+                "rest",
+                format!(
+                    "model = {arith_init:?}\ntask = \"arithmetic\"\ntrain_file = {:?}\ngrow_steps = 2\n\
+                     samples_per_source = 2\ngrow_chunk = 8\nthresholds = [0.0, 0.5]\nepochs = 1\nbatch_size = 8\n\
+                     max_len = 32\nsave_every = 1\nlog_every = 1\nseed = 11\n[reward]\nsource = \"gold\"\n\
+                     [validation]\nprompts = 8\n[optim]\nlr = 1e-3\n",
+                    arith_root.join("d.jsonl")
+                ),
+                "grow-2/improve-1/model",
+            ),
+            (
+                "rlp-rm",
+                format!(
+                    "model = {:?}\ntrain_file = {:?}\nsamples_file = {:?}\ntask = \"sentiment\"\ntask_seed = 1\n\
+                     z_dim = 4\nhead_width = 16\ngamma = 0.25\nepochs = 1\nbatch_size = 6\nmax_len = 48\n\
+                     save_every = 3\nlog_every = 1\nseed = 5\n[optim]\nlr = 1e-3\n",
+                    root.join("rlp-rm-init"),
+                    root.join("pairs.jsonl"),
+                    root.join("samples.jsonl")
+                ),
+                "model",
+            ),
+            (
+                "dialogue-rl",
+                format!(
+                    "model = \"{}\"\ntask = \"dialogue\"\ntrain_file = \"{}\"\nuser_model = \"separate\"\n\
+                     iterations = 3\nprompts_per_step = 2\nk = 2\nreal_every = 3\nsupervised_every = 2\n\
+                     snapshot_every = 2\neval_games = 4\neval_conversations = 3\nsave_every = 2\nseed = 5\n\
+                     [turns]\nturn_limit = 3\nmax_turn_tokens = 6\n[optim]\nlr = 0.01\n",
+                    dialogue.join("init").display(),
+                    dialogue.join("logs.jsonl").display()
+                ),
+                "model",
+            ),
+        ];
+        for (method, toml, model) in runs {
+            let path = root.join(format!("{method}.toml"));
+            std::fs::write(&path, toml).unwrap();
+            let (one, two) = (
+                root.join(format!("{method}-1")),
+                root.join(format!("{method}-2")),
+            );
+            // KTO's KL estimate and RLP's contrastive MIB term are batch-level terms, computed
+            // over each rank's share as they are over each micro-batch: 2 ranks are one process
+            // whose batches are split in 2 micro-batches (`optim.grad_accum = 2`).
+            let one_toml = if ["kto", "rlp-rm"].contains(&method) {
+                let p = root.join(format!("{method}-ga2.toml"));
+                let text = std::fs::read_to_string(&path).unwrap();
+                std::fs::write(&p, text.replace("[optim]\n", "[optim]\ngrad_accum = 2\n")).unwrap();
+                p
+            } else {
+                path.clone()
+            };
+            one_process(method, &one_toml, &one);
+            run_ok(mpirun(2, method, &path, &two, false), method);
+            let diff = weights_diff(&one.join(model), &two.join(model));
+            assert!(diff < 1e-4, "{method}: final weights differ by {diff}");
+        }
+        std::fs::remove_dir_all(&root).ok();
+    }
+
     /// The process ids of the ranks of a run (the `rlhf` processes whose command line names
     /// `out`), without `mpirun` itself.
     fn ranks_of(out: &Path, mpirun_pid: u32) -> Vec<u32> {

@@ -466,12 +466,29 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     std::fs::create_dir_all(&tmp).map_err(|e| LmError::io(&tmp, e))?;
     fill(&tmp)?;
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::rename(dir, &old).map_err(|e| LmError::io(dir, e))?;
+    // Another process may save the same directory at the same moment (data-parallel replicas
+    // write the same model): it can move `dir` away before we do, or put its copy in place
+    // between our two renames. Either way the last copy in place is a whole one.
+    let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let mut attempts = 0;
+    loop {
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| LmError::io(&old, e))?;
+        }
+        if dir.exists() {
+            match std::fs::rename(dir, &old) {
+                Err(e) if !gone(&e) => return Err(LmError::io(dir, e)),
+                _ => {}
+            }
+        }
+        match std::fs::rename(&tmp, dir) {
+            Ok(()) => break,
+            Err(_) if attempts < 8 && dir.exists() => attempts += 1,
+            Err(e) => return Err(LmError::io(dir, e)),
+        }
     }
-    std::fs::rename(&tmp, dir).map_err(|e| LmError::io(dir, e))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).map_err(|e| LmError::io(&old, e))?;
+    match std::fs::remove_dir_all(&old) {
+        Err(e) if !gone(&e) => Err(LmError::io(&old, e)),
+        _ => Ok(()),
     }
-    Ok(())
 }

@@ -188,6 +188,10 @@ pub fn run(cfg: &GrpoConfig, resume: bool, device: &Device) -> Result<OnlineSumm
                 })?);
             }
         }
+        // Under data parallelism each rank saw its parts of every minibatch: pool them.
+        let world = rlhf_train::dist::world();
+        let clip: Vec<f64> = world.gather_json(&clip)?.concat();
+        let k3: Vec<f64> = world.gather_json(&k3)?.concat();
         let mut m = steps.metrics();
         m.extend([("clip_fraction", mean(&clip)), ("kl_k3", mean(&k3))]);
         m.extend(advantage_metrics(&adv));

@@ -537,10 +537,14 @@ fn value_step(
     device: &Device,
 ) -> Result<(f64, f64, f64)> {
     let mb_tokens: usize = mb.iter().map(|&i| rollout.samples[i].len()).sum();
-    let micro = mb.len().div_ceil(grad_accum.max(1)).max(1);
+    // Data parallelism: this rank's share of the minibatch (the loss is a sum over tokens divided
+    // by the whole minibatch's token count, so the ranks' parts add up).
+    let world = rlhf_train::dist::world();
+    let mine = &mb[world.share(mb.len())];
+    let micro = mine.len().div_ceil(grad_accum.max(1)).max(1);
     let mut acc = value.accumulator();
     let (mut loss, mut clipped) = (0.0, 0usize);
-    for part in mb.chunks(micro) {
+    for part in mine.chunks(micro) {
         let batch = rollout.batch(part, pad, device)?;
         let (model, head) = value.trainable(device)?;
         let v = values(&model, &head, &batch)?;
@@ -572,8 +576,10 @@ fn value_step(
         }
         acc.add(rlhf_lm::llama::backward(&l)?)?;
     }
-    let norm = value.step(acc.finish())?;
-    Ok((loss, clipped as f64 / mb_tokens.max(1) as f64, norm))
+    let norm = value.step(acc.finish_across_ranks()?)?;
+    let mut sums = [loss, clipped as f64];
+    world.sum_f64(&mut sums)?;
+    Ok((sums[0], sums[1] / mb_tokens.max(1) as f64, norm))
 }
 
 /// SFT rows for PPO-ptx: `ptx_file`, else the task's demonstrations.
@@ -788,7 +794,10 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
             }
         }
 
-        // 4. Monitors.
+        // 4. Monitors (each rank saw its share of every minibatch's tokens: add them up).
+        let mut seen = [clipped as f64, approx_kl, tokens_seen as f64, entropy_sum];
+        rlhf_train::dist::world().sum_f64(&mut seen)?;
+        let [clipped, approx_kl, tokens_seen, entropy_sum] = seen;
         let stats = last.expect("at least one minibatch");
         let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
         let flat_adv: Vec<f64> = exp.adv.iter().flatten().copied().collect();
@@ -796,7 +805,7 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
         let flat_r: Vec<f64> = exp.returns.iter().flatten().copied().collect();
         // The tail on the reward source's own scale (comparable across normalisation settings).
         let raw: Vec<f64> = rollout.samples.iter().map(|x| x.raw_score).collect();
-        let n_tok = tokens_seen.max(1) as f64;
+        let n_tok = tokens_seen.max(1.0);
         let mut metrics = vec![
             ("loss", mean(&losses)),
             ("lr", stats.lr),
@@ -808,7 +817,7 @@ pub fn run(cfg: &PpoConfig, resume: bool, device: &Device) -> Result<OnlineSumma
             ("reward_normalized", mean(&exp.scores)),
             ("reward_running_mean", state.moments.mean),
             ("reward_running_std", state.moments.std()),
-            ("clip_fraction", clipped as f64 / n_tok),
+            ("clip_fraction", clipped / n_tok),
             ("approx_kl", approx_kl / n_tok),
             ("value_loss", mean(&v_losses)),
             ("value_clip_fraction", mean(&v_clip)),

@@ -1192,8 +1192,13 @@ pub fn run(cfg: &RestConfig, resume: bool, device: &Device) -> Result<RestSummar
     let out = &cfg.fit.output_dir;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     if !resume {
-        // A fresh run: nothing cached by an earlier run in this directory is reused.
-        clear_run(out)?;
+        // A fresh run: nothing cached by an earlier run in this directory is reused. Under data
+        // parallelism rank 0 clears it, before any rank writes there.
+        let world = rlhf_train::dist::world();
+        if world.is_root() {
+            clear_run(out)?;
+        }
+        world.barrier();
     }
     write_atomic(
         &out.join("config.toml"),

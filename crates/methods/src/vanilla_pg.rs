@@ -174,10 +174,13 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
                 Ok((token_loss(&logp, &a)? * (part.len() as f64 / mb.len() as f64))?)
             })?);
             let mb_tokens: usize = mb.iter().map(|&i| rollout.samples[i].len()).sum();
-            let micro = mb.len().div_ceil(cfg.optim.grad_accum.max(1)).max(1);
+            // Data parallelism: this rank's share of the minibatch, as for the policy's step.
+            let world = rlhf_train::dist::world();
+            let mine = &mb[world.share(mb.len())];
+            let micro = mine.len().div_ceil(cfg.optim.grad_accum.max(1)).max(1);
             let mut acc = value.accumulator();
             let mut v_loss = 0.0;
-            for part in mb.chunks(micro) {
+            for part in mine.chunks(micro) {
                 let batch = rollout.batch(part, pad, device)?;
                 let (model, head) = value.trainable(device)?;
                 let v = values(&model, &head, &batch)?;
@@ -191,8 +194,10 @@ pub fn run(cfg: &VanillaPgConfig, resume: bool, device: &Device) -> Result<Onlin
                 v_loss += l.to_scalar::<f32>()? as f64;
                 acc.add(rlhf_lm::llama::backward(&l)?)?;
             }
-            v_norms.push(value.step(acc.finish())?);
-            v_losses.push(v_loss);
+            v_norms.push(value.step(acc.finish_across_ranks()?)?);
+            let mut v_loss = [v_loss];
+            world.sum_f64(&mut v_loss)?;
+            v_losses.push(v_loss[0]);
         }
         let flat: Vec<f64> = adv.iter().flatten().copied().collect();
         let mut m = steps.metrics();

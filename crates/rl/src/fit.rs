@@ -249,6 +249,11 @@ pub fn fit(
                     }
                 }
             }
+            // Under data parallelism: first wait for the slowest rank (timed apart, so that
+            // `time/allreduce_s` is the gradient sum itself), then sum the gradients.
+            let waiting = std::time::Instant::now();
+            world.barrier();
+            let wait_s = waiting.elapsed().as_secs_f64();
             let reducing = std::time::Instant::now();
             let grads = acc.finish_across_ranks()?;
             let reduce_s = reducing.elapsed().as_secs_f64();
@@ -271,7 +276,7 @@ pub fn fit(
                 m.push(("epoch", step as f64 / per_epoch as f64));
                 m.push(("time/step_s", started.elapsed().as_secs_f64()));
                 if world.size() > 1 {
-                    // Summing the ranks' gradients, including any wait for the slowest rank.
+                    m.push(("time/rank_wait_s", wait_s));
                     m.push(("time/allreduce_s", reduce_s));
                 }
                 trainer.log(&m)?;

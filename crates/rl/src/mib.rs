@@ -202,9 +202,9 @@ pub fn cosine_scores(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tenso
 
 impl GaussianHeads {}
 
-/// softplus(x) = max(x, 0) + log(1 + exp(−|x|)), differentiable and stable in both tails.
+/// softplus(x) = log(1 + exp(x)) (see [`crate::losses::softplus`]: exact gradient at 0 too).
 pub fn softplus(x: &Tensor) -> Result<Tensor> {
-    Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
+    crate::losses::softplus(x)
 }
 
 /// Closed-form symmetric KL ½[KL(p1‖p2) + KL(p2‖p1)] of diagonal Gaussians given by means and

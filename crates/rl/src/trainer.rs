@@ -238,16 +238,6 @@ pub struct Trainer {
     pending_skip: Option<String>,
     /// Non-finite steps skipped in a row.
     skipped_in_a_row: usize,
-    /// A rank other than 0: the scratch run directory to remove at the end.
-    scratch: Option<std::path::PathBuf>,
-}
-
-impl Drop for Trainer {
-    fn drop(&mut self) {
-        if let Some(dir) = &self.scratch {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
 }
 
 impl Trainer {
@@ -320,8 +310,8 @@ impl Trainer {
     /// [`Trainer::start`] on a rank other than 0 ([`rlhf_train::dist`]): the replica loads the
     /// checkpoint rank 0 resumed from (read-only: rank 0 alone writes the run directory). What a
     /// method writes to its run directory on this rank (checkpoints, models it reads back later)
-    /// goes to a scratch directory that is removed when the trainer is dropped; it logs no
-    /// metrics.
+    /// goes to a scratch directory of its own ([`rlhf_train::dist::scratch_dir`]), removed when
+    /// the process ends; it logs no metrics.
     fn start_replica(
         dir: &Path,
         resolved_config: &impl Serialize,
@@ -342,10 +332,9 @@ impl Trainer {
             }
             None => (0, None, None),
         };
-        let scratch =
-            std::env::temp_dir().join(format!("rlhf-rank{}-{}", world.rank(), std::process::id()));
-        let run = RunDir::create_overwriting(&scratch, resolved_config)?;
-        let mut trainer = Self::assemble(
+        let run =
+            RunDir::create_overwriting(rlhf_train::dist::scratch_dir("run"), resolved_config)?;
+        Ok(Self::assemble(
             run,
             None,
             optimizer,
@@ -353,9 +342,7 @@ impl Trainer {
             resumed_state,
             resumed_from,
             optim,
-        );
-        trainer.scratch = Some(scratch);
-        Ok(trainer)
+        ))
     }
 
     fn assemble(
@@ -381,7 +368,6 @@ impl Trainer {
             max_nonfinite_skips: optim.max_nonfinite_skips,
             pending_skip: None,
             skipped_in_a_row: 0,
-            scratch: None,
         }
     }
 
@@ -543,6 +529,20 @@ impl Trainer {
         )],
     ) -> Result<()> {
         let weights = lm.snapshot()?;
+        let world = rlhf_train::dist::world();
+        if world.size() > 1 {
+            // Data parallelism: the replicas must still be one model. Summed gradients keep them
+            // equal; a rank that drifted (a bug, a bad node) is caught here, not after the run.
+            let differ = world.same_everywhere(digest(&weights)?)?;
+            if !differ.is_empty() {
+                return Err(rlhf_train::TrainError::invalid(format!(
+                    "at optimiser step {}: the weights of rank(s) {differ:?} differ from rank 0's \
+                     (data-parallel replicas must stay equal); the last checkpoint holds the last \
+                     state they agreed on",
+                    self.step
+                )));
+            }
+        }
         self.run.save_checkpoint_with(
             self.step,
             &weights,
@@ -581,3 +581,21 @@ impl Trainer {
 }
 
 pub use rlhf_train::rng::epoch_order;
+
+/// A CRC-32C of named tensors (names in order, then each tensor's f32 values): equal weights give
+/// equal digests on every rank.
+fn digest(weights: &std::collections::HashMap<String, candle_core::Tensor>) -> Result<u64> {
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let mut crc = 0u32;
+    for name in names {
+        crc = crc32c::crc32c_append(crc, name.as_bytes());
+        let values = weights[name]
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        crc = crc32c::crc32c_append(crc, &bytes);
+    }
+    Ok(crc as u64)
+}

@@ -86,6 +86,19 @@ impl ValueModel {
             ..OptimConfig::default()
         };
         let mut optimizer = Optimizer::new(&lm, &optim, 1)?;
+        let fresh = |dir: &Path| {
+            RunDir::create_overwriting(
+                dir,
+                &ValueRunConfig {
+                    init,
+                    lr,
+                    max_grad_norm,
+                },
+            )
+        };
+        // Data parallelism: rank 0 alone writes `<run>/value`; another rank's critic reads rank
+        // 0's checkpoint on resume and saves its own to a scratch directory.
+        let root = rlhf_train::dist::world().is_root();
         let run = match resume_step {
             Some(step) if step > 0 => {
                 let run = RunDir::open_for_resume(dir)?;
@@ -102,16 +115,14 @@ impl ValueModel {
                     &ck.join("optimizer.safetensors"),
                     device,
                 )?)?;
-                run
+                if root {
+                    run
+                } else {
+                    fresh(&rlhf_train::dist::scratch_dir("value"))?
+                }
             }
-            _ => RunDir::create_overwriting(
-                dir,
-                &ValueRunConfig {
-                    init,
-                    lr,
-                    max_grad_norm,
-                },
-            )?,
+            _ if root => fresh(dir)?,
+            _ => fresh(&rlhf_train::dist::scratch_dir("value"))?,
         };
         Ok(ValueModel { lm, optimizer, run })
     }

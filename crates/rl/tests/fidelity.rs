@@ -451,3 +451,140 @@ fn eval_kl_is_taken_at_the_sampling_temperature() {
     }
     assert!(kls.iter().all(|k| k.is_finite()));
 }
+
+// ---- DPO's first step does not depend on how the batch is split ------------------------------
+
+/// At DPO's first step the policy is the reference, so with reference log-probs taken in the same
+/// batches every pair's logit is exactly 0. -log sigmoid at exactly 0 once took one-sided
+/// derivatives (the kinks of max(-x, 0) and |x| in the stable formula): -3/2 instead of -1/2, so
+/// the first step was 3 times too large wherever the logits came out exactly 0, and changed with
+/// the micro-batch split (`optim.grad_accum`) and the number of data-parallel ranks where they
+/// came out 0 in some splits only. The gradient must be the closed form, for any split.
+#[test]
+fn dpo_first_step_gradient_is_the_closed_form_for_any_micro_batch_split() {
+    use rlhf_rl::pairs::PairIds;
+    use rlhf_rl::pref::{pair_batch_loss, PairLossParams};
+    use rlhf_rl::pref_losses::PairLossKind;
+    let task = task_by_name("sentiment", 0).unwrap();
+    let lm = fresh_tiny(tokenizer_for(task.as_ref()), 7, &CPU).unwrap();
+    let d = task.demonstrations();
+    let ids = |s: &str| lm.tokenizer.encode(s, false).unwrap();
+    let pairs: Vec<PairIds> = (0..8)
+        .map(|i| PairIds {
+            prompt: lm.encode_prompt(&d[i].0, 64).unwrap(),
+            chosen: ids(&format!(" {}", d[i].1)),
+            rejected: ids(&format!(" {}", d[i + 8].1)),
+            margin: 0.0,
+        })
+        .collect();
+    // The reference log-probs, scored exactly as the whole-batch step scores the policy (the
+    // trainable model, all chosen rows then all rejected rows in one batch): its logits are 0.
+    let rows: Vec<(Vec<u32>, Vec<u32>)> = pairs
+        .iter()
+        .map(|p| (p.prompt.clone(), p.chosen.clone()))
+        .chain(pairs.iter().map(|p| (p.prompt.clone(), p.rejected.clone())))
+        .collect();
+    let batch = rlhf_lm::score::CompletionBatch::new(&rows, lm.pad_id, &CPU).unwrap();
+    let sums: Vec<f32> = rlhf_lm::score::completion_logprobs(&lm.model(&CPU).unwrap(), &batch, 1.0)
+        .unwrap()
+        .sum(1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b = pairs.len();
+    let refs: Vec<[f64; 2]> = (0..b)
+        .map(|i| [sums[i] as f64, sums[b + i] as f64])
+        .collect();
+    let params = PairLossParams {
+        kind: PairLossKind::Dpo,
+        beta: 0.1,
+        label_smoothing: 0.0,
+        ipo_length_normalize: false,
+        simpo_gamma: 0.0,
+    };
+    let vars: Vec<candle_core::Var> = lm.params.vars.iter().map(|(_, v)| v.clone()).collect();
+    let gradient = |parts: usize| -> Vec<f32> {
+        let mut acc = rlhf_train::GradAccumulator::new(&vars);
+        let m = pairs.len() / parts;
+        for i in 0..parts {
+            let model = lm.model(&CPU).unwrap();
+            let r = &refs[i * m..(i + 1) * m];
+            let (out, metrics) = pair_batch_loss(
+                &model,
+                lm.pad_id,
+                &pairs[i * m..(i + 1) * m],
+                Some(r),
+                &params,
+                &CPU,
+            )
+            .unwrap();
+            // Policy = reference: every margin is 0 (exactly, for the whole batch).
+            let margin = metrics
+                .iter()
+                .find(|(k, _)| *k == "rewards/margins")
+                .unwrap()
+                .1;
+            assert!(margin.abs() < 1e-4, "{margin}");
+            if parts == 1 {
+                assert_eq!(margin, 0.0);
+            }
+            let loss = (out.loss * (1.0 / parts as f64)).unwrap();
+            acc.add(rlhf_lm::llama::backward(&loss).unwrap()).unwrap();
+        }
+        let g = acc.finish();
+        vars.iter()
+            .flat_map(|v| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let whole = gradient(1);
+    let scale = whole.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+    assert!(scale > 1e-3, "no gradient at all");
+    // By hand: at logit 0, d/dz -log sigmoid(z) = -1/2, so the loss's gradient is
+    // -(beta / 2) * mean_i (grad log pi(chosen_i) - grad log pi(rejected_i)).
+    let expected: Vec<f32> = {
+        let lp = rlhf_lm::score::completion_logprobs(&lm.model(&CPU).unwrap(), &batch, 1.0)
+            .unwrap()
+            .sum(1)
+            .unwrap();
+        let diff = (lp.narrow(0, 0, b).unwrap() - lp.narrow(0, b, b).unwrap()).unwrap();
+        let g = rlhf_lm::llama::backward(&(diff.mean_all().unwrap() * (-0.05)).unwrap()).unwrap();
+        vars.iter()
+            .flat_map(|v| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let off = whole
+        .iter()
+        .zip(&expected)
+        .map(|(a, e)| (a - e).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        off <= 1e-5 * scale,
+        "first-step gradient off the closed form by {off} (scale {scale})"
+    );
+    for parts in [2, 4, 8] {
+        let split = gradient(parts);
+        let diff = whole
+            .iter()
+            .zip(&split)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            diff <= 1e-5 * scale,
+            "{parts} parts: gradients differ by {diff} (scale {scale})"
+        );
+    }
+}

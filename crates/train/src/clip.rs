@@ -247,12 +247,17 @@ impl GradAccumulator {
         flat.extend(self.slots.iter().map(|s| s.is_some() as u8 as f32));
         for (slot, &n) in self.slots.iter().zip(&sizes) {
             match slot {
-                Some(s) => flat.extend(
-                    s.sum
-                        .to_dtype(DType::F32)?
-                        .flatten_all()?
-                        .to_vec1::<f32>()?,
-                ),
+                Some(s) => {
+                    let t = s.sum.to_dtype(DType::F32)?.contiguous()?;
+                    let (storage, layout) = t.storage_and_layout();
+                    match &*storage {
+                        // One copy, straight from the sum's buffer.
+                        candle_core::Storage::Cpu(c) => {
+                            flat.extend_from_slice(f32_slice(c, layout, "gradient sum")?)
+                        }
+                        _ => flat.extend(t.flatten_all()?.to_vec1::<f32>()?),
+                    }
+                }
                 None => flat.extend(std::iter::repeat_n(0.0f32, n)),
             }
         }

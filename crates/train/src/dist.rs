@@ -17,6 +17,8 @@
 
 use std::collections::HashSet;
 use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use crate::{Result, TrainError};
@@ -116,10 +118,32 @@ pub fn world() -> World {
     WORLD.get().copied().unwrap_or(World { rank: 0, size: 1 })
 }
 
-/// Leave MPI cleanly (every rank, at the end of a successful run). Nothing without MPI.
+/// Leave MPI cleanly (every rank, at the end of a successful run): this rank's scratch
+/// directory ([`scratch_dir`]) is removed. Nothing else without MPI.
 pub fn finalize() {
+    if world().size() > 1 {
+        let _ = std::fs::remove_dir_all(scratch_root());
+    }
     #[cfg(feature = "mpi")]
     drop(UNIVERSE.lock().expect("not poisoned").take());
+}
+
+/// Where this rank's files go: `<tmp>/rlhf-rank<r>-<pid>`.
+fn scratch_root() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "rlhf-rank{}-{}",
+        world().rank(),
+        std::process::id()
+    ))
+}
+
+/// A fresh directory of this rank's own, for what a rank other than 0 would otherwise write into
+/// the run directory that rank 0 writes (`tag` names it: `run`, `value`, ...). It lives until
+/// [`finalize`], so a model a replica saved there can be read back later in the run.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    scratch_root().join(format!("{tag}-{n}"))
 }
 
 /// End every rank of the run now (a rank that failed: the others would wait for it forever in
@@ -153,15 +177,16 @@ impl World {
         share_of(n, self.rank, self.size)
     }
 
-    /// Element-wise sum over every rank of `values`, in place. Every rank ends with the same
-    /// numbers (the reduction is done once, on rank 0, and sent to all: no rank-dependent order
-    /// of additions can make the replicas drift apart).
+    /// Element-wise sum over every rank of `values`, in place (MPI's all-reduce). MPI
+    /// implementations give every rank the same result for a commutative sum (Open MPI's ring
+    /// and recursive-doubling algorithms both do); that the replicas stay equal is also checked
+    /// at every checkpoint ([`World::same_everywhere`]).
     pub fn sum_f32(&self, values: &mut [f32]) -> Result<()> {
         if self.size == 1 {
             return Ok(());
         }
         for piece in values.chunks_mut(PIECE) {
-            reduce_then_broadcast(piece)?;
+            all_reduce_sum(piece)?;
         }
         Ok(())
     }
@@ -172,9 +197,21 @@ impl World {
             return Ok(());
         }
         for piece in values.chunks_mut(PIECE) {
-            reduce_then_broadcast(piece)?;
+            all_reduce_sum(piece)?;
         }
         Ok(())
+    }
+
+    /// Whether every rank holds the same `digest` (of its replica's weights, say). Returns the
+    /// ranks whose digest differs from rank 0's.
+    pub fn same_everywhere(&self, digest: u64) -> Result<Vec<usize>> {
+        let all: Vec<u64> = self.gather_json(&digest)?;
+        Ok(all
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| **d != all[0])
+            .map(|(r, _)| r)
+            .collect())
     }
 
     /// Whether `flag` holds on any rank.
@@ -299,27 +336,21 @@ fn intern(key: String) -> &'static str {
 }
 
 #[cfg(feature = "mpi")]
-fn reduce_then_broadcast<T>(piece: &mut [T]) -> Result<()>
+fn all_reduce_sum<T>(piece: &mut [T]) -> Result<()>
 where
     T: mpi::datatype::Equivalence + Copy + Default,
 {
     use mpi::collective::SystemOperation;
-    use mpi::traits::{Communicator, Root};
+    use mpi::traits::CommunicatorCollectives;
     let comm = mpi::topology::SimpleCommunicator::world();
-    let root = comm.process_at_rank(0);
-    if comm.rank() == 0 {
-        let mut sum = vec![T::default(); piece.len()];
-        root.reduce_into_root(&*piece, &mut sum[..], SystemOperation::sum());
-        piece.copy_from_slice(&sum);
-    } else {
-        root.reduce_into(&*piece, SystemOperation::sum());
-    }
-    root.broadcast_into(piece);
+    let mut sum = vec![T::default(); piece.len()];
+    comm.all_reduce_into(&*piece, &mut sum[..], SystemOperation::sum());
+    piece.copy_from_slice(&sum);
     Ok(())
 }
 
 #[cfg(not(feature = "mpi"))]
-fn reduce_then_broadcast<T>(_piece: &mut [T]) -> Result<()> {
+fn all_reduce_sum<T>(_piece: &mut [T]) -> Result<()> {
     Err(TrainError::invalid("no MPI in this build"))
 }
 
