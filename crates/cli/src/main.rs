@@ -76,6 +76,10 @@ fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
             let ordinal: usize = match s.strip_prefix("cuda").unwrap_or("") {
+                // Data parallelism: each rank on a node takes its own GPU.
+                "" if rlhf_train::dist::world().size() > 1 => {
+                    rlhf_train::dist::local_rank().unwrap_or(0)
+                }
                 "" => 0,
                 rest => rest
                     .strip_prefix(':')

@@ -10,7 +10,7 @@
 mod common;
 use std::path::{Path, PathBuf};
 
-use common::{demonstrations_file, rlhf, scratch, tiny_model};
+use common::{demonstrations_file, pairs_file, rlhf, scratch, tiny_model, unpaired_file};
 use rlhf_data::testbed::task_by_name;
 
 /// A small run of every kind the issue names, on the sentiment task's tiny model: SFT on
@@ -21,27 +21,9 @@ fn configs(root: &Path, demos: usize) -> Vec<(&'static str, PathBuf)> {
     let senti = task_by_name("sentiment", 0).unwrap();
     demonstrations_file(&root.join("sft.jsonl"), senti.as_ref(), demos, " ");
     let init = tiny_model(root, senti.as_ref(), 3);
-    let d = senti.demonstrations();
-    let pairs: Vec<String> = (0..48)
-        .map(|i| {
-            serde_json::json!({"prompt": d[i].0, "chosen": format!(" {}", d[i].1),
-                               "rejected": format!(" {}", d[i + 1].1)})
-            .to_string()
-        })
-        .collect();
-    std::fs::write(root.join("pairs.jsonl"), pairs.join("\n")).unwrap();
-    let offline = |file: &str, extra: &str| {
-        format!(
-            "model = {init:?}\ntrain_file = {:?}\nepochs = 1\nbatch_size = 8\nmax_len = 48\n\
-             save_every = 1\nlog_every = 1\nseed = 5\n{extra}[optim]\nlr = 1e-3\n",
-            root.join(file)
-        )
-    };
-    let online = format!(
-        "model = {init:?}\ntask = \"sentiment\"\nsteps = 6\nprompts_per_step = 4\nsave_every = 2\nseed = 5\n\
-         [rollout]\nk = 2\nmax_new_tokens = 6\nbatch_size = 4\n[reward]\nsource = \"gold\"\nnormalize_samples = 8\n\
-         [optim]\nlr = 1e-3\nwarmup_ratio = 0.0\n[eval]\nprompts = 16\n"
-    );
+    pairs_file(&root.join("pairs.jsonl"), senti.as_ref(), 48);
+    let offline = |file: &str, extra: &str| offline_toml(root, &init, file, 1, extra);
+    let online = online_toml(&init, 6, 16);
     let mut out = Vec::new();
     for (name, text) in [
         ("sft", offline("sft.jsonl", "")),
@@ -59,6 +41,26 @@ fn configs(root: &Path, demos: usize) -> Vec<(&'static str, PathBuf)> {
         out.push((name, path));
     }
     out
+}
+
+/// An offline run's TOML: the tiny model at `init`, `file` under `root`, batches of 8, a
+/// checkpoint every `save_every` steps, `extra` keys before `[optim]`.
+fn offline_toml(root: &Path, init: &Path, file: &str, save_every: u64, extra: &str) -> String {
+    format!(
+        "model = {init:?}\ntrain_file = {:?}\nepochs = 1\nbatch_size = 8\nmax_len = 48\n\
+         save_every = {save_every}\nlog_every = 1\nseed = 5\n{extra}[optim]\nlr = 1e-3\n",
+        root.join(file)
+    )
+}
+
+/// An online run's TOML on the sentiment task's gold reward: `steps` iterations of 4 prompts x 2
+/// samples in 2 generation batches of 4 rows (one per rank), evaluated on `eval_prompts` prompts.
+fn online_toml(init: &Path, steps: u64, eval_prompts: usize) -> String {
+    format!(
+        "model = {init:?}\ntask = \"sentiment\"\nsteps = {steps}\nprompts_per_step = 4\nsave_every = 2\nseed = 5\n\
+         [rollout]\nk = 2\nmax_new_tokens = 6\nbatch_size = 4\n[reward]\nsource = \"gold\"\nnormalize_samples = 8\n\
+         [optim]\nlr = 1e-3\nwarmup_ratio = 0.0\n[eval]\nprompts = {eval_prompts}\n"
+    )
 }
 
 /// Numbers of two runs agree to float tolerance: |a - b| <= 1e-5 + 1e-4 |a| (measured: the
@@ -226,17 +228,7 @@ mod with_mpi {
         configs(&root, 16); // the tiny model at <root>/init, sft.jsonl, pairs.jsonl
         let init = root.join("init");
         let senti = task_by_name("sentiment", 0).unwrap();
-        let d = senti.demonstrations();
-        let unpaired: Vec<String> = (0..24)
-            .flat_map(|i| {
-                [
-                    serde_json::json!({"prompt": d[i].0, "completion": format!(" {}", d[i].1), "label": true}),
-                    serde_json::json!({"prompt": d[i].0, "completion": format!(" {}", d[i + 1].1), "label": false}),
-                ]
-            })
-            .map(|v| v.to_string())
-            .collect();
-        std::fs::write(root.join("unpaired.jsonl"), unpaired.join("\n")).unwrap();
+        unpaired_file(&root.join("unpaired.jsonl"), senti.as_ref(), 24);
         let arith = task_by_name("arithmetic", 0).unwrap();
         let arith_root = root.join("arith");
         std::fs::create_dir_all(&arith_root).unwrap();
@@ -269,18 +261,8 @@ mod with_mpi {
         let dialogue = root.join("dialogue");
         common::dialogue_testbed(&dialogue);
 
-        let offline = |file: &str, extra: &str| {
-            format!(
-                "model = {init:?}\ntrain_file = {:?}\nepochs = 1\nbatch_size = 8\nmax_len = 48\n\
-                 save_every = 2\nlog_every = 1\nseed = 5\n{extra}[optim]\nlr = 1e-3\n",
-                root.join(file)
-            )
-        };
-        let online = format!(
-            "model = {init:?}\ntask = \"sentiment\"\nsteps = 4\nprompts_per_step = 4\nsave_every = 2\nseed = 5\n\
-             [rollout]\nk = 2\nmax_new_tokens = 6\nbatch_size = 4\n[reward]\nsource = \"gold\"\nnormalize_samples = 8\n\
-             [optim]\nlr = 1e-3\nwarmup_ratio = 0.0\n[eval]\nprompts = 8\n"
-        );
+        let offline = |file: &str, extra: &str| offline_toml(&root, &init, file, 2, extra);
+        let online = online_toml(&init, 4, 8);
         let runs: Vec<(&str, String, &str)> = vec![
             ("rm", offline("pairs.jsonl", "normalize_samples = 0\n"), "model"),
             ("kto", offline("unpaired.jsonl", ""), "model"),

@@ -9,7 +9,7 @@
 //! failing drill can be replayed), `RLHF_DRILL_METHODS` (comma-separated) to run a subset.
 
 mod common;
-use common::{demonstrations_file, metrics, rlhf, scratch, tiny_model};
+use common::{demonstrations_file, metrics, pairs_file, rlhf, scratch, tiny_model, unpaired_file};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -255,30 +255,8 @@ fn drills(root: &Path) -> Vec<Drill> {
     let senti = task_by_name("sentiment", 0).unwrap();
     demonstrations_file(&root.join("sft.jsonl"), senti.as_ref(), 48, " ");
     let init = tiny_model(root, senti.as_ref(), 3);
-    // Pairs: each demonstration preferred to the next one's completion.
-    let demos = senti.demonstrations();
-    let pairs: Vec<String> = (0..32)
-        .map(|i| {
-            serde_json::json!({
-                "prompt": demos[i].0,
-                "chosen": format!(" {}", demos[i].1),
-                "rejected": format!(" {}", demos[i + 1].1),
-            })
-            .to_string()
-        })
-        .collect();
-    std::fs::write(root.join("pairs.jsonl"), pairs.join("\n")).unwrap();
-    // Unpaired (KTO): each demonstration desirable, the next one's completion undesirable.
-    let unpaired: Vec<String> = (0..32)
-        .flat_map(|i| {
-            [
-                serde_json::json!({"prompt": demos[i].0, "completion": format!(" {}", demos[i].1), "label": true}),
-                serde_json::json!({"prompt": demos[i].0, "completion": format!(" {}", demos[i + 1].1), "label": false}),
-            ]
-        })
-        .map(|v| v.to_string())
-        .collect();
-    std::fs::write(root.join("unpaired.jsonl"), unpaired.join("\n")).unwrap();
+    pairs_file(&root.join("pairs.jsonl"), senti.as_ref(), 32);
+    unpaired_file(&root.join("unpaired.jsonl"), senti.as_ref(), 32);
     let arith = task_by_name("arithmetic", 0).unwrap();
     let arith_root = root.join("arith");
     std::fs::create_dir_all(&arith_root).unwrap();

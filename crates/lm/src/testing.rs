@@ -6,6 +6,30 @@
 
 use std::path::{Path, PathBuf};
 
+/// The device the parity tests run on: `$RLHF_TEST_DEVICE` (`cpu`, `cuda` or `cuda:N`; a `cuda`
+/// device needs a build with the `cuda` feature), the CPU by default.
+pub fn test_device() -> candle_core::Device {
+    let spec = std::env::var("RLHF_TEST_DEVICE").unwrap_or_default();
+    match spec.trim() {
+        "" | "cpu" => candle_core::Device::Cpu,
+        s => {
+            let n: usize = match s.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| {
+                        panic!("RLHF_TEST_DEVICE={s}: expected cpu, cuda or cuda:N")
+                    }),
+                None => panic!("RLHF_TEST_DEVICE={s}: expected cpu, cuda or cuda:N"),
+            };
+            candle_core::Device::new_cuda(n).unwrap_or_else(|e| {
+                panic!("RLHF_TEST_DEVICE={s}: {e} (built with --features cuda?)")
+            })
+        }
+    }
+}
+
 pub const SMOLLM2_GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// The workspace root (two levels above this crate's manifest).

@@ -66,7 +66,8 @@ fn unpad(ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Vec<Vec<u32>> {
 }
 
 fn check_tiny(name: &str) {
-    let dev = Device::Cpu;
+    // The CPU, or the GPU `RLHF_TEST_DEVICE` names (docs/scale-out.md, "The CUDA build").
+    let dev = rlhf_lm::testing::test_device();
     let model = Pretrained::load(&fixtures().join(name), &dev).unwrap();
     let llama = model.model(&dev).unwrap();
     let r = reference(&format!("{name}.reference.json"));
@@ -179,13 +180,13 @@ fn save_and_reload_round_trip() {
 
 fn smollm2() -> Option<Pretrained> {
     let path = rlhf_lm::testing::smollm2_gguf()?;
-    Some(Pretrained::load(&path, &Device::Cpu).unwrap())
+    Some(Pretrained::load(&path, &rlhf_lm::testing::test_device()).unwrap())
 }
 
 #[test]
 fn smollm2_matches_transformers() {
     let Some(model) = smollm2() else { return };
-    let dev = Device::Cpu;
+    let dev = rlhf_lm::testing::test_device();
     let llama = model.model(&dev).unwrap();
     let r = reference("smollm2.reference.json");
 

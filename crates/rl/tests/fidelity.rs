@@ -503,6 +503,19 @@ fn dpo_first_step_gradient_is_the_closed_form_for_any_micro_batch_split() {
         simpo_gamma: 0.0,
     };
     let vars: Vec<candle_core::Var> = lm.params.vars.iter().map(|(_, v)| v.clone()).collect();
+    // Every parameter's gradient, in one vector.
+    let flat = |g: &candle_core::backprop::GradStore| -> Vec<f32> {
+        vars.iter()
+            .flat_map(|v| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
     let gradient = |parts: usize| -> Vec<f32> {
         let mut acc = rlhf_train::GradAccumulator::new(&vars);
         let m = pairs.len() / parts;
@@ -531,17 +544,7 @@ fn dpo_first_step_gradient_is_the_closed_form_for_any_micro_batch_split() {
             let loss = (out.loss * (1.0 / parts as f64)).unwrap();
             acc.add(rlhf_lm::llama::backward(&loss).unwrap()).unwrap();
         }
-        let g = acc.finish();
-        vars.iter()
-            .flat_map(|v| {
-                g.get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            })
-            .collect()
+        flat(&acc.finish())
     };
     let whole = gradient(1);
     let scale = whole.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
@@ -555,16 +558,7 @@ fn dpo_first_step_gradient_is_the_closed_form_for_any_micro_batch_split() {
             .unwrap();
         let diff = (lp.narrow(0, 0, b).unwrap() - lp.narrow(0, b, b).unwrap()).unwrap();
         let g = rlhf_lm::llama::backward(&(diff.mean_all().unwrap() * (-0.05)).unwrap()).unwrap();
-        vars.iter()
-            .flat_map(|v| {
-                g.get(v.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            })
-            .collect()
+        flat(&g)
     };
     let off = whole
         .iter()

@@ -241,6 +241,10 @@ impl GradAccumulator {
         if world.size() == 1 {
             return Ok(self.finish());
         }
+        #[cfg(feature = "nccl")]
+        if self.vars.first().is_some_and(|v| v.device().is_cuda()) {
+            return self.finish_on_gpus(world);
+        }
         // One flat buffer: a presence flag per parameter, then every parameter's values.
         let sizes: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
         let mut flat = Vec::with_capacity(self.vars.len() + sizes.iter().sum::<usize>());
@@ -267,6 +271,42 @@ impl GradAccumulator {
         for (i, (v, &n)) in self.vars.iter().zip(&sizes).enumerate() {
             if flat[i] > 0.0 {
                 let g = Tensor::from_slice(&flat[at..at + n], v.dims(), v.device())?
+                    .to_dtype(v.dtype())?;
+                out.insert(v.as_tensor(), g);
+            }
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// [`GradAccumulator::finish_across_ranks`] with the gradients on GPUs: the presence flags go
+    /// over MPI, the values stay on the device and are summed by NCCL in one flat buffer.
+    #[cfg(feature = "nccl")]
+    fn finish_on_gpus(self, world: crate::dist::World) -> Result<GradStore> {
+        let mut present: Vec<f32> = self
+            .slots
+            .iter()
+            .map(|s| s.is_some() as u8 as f32)
+            .collect();
+        world.sum_f32(&mut present)?;
+        let parts: Vec<Tensor> = self
+            .vars
+            .iter()
+            .zip(&self.slots)
+            .map(|(v, slot)| match slot {
+                Some(s) => Ok(s.sum.to_dtype(DType::F32)?.flatten_all()?),
+                None => Ok(Tensor::zeros(v.elem_count(), DType::F32, v.device())?),
+            })
+            .collect::<Result<_>>()?;
+        let summed = crate::dist::nccl::sum(&Tensor::cat(&parts, 0)?)?;
+        let mut out = GradStore::default();
+        let mut at = 0;
+        for (v, flag) in self.vars.iter().zip(&present) {
+            let n = v.elem_count();
+            if *flag > 0.0 {
+                let g = summed
+                    .narrow(0, at, n)?
+                    .reshape(v.dims())?
                     .to_dtype(v.dtype())?;
                 out.insert(v.as_tensor(), g);
             }

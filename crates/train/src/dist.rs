@@ -69,6 +69,18 @@ pub fn local_ranks() -> Option<usize> {
     .filter(|&n: &usize| n >= 1)
 }
 
+/// This process's index among the ranks a launcher started on its node, if known (to pick a
+/// GPU per rank).
+pub fn local_rank() -> Option<usize> {
+    [
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "MPI_LOCALRANKID",
+        "SLURM_LOCALID",
+    ]
+    .iter()
+    .find_map(|n| std::env::var(n).ok().and_then(|v| v.trim().parse().ok()))
+}
+
 /// Join the run's processes: MPI is initialised when a launcher started this process (and the
 /// binary was built with the `mpi` feature); otherwise this process is a world of one. Call once,
 /// early; later calls return the same world.
@@ -182,17 +194,15 @@ impl World {
     /// and recursive-doubling algorithms both do); that the replicas stay equal is also checked
     /// at every checkpoint ([`World::same_everywhere`]).
     pub fn sum_f32(&self, values: &mut [f32]) -> Result<()> {
-        if self.size == 1 {
-            return Ok(());
-        }
-        for piece in values.chunks_mut(PIECE) {
-            all_reduce_sum(piece)?;
-        }
-        Ok(())
+        self.sum(values)
     }
 
     /// [`World::sum_f32`] for f64.
     pub fn sum_f64(&self, values: &mut [f64]) -> Result<()> {
+        self.sum(values)
+    }
+
+    fn sum<T: Summable>(&self, values: &mut [T]) -> Result<()> {
         if self.size == 1 {
             return Ok(());
         }
@@ -316,6 +326,101 @@ impl World {
     }
 }
 
+/// Gradients on GPUs are summed by NCCL (`--features nccl`): the communicator's unique id is made
+/// on rank 0 and broadcast over MPI, then every rank's GPU joins it. Built and type-checked here;
+/// it has not yet run on GPUs (docs/scale-out.md, "The CUDA build").
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    use std::cell::RefCell;
+
+    use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, ReduceOp};
+    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice};
+    use candle_core::{bail, CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+    thread_local! {
+        /// The communicator of this rank's GPU (made on first use, on the thread that calls MPI).
+        static COMM: RefCell<Option<Comm>> = const { RefCell::new(None) };
+    }
+
+    /// The element-wise sum over every rank of `t`, an f32 tensor on this rank's CUDA device
+    /// (the same shape on every rank).
+    pub fn sum(t: &Tensor) -> candle_core::Result<Tensor> {
+        t.contiguous()?.apply_op1_no_bwd(&AllReduceSum)
+    }
+
+    struct AllReduceSum;
+
+    impl CustomOp1 for AllReduceSum {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce-sum"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            bail!("NCCL sums GPU tensors; CPU tensors are summed over MPI")
+        }
+
+        fn cuda_fwd(
+            &self,
+            storage: &CudaStorage,
+            layout: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let CudaStorageSlice::F32(all) = &storage.slice else {
+                bail!("NCCL sum: f32 gradients only");
+            };
+            let Some((from, to)) = layout.contiguous_offsets() else {
+                bail!("NCCL sum: the tensor is not contiguous");
+            };
+            let device = storage.device.clone();
+            let send = all.slice(from..to);
+            let mut recv = device.alloc_zeros::<f32>(to - from)?;
+            COMM.with(|cell| -> candle_core::Result<()> {
+                let mut cell = cell.borrow_mut();
+                if cell.is_none() {
+                    *cell = Some(join(&device)?);
+                }
+                let comm = cell.as_ref().expect("set above");
+                comm.all_reduce(&send, &mut recv, &ReduceOp::Sum)
+                    .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+                Ok(())
+            })?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(recv, device),
+                layout.shape().clone(),
+            ))
+        }
+    }
+
+    /// This rank's NCCL communicator: rank 0's unique id, sent to every rank over MPI.
+    fn join(device: &candle_core::cuda_backend::CudaDevice) -> candle_core::Result<Comm> {
+        let world = super::world();
+        let err = |e: crate::TrainError| candle_core::Error::Msg(e.to_string());
+        let id_bytes: Vec<u8> = if world.is_root() {
+            let id = Id::new().map_err(|e| candle_core::Error::Msg(format!("NCCL id: {e:?}")))?;
+            id.internal().iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
+        let id_bytes = world.broadcast_bytes(id_bytes).map_err(err)?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        if id_bytes.len() != internal.len() {
+            bail!(
+                "NCCL id: {} bytes from rank 0, expected 128",
+                id_bytes.len()
+            );
+        }
+        for (c, b) in internal.iter_mut().zip(&id_bytes) {
+            *c = *b as std::ffi::c_char;
+        }
+        Comm::from_rank(
+            device.cuda_stream(),
+            world.rank(),
+            world.size(),
+            Id::uninit(internal),
+        )
+        .map_err(|e| candle_core::Error::Msg(format!("NCCL communicator: {e:?}")))
+    }
+}
+
 /// Rank `rank`'s share of `n` items among `size` ranks (see [`World::share`]).
 pub fn share_of(n: usize, rank: usize, size: usize) -> Range<usize> {
     let size = size.max(1);
@@ -335,11 +440,16 @@ fn intern(key: String) -> &'static str {
     leaked
 }
 
+/// The numbers [`World::sum_f32`] and [`World::sum_f64`] add up.
 #[cfg(feature = "mpi")]
-fn all_reduce_sum<T>(piece: &mut [T]) -> Result<()>
-where
-    T: mpi::datatype::Equivalence + Copy + Default,
-{
+trait Summable: mpi::datatype::Equivalence + Copy + Default {}
+#[cfg(not(feature = "mpi"))]
+trait Summable: Copy + Default {}
+impl Summable for f32 {}
+impl Summable for f64 {}
+
+#[cfg(feature = "mpi")]
+fn all_reduce_sum<T: Summable>(piece: &mut [T]) -> Result<()> {
     use mpi::collective::SystemOperation;
     use mpi::traits::CommunicatorCollectives;
     let comm = mpi::topology::SimpleCommunicator::world();
@@ -350,7 +460,7 @@ where
 }
 
 #[cfg(not(feature = "mpi"))]
-fn all_reduce_sum<T>(_piece: &mut [T]) -> Result<()> {
+fn all_reduce_sum<T: Summable>(_piece: &mut [T]) -> Result<()> {
     Err(TrainError::invalid("no MPI in this build"))
 }
 

@@ -152,3 +152,33 @@ pub fn dialogue_testbed(dir: &Path) {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `n` preference pairs of `task` as `prompt`/`chosen`/`rejected` JSONL at `path`: each
+/// demonstration preferred to the next one's completion.
+pub fn pairs_file(path: &Path, task: &dyn rlhf_data::testbed::Task, n: usize) {
+    let d = task.demonstrations();
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            serde_json::json!({"prompt": d[i].0, "chosen": format!(" {}", d[i].1),
+                               "rejected": format!(" {}", d[i + 1].1)})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
+
+/// `2n` unpaired examples of `task` (KTO) as `prompt`/`completion`/`label` JSONL at `path`: each
+/// demonstration desirable, the next one's completion undesirable.
+pub fn unpaired_file(path: &Path, task: &dyn rlhf_data::testbed::Task, n: usize) {
+    let d = task.demonstrations();
+    let lines: Vec<String> = (0..n)
+        .flat_map(|i| {
+            [
+                serde_json::json!({"prompt": d[i].0, "completion": format!(" {}", d[i].1), "label": true}),
+                serde_json::json!({"prompt": d[i].0, "completion": format!(" {}", d[i + 1].1), "label": false}),
+            ]
+        })
+        .map(|v| v.to_string())
+        .collect();
+    std::fs::write(path, lines.join("\n")).unwrap();
+}
