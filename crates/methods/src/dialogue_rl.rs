@@ -944,14 +944,19 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             }
         }
         // 4. One RLOO step on the assistant tokens of the branches (the prefix is context).
+        //    Data parallelism: this rank's share of the episodes (each part weighted by its share
+        //    of all of them, so the ranks' gradients add up to the batch's).
         let mut acc = trainer.accumulator();
         let n = episodes.len();
+        let world = rlhf_train::dist::world();
+        let mine = world.share(n);
         let mut loss_sum = 0.0;
         if tripped.is_none() {
-            for (idx, chunk) in episodes.chunks(cfg.micro_batch).enumerate() {
+            for (idx, chunk) in episodes[mine.clone()].chunks(cfg.micro_batch).enumerate() {
                 let batch = EpisodeBatch::new(chunk, lm.pad_id, device)?;
                 let lp = episode_logprobs(&lm.model(device)?, &batch, 1.0)?;
-                let a = &adv[idx * cfg.micro_batch..idx * cfg.micro_batch + chunk.len()];
+                let first = mine.start + idx * cfg.micro_batch;
+                let a = &adv[first..first + chunk.len()];
                 let loss = (masked_sequence_loss(&lp, &batch.assistant_mask, a)?
                     * (chunk.len() as f64 / n as f64))?;
                 let v = loss.to_scalar::<f32>()? as f64;
@@ -962,6 +967,9 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
                 loss_sum += v;
                 acc.add(rlhf_lm::llama::backward(&loss)?)?;
             }
+            let mut total = [loss_sum];
+            world.sum_f64(&mut total)?;
+            loss_sum = total[0];
             if let Some(why) = tw.check_loss(loss_sum, trainer.step + 1) {
                 if loss_sum.is_finite() {
                     tripped = Some((why, vec![("loss", loss_sum)]));
@@ -1003,7 +1011,7 @@ pub fn run(cfg: &DialogueRlConfig, resume: bool, device: &Device) -> Result<Dial
             progress.set_position(state.iteration);
             continue;
         }
-        let stats = trainer.apply(acc.finish())?;
+        let stats = trainer.apply(acc.finish_across_ranks()?)?;
         let mut metrics = vec![
             ("return", mean(&g)),
             (
