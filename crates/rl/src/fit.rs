@@ -270,7 +270,7 @@ pub fn fit(
             m.extend(sums);
             history.push(m.clone());
             let step = trainer.step;
-            if step % plan.log_every.max(1) == 0 || step == total {
+            if step.is_multiple_of(plan.log_every.max(1)) || step == total {
                 m.push(("lr", stats.lr));
                 m.push(("grad_norm", stats.grad_norm));
                 m.push(("epoch", step as f64 / per_epoch as f64));
@@ -281,10 +281,10 @@ pub fn fit(
                 }
                 trainer.log(&m)?;
             }
-            if plan.eval_every > 0 && step % plan.eval_every == 0 {
+            if plan.eval_every > 0 && step.is_multiple_of(plan.eval_every) {
                 on_eval(trainer, lm)?;
             }
-            if plan.save_every > 0 && step % plan.save_every == 0 && step < total {
+            if plan.save_every > 0 && step.is_multiple_of(plan.save_every) && step < total {
                 trainer.checkpoint(lm, serde_json::json!({}))?;
             }
             progress.set_position(step);

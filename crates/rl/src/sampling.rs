@@ -29,7 +29,29 @@ pub fn sample(
     params: &SamplingParams,
     batch_size: usize,
 ) -> Result<Vec<Generated>> {
-    sample_from_chunk(model, tokenizer, pad_id, prompts, params, batch_size, 0)
+    // Data parallelism: every rank calls this with the same prompts (evaluations, online DPO's
+    // and ReST's sampling run on every rank); each samples a run of whole generation batches, with
+    // the random streams those batches get in one process, and all get every sample.
+    let world = rlhf_train::dist::world();
+    if world.size() == 1 {
+        return sample_from_chunk(model, tokenizer, pad_id, prompts, params, batch_size, 0);
+    }
+    let batch = batch_size.max(1);
+    let chunks = world.share(prompts.len().div_ceil(batch));
+    let rows = (chunks.start * batch).min(prompts.len())..(chunks.end * batch).min(prompts.len());
+    let mine = sample_from_chunk(
+        model,
+        tokenizer,
+        pad_id,
+        &prompts[rows],
+        params,
+        batch_size,
+        chunks.start,
+    )?;
+    let all: Vec<Vec<Generated>> = world
+        .gather_json(&mine)
+        .map_err(|e| rlhf_lm::LmError::Invalid(e.to_string()))?;
+    Ok(all.concat())
 }
 
 /// [`sample`] for the part of a longer list of prompts that starts at generation batch
