@@ -179,6 +179,27 @@ mod with_mpi {
             assert_metrics_close(&one.join("metrics.jsonl"), &two.join("metrics.jsonl"));
             let diff = weights_diff(&one.join("model"), &two.join("model"));
             assert!(diff < 1e-4, "{method}: final weights differ by {diff}");
+            // Bit for bit: one process whose batches are split in the ranks' two halves
+            // (`optim.grad_accum = 2`) adds the same two gradients in the same order.
+            let split = root.join(format!("{method}-ga2"));
+            let split_toml = root.join(format!("{method}-ga2.toml"));
+            let text = std::fs::read_to_string(&toml).unwrap();
+            std::fs::write(
+                &split_toml,
+                text.replace("[optim]\n", "[optim]\ngrad_accum = 2\n"),
+            )
+            .unwrap();
+            one_process(method, &split_toml, &split);
+            assert_eq!(
+                common::metrics(&split.join("metrics.jsonl")),
+                common::metrics(&two.join("metrics.jsonl")),
+                "{method}: 2 ranks vs one process with grad_accum = 2"
+            );
+            assert_eq!(
+                std::fs::read(split.join("model/model.safetensors")).unwrap(),
+                std::fs::read(two.join("model/model.safetensors")).unwrap(),
+                "{method}: 2 ranks vs one process with grad_accum = 2"
+            );
             if method != "sft" {
                 // The final evaluation: samples of the same weights up to float tolerance.
                 let read = |d: &Path| -> serde_json::Value {
