@@ -44,16 +44,28 @@ static INTERNED: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
 /// temporary buffers).
 const PIECE: usize = 1 << 26;
 
-/// The size and rank a launcher (Open MPI's mpirun, MPICH's hydra, Slurm's srun through PMI/PMIx)
-/// gave this process, if one started it.
+/// The size and rank a launcher (Open MPI's mpirun, MPICH's hydra, Slurm's srun) gave this
+/// process, if one started it.
 fn launched_as() -> Option<(usize, usize)> {
     let var = |names: &[&str]| -> Option<usize> {
         names
             .iter()
             .find_map(|n| std::env::var(n).ok().and_then(|v| v.trim().parse().ok()))
     };
-    let size = var(&["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"])?;
-    let rank = var(&["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]).unwrap_or(0);
+    // Slurm: the job step's task count (set by srun only; a batch script's own step has 1).
+    let size = var(&[
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "SLURM_STEP_NUM_TASKS",
+    ])?;
+    let rank = var(&[
+        "OMPI_COMM_WORLD_RANK",
+        "PMI_RANK",
+        "PMIX_RANK",
+        "SLURM_PROCID",
+    ])
+    .unwrap_or(0);
     Some((size, rank))
 }
 
