@@ -10,7 +10,7 @@
 mod common;
 use std::path::{Path, PathBuf};
 
-use common::{demonstrations_file, pairs_file, rlhf, scratch, tiny_model, unpaired_file};
+use common::{demonstrations_file, pairs_file, scratch, tiny_model, unpaired_file};
 use rlhf_data::testbed::task_by_name;
 
 /// A small run of every kind the issue names, on the sentiment task's tiny model: SFT on
@@ -158,12 +158,8 @@ mod with_mpi {
     }
 
     fn one_process(method: &str, toml: &Path, out: &Path) {
-        let mut c = rlhf();
-        c.args(["--threads", "1", method, "--config"])
-            .arg(toml)
-            .arg("--set")
-            .arg(format!("output_dir={}", out.display()));
-        run_ok(c, method);
+        let (ok, err) = common::run_method(method, toml, out, &[], false, &[]);
+        assert!(ok, "{method}: {err}");
     }
 
     #[test]
@@ -452,14 +448,11 @@ mod with_mpi {
         // Killed on 2 ranks, resumed as one process: the same run to float tolerance.
         let other = root.join("other");
         kill_one_rank("sft", &toml, &other, false, 30);
-        let mut c = rlhf();
-        c.args(["--threads", "1", "sft", "--config"])
-            .arg(&toml)
-            .arg("--set")
-            .arg(format!("output_dir={}", other.display()))
-            .arg("--resume");
-        let err = run_ok(c, "resume as one process");
-        assert!(err.contains("resuming from"), "{err}");
+        let (ok, err) = common::run_method("sft", &toml, &other, &[], true, &[]);
+        assert!(
+            ok && err.contains("resuming from"),
+            "resume as one process: {err}"
+        );
         assert_metrics_close(&full.join("metrics.jsonl"), &other.join("metrics.jsonl"));
         let diff = weights_diff(&full.join("model"), &other.join("model"));
         assert!(diff < 1e-4, "final weights differ by {diff}");
@@ -475,32 +468,22 @@ fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
     let root = scratch("dist-nompi");
     let (_, toml) = configs(&root, 16).remove(0);
     let out = root.join("run");
-    let o = rlhf()
-        .args(["--threads", "1", "sft", "--config"])
-        .arg(&toml)
-        .arg("--set")
-        .arg(format!("output_dir={}", out.display()))
-        .env("OMPI_COMM_WORLD_SIZE", "2")
-        .env("OMPI_COMM_WORLD_RANK", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success());
+    let as_rank = |rank: &str, size: &str| {
+        let env = [
+            ("OMPI_COMM_WORLD_SIZE", size),
+            ("OMPI_COMM_WORLD_RANK", rank),
+        ];
+        common::run_method("sft", &toml, &out, &[], false, &env)
+    };
+    let (ok, err) = as_rank("1", "2");
+    assert!(!ok);
     assert!(
         err.contains("rank 1 of 2") && err.contains("--features mpi"),
         "{err}"
     );
     assert!(!out.exists());
     // Launched as a world of one (mpirun -n 1), it runs as usual.
-    let o = rlhf()
-        .args(["--threads", "1", "sft", "--config"])
-        .arg(&toml)
-        .arg("--set")
-        .arg(format!("output_dir={}", out.display()))
-        .env("OMPI_COMM_WORLD_SIZE", "1")
-        .env("OMPI_COMM_WORLD_RANK", "0")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ok, err) = as_rank("0", "1");
+    assert!(ok, "{err}");
     std::fs::remove_dir_all(&root).ok();
 }

@@ -540,11 +540,9 @@ impl<M: Method> Session<M> {
             total += v;
             acc.add(rlhf_lm::llama::backward(&loss)?)?;
         }
-        if world.size() > 1 {
-            let mut t = [total];
-            world.sum_f64(&mut t)?;
-            total = t[0];
-        }
+        let mut t = [total];
+        world.sum_f64(&mut t)?;
+        total = t[0];
         if let Some(why) = self.cfg.tripwire.check_loss(total, self.trainer.step + 1) {
             if total.is_finite() {
                 self.guard.loss_breach = Some(why);

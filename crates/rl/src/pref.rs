@@ -310,9 +310,7 @@ pub fn two_row_reference_logps(
     // Data parallelism: each rank scores a run of whole batches (the batches one process would
     // score, so the same numbers), and every rank gets all of them.
     let world = rlhf_train::dist::world();
-    let batch = batch_size.max(1);
-    let mine = world.share(rows.len().div_ceil(batch));
-    let part = (mine.start * batch).min(rows.len())..(mine.end * batch).min(rows.len());
+    let (_, part) = world.batch_share(rows.len(), batch_size);
     let s = sequence_logps(reference, &rows[part], pad, batch_size)?;
     let s: Vec<f64> = world.gather_json(&s)?.concat();
     Ok(s.chunks(2).map(|c| [c[0], c[1]]).collect())

@@ -177,18 +177,8 @@ pub fn collect(
         .flat_map(|p| std::iter::repeat_n(p.clone(), k))
         .collect();
     let world = rlhf_train::dist::world();
-    let batch = cfg.batch_size.max(1);
-    let chunks = world.share(repeated.len().div_ceil(batch));
-    let rows = (chunks.start * batch).min(repeated.len())..(chunks.end * batch).min(repeated.len());
-    let mut rollout = collect_rows(
-        models,
-        &repeated[rows],
-        chunks.start,
-        k,
-        cfg,
-        rewarder,
-        seed,
-    )?;
+    let (first, rows) = world.batch_share(repeated.len(), cfg.batch_size);
+    let mut rollout = collect_rows(models, &repeated[rows], first, k, cfg, rewarder, seed)?;
     if world.size() > 1 {
         let parts: Vec<Vec<RolloutSample>> = world.gather_json(&rollout.samples)?;
         rollout.samples = parts.into_iter().flatten().collect();

@@ -36,9 +36,7 @@ pub fn sample(
     if world.size() == 1 {
         return sample_from_chunk(model, tokenizer, pad_id, prompts, params, batch_size, 0);
     }
-    let batch = batch_size.max(1);
-    let chunks = world.share(prompts.len().div_ceil(batch));
-    let rows = (chunks.start * batch).min(prompts.len())..(chunks.end * batch).min(prompts.len());
+    let (first, rows) = world.batch_share(prompts.len(), batch_size);
     let mine = sample_from_chunk(
         model,
         tokenizer,
@@ -46,7 +44,7 @@ pub fn sample(
         &prompts[rows],
         params,
         batch_size,
-        chunks.start,
+        first,
     )?;
     let all: Vec<Vec<Generated>> = world
         .gather_json(&mine)

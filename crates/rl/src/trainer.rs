@@ -371,11 +371,6 @@ impl Trainer {
         }
     }
 
-    /// Whether this process writes the run directory (rank 0; the only process without MPI).
-    pub fn writes(&self) -> bool {
-        self.metrics.is_some()
-    }
-
     pub fn accumulator(&self) -> GradAccumulator {
         self.optimizer.accumulator()
     }

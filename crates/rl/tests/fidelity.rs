@@ -560,22 +560,20 @@ fn dpo_first_step_gradient_is_the_closed_form_for_any_micro_batch_split() {
         let g = rlhf_lm::llama::backward(&(diff.mean_all().unwrap() * (-0.05)).unwrap()).unwrap();
         flat(&g)
     };
-    let off = whole
-        .iter()
-        .zip(&expected)
-        .map(|(a, e)| (a - e).abs())
-        .fold(0.0f32, f32::max);
+    let max_diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max)
+    };
+    let off = max_diff(&whole, &expected);
     assert!(
         off <= 1e-5 * scale,
         "first-step gradient off the closed form by {off} (scale {scale})"
     );
     for parts in [2, 4, 8] {
         let split = gradient(parts);
-        let diff = whole
-            .iter()
-            .zip(&split)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let diff = max_diff(&whole, &split);
         assert!(
             diff <= 1e-5 * scale,
             "{parts} parts: gradients differ by {diff} (scale {scale})"

@@ -201,6 +201,16 @@ impl World {
         share_of(n, self.rank, self.size)
     }
 
+    /// This rank's share of `n` rows cut into batches of `batch` rows, in whole batches: the index
+    /// of its first batch and its rows. A batch is the unit whose numbers must not depend on the
+    /// number of ranks (a generation batch's random stream, a scoring batch's padding).
+    pub fn batch_share(&self, n: usize, batch: usize) -> (usize, Range<usize>) {
+        let batch = batch.max(1);
+        let batches = self.share(n.div_ceil(batch));
+        let rows = (batches.start * batch).min(n)..(batches.end * batch).min(n);
+        (batches.start, rows)
+    }
+
     /// Element-wise sum over every rank of `values`, in place (MPI's all-reduce). MPI
     /// implementations give every rank the same result for a commutative sum (Open MPI's ring
     /// and recursive-doubling algorithms both do); that the replicas stay equal is also checked
@@ -556,6 +566,11 @@ mod tests {
         assert_eq!(share_of(10, 1, 3), 4..7);
         assert_eq!(share_of(10, 2, 3), 7..10);
         assert_eq!(share_of(1, 1, 2), 1..1);
+        // 10 rows in batches of 4 (4, 4, 2) over 2 ranks: batches 0-1 and batch 2.
+        let (r0, r1) = (World { rank: 0, size: 2 }, World { rank: 1, size: 2 });
+        assert_eq!(r0.batch_share(10, 4), (0, 0..8));
+        assert_eq!(r1.batch_share(10, 4), (2, 8..10));
+        assert_eq!(r1.batch_share(3, 4), (1, 3..3));
     }
 
     #[test]
