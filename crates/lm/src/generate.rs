@@ -206,7 +206,28 @@ pub fn generate_with(
     pad_id: u32,
     params: &SamplingParams,
     tokenizer: Option<&Tokenizer>,
-    on_token: &mut dyn FnMut(usize, u32),
+    on_token: &mut (dyn FnMut(usize, u32) + Send),
+) -> Result<Vec<Sample>> {
+    // A decode step makes a handful of parallel products per layer, each well under a millisecond.
+    // Called from outside the thread pool, each of them hands its work to the pool's threads and
+    // sleeps until they are done: every product then pays for waking the workers and for being
+    // woken. Run on one of the pool's threads instead, which works on its share itself and wakes
+    // only the others (best of 3 at batch 8 on 2 threads: 3.38 s against 3.61 s).
+    if rayon::current_thread_index().is_none() {
+        let run = || generate_in_pool(model, prompts, pad_id, params, tokenizer, on_token);
+        return rayon::join(run, || ()).0;
+    }
+    generate_in_pool(model, prompts, pad_id, params, tokenizer, on_token)
+}
+
+/// [`generate_with`] on a thread of the pool.
+fn generate_in_pool(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    params: &SamplingParams,
+    tokenizer: Option<&Tokenizer>,
+    on_token: &mut (dyn FnMut(usize, u32) + Send),
 ) -> Result<Vec<Sample>> {
     params.validate()?;
     if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
@@ -227,6 +248,9 @@ pub fn generate_with(
         return Ok(samples);
     }
     let model = model.detached();
+    // The weights do not change until this returns: products over more rows than a memory-bound
+    // step has read packed copies of them, made once here (crate::skinny).
+    let _packed = crate::skinny::PackedScope::enter();
     let device = model.device().clone();
     let batch = TokenBatch::left_padded(prompts, pad_id, &device)?;
     let (b, t0) = batch.dims();

@@ -359,3 +359,46 @@ fn rows_that_finish_early_leave_the_batch_without_disturbing_the_rest() {
         }
     }
 }
+
+/// A batch wide enough (16 rows) for decoding to read packed copies of the weights
+/// (`rlhf_lm::skinny::PackedScope`, on CPUs with AVX-512), on a model whose projections span
+/// whole and partial 48-row panels: the sampled log-probs still equal teacher-forced scoring.
+#[test]
+fn wide_batches_sample_what_scoring_scores() {
+    let c = LlamaConfig {
+        vocab_size: 100,
+        hidden_size: 64,
+        intermediate_size: 112,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 16,
+        ..tiny(Family::Llama, false)
+    };
+    let model = Llama::from_weights(&c, &weights(&c, 5), &Device::Cpu).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..16u32)
+        .map(|i| (0..3 + i % 4).map(|j| 3 + (i * 11 + j * 5) % 90).collect())
+        .collect();
+    let params = SamplingParams {
+        max_new_tokens: 10,
+        temperature: 1.0,
+        seed: 3,
+        eos_token_ids: vec![2],
+        ..Default::default()
+    };
+    let samples = generate(&model, &prompts, 0, &params, None).unwrap();
+    let pairs: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .zip(samples.iter().map(|s| s.tokens.clone()))
+        .collect();
+    let scored = score_pairs(&model, &pairs, 0, 16, 1.0).unwrap();
+    let mut compared = 0;
+    for (s, want) in samples.iter().zip(&scored) {
+        assert_eq!(s.logprobs.len(), want.len());
+        for (x, y) in s.logprobs.iter().zip(want) {
+            assert!((x - y).abs() < 1e-4, "sampled {x} scored {y}");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 100, "only {compared} tokens sampled");
+}
