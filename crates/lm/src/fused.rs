@@ -109,8 +109,7 @@ fn log_sum_exp(x: &[f32], scale: f32) -> f64 {
             .sum::<f64>()
             .ln();
     }
-    let s: f64 = x.iter().map(|&v| (v * scale - m).exp() as f64).sum();
-    m as f64 + s.ln()
+    m as f64 + crate::math::sum_exp(x, scale, m).ln()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -610,10 +609,6 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct SwiGlu;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "fused-swiglu"
@@ -635,8 +630,13 @@ impl CustomOp2 for SwiGlu {
         let width = l1.shape().dims().last().copied().unwrap_or(1).max(1);
         par_rows(&mut y, width, 4 * width, |r0, block| {
             let at = r0 * width;
+            // e^(−a) for the whole block first (vectorised), then y = a · σ(a) · u.
+            for (y, &a) in block.iter_mut().zip(&a[at..]) {
+                *y = -a;
+            }
+            crate::math::exp_in_place(block);
             for ((y, &a), &u) in block.iter_mut().zip(&a[at..]).zip(&u[at..]) {
-                *y = a * sigmoid(a) * u;
+                *y = a * (1.0 / (1.0 + *y)) * u;
             }
         });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
@@ -686,13 +686,18 @@ impl CustomOp3 for SwiGluBwd {
         let (da, du) = out.split_at_mut(n);
         let block = |r0: usize, da: &mut [f32], du: &mut [f32]| {
             let at = r0 * width;
+            // e^(−a) into da first (vectorised), then σ(a) from it.
+            for (da, &a) in da.iter_mut().zip(&a[at..]) {
+                *da = -a;
+            }
+            crate::math::exp_in_place(da);
             for (((da, du), (&a, &u)), &g) in da
                 .iter_mut()
                 .zip(du.iter_mut())
                 .zip(a[at..].iter().zip(&u[at..]))
                 .zip(&g[at..])
             {
-                let sg = sigmoid(a);
+                let sg = 1.0 / (1.0 + *da);
                 *du = g * a * sg;
                 *da = g * u * sg * (1.0 + a * (1.0 - sg));
             }
@@ -735,11 +740,11 @@ impl CustomOp1 for Softmax {
             for (i, yr) in block.chunks_exact_mut(v).enumerate() {
                 let xr = &x[(r0 + i) * v..(r0 + i + 1) * v];
                 let m = max(xr);
-                let mut s = 0f64;
                 for (y, &x) in yr.iter_mut().zip(xr) {
-                    *y = (x - m).exp();
-                    s += *y as f64;
+                    *y = x - m;
                 }
+                crate::math::exp_in_place(yr);
+                let s: f64 = yr.iter().map(|&y| y as f64).sum();
                 let inv = (1.0 / s) as f32;
                 yr.iter_mut().for_each(|y| *y *= inv);
             }
@@ -933,7 +938,11 @@ impl CustomOp3 for TokenLogprobsBwd {
                     None => log_sum_exp(xr, inv_t) as f32,
                 };
                 for (d, &x) in dr.iter_mut().zip(xr) {
-                    *d = -scale * (x * inv_t - lse).exp();
+                    *d = x * inv_t - lse;
+                }
+                crate::math::exp_in_place(dr);
+                for d in dr.iter_mut() {
+                    *d *= -scale;
                 }
                 dr[t[r] as usize] += scale;
             }
