@@ -250,7 +250,7 @@ fn generate_in_pool(
     let model = model.detached();
     // The weights do not change until this returns: products over more rows than a memory-bound
     // step has read packed copies of them, made once here (crate::skinny).
-    let _packed = crate::skinny::PackedScope::enter();
+    let _packed = crate::skinny::PackedScope::for_rows(prompts.len());
     let device = model.device().clone();
     let batch = TokenBatch::left_padded(prompts, pad_id, &device)?;
     let (b, t0) = batch.dims();
