@@ -154,8 +154,15 @@ impl LayerKv {
                     let keys = &this.keys[(r * row + g * d) * cap..][..d * cap];
                     let q_group = &q[((r * t + i) * nh + g * group) * d..][..group * d];
                     let o = &mut out_r[(i * nh + g * group) * d..][..group * d];
-                    let values = |j: usize| &this.values[((r * cap + j) * nkv + g) * d..][..d];
-                    attend_group(shape, q_group, keys, cap, values, m, &mut scores, o);
+                    let group = Group {
+                        shape,
+                        q: q_group,
+                        keys,
+                        cap,
+                        values: |j: usize| &this.values[((r * cap + j) * nkv + g) * d..][..d],
+                        mask: m,
+                    };
+                    attend_group(&group, &mut scores, o);
                 }
             }
         };
@@ -185,65 +192,53 @@ struct GroupShape {
     scale: f32,
 }
 
-/// Attention of the `group` query heads of one key/value head, for one query position:
-/// `q` (group × d), `keys` transposed (d rows of `cap` positions, the first `s` used), values by
-/// position, `mask` (s), into `out` (group × d, zeroed). `scores` is scratch of group × s.
-#[allow(clippy::too_many_arguments)]
-fn attend_group<'v>(
+/// One [`attend_group`] call's inputs: the `group` query heads of one key/value head at one query
+/// position, `q` (group × d); the keys transposed (d rows of `cap` positions, the first `s` used);
+/// the values by position; the mask (s).
+struct Group<'a, V> {
     shape: GroupShape,
-    q: &[f32],
-    keys: &[f32],
+    q: &'a [f32],
+    keys: &'a [f32],
     cap: usize,
-    values: impl Fn(usize) -> &'v [f32],
-    mask: &[f32],
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
+    values: V,
+    mask: &'a [f32],
+}
+
+/// Attention of one [`Group`] into `out` (group × d, zeroed); `scores` is scratch of group × s.
+fn attend_group<'v, V: Fn(usize) -> &'v [f32]>(g: &Group<V>, scores: &mut [f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { attend_group_avx512(shape, q, keys, cap, values, mask, scores, out) };
+            return unsafe { attend_group_avx512(g, scores, out) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: as above.
-            return unsafe { attend_group_avx2(shape, q, keys, cap, values, mask, scores, out) };
+            return unsafe { attend_group_avx2(g, scores, out) };
         }
     }
-    attend_group_body(shape, q, keys, cap, values, mask, scores, out)
+    attend_group_body(g, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_group_avx512<'v>(
-    shape: GroupShape,
-    q: &[f32],
-    keys: &[f32],
-    cap: usize,
-    values: impl Fn(usize) -> &'v [f32],
-    mask: &[f32],
+unsafe fn attend_group_avx512<'v, V: Fn(usize) -> &'v [f32]>(
+    g: &Group<V>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    attend_group_body(shape, q, keys, cap, values, mask, scores, out)
+    attend_group_body(g, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_group_avx2<'v>(
-    shape: GroupShape,
-    q: &[f32],
-    keys: &[f32],
-    cap: usize,
-    values: impl Fn(usize) -> &'v [f32],
-    mask: &[f32],
+unsafe fn attend_group_avx2<'v, V: Fn(usize) -> &'v [f32]>(
+    g: &Group<V>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    attend_group_body(shape, q, keys, cap, values, mask, scores, out)
+    attend_group_body(g, scores, out)
 }
 
 /// [`attend_group`]'s loops, written for the compiler to vectorise: along positions for the scores
@@ -251,18 +246,13 @@ unsafe fn attend_group_avx2<'v>(
 /// head dimension for the weighted values. No sum is reordered, so every instruction set gives the
 /// same bits. Inlined into each instruction set's copy.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_group_body<'v>(
-    shape: GroupShape,
-    q: &[f32],
-    keys: &[f32],
-    cap: usize,
-    values: impl Fn(usize) -> &'v [f32],
-    mask: &[f32],
+fn attend_group_body<'v, V: Fn(usize) -> &'v [f32]>(
+    g: &Group<V>,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let GroupShape { group, d, s, scale } = shape;
+    let (q, keys, cap, mask, values) = (g.q, g.keys, g.cap, g.mask, &g.values);
+    let GroupShape { group, d, s, scale } = g.shape;
     let scores = &mut scores[..group * s];
     // Scores, 64 keys at a time in registers across the whole head dimension. The key rows are
     // whole blocks long (the capacity is), so the last block is computed whole and cut to s.
@@ -299,8 +289,8 @@ fn attend_group_body<'v>(
         // The output row stays in registers while the values stream past (through memory, each
         // step would wait on the previous one's store).
         match d {
-            64 => weighted_values::<64>(p, total, &values, o),
-            128 => weighted_values::<128>(p, total, &values, o),
+            64 => weighted_values::<64>(p, total, values, o),
+            128 => weighted_values::<128>(p, total, values, o),
             _ => {
                 for (j, &pj) in p.iter().enumerate() {
                     let w = pj / total;

@@ -684,6 +684,20 @@ mod tests {
         y
     }
 
+    /// y (m × n) = x · Wᵀ within f32 rounding of the f64 sums (which grows with √k).
+    fn assert_matches_reference(y: &[f32], x: &[f32], m: usize, k: usize, w: &[f32], n: usize) {
+        let want = reference(x, m, k, w, n);
+        for i in 0..m {
+            for j in 0..n {
+                let (got, exp) = (y[i * n + j] as f64, want[i * n + j]);
+                assert!(
+                    (got - exp).abs() <= 1e-5 * (1.0 + (k as f64).sqrt()),
+                    "m={m} k={k} n={n} at ({i}, {j}): {got} vs {exp}"
+                );
+            }
+        }
+    }
+
     fn values(len: usize, seed: u32) -> Vec<f32> {
         // Small LCG: deterministic values in [-1, 1).
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
@@ -710,16 +724,7 @@ mod tests {
             let x = values(m * k, (m * 31 + k) as u32);
             let w = values(n * k, (n * 17 + k) as u32);
             let y = xwt(&x, m, k, &w, n);
-            let want = reference(&x, m, k, &w, n);
-            for i in 0..m {
-                for j in 0..n {
-                    let (got, exp) = (y[i * n + j] as f64, want[i * n + j]);
-                    assert!(
-                        (got - exp).abs() <= 1e-5 * (1.0 + (k as f64).sqrt()),
-                        "m={m} k={k} n={n} at ({i}, {j}): {got} vs {exp}"
-                    );
-                }
-            }
+            assert_matches_reference(&y, &x, m, k, &w, n);
         }
     }
 
@@ -737,16 +742,7 @@ mod tests {
             let x = values(m * k, (m * 7 + k) as u32);
             let w = values(n * k, (n * 3 + k) as u32);
             let y = xwt_packed(&x, m, k, &PackedWeight::new(&w, n, k));
-            let want = reference(&x, m, k, &w, n);
-            for i in 0..m {
-                for j in 0..n {
-                    let (got, exp) = (y[i * n + j] as f64, want[i * n + j]);
-                    assert!(
-                        (got - exp).abs() <= 1e-5 * (1.0 + (k as f64).sqrt()),
-                        "m={m} k={k} n={n} at ({i}, {j}): {got} vs {exp}"
-                    );
-                }
-            }
+            assert_matches_reference(&y, &x, m, k, &w, n);
         }
     }
 
