@@ -265,11 +265,12 @@ def main(results, doc):
         w("| side | threads | label | iteration s (median) | iterations s | rollout s (median) | rollout share | completion tokens (mean) | peak RSS GiB |")
         w("|---|---:|---|---:|---|---:|---:|---:|---:|")
         for r in rloo:
-            w(f"| {r['side']} | {r['threads']} | {r['label']} | {fmt(r['iteration_s'], 2)} | "
+            w(f"| {variant(r)} | {r['threads']} | {r['label']} | {fmt(r['iteration_s'], 2)} | "
               f"{rounds(r['iteration_s_all'], 1)} | {fmt(r['rollout_s'], 2)} | "
               f"{fmt(100 * r['rollout_share'], 0)}% | {fmt(r['completion_tokens_mean'], 1)} | "
               f"{fmt(r['peak_rss_gib'], 2)} |")
-        side = lambda s: [r for r in rloo if r["side"] == s]
+        side = lambda s: [r for r in rloo if r["side"] == s and not r.get("gradient_checkpointing")]
+        ckpt = [r for r in rloo if r["side"] == "ours" and r.get("gradient_checkpointing")]
         o_it = med([r["iteration_s"] for r in side("ours")])
         t_it = med([r["iteration_s"] for r in side("torch")])
         o_share = med([r["rollout_share"] for r in side("ours")])
@@ -286,6 +287,13 @@ def main(results, doc):
           f"{fmt(o_tok, 1)} vs TRL {fmt(t_tok, 1)}; peak RSS ours {fmt(o_mem, 2)} GiB vs TRL {fmt(t_mem, 2)} GiB "
           f"(ours / TRL = {ratio(o_mem, t_mem)}; target ≤ 0.5x).")
         w("")
+        if ckpt:
+            c_it = med([r["iteration_s"] for r in ckpt])
+            c_mem = med([r["peak_rss_gib"] for r in ckpt])
+            w(f"With gradient checkpointing (`--checkpoint`, `gradient_checkpointing = true` in the "
+              f"config; TRL ran without it, its faster setting): iteration {fmt(c_it, 1)} s (TRL / ours = "
+              f"{ratio(t_it, c_it)}), peak RSS {fmt(c_mem, 2)} GiB (ours / TRL = {ratio(c_mem, t_mem)}).")
+            w("")
 
     for r in [r for r in rows if r.get("bench") == "parity"]:
         w(f"Gradient parity (`rlhf-bench parity`, {r['batch']} x {r['seq']} tokens, loss on the last "

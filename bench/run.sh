@@ -126,6 +126,7 @@ for r in $(seq 1 "$ROUNDS"); do
   torch "round$r" dpo --threads 2
   ours "round$r" rloo --threads 2
   torch "round$r" rloo --threads 2
+  ours "round$r" rloo --threads 2 --checkpoint
 done
 
 if [ -n "${QUICKSTART_BEFORE:-}" ]; then

@@ -87,7 +87,9 @@ pub fn next_token_logprobs(model: &Llama, batch: &TokenBatch, temperature: f64) 
 /// the same numbers as `next_token_logprobs(..) * mask` for a 0/1 mask, but the LM head and the
 /// log-softmax run only on the selected positions (the vocabulary projection is a fifth of a
 /// SmolLM2 training step's FLOPs, and its (rows, vocab) logits and their gradient the largest
-/// tensors in it), so prompt and padding positions cost nothing there.
+/// tensors in it), so prompt and padding positions cost nothing there. A right-padded batch whose
+/// selected targets are all real tokens runs packed ([`TokenBatch::pack`]): rows of different
+/// lengths share rows of the model's input, and the padding between them is not computed.
 pub fn masked_next_token_logprobs(
     model: &Llama,
     batch: &TokenBatch,
@@ -115,28 +117,60 @@ pub fn masked_next_token_logprobs(
         .filter(|&j| keep[j] != 0.0)
         .map(|j| j as u32)
         .collect();
-    let hidden = model.hidden_states(&batch.ids, &batch.positions, &batch.mask, None)?;
-    let dtype = hidden.dtype();
-    let device = hidden.device().clone();
-    if selected.is_empty() {
-        return Ok(Tensor::zeros((b, width), dtype, &device)?);
-    }
     let n = selected.len();
-    let rows = Tensor::from_vec(selected.clone(), n, &device)?;
-    let h = hidden.dim(D::Minus1)?;
-    let hidden_sel = hidden
-        .narrow(1, 0, width)?
-        .contiguous()?
-        .reshape((b * width, h))?
-        .index_select(&rows, 0)?; // (n, h)
-    let targets = batch
-        .ids
-        .narrow(1, 1, width)?
-        .contiguous()?
-        .flatten_all()?
-        .index_select(&rows, 0)?; // (n,)
-    let lp = gather_logprobs(&model.logits(&hidden_sel)?, &targets, temperature)?; // (n,)
-                                                                                   // Back to (b, t - 1): every unselected index reads the appended zero.
+    // Rows of different lengths run packed end to end (`TokenBatch::pack`) when every selected
+    // target is a real token of its row: the same hidden states for the real tokens, fewer rows.
+    let packed = match batch.right_padded_lengths() {
+        Some(lengths)
+            if n > 0
+                && selected
+                    .iter()
+                    .all(|&j| (j as usize % width) + 1 < lengths[j as usize / width]) =>
+        {
+            batch.pack(&lengths, batch.ids.device())?
+        }
+        _ => None,
+    };
+    let (hidden_sel, targets) = if let Some(p) = packed {
+        let hidden = model.hidden_states(&p.ids, &p.positions, &p.mask, None)?;
+        let (bins, _, h) = hidden.dims3()?;
+        let device = hidden.device().clone();
+        let (at, targets): (Vec<u32>, Vec<u32>) = selected
+            .iter()
+            .map(|&j| {
+                let (r, c) = (j as usize / width, j as usize % width);
+                let (bin, off) = p.place[r];
+                ((bin * t + off + c) as u32, batch.ids_host[r][c + 1])
+            })
+            .unzip();
+        let hidden_sel = hidden
+            .reshape((bins * t, h))?
+            .index_select(&Tensor::from_vec(at, n, &device)?, 0)?; // (n, h)
+        (hidden_sel, Tensor::from_vec(targets, n, &device)?)
+    } else {
+        let hidden = model.hidden_states(&batch.ids, &batch.positions, &batch.mask, None)?;
+        if n == 0 {
+            return Ok(Tensor::zeros((b, width), hidden.dtype(), hidden.device())?);
+        }
+        let rows = Tensor::from_vec(selected.clone(), n, hidden.device())?;
+        let h = hidden.dim(D::Minus1)?;
+        let hidden_sel = hidden
+            .narrow(1, 0, width)?
+            .contiguous()?
+            .reshape((b * width, h))?
+            .index_select(&rows, 0)?; // (n, h)
+        let targets = batch
+            .ids
+            .narrow(1, 1, width)?
+            .contiguous()?
+            .flatten_all()?
+            .index_select(&rows, 0)?; // (n,)
+        (hidden_sel, targets)
+    };
+    let dtype = hidden_sel.dtype();
+    let device = hidden_sel.device().clone();
+    // (n,) log-probs, then back to (b, t - 1): every unselected index reads the appended zero.
+    let lp = gather_logprobs(&model.logits(&hidden_sel)?, &targets, temperature)?;
     let mut place = vec![n as u32; b * width];
     for (k, &j) in selected.iter().enumerate() {
         place[j as usize] = k as u32;

@@ -300,8 +300,12 @@ impl PackedScope {
 impl Drop for PackedScope {
     fn drop(&mut self) {
         if self.outermost {
-            let had = PACKED.with(|p| p.borrow_mut().take().is_some_and(|m| !m.is_empty()));
-            if had {
+            let bytes: usize = PACKED.with(|p| {
+                p.borrow_mut()
+                    .take()
+                    .map_or(0, |m| m.values().map(|w| w.data.len() * 4).sum())
+            });
+            if bytes >= TRIM_MIN_BYTES {
                 // Hand the copies' pages back to the system: many of them are small enough for
                 // glibc to keep in its heap after they are freed, where they stayed resident and
                 // added their size to the next training step's peak (RLOO: 4.5 -> 5.0 GiB).
@@ -314,6 +318,11 @@ impl Drop for PackedScope {
         }
     }
 }
+
+/// Packed copies smaller than this in all are left to the allocator when a scope ends: trimming
+/// after every generation of a small model (the testbed's, a few MB) made the following allocations
+/// fault their pages in again (`compare-online`: system time 13 -> 29 s).
+const TRIM_MIN_BYTES: usize = 64 << 20;
 
 /// x (m × k) in groups of [`GROUP`] rows, each group column by column (element c·8 + i of group g
 /// is x[8g + i, c]), the last group padded with zero rows.

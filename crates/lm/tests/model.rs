@@ -402,3 +402,98 @@ fn wide_batches_sample_what_scoring_scores() {
     }
     assert!(compared >= 100, "only {compared} tokens sampled");
 }
+
+/// Rows of different lengths are scored packed several to a row (`TokenBatch::pack`): their
+/// log-probs and the gradient of a loss over them equal those of scoring each row alone.
+#[test]
+fn packed_rows_score_as_each_row_alone() {
+    let c = tiny(Family::Qwen2, false);
+    let trainable = Trainable::new(&weights(&c, 11)).unwrap();
+    let model = Llama::from_weights(&c, &trainable.tensors(), &Device::Cpu).unwrap();
+    // Lengths 12, 5, 4, 9, 3, 6, 10: first fit, longest first, into rows of 12 makes five rows
+    // ([12], [10], [9, 3], [6, 5], [4]), three of them with a padding tail.
+    let pairs: Vec<(Vec<u32>, Vec<u32>)> = vec![
+        (vec![1, 5, 9, 13, 17], vec![7, 8, 30, 31, 32, 33, 2]),
+        (vec![1, 40], vec![3, 4, 2]),
+        (vec![1, 11, 12], vec![44]),
+        (vec![1, 2, 3, 4], vec![5, 6, 7, 8, 9]),
+        (vec![1, 7], vec![8]),
+        (vec![1, 3, 5], vec![6, 7, 2]),
+        (vec![1, 9, 9, 9], vec![10, 11, 12, 13, 14, 15]),
+    ];
+    let batch = CompletionBatch::new(&pairs, 0, &Device::Cpu).unwrap();
+    let lengths = batch.tokens.right_padded_lengths().unwrap();
+    assert_eq!(lengths, vec![12, 5, 4, 9, 3, 6, 10]);
+    let packed = batch.tokens.pack(&lengths, &Device::Cpu).unwrap().unwrap();
+    assert_eq!(packed.ids.dims(), &[5, 12]);
+    assert_eq!(
+        packed.place,
+        vec![(0, 0), (3, 6), (4, 0), (2, 0), (2, 9), (3, 0), (1, 0)]
+    );
+
+    // A loss that weighs every completion token differently: w(row, k) = cos(0.3 (7 row + k)).
+    let w = |row: usize, k: usize| (0.3 * (7 * row + k) as f32).cos();
+    let loss_over = |lp: &Tensor, batch: &CompletionBatch, rows: &[usize]| -> Tensor {
+        let (b, width) = lp.dims2().unwrap();
+        let mut weights = vec![0f32; b * width];
+        for (i, (span, &row)) in batch.spans.iter().zip(rows).enumerate() {
+            for (k, j) in span.clone().enumerate() {
+                weights[i * width + j] = w(row, k);
+            }
+        }
+        let weights = Tensor::from_vec(weights, (b, width), &Device::Cpu).unwrap();
+        (lp * weights).unwrap().sum_all().unwrap()
+    };
+    let lp = completion_logprobs(&model, &batch, 0.9).unwrap();
+    let all_rows: Vec<usize> = (0..pairs.len()).collect();
+    let grads = loss_over(&lp, &batch, &all_rows).backward().unwrap();
+    let packed_rows = per_row(&lp, &batch).unwrap();
+
+    // Each row alone (a batch of one has nothing to pack), gradients summed over the rows.
+    let mut alone_grads: HashMap<String, Tensor> = HashMap::new();
+    for (row, pair) in pairs.iter().enumerate() {
+        let one = CompletionBatch::new(std::slice::from_ref(pair), 0, &Device::Cpu).unwrap();
+        let lp1 = completion_logprobs(&model, &one, 0.9).unwrap();
+        let expected = &per_row(&lp1, &one).unwrap()[0];
+        assert_eq!(packed_rows[row].len(), expected.len());
+        for (k, (a, e)) in packed_rows[row].iter().zip(expected).enumerate() {
+            assert!(
+                (a - e).abs() < 1e-5,
+                "row {row}, token {k}: packed {a}, alone {e}"
+            );
+        }
+        let g1 = loss_over(&lp1, &one, &[row]).backward().unwrap();
+        for (name, var) in &trainable.vars {
+            let g = g1.get(var.as_tensor()).unwrap().clone();
+            let sum = match alone_grads.remove(name) {
+                Some(acc) => (acc + g).unwrap(),
+                None => g,
+            };
+            alone_grads.insert(name.clone(), sum);
+        }
+    }
+    for (name, var) in &trainable.vars {
+        let got = grads.get(var.as_tensor()).unwrap();
+        let want = &alone_grads[name];
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let err = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(scale > 0.0, "`{name}`: zero gradient");
+        assert!(
+            err <= 1e-4 * scale,
+            "`{name}`: packed vs alone {err} (scale {scale})"
+        );
+    }
+}
