@@ -112,7 +112,7 @@ def main(results, doc):
           f"Batch-1 decoding reads the {weight_gb * 1000:.0f} MB of f32 weights once per token, so this "
           f"machine's ceiling is {bw:.1f} GB/s / {weight_gb * 1000:.0f} MB = **{limit:.1f} tok/s**; "
           f"our best batch-1 median, {fmt(o)} tok/s (prefill included), is **{(o or 0) / limit:.0%}** of it "
-          f"(target ≥ 70%). It can exceed 100%: the 260 MiB L3 cache keeps part of the weights.")
+          f"(target ≥ 70%). It can exceed 100% where the L3 cache keeps part of the weights.")
         w("")
     pol = sorted({str(r.get("omp_wait_policy")) for r in gen + train + dpo + rloo if r["side"] == "torch"})
     w(f"torch ran with OMP_WAIT_POLICY={', '.join(pol)} (see the notes on contention).")
