@@ -234,7 +234,7 @@ fn smollm2_matches_transformers() {
     // Raw logits at the final position of each pair.
     for (i, (pi, ci)) in pairs.iter().enumerate() {
         let row = [pi.as_slice(), ci.as_slice()].concat();
-        let batch = TokenBatch::right_padded(&[row.clone()], 0, &dev).unwrap();
+        let batch = TokenBatch::right_padded(std::slice::from_ref(&row), 0, &dev).unwrap();
         let h = llama
             .hidden_states(&batch.ids, &batch.positions, &batch.mask, None)
             .unwrap();
