@@ -2,10 +2,14 @@
 //! composed differentiable ops they replace, and a whole model trained through them gets the same
 //! gradients as the composed f64 path.
 
+#[path = "support/compare.rs"]
+mod compare;
+
 use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
+use compare::max_diff;
 use rlhf_lm::batch::TokenBatch;
 use rlhf_lm::config::LlamaConfig;
 use rlhf_lm::llama::{random_weights, Llama, Trainable};
@@ -31,32 +35,6 @@ fn uniform(shape: &[usize], seed: u64, lo: f32, hi: f32) -> Tensor {
 
 fn var(t: &Tensor) -> Var {
     Var::from_tensor(t).unwrap()
-}
-
-/// Largest |a − b|, and the largest |b| (for a relative bound).
-fn max_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
-    assert_eq!(a.dims(), b.dims());
-    let a = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    let scale = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
-    (diff, scale)
 }
 
 /// Values agree to `tol` in absolute terms (forward outputs of order one).

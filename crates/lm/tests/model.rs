@@ -1,9 +1,13 @@
 //! The decoder trains (every parameter gets a gradient; gradients match finite differences) and
 //! generation reports the same log-probs that teacher-forced scoring computes.
 
+#[path = "support/compare.rs"]
+mod compare;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use compare::max_diff;
 use rlhf_lm::batch::TokenBatch;
 use rlhf_lm::config::{Family, LlamaConfig, RopeScaling};
 use rlhf_lm::generate::{generate, SamplingParams};
@@ -475,21 +479,7 @@ fn packed_rows_score_as_each_row_alone() {
     for (name, var) in &trainable.vars {
         let got = grads.get(var.as_tensor()).unwrap();
         let want = &alone_grads[name];
-        let scale = want
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let err = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (err, scale) = max_diff(got, want);
         assert!(scale > 0.0, "`{name}`: zero gradient");
         assert!(
             err <= 1e-4 * scale,
